@@ -1,0 +1,47 @@
+"""The attention backend interface: backends read only a ForwardBatch and the KV pool."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from edgelm.layers.attention.radix_attention import RadixAttention
+    from edgelm.model_executor.forward_batch import ForwardBatch
+
+
+class AttentionBackend(ABC):
+    """One instance per model runner. `init_forward_metadata` runs once per batch, before the
+    layers; `forward_extend` / `forward_decode` run once per layer and write the new K/V into the
+    pool at `forward_batch.out_cache_loc` before attending."""
+
+    supports_cuda_graph = False
+
+    @abstractmethod
+    def init_forward_metadata(self, forward_batch: ForwardBatch) -> None: ...
+
+    @abstractmethod
+    def forward_extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention,
+                       forward_batch: ForwardBatch) -> torch.Tensor: ...
+
+    @abstractmethod
+    def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention,
+                       forward_batch: ForwardBatch) -> torch.Tensor: ...
+
+    def forward(self, q, k, v, layer, forward_batch):
+        """q [T, H * D], k/v [T, Hkv * D] → [T, H * D]."""
+        if forward_batch.forward_mode.is_decode():
+            return self.forward_decode(q, k, v, layer, forward_batch)
+        return self.forward_extend(q, k, v, layer, forward_batch)
+
+    # CUDA-graph hooks: backends that support graphs override these.
+    def init_cuda_graph_state(self, max_bs: int, max_context_len: int) -> None:
+        raise NotImplementedError
+
+    def init_forward_metadata_capture_cuda_graph(self, bs: int, forward_batch: ForwardBatch) -> None:
+        raise NotImplementedError
+
+    def init_forward_metadata_replay_cuda_graph(self, bs: int, forward_batch: ForwardBatch) -> None:
+        raise NotImplementedError

@@ -1,0 +1,30 @@
+"""RMSNorm, with the residual add fused into the same call."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgelm.layers.linear import default_weight_loader
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return (x * weight.float()).to(dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
+        self.weight.weight_loader = default_weight_loader
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Without residual: norm(x). With it: (norm(x + residual), x + residual)."""
+        if residual is None:
+            return rms_norm_ref(x, self.weight, self.eps)
+        x = x + residual
+        return rms_norm_ref(x, self.weight, self.eps), x

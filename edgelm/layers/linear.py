@@ -1,0 +1,55 @@
+"""Linear layers that know how to load their own weights.
+
+They subclass `nn.Linear` so weight-only quantizers (torchao's `quantize_`, edgelm's int4
+kernels) recognise and replace them after loading, like any other linear layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}")
+    param.data.copy_(loaded)
+
+
+class Linear(nn.Linear):
+    """y = x Wᵀ (+ b); weight [out_features, in_features]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None, device=None):
+        super().__init__(in_features, out_features, bias=bias, dtype=dtype, device=device)
+        self.weight.weight_loader = default_weight_loader
+        if bias:
+            self.bias.weight_loader = default_weight_loader
+
+
+class MergedLinear(Linear):
+    """Several linears of the same input stacked along the output: q/k/v → qkv, gate/up → gate_up.
+
+    One GEMM instead of several: at batch 1 each launch re-reads the activations and pays
+    its own overhead, and the weights are read exactly once either way.
+    """
+
+    def __init__(self, in_features: int, output_sizes: dict[str, int], bias: bool = False, dtype=None,
+                 device=None):
+        super().__init__(in_features, sum(output_sizes.values()), bias=bias, dtype=dtype, device=device)
+        self.output_sizes = dict(output_sizes)
+        self.shard_offsets: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name, size in output_sizes.items():
+            self.shard_offsets[name] = (offset, size)
+            offset += size
+        self.weight.weight_loader = self._load_shard
+        if bias:
+            self.bias.weight_loader = self._load_shard
+
+    def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+        offset, size = self.shard_offsets[shard_id]
+        target = param.data.narrow(0, offset, size)
+        if target.shape != loaded.shape:
+            raise ValueError(f"shard {shard_id}: parameter {tuple(target.shape)} vs checkpoint "
+                             f"{tuple(loaded.shape)}")
+        target.copy_(loaded)

@@ -1,0 +1,92 @@
+"""ForwardBatch: everything one forward pass needs, and all that attention backends read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum, auto
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from edgelm.layers.attention.base import AttentionBackend
+    from edgelm.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+
+
+class ForwardMode(IntEnum):
+    EXTEND = auto()  # prefill, or a chunk of it, after a cached prefix
+    DECODE = auto()  # one new token per request
+
+    def is_decode(self) -> bool:
+        return self == ForwardMode.DECODE
+
+    def is_extend(self) -> bool:
+        return self == ForwardMode.EXTEND
+
+
+@dataclass
+class ForwardBatch:
+    forward_mode: ForwardMode
+    batch_size: int
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    out_cache_loc: torch.Tensor  # [num_tokens] kv slots the new tokens' K/V go to
+    req_pool_indices: torch.Tensor  # [batch] rows of req_to_token
+    seq_lens: torch.Tensor  # [batch] tokens in context after this pass (prefix + new)
+    req_pool_indices_cpu: list[int]
+    seq_lens_cpu: torch.Tensor  # [batch], on the host
+    # extend only
+    extend_prefix_lens_cpu: list[int] = field(default_factory=list)
+    extend_seq_lens_cpu: list[int] = field(default_factory=list)
+    extend_prefix_lens: torch.Tensor | None = None  # [batch]
+    extend_seq_lens: torch.Tensor | None = None  # [batch]
+    extend_start_loc: torch.Tensor | None = None  # [batch] offset of each request's first new token
+    # the logits of every position, not only each request's last (tests; prompt logprobs)
+    return_all_logits: bool = False
+    # set by the model runner
+    req_to_token_pool: ReqToTokenPool | None = None
+    token_to_kv_pool: MHATokenToKVPool | None = None
+    attn_backend: AttentionBackend | None = None
+
+    @classmethod
+    def for_extend(cls, input_ids: list[int], req_pool_indices: list[int], prefix_lens: list[int],
+                   extend_lens: list[int], out_cache_loc: torch.Tensor, device: str,
+                   return_all_logits: bool = False) -> ForwardBatch:
+        positions = torch.cat([torch.arange(p, p + e, dtype=torch.int64) for p, e in zip(prefix_lens, extend_lens)])
+        seq_lens = torch.tensor([p + e for p, e in zip(prefix_lens, extend_lens)], dtype=torch.int32)
+        extend_lens_t = torch.tensor(extend_lens, dtype=torch.int32)
+        start_loc = torch.zeros_like(extend_lens_t)
+        start_loc[1:] = torch.cumsum(extend_lens_t[:-1], 0)
+        return cls(
+            forward_mode=ForwardMode.EXTEND,
+            batch_size=len(req_pool_indices),
+            input_ids=torch.tensor(input_ids, dtype=torch.int64).to(device, non_blocking=True),
+            positions=positions.to(device, non_blocking=True),
+            out_cache_loc=out_cache_loc.to(device),
+            req_pool_indices=torch.tensor(req_pool_indices, dtype=torch.int64).to(device, non_blocking=True),
+            seq_lens=seq_lens.to(device, non_blocking=True),
+            req_pool_indices_cpu=list(req_pool_indices),
+            seq_lens_cpu=seq_lens,
+            extend_prefix_lens_cpu=list(prefix_lens),
+            extend_seq_lens_cpu=list(extend_lens),
+            extend_prefix_lens=torch.tensor(prefix_lens, dtype=torch.int32).to(device, non_blocking=True),
+            extend_seq_lens=extend_lens_t.to(device, non_blocking=True),
+            extend_start_loc=start_loc.to(device, non_blocking=True),
+            return_all_logits=return_all_logits,
+        )
+
+    @classmethod
+    def for_decode(cls, input_ids: list[int], req_pool_indices: list[int], seq_lens: list[int],
+                   out_cache_loc: torch.Tensor, device: str) -> ForwardBatch:
+        seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
+        return cls(
+            forward_mode=ForwardMode.DECODE,
+            batch_size=len(req_pool_indices),
+            input_ids=torch.tensor(input_ids, dtype=torch.int64).to(device, non_blocking=True),
+            positions=(seq_lens_t - 1).to(torch.int64).to(device, non_blocking=True),
+            out_cache_loc=out_cache_loc.to(device),
+            req_pool_indices=torch.tensor(req_pool_indices, dtype=torch.int64).to(device, non_blocking=True),
+            seq_lens=seq_lens_t.to(device, non_blocking=True),
+            req_pool_indices_cpu=list(req_pool_indices),
+            seq_lens_cpu=seq_lens_t,
+        )

@@ -1,0 +1,64 @@
+"""Build a model and fill its weights: sharded safetensors, a GGUF file, or random (dummy)."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from edgelm.model_config import ModelConfig
+from edgelm.models.registry import resolve_model_class
+
+logger = logging.getLogger(__name__)
+
+
+def iterate_safetensors(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {directory}; edgelm does not read .bin checkpoints")
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _fill_dummy(model: nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() == 1:
+            param.data.fill_(1.0 if "norm" in name else 0.0)
+        else:
+            # filled in float32 on the host in row blocks, so an 8B model needs no extra device memory
+            rows = param.shape[0]
+            step = max(1, (1 << 24) // max(1, param[0].numel()))
+            for start in range(0, rows, step):
+                block = torch.randn(param[start : start + step].shape, generator=gen) * 0.02
+                param.data[start : start + step].copy_(block)
+
+
+def load_model(config: ModelConfig, device: str, load_format: str = "auto") -> nn.Module:
+    cls = resolve_model_class(config.hf_config.architectures)
+    old_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(config.dtype)
+    try:
+        with torch.device(device):
+            model = cls(config.hf_config)
+    finally:
+        torch.set_default_dtype(old_dtype)
+    if load_format == "dummy":
+        _fill_dummy(model)
+    elif config.source.gguf_file:
+        from edgelm.model_loader.gguf_loader import iterate_gguf_weights
+
+        model.load_weights(iterate_gguf_weights(config.source.gguf_path, config.num_heads, config.num_kv_heads))
+    else:
+        if load_format == "gguf":
+            raise ValueError("--load-format gguf needs a .gguf --model-path")
+        model.load_weights(iterate_safetensors(config.source.directory))
+    return model.eval()

@@ -1,0 +1,31 @@
+"""Shared test set-up.
+
+Triton kernels are tested on the CPU through Triton's interpreter, so TRITON_INTERPRET must be set
+before triton is first imported. GPU-only tests carry ``@pytest.mark.gpu`` and are skipped where
+torch sees no CUDA device.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def embedded_gguf():
+    from edgelm.model_loader.resolve import embedded_model_path
+
+    return embedded_model_path()

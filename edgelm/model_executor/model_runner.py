@@ -1,5 +1,5 @@
-"""ModelRunner: owns the model, the KV pools, the attention backend and the sampler, and runs
-one forward pass per ForwardBatch."""
+"""ModelRunner: owns the model, the KV pools, the attention backend, the CUDA graphs and the
+sampler, and runs one forward pass per ForwardBatch."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import logging
 import torch
 
 from edgelm.layers.attention import create_attention_backend, pick_backend
-from edgelm.layers.sampler import Sampler, SampleOutput
+from edgelm.layers.sampler import SampleOutput, Sampler
 from edgelm.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool, TokenToKVPoolAllocator
 from edgelm.model_config import ModelConfig
 from edgelm.model_executor.forward_batch import ForwardBatch
-from edgelm.model_executor.memory_planner import device_memory, plan_kv_pool
+from edgelm.model_executor.memory_planner import GB, device_memory, plan_kv_pool
 from edgelm.model_loader.loader import load_model
 from edgelm.sampling.sampling_batch_info import SamplingBatchInfo
 from edgelm.server_args import ServerArgs
@@ -20,13 +20,38 @@ from edgelm.server_args import ServerArgs
 logger = logging.getLogger(__name__)
 
 
-def module_bytes(module: torch.nn.Module) -> int:
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds in memory; quantized tensor subclasses (torchao) are counted through
+    their inner tensors, not their logical shape."""
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names if isinstance(getattr(t, n), torch.Tensor))
+    return t.numel() * t.element_size()
+
+
+def module_bytes(module: torch.nn.Module, buffers: bool = True) -> int:
     seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
+    tensors = list(module.parameters()) + (list(module.buffers()) if buffers else [])
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += tensor_bytes(t)
     return total
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return (x + multiple - 1) // multiple * multiple
+
+
+def _load_torchao():
+    """(check, apply) from edgelm.quantization.torchao_config, imported only when asked for."""
+    try:
+        from edgelm.quantization.torchao_config import apply_torchao_config, check_torchao_config
+    except ModuleNotFoundError as exc:
+        if exc.name != "edgelm.quantization.torchao_config":
+            raise
+        raise RuntimeError("--torchao-config is not implemented in this edgelm build") from exc
+    return check_torchao_config, apply_torchao_config
 
 
 class ModelRunner:
@@ -38,8 +63,16 @@ class ModelRunner:
         self.attention_backend_name = pick_backend(server_args.attention_backend, device)
         if device == "cuda":
             torch.cuda.set_device(0)
+        torchao_config = server_args.torchao_config or None
+        if torchao_config:
+            check_torchao, apply_torchao = _load_torchao()
+            check_torchao(torchao_config, device)
         available_before, total = device_memory(device)
         self.model = load_model(model_config, device, server_args.load_format)
+        if torchao_config:
+            apply_torchao(self.model, torchao_config, device)
+        if device == "cuda":
+            torch.cuda.empty_cache()
         self.weight_bytes = module_bytes(self.model)
         available_after = device_memory(device)[0] if device == "cuda" else available_before - self.weight_bytes
         kv_per_token = MHATokenToKVPool.bytes_per_token(self.dtype, model_config.num_kv_heads,
@@ -51,18 +84,67 @@ class ModelRunner:
         default_running = 512 if device == "cuda" else 128
         self.max_running_requests = min(server_args.max_running_requests or default_running,
                                          self.max_total_tokens)
-        self.req_to_token_pool = ReqToTokenPool(self.max_running_requests, model_config.context_len + 8, device)
+        # rows a multiple of 16 long: aligned loads in the attention kernels
+        row_len = _round_up(model_config.context_len + 8, 16)
+        self.req_to_token_pool = ReqToTokenPool(self.max_running_requests, row_len, device)
         self.token_to_kv_pool = MHATokenToKVPool(self.max_total_tokens, self.dtype, model_config.num_kv_heads,
                                                  model_config.head_dim, model_config.num_layers, device)
         self.allocator = TokenToKVPoolAllocator(self.max_total_tokens, device)
         self.attn_backend = create_attention_backend(self.attention_backend_name, self)
         self.sampler = Sampler()
+        self.cuda_graph_runner = None
+        self.graph_memory_bytes = 0
+        self.init_cuda_graphs()
+        logger.info(self.summary())
 
+    # ------------------------------------------------------------ CUDA graphs
+    def cuda_graph_disabled_reason(self) -> str | None:
+        if self.device != "cuda":
+            return f"device is {self.device}"
+        if self.server_args.disable_cuda_graph:
+            return "--disable-cuda-graph"
+        if not getattr(self.attn_backend, "supports_cuda_graph", False):
+            return f"the {self.attention_backend_name} attention backend does not support them"
+        return None
+
+    def init_cuda_graphs(self) -> None:
+        reason = self.cuda_graph_disabled_reason()
+        if reason:
+            logger.info("CUDA graphs off: %s; decode runs eagerly", reason)
+            return
+        from edgelm.model_executor.cuda_graph_runner import CudaGraphRunner, default_cuda_graph_max_bs
+
+        max_bs = min(self.server_args.cuda_graph_max_bs or default_cuda_graph_max_bs(), self.max_running_requests)
+        logger.info("capturing CUDA graphs for decode batches up to %d", max_bs)
+        self.cuda_graph_runner = CudaGraphRunner(self, max_bs)
+        self.graph_memory_bytes = self.cuda_graph_runner.memory_bytes
+
+    def summary(self) -> str:
+        """One start-up line: what runs where, and where the memory went."""
+        cfg, plan = self.model_config, self.memory_plan
+        device = self.device
+        if device == "cuda":
+            device = f"cuda ({torch.cuda.get_device_name()})"
+        graphs = "off"
+        if self.cuda_graph_runner is not None:
+            g = self.cuda_graph_runner
+            graphs = (f"bs 1..{g.max_bs} ({len(g.capture_bs)} graphs, {self.graph_memory_bytes / GB:.2f} GB, "
+                      f"{g.capture_seconds:.1f} s)")
+        quant = f", torchao {self.server_args.torchao_config}" if self.server_args.torchao_config else ""
+        return (f"model {cfg.source.display_name} ({cfg.architecture}), dtype {str(self.dtype).replace('torch.', '')}"
+                f"{quant}, device {device}, attention {self.attention_backend_name}, "
+                f"weights {self.weight_bytes / GB:.2f} GB, KV pool {self.max_total_tokens} tokens "
+                f"({plan.kv_bytes / GB:.2f} GB), max running requests {self.max_running_requests}, "
+                f"context {cfg.context_len}, CUDA graphs {graphs}")
+
+    # ------------------------------------------------------------ forward
     def forward(self, forward_batch: ForwardBatch) -> torch.Tensor:
         """Logits [batch, vocab] (or [num_tokens, vocab] with return_all_logits), float32."""
         forward_batch.req_to_token_pool = self.req_to_token_pool
         forward_batch.token_to_kv_pool = self.token_to_kv_pool
         forward_batch.attn_backend = self.attn_backend
+        if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(forward_batch):
+            return self.cuda_graph_runner.replay(forward_batch)
         self.attn_backend.init_forward_metadata(forward_batch)
         return self.model(forward_batch.input_ids, forward_batch.positions, forward_batch)
 

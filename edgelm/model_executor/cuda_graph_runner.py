@@ -1,0 +1,147 @@
+"""Decode steps replayed from CUDA graphs, one graph per captured batch size.
+
+A decode step of a small model is hundreds of short kernel launches; on a Jetson the CPU that
+launches them is slower than the GPU that runs them. A graph launches the whole step at once.
+
+Protocol with the attention backend (`supports_cuda_graph = True`):
+  init_cuda_graph_state(max_bs, max_context_len)          once, before any capture
+  init_forward_metadata_capture_cuda_graph(bs, batch)     before warming up and capturing `bs`
+  init_forward_metadata_replay_cuda_graph(bs, batch)      before each replay (batch.seq_lens_cpu
+                                                          is the padded host copy)
+The batch's device tensors are views `[:bs]` of static buffers sized `max_bs`. Rows past the
+real batch are padding: request slot 0, seq_len 1, KV slot 0 (the pool's dummy slot).
+"""
+
+from __future__ import annotations
+
+import bisect
+import gc
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from edgelm.model_executor.forward_batch import ForwardBatch, ForwardMode
+
+if TYPE_CHECKING:
+    from edgelm.model_executor.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+def capture_batch_sizes(max_bs: int) -> list[int]:
+    """1, 2, 4, 8, 16, 24, 32, ... up to max_bs (max_bs itself always included)."""
+    sizes = [bs for bs in (1, 2, 4, 8) if bs <= max_bs] + list(range(16, max_bs + 1, 8))
+    if sizes[-1] != max_bs:
+        sizes.append(max_bs)
+    return sizes
+
+
+def default_cuda_graph_max_bs() -> int:
+    """32 on a Jetson or a GPU under 32 GiB, 160 on larger discrete GPUs."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    if getattr(props, "is_integrated", False) or props.total_memory < (32 << 30):
+        return 32
+    return 160
+
+
+class CudaGraphRunner:
+    def __init__(self, model_runner: ModelRunner, max_bs: int):
+        self.model_runner = model_runner
+        self.model = model_runner.model
+        self.backend = model_runner.attn_backend
+        self.device = model_runner.device
+        self.capture_bs = capture_batch_sizes(max_bs)
+        self.max_bs = self.capture_bs[-1]
+        kw = dict(device=self.device)
+        # static inputs, [max_bs] each
+        self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64, **kw)
+        self.positions = torch.zeros(self.max_bs, dtype=torch.int64, **kw)
+        self.out_cache_loc = torch.zeros(self.max_bs, dtype=torch.int64, **kw)
+        self.req_pool_indices = torch.zeros(self.max_bs, dtype=torch.int64, **kw)
+        self.seq_lens = torch.ones(self.max_bs, dtype=torch.int32, **kw)
+        self.seq_lens_cpu = torch.ones(self.max_bs, dtype=torch.int32)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.batches: dict[int, ForwardBatch] = {}
+        self.logits: dict[int, torch.Tensor] = {}  # [bs, vocab] float32, written by each replay
+        self.memory_bytes = 0
+        self.capture_seconds = 0.0
+        self.backend.init_cuda_graph_state(self.max_bs, model_runner.req_to_token_pool.max_context_len)
+        self.capture()
+
+    def _static_batch(self, bs: int) -> ForwardBatch:
+        return ForwardBatch(
+            forward_mode=ForwardMode.DECODE,
+            batch_size=bs,
+            input_ids=self.input_ids[:bs],
+            positions=self.positions[:bs],
+            out_cache_loc=self.out_cache_loc[:bs],
+            req_pool_indices=self.req_pool_indices[:bs],
+            seq_lens=self.seq_lens[:bs],
+            req_pool_indices_cpu=[0] * bs,
+            seq_lens_cpu=self.seq_lens_cpu[:bs],
+            req_to_token_pool=self.model_runner.req_to_token_pool,
+            token_to_kv_pool=self.model_runner.token_to_kv_pool,
+            attn_backend=self.backend,
+        )
+
+    def _run(self, batch: ForwardBatch) -> torch.Tensor:
+        return self.model(batch.input_ids, batch.positions, batch)
+
+    def capture(self) -> None:
+        """Largest batch first, all graphs in one memory pool: the smaller ones reuse its blocks."""
+        torch.cuda.synchronize()
+        free_before = torch.cuda.mem_get_info()[0]
+        start = time.perf_counter()
+        pool = None
+        stream = torch.cuda.Stream()
+        gc.collect()
+        gc.disable()  # a collection during capture would slow every capture down
+        try:
+            for bs in reversed(self.capture_bs):
+                batch = self._static_batch(bs)
+                self.backend.init_forward_metadata_capture_cuda_graph(bs, batch)
+                with torch.cuda.stream(stream):
+                    # warm-up: Triton compiles and autotunes here, outside the capture
+                    for _ in range(2):
+                        self._run(batch)
+                stream.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    logits = self._run(batch)
+                pool = graph.pool()
+                self.graphs[bs], self.batches[bs], self.logits[bs] = graph, batch, logits
+        finally:
+            gc.enable()
+        torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - start
+        self.memory_bytes = max(0, free_before - torch.cuda.mem_get_info()[0])
+
+    def can_run(self, forward_batch: ForwardBatch) -> bool:
+        return (forward_batch.forward_mode.is_decode() and forward_batch.batch_size <= self.max_bs
+                and not forward_batch.return_all_logits)
+
+    def replay(self, forward_batch: ForwardBatch) -> torch.Tensor:
+        """Logits [raw_bs, vocab] float32 of `forward_batch`, a decode batch of at most max_bs."""
+        raw_bs = forward_batch.batch_size
+        bs = self.capture_bs[bisect.bisect_left(self.capture_bs, raw_bs)]
+        if bs != raw_bs:  # padding rows: harmless reads, writes into the dummy KV slot 0
+            self.input_ids[raw_bs:bs].zero_()
+            self.positions[raw_bs:bs].zero_()
+            self.out_cache_loc[raw_bs:bs].zero_()
+            self.req_pool_indices[raw_bs:bs].zero_()
+            self.seq_lens[raw_bs:bs].fill_(1)
+            self.seq_lens_cpu[raw_bs:bs].fill_(1)
+        self.input_ids[:raw_bs].copy_(forward_batch.input_ids)
+        self.positions[:raw_bs].copy_(forward_batch.positions)
+        self.out_cache_loc[:raw_bs].copy_(forward_batch.out_cache_loc)
+        self.req_pool_indices[:raw_bs].copy_(forward_batch.req_pool_indices)
+        self.seq_lens[:raw_bs].copy_(forward_batch.seq_lens)
+        self.seq_lens_cpu[:raw_bs].copy_(forward_batch.seq_lens_cpu)
+        batch = self.batches[bs]
+        batch.req_pool_indices_cpu = list(forward_batch.req_pool_indices_cpu) + [0] * (bs - raw_bs)
+        self.backend.init_forward_metadata_replay_cuda_graph(bs, batch)
+        self.graphs[bs].replay()
+        # a copy: the sampler edits logits in place, and the next replay overwrites the buffer
+        return self.logits[bs][:raw_bs].clone()

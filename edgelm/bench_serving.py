@@ -20,6 +20,7 @@ import asyncio
 import json
 import math
 import random
+import shlex
 import ssl
 import sys
 import time
@@ -342,6 +343,8 @@ def plot_sweep(runs: list[dict], x_key: str, path: str, title: str = "") -> bool
         print("--plot needs matplotlib (pip install matplotlib); no plot written", file=sys.stderr)
         return False
     xs = [float(r[x_key]) for r in runs]
+    finite = [x for x in xs if math.isfinite(x)]
+    xs = [x if math.isfinite(x) else 2 * max(finite, default=1.0) for x in xs]  # "inf" drawn at the right
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, name, label in zip(axes.flat, ("ttft", "itl", "e2e_latency"), ("TTFT", "ITL", "E2E latency")):
         for q, style in (("median", "o-"), ("p99", "s--")):
@@ -417,7 +420,7 @@ async def _resolve_model(base: str, args) -> str | None:
         raise SystemExit(f"cannot read the model name from {base}/v1/models ({e}); pass --model") from e
 
 
-async def main_async(args) -> dict:
+async def main_async(args, argv: list[str]) -> dict:
     base = (args.base_url or f"http://{args.host}:{args.port}").rstrip("/")
     url = base + _ROUTES[args.backend]
     if args.request_rates and args.max_concurrencies:
@@ -454,12 +457,13 @@ async def main_async(args) -> dict:
     return {"backend": args.backend, "base_url": base, "model": model, "dataset_name": args.dataset_name,
             "random_input_len": args.random_input_len, "random_output_len": args.random_output_len,
             "random_range_ratio": args.random_range_ratio, "ignore_eos": not args.disable_ignore_eos,
-            "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": runs}
+            "command": "python -m edgelm.bench_serving " + shlex.join(argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": runs}
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    result = asyncio.run(main_async(args))
+    result = asyncio.run(main_async(args, argv))
     if args.output_file:
         with open(args.output_file, "w") as f:
             json.dump(result, f, indent=2)

@@ -1,6 +1,7 @@
 """bench_serving against a fake OpenAI-compatible streaming server started in the test."""
 
 import asyncio
+import importlib.util
 import json
 import socket
 import threading
@@ -138,7 +139,8 @@ def test_sweep_concurrency_json_and_plot(fake_server, tmp_path):
     body = state["bodies"][-1]
     assert body["ignore_eos"] is True and body["stream"] is True and body["model"] == "fake-model"
     assert body["stream_options"] == {"include_usage": True} and body["max_tokens"] == 5
-    if png.exists():
+    assert res["command"].startswith("python -m edgelm.bench_serving --base-url")
+    if importlib.util.find_spec("matplotlib") is not None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -179,3 +181,24 @@ def test_workloads(tmp_path):
     got = file_requests(str(path), 5, 4, None, seed=0)
     assert len(got) == 5
     assert {(r.prompt_len, r.output_len) for r in got} == {(2, 4), (3, 9)}
+
+
+class _ToyTokenizer:
+    """Token i is the word f"w{i}"; ids 0 and 1 are special."""
+
+    all_special_ids = [0, 1]
+
+    def __len__(self):
+        return 50
+
+    def decode(self, ids):
+        return " ".join(f"w{i}" for i in ids)
+
+    def encode(self, text, add_special_tokens=False):
+        return [int(w[1:]) for w in text.split()]
+
+
+def test_random_token_prompts_with_tokenizer():
+    reqs = random_requests(4, 16, 3, 1.0, _ToyTokenizer(), seed=0)
+    assert [r.prompt_len for r in reqs] == [16] * 4
+    assert all(int(w[1:]) >= 2 for r in reqs for w in r.prompt.split())  # no special tokens

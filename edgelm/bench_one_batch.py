@@ -1,0 +1,324 @@
+"""Latency of one static batch, without a server: prefill, then decode steps (SGLang's
+`bench_one_batch`, with its flags).
+
+    python -m edgelm.bench_one_batch --model-path llama-3.1-8b --load-format dummy --dtype bfloat16 \
+        --batch-size 1 64 --input-len 1024 --output-len 128 --result-file result.json
+
+`--model-path` also takes the name of a config shipped in edgelm/configs (random weights). Each
+figure is set against a ceiling measured in the same run: decode against memory bandwidth
+(the bytes a step must read: weights once, the KV cache of every request), prefill against the
+matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+
+from edgelm.bench_utils import measure_peaks
+from edgelm.layers.vocab_embedding import VocabEmbedding
+from edgelm.model_config import ModelConfig
+from edgelm.model_executor.forward_batch import ForwardBatch, ForwardMode
+from edgelm.model_executor.model_runner import ModelRunner, tensor_bytes
+from edgelm.model_loader.resolve import resolve_model
+from edgelm.sampling.sampling_batch_info import SamplingBatchInfo
+from edgelm.server_args import ServerArgs, ServerArgsError
+
+logger = logging.getLogger("edgelm.bench_one_batch")
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+@dataclasses.dataclass
+class BenchArgs:
+    run_name: str = "default"
+    batch_size: tuple[int, ...] = (1,)
+    input_len: tuple[int, ...] = (1024,)
+    output_len: tuple[int, ...] = (16,)
+    result_file: str | None = None
+    skip_peaks: bool = False
+    seed: int = 0
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--run-name", default=BenchArgs.run_name, help="A label stored in the result.")
+        parser.add_argument("--batch-size", type=int, nargs="+", default=BenchArgs.batch_size)
+        parser.add_argument("--input-len", type=int, nargs="+", default=BenchArgs.input_len)
+        parser.add_argument("--output-len", type=int, nargs="+", default=BenchArgs.output_len)
+        parser.add_argument("--result-file", "--result-filename", dest="result_file", default=None,
+                            help="Write the results here as JSON.")
+        parser.add_argument("--skip-peaks", action="store_true",
+                            help="Do not measure memory bandwidth and matmul peak (no roofline ratios).")
+        parser.add_argument("--seed", type=int, default=0, help="Seed of the random prompts.")
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> BenchArgs:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def shipped_config_dir(name: str | None) -> str | None:
+    """edgelm/configs/<name> when `name` is no path on disk but names a shipped config."""
+    if not name or os.path.exists(os.path.expanduser(name)):
+        return None
+    path = os.path.join(CONFIGS_DIR, name)
+    return path if os.path.isfile(os.path.join(path, "config.json")) else None
+
+
+def shipped_configs() -> list[str]:
+    return sorted(d for d in os.listdir(CONFIGS_DIR) if os.path.isfile(os.path.join(CONFIGS_DIR, d, "config.json")))
+
+
+# ------------------------------------------------------------------ model arithmetic
+def _embedding_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [m.weight for m in model.modules() if isinstance(m, VocabEmbedding)]
+
+
+def decode_weight_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes one decode step reads: every parameter once, except embedding tables, of
+    which only a few rows are read (a table tied to the LM head is read once, as the head)."""
+    head = model.lm_head_weight
+    skip = {id(w) for w in _embedding_weights(model) if w is not head}
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen and id(p) not in skip:
+            seen.add(id(p))
+            total += tensor_bytes(p)
+    return total
+
+
+def prefill_flops(model: torch.nn.Module, model_config: ModelConfig, batch_size: int, input_len: int) -> float:
+    """2·params·tokens for the layers' matmuls, the LM head on each request's last token only,
+    plus causal attention: QKᵀ and PV, 2·2·heads·head_dim flops per (query, key) pair."""
+    embeds = {id(w) for w in _embedding_weights(model)}
+    layer_params = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and id(p) not in embeds)
+    head_params = model.lm_head_weight.numel()
+    tokens = batch_size * input_len
+    pairs = batch_size * input_len * (input_len + 1) / 2
+    attn = 4 * model_config.num_heads * model_config.head_dim * model_config.num_layers * pairs
+    return 2 * layer_params * tokens + 2 * head_params * batch_size + attn
+
+
+# ------------------------------------------------------------------ one run
+def _greedy_info(batch_size: int, vocab_size: int, device: str) -> SamplingBatchInfo:
+    return SamplingBatchInfo(
+        temperatures=torch.zeros(batch_size, 1, device=device),
+        top_ps=torch.ones(batch_size, device=device),
+        top_ks=torch.full((batch_size,), vocab_size, dtype=torch.int64, device=device),
+        min_ps=torch.zeros(batch_size, device=device),
+        seeds=torch.zeros(batch_size, dtype=torch.int64, device=device),
+        steps=torch.zeros(batch_size, dtype=torch.int64, device=device),
+        is_all_greedy=True, need_top_p_top_k=False, need_min_p=False)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_once(runner: ModelRunner, batch_size: int, input_len: int, output_len: int, seed: int = 0) -> dict:
+    """Prefill `batch_size` random prompts of `input_len` tokens in one pass, then
+    `output_len` - 1 decode steps; host-clock latency of each, synchronized after each step."""
+    device, vocab = runner.device, runner.model_config.vocab_size
+    if batch_size > runner.max_running_requests or batch_size * (input_len + output_len) > runner.max_total_tokens:
+        raise ValueError(f"batch {batch_size} × {input_len + output_len} tokens does not fit: "
+                         f"{runner.max_running_requests} requests, {runner.max_total_tokens} KV tokens")
+    runner.req_to_token_pool.clear()
+    runner.allocator.clear()
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, vocab, (batch_size, input_len), generator=gen)
+    req_slots = [runner.req_to_token_pool.alloc() for _ in range(batch_size)]
+    kv_slots = runner.allocator.alloc(batch_size * input_len)
+    for i, r in enumerate(req_slots):
+        runner.req_to_token_pool.write(r, 0, kv_slots[i * input_len:(i + 1) * input_len])
+    info = _greedy_info(batch_size, vocab, device)
+    batch = ForwardBatch.for_extend(prompts.flatten().tolist(), req_slots, [0] * batch_size,
+                                    [input_len] * batch_size, kv_slots, device)
+    _sync(device)
+    t0 = time.perf_counter()
+    next_ids = runner.sample(runner.forward(batch), info).next_token_ids
+    _sync(device)
+    prefill_s = time.perf_counter() - t0
+
+    req_pool_indices = torch.tensor(req_slots, dtype=torch.int64, device=device)
+    seq_lens = torch.full((batch_size,), input_len, dtype=torch.int32, device=device)
+    req_to_token = runner.req_to_token_pool.req_to_token
+    decode_s = []
+    for step in range(output_len - 1):
+        t0 = time.perf_counter()
+        out_cache_loc = runner.allocator.alloc(batch_size)
+        req_to_token[req_pool_indices, seq_lens.long()] = out_cache_loc.to(torch.int32)
+        seq_lens = seq_lens + 1
+        batch = ForwardBatch(
+            forward_mode=ForwardMode.DECODE, batch_size=batch_size, input_ids=next_ids,
+            positions=(seq_lens - 1).long(), out_cache_loc=out_cache_loc, req_pool_indices=req_pool_indices,
+            seq_lens=seq_lens, req_pool_indices_cpu=req_slots,
+            seq_lens_cpu=torch.full((batch_size,), input_len + step + 1, dtype=torch.int32))
+        next_ids = runner.sample(runner.forward(batch), info).next_token_ids
+        _sync(device)
+        decode_s.append(time.perf_counter() - t0)
+    return {"prefill_s": prefill_s, "decode_s": decode_s}
+
+
+def summarize(runner: ModelRunner, peaks: dict | None, batch_size: int, input_len: int, output_len: int,
+              timings: dict) -> dict:
+    model = runner.model
+    prefill_s, decode_s = timings["prefill_s"], timings["decode_s"]
+    graphs = runner.cuda_graph_runner
+    r = {"batch_size": batch_size, "input_len": input_len, "output_len": output_len,
+         "cuda_graph": graphs is not None and batch_size <= graphs.max_bs,
+         "prefill_latency_s": prefill_s, "prefill_tok_s": batch_size * input_len / prefill_s}
+    flops = prefill_flops(model, runner.model_config, batch_size, input_len)
+    r["prefill_tflops"] = flops / prefill_s / 1e12
+    if decode_s:
+        median = statistics.median(decode_s)
+        # a step reads the weights once and each request's KV cache: seq_len grows from
+        # input_len + 1 to input_len + output_len - 1 over the steps
+        avg_len = input_len + 1 + (len(decode_s) - 1) / 2
+        kv_bytes = batch_size * avg_len * runner.memory_plan.kv_bytes_per_token
+        step_bytes = decode_weight_bytes(model) + kv_bytes
+        r.update({"decode_median_latency_s": median, "decode_mean_latency_s": statistics.fmean(decode_s),
+                  "decode_tok_s": batch_size / median, "decode_bytes_per_step": step_bytes,
+                  "decode_kv_bytes_per_step": kv_bytes, "decode_gbps": step_bytes / median / 1e9})
+    r["total_latency_s"] = prefill_s + sum(decode_s)
+    r["total_tok_s"] = batch_size * (input_len + output_len) / r["total_latency_s"]
+    if peaks:
+        r["prefill_matmul_fraction"] = r["prefill_tflops"] / peaks["matmul_tflops"]
+        if decode_s:
+            r["decode_roofline_ratio"] = r["decode_gbps"] / peaks["bandwidth_gbps"]
+    return r
+
+
+# ------------------------------------------------------------------ driver
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def prepare_args(argv: list[str] | None) -> tuple[ServerArgs, BenchArgs, bool]:
+    parser = argparse.ArgumentParser(prog="python -m edgelm.bench_one_batch", description=__doc__.split("\n")[0])
+    ServerArgs.add_cli_args(parser)
+    BenchArgs.add_cli_args(parser)
+    args = parser.parse_args(argv)
+    shipped = shipped_config_dir(args.model_path)
+    if shipped:
+        args.model_path = shipped
+        if args.load_format == "auto":
+            args.load_format = "dummy"  # a shipped config has no weights
+    bench = BenchArgs.from_cli_args(args)
+    max_bs, max_len = max(bench.batch_size), max(bench.input_len) + max(bench.output_len)
+    # size the pools for the largest run, not the model's whole context
+    if args.context_length is None:
+        args.context_length = max_len + 8
+    args.max_running_requests = args.max_running_requests or max_bs
+    args.max_total_tokens = args.max_total_tokens or max_bs * max_len + 64
+    args.cuda_graph_max_bs = args.cuda_graph_max_bs or max_bs
+    try:
+        server_args = ServerArgs.from_cli_args(args)
+    except ServerArgsError as exc:
+        parser.error(str(exc))
+    return server_args, bench, bool(shipped)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    server_args, bench, shipped = prepare_args(argv)
+    logging.basicConfig(level=server_args.log_level.upper(), format="[%(asctime)s] %(message)s")
+    device = server_args.resolved_device()
+    config = ModelConfig.load(resolve_model(server_args.model_path), server_args.dtype, device,
+                              server_args.context_length, server_args.trust_remote_code)
+    peaks = None
+    if not bench.skip_peaks:  # before the model loads: the buffers need memory
+        peaks = measure_peaks(device, config.dtype)
+        logger.info("measured: %.0f GB/s copy, %.0f GB/s read, %.3g TFLOP/s %s matmul",
+                    peaks["copy_gbps"], peaks["read_gbps"], peaks["matmul_tflops"], peaks["dtype"])
+    runner = ModelRunner(server_args, config, device)
+    results = []
+    for bs in bench.batch_size:
+        for input_len in bench.input_len:
+            for output_len in bench.output_len:
+                # warm-up: compiles and autotunes kernels for these shapes
+                run_once(runner, bs, input_len, min(output_len, 4), bench.seed)
+                timings = run_once(runner, bs, input_len, output_len, bench.seed)
+                r = summarize(runner, peaks, bs, input_len, output_len, timings)
+                results.append(r)
+                logger.info(_result_line(r))
+    report = {
+        "run_name": bench.run_name,
+        "command": "python -m edgelm.bench_one_batch " + shlex.join(argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": _device_name(device),
+        "versions": _versions(),
+        "model": os.path.basename(os.path.normpath(server_args.model_path)) if shipped else server_args.model_path,
+        "load_format": server_args.load_format,
+        "dtype": str(runner.dtype).replace("torch.", ""),
+        "attention_backend": runner.attention_backend_name,
+        "torchao_config": server_args.torchao_config or None,
+        "cuda_graph_max_bs": runner.cuda_graph_runner.max_bs if runner.cuda_graph_runner else None,
+        "graph_memory_bytes": runner.graph_memory_bytes,
+        "weight_bytes": runner.weight_bytes,
+        "decode_weight_bytes": decode_weight_bytes(runner.model),
+        "kv_bytes_per_token": runner.memory_plan.kv_bytes_per_token,
+        "peaks": peaks,
+        "results": results,
+    }
+    if bench.result_file:
+        os.makedirs(os.path.dirname(os.path.abspath(bench.result_file)), exist_ok=True)
+        with open(bench.result_file, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    print(format_table(report))
+    return report
+
+
+def _result_line(r: dict) -> str:
+    line = (f"bs {r['batch_size']} in {r['input_len']} out {r['output_len']}: prefill {r['prefill_latency_s'] * 1e3:.1f} ms "
+            f"({r['prefill_tok_s']:.0f} tok/s)")
+    if "decode_median_latency_s" in r:
+        line += f", decode {r['decode_median_latency_s'] * 1e3:.2f} ms/step ({r['decode_tok_s']:.1f} tok/s)"
+    return line
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{report['model']} {report['dtype']} on {report['device']}, attention {report['attention_backend']}"
+             f"{', torchao ' + report['torchao_config'] if report['torchao_config'] else ''}, "
+             f"CUDA graphs {'bs<=' + str(report['cuda_graph_max_bs']) if report['cuda_graph_max_bs'] else 'off'}"]
+    if report["peaks"]:
+        p = report["peaks"]
+        lines.append(f"measured ceilings: {p['bandwidth_gbps']:.0f} GB/s, {p['matmul_tflops']:.3g} TFLOP/s {p['dtype']}")
+    head = ("bs", "in", "out", "prefill ms", "prefill tok/s", "of peak", "ITL ms", "decode tok/s", "GB/s",
+            "roofline")
+    lines.append(" ".join(f"{h:>13}" for h in head))
+    for r in report["results"]:
+        row = (r["batch_size"], r["input_len"], r["output_len"], f"{r['prefill_latency_s'] * 1e3:.1f}",
+               f"{r['prefill_tok_s']:.0f}", f"{r.get('prefill_matmul_fraction', float('nan')):.3f}",
+               f"{r.get('decode_median_latency_s', float('nan')) * 1e3:.2f}", f"{r.get('decode_tok_s', 0):.1f}",
+               f"{r.get('decode_gbps', 0):.0f}", f"{r.get('decode_roofline_ratio', float('nan')):.3f}")
+        lines.append(" ".join(f"{c!s:>13}" for c in row))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

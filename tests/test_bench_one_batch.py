@@ -1,0 +1,69 @@
+"""bench_one_batch on the CPU: a tiny config with dummy weights runs and writes valid JSON."""
+
+import json
+
+import pytest
+import torch
+
+from edgelm import bench_one_batch
+from edgelm.bench_one_batch import decode_weight_bytes, prefill_flops, shipped_config_dir
+
+
+def _tiny_config_dir(path, tie: bool):
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                tie_word_embeddings=tie).save_pretrained(str(path))
+    return str(path)
+
+
+def test_bench_writes_json(tmp_path):
+    model_dir = _tiny_config_dir(tmp_path / "tiny", tie=False)
+    result_file = tmp_path / "out" / "result.json"
+    report = bench_one_batch.main(["--model-path", model_dir, "--load-format", "dummy", "--device", "cpu",
+                                   "--batch-size", "1", "3", "--input-len", "16", "--output-len", "5",
+                                   "--result-file", str(result_file)])
+    data = json.loads(result_file.read_text())
+    assert data == json.loads(json.dumps(report))
+    assert data["command"].startswith("python -m edgelm.bench_one_batch --model-path")
+    for key in ("device", "date", "versions", "dtype", "attention_backend", "weight_bytes", "peaks"):
+        assert data[key] is not None, key
+    assert data["versions"]["torch"] == torch.__version__
+    assert data["peaks"]["bandwidth_gbps"] > 0 and data["peaks"]["matmul_tflops"] > 0
+    assert [(r["batch_size"], r["input_len"], r["output_len"]) for r in data["results"]] == [(1, 16, 5), (3, 16, 5)]
+    for r in data["results"]:
+        assert not r["cuda_graph"]
+        assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["decode_median_latency_s"] > 0
+        assert 0 < r["decode_roofline_ratio"] and 0 < r["prefill_matmul_fraction"]
+        kv_per_token = 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 kv heads, head_dim 16, float32
+        assert r["decode_kv_bytes_per_step"] == pytest.approx(r["batch_size"] * (16 + 1 + 1.5) * kv_per_token)
+
+
+def test_shipped_llama_config():
+    from transformers import AutoConfig
+
+    path = shipped_config_dir("llama-3.1-8b")
+    assert path is not None and shipped_config_dir("no-such-model") is None
+    cfg = AutoConfig.from_pretrained(path)
+    assert cfg.max_position_embeddings == 131072 and cfg.num_key_value_heads == 8
+    rope = getattr(cfg, "rope_parameters", None) or cfg.rope_scaling
+    assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_model_arithmetic(tmp_path, tie):
+    from edgelm.model_config import ModelConfig
+    from edgelm.model_loader.loader import load_model
+    from edgelm.model_loader.resolve import resolve_model
+
+    config = ModelConfig.load(resolve_model(_tiny_config_dir(tmp_path, tie)), "float32", "cpu", None)
+    model = load_model(config, "cpu", "dummy")
+    embed = 256 * 64 * 4
+    layers = 2 * (64 * (64 + 2 * 32) + 64 * 64 + 2 * 64 * 128 + 128 * 64)  # qkv, o, gate_up, down
+    norms = (2 * 2 + 1) * 64
+    # the head is read once per step; an untied embedding table is not read
+    assert decode_weight_bytes(model) == (layers + norms) * 4 + embed
+    flops = prefill_flops(model, config, batch_size=2, input_len=8)
+    # matmuls on 16 tokens, the LM head on the 2 last ones, causal attention over 8·9/2 pairs each
+    assert flops == 2 * layers * 16 + 2 * 256 * 64 * 2 + 4 * 4 * 16 * 2 * 2 * 8 * 9 / 2

@@ -1,0 +1,184 @@
+"""Decode attention over the token-paged KV pool, split along the context (flash-decoding).
+
+Stage 1: one program per (request, group of q heads sharing one kv head, kv split) attends its
+split of the context and writes a partial output with its log-sum-exp. Stage 2: one program per
+(request, q head) merges the partials. The grid's split count is fixed by the caller (so a CUDA
+graph can replay it); each request's split length is derived on the device from its seq_len, so
+short requests use few splits and idle programs exit at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int = 64  # context tokens per loop step
+    num_warps: int = 4
+    num_stages: int = 2
+    min_split_len: int = 64  # a split covers at least this many tokens (a multiple of block_n)
+    max_splits: int = 64
+    programs_per_sm: int = 2  # aim for this many stage-1 programs per SM when choosing splits
+
+
+def default_decode_config(head_dim: int, dtype: torch.dtype, device: str) -> DecodeConfig:
+    if device != "cuda":  # the interpreter: few, small steps
+        return DecodeConfig(block_n=16, num_warps=1, num_stages=1, min_split_len=16, max_splits=4)
+    if head_dim > 128 or dtype == torch.float32:
+        return DecodeConfig(block_n=32, min_split_len=64)
+    return DecodeConfig()
+
+
+def heads_per_program(group: int) -> int:
+    """q heads one stage-1 program handles: the whole group, or the largest divisor <= 16."""
+    if group <= 16:
+        return group
+    return max(d for d in range(1, 17) if group % d == 0)
+
+
+def num_kv_splits(batch_size: int, num_heads: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
+                  cfg: DecodeConfig) -> int:
+    """Splits enough to fill the GPU, but none shorter than cfg.min_split_len."""
+    head_programs = num_heads // heads_per_program(num_heads // num_kv_heads)
+    programs = max(1, batch_size * head_programs)
+    want = triton.cdiv(cfg.programs_per_sm * num_sms, programs)
+    by_len = triton.cdiv(max(max_seq_len, 1), cfg.min_split_len)
+    return max(1, min(want, by_len, cfg.max_splits))
+
+
+@triton.jit
+def _split_len(seq_len, num_splits, MIN_SPLIT: tl.constexpr, ALIGN: tl.constexpr):
+    n = tl.maximum(tl.cdiv(seq_len, num_splits), MIN_SPLIT)
+    return tl.cdiv(n, ALIGN) * ALIGN
+
+
+@triton.jit
+def _decode_partial_kernel(
+    Q, K_buf, V_buf, req_to_token, req_pool_indices, seq_lens, Mid_O, Mid_LSE,
+    qk_scale,  # softmax scale * log2(e)
+    num_splits,
+    stride_qb, stride_qh, stride_kbs, stride_kbh, stride_vbs, stride_vbh, stride_r2t,
+    stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
+    GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Q [B, H, D]; K_buf, V_buf [S, Hkv, D]; req_to_token [R, L]; Mid_O [B, H, splits, D] and
+    Mid_LSE [B, H, splits] (float32, log2 domain) receive this split's normalised output."""
+    b = tl.program_id(0)
+    head0 = tl.program_id(1) * HEADS
+    split = tl.program_id(2)
+    kv_head = head0 // GROUP
+    seq_len = tl.load(seq_lens + b)
+    split_len = _split_len(seq_len, num_splits, MIN_SPLIT, BLOCK_N)
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+    if start < end:
+        req = tl.load(req_pool_indices + b).to(tl.int64)
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_h = offs_h < HEADS
+        mask_d = offs_d < HEAD_DIM
+        heads = head0 + offs_h
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+        m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+        row = req_to_token + req * stride_r2t
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < end
+            slots = tl.load(row + offs_n, mask=mask_n, other=0).to(tl.int64)
+            mask_nd = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(K_buf + slots[:, None] * stride_kbs + kv_head * stride_kbh + offs_d[None, :],
+                        mask=mask_nd, other=0.0)
+            qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
+            qk = tl.where(mask_n[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V_buf + slots[:, None] * stride_vbs + kv_head * stride_vbh + offs_d[None, :],
+                        mask=mask_nd, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(Mid_O + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + offs_d[None, :],
+                 out, mask=mask_h[:, None] & mask_d[None, :])
+        tl.store(Mid_LSE + b * stride_mlb + heads * stride_mlh + split, m_i + tl.log2(l_i), mask=mask_h)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    Mid_O, Mid_LSE, Out, seq_lens, num_splits,
+    stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MIN_SPLIT: tl.constexpr, ALIGN: tl.constexpr,
+):
+    """Merge the non-empty splits of request b, head h: Out[b, h] = sum_s w_s * Mid_O[b, h, s]."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(seq_lens + b)
+    split_len = _split_len(seq_len, num_splits, MIN_SPLIT, ALIGN)
+    active = tl.cdiv(seq_len, split_len)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    m = float("-inf")
+    total = 0.0
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in range(0, active):
+        lse = tl.load(Mid_LSE + b * stride_mlb + h * stride_mlh + s)
+        part = tl.load(Mid_O + b * stride_mob + h * stride_moh + s * stride_mos + offs_d, mask=mask_d, other=0.0)
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)
+        acc = acc * alpha + w * part
+        total = total * alpha + w
+        m = m_new
+    out = tl.where(total > 0, acc / total, 0.0)
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=mask_d)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 inputs keep full precision; half types ignore this
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, o: torch.Tensor,
+                     req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                     mid_o: torch.Tensor, mid_lse: torch.Tensor, scaling: float, cfg: DecodeConfig) -> None:
+    """q, o [B, H, D] (last dim contiguous); k_buf, v_buf [S, Hkv, D]; req_to_token [R, L];
+    req_pool_indices, seq_lens [B]; mid_o [B, H, splits, D] and mid_lse [B, H, splits] float32
+    scratch, whose split count sets the grid. Writes o; no host synchronisation."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_buf.shape[1]
+    splits = mid_o.shape[2]
+    if batch == 0:
+        return
+    group = num_heads // num_kv_heads
+    heads = heads_per_program(group)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    min_split = triton.cdiv(cfg.min_split_len, cfg.block_n) * cfg.block_n
+    _decode_partial_kernel[(batch, num_heads // heads, splits)](
+        q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
+        scaling * LOG2E, splits,
+        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+        req_to_token.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        GROUP=group, HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_N=cfg.block_n, MIN_SPLIT=min_split,
+        PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    _decode_merge_kernel[(batch, num_heads)](
+        mid_o, mid_lse, o, seq_lens, splits,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        o.stride(0), o.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, MIN_SPLIT=min_split, ALIGN=cfg.block_n,
+        num_warps=1 if block_d <= 128 else 2,
+    )

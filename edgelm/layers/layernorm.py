@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgelm.layers import triton_ops
 from edgelm.layers.linear import default_weight_loader
 
 
@@ -23,7 +24,17 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Without residual: norm(x). With it: (norm(x + residual), x + residual)."""
+        """Without residual: norm(x). With it: (norm(x + residual), x + residual).
+
+        CUDA tensors take one Triton kernel (add and norm in one pass) where it is switched on."""
+        if x.is_cuda and triton_ops.enabled("rmsnorm" if residual is None else "add_rmsnorm"):
+            from edgelm.layers.triton_ops.rmsnorm import rms_norm, supports
+
+            if supports(x, self.weight, residual):
+                return rms_norm(x, self.weight, self.eps, residual)
+        return self.forward_native(x, residual)
+
+    def forward_native(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:
             return rms_norm_ref(x, self.weight, self.eps)
         x = x + residual

@@ -7,7 +7,26 @@ kernels) recognise and replace them after loading, like any other linear layer.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from edgelm.layers import triton_ops
+
+# (out_features, in_features) → (largest M, GemvConfig name) where edgelm's skinny GEMM measured
+# faster than cuBLAS on the device (benchmarks/results/decode_ops_h100.json); empty: cuBLAS everywhere.
+GEMV_SHAPES: dict[tuple[int, int], tuple[int, str]] = {}
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x Wᵀ (+ b): cuBLAS (F.linear), or the Triton skinny GEMM for the decode shapes where it
+    measured faster. Quantized weights (tensor subclasses) always go through F.linear."""
+    if GEMV_SHAPES and x.is_cuda and triton_ops.enabled("gemv") and type(weight) in (torch.Tensor, nn.Parameter):
+        entry = GEMV_SHAPES.get(tuple(weight.shape))
+        if entry is not None and x.numel() // x.shape[-1] <= entry[0] and weight.is_contiguous():
+            from edgelm.layers.triton_ops.gemv import CONFIGS, skinny_gemm
+
+            return skinny_gemm(x, weight, bias, CONFIGS[entry[1]])
+    return F.linear(x, weight, bias)
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -24,6 +43,9 @@ class Linear(nn.Linear):
         self.weight.weight_loader = default_weight_loader
         if bias:
             self.bias.weight_loader = default_weight_loader
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class MergedLinear(Linear):

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from edgelm.layers import triton_ops
+
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     factor = scaling["factor"]
@@ -43,7 +45,18 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", cache.to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """positions [T]; q [T, num_heads * head_dim]; k [T, num_kv_heads * head_dim]."""
+        """positions [T]; q [T, num_heads * head_dim]; k [T, num_kv_heads * head_dim] → rotated (q, k).
+
+        On CUDA (Triton switched on) q and k are rotated in place and returned as they came: views
+        into the merged qkv stay views (rows strided). The torch path returns new contiguous tensors."""
+        if q.is_cuda and triton_ops.enabled("rotary"):
+            from edgelm.layers.triton_ops.rotary import rotary_embedding_, supports
+
+            if supports(q, k, self.head_dim):
+                return rotary_embedding_(positions, q, k, self.cos_sin_cache, self.head_dim)
+        return self.forward_native(positions, q, k)
+
+    def forward_native(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         cos_sin = self.cos_sin_cache.index_select(0, positions)
         cos, sin = cos_sin.chunk(2, dim=-1)  # [T, head_dim / 2]
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

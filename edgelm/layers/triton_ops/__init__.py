@@ -1,0 +1,51 @@
+"""Triton kernels for the small ops of a decode step (CUDA only; the torch code is the reference).
+
+Which ops take the Triton path is decided once, from measurements on the device
+(benchmarks/results/decode_ops_h100.json) and the environment:
+
+    EDGELM_TRITON_OPS=0                    every op on the torch path
+    EDGELM_TRITON_OPS=1 (or unset)         the ops in DEFAULT_ON
+    EDGELM_TRITON_OPS=rmsnorm,rotary,...   exactly the ops named (names: see ALL_OPS)
+
+The kernels are imported lazily: a machine without Triton (a Jetson without a wheel, a CPU box)
+never imports it and keeps the torch path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+ALL_OPS = ("rmsnorm", "add_rmsnorm", "silu_and_mul", "rotary", "gemv")
+# set from decode_ops_h100.json: an op is on by default only where it measured faster
+DEFAULT_ON = frozenset({"rmsnorm", "add_rmsnorm", "silu_and_mul", "rotary"})
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _parse(value: str | None) -> frozenset[str]:
+    if value is None or value.strip() in ("", "1", "true", "on"):
+        return DEFAULT_ON
+    if value.strip() in ("0", "false", "off", "none"):
+        return frozenset()
+    ops = frozenset(v.strip() for v in value.split(",") if v.strip())
+    unknown = ops - set(ALL_OPS)
+    if unknown:
+        raise ValueError(f"EDGELM_TRITON_OPS: unknown op(s) {sorted(unknown)}; known: {ALL_OPS}")
+    return ops
+
+
+_enabled: frozenset[str] = _parse(os.environ.get("EDGELM_TRITON_OPS")) if HAS_TRITON else frozenset()
+
+
+def enabled(op: str) -> bool:
+    """Whether `op` takes the Triton path for CUDA tensors."""
+    return op in _enabled
+
+
+def set_enabled(ops: str | None) -> frozenset[str]:
+    """Re-read the switch (tests, benchmarks); `ops` as EDGELM_TRITON_OPS takes it. Returns the old set."""
+    global _enabled
+    old = _enabled
+    _enabled = _parse(ops) if HAS_TRITON else frozenset()
+    return old

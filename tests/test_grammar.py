@@ -1,0 +1,223 @@
+"""Grammar backend (xgrammar) with the embedded model's tokenizer, the vocabulary bitmask, and the
+reasoning gate."""
+
+import os
+
+import pytest
+import torch
+
+from edgelm.constrained import (
+    GrammarCompileError,
+    ReasoningGatedGrammar,
+    allocate_vocab_mask,
+    apply_vocab_mask,
+    create_grammar_backend,
+    fill_vocab_masks,
+    grammar_key,
+    xgrammar_backend,
+)
+from edgelm.constrained import bitmask as bitmask_mod
+
+pytest.importorskip("xgrammar")
+
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_gguf):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.dirname(embedded_gguf), gguf_file=os.path.basename(embedded_gguf))
+
+
+@pytest.fixture(scope="session")
+def backend(tokenizer):
+    backend = create_grammar_backend("xgrammar", tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    yield backend
+    backend.shutdown()
+
+
+def _ids(tokenizer, text):
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _allowed(grammar, vocab_size, token_id) -> bool:
+    mask = allocate_vocab_mask(vocab_size, 1, pin_memory=False)
+    grammar.fill_vocab_mask(mask, 0)
+    return bool((mask[0, token_id // 32] >> (token_id % 32)) & 1)
+
+
+def _accepts(grammar, ids) -> bool:
+    return all(grammar.accept_token(t) for t in ids)
+
+
+SCHEMA = ('{"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}, '
+          '"required": ["name", "age"]}')
+
+
+def test_json_schema_matcher(backend, tokenizer):
+    grammar = backend.get_future(("json", SCHEMA)).result(TIMEOUT)
+    eos = tokenizer.eos_token_id
+    assert not _allowed(grammar, backend.vocab_size, eos)
+    assert _accepts(grammar, _ids(tokenizer, '{"name": "Ann", "age": 31}'))
+    assert not grammar.is_terminated()
+    mask = allocate_vocab_mask(backend.vocab_size, 1, pin_memory=False)
+    grammar.fill_vocab_mask(mask, 0)
+    allowed = [t for t in range(backend.vocab_size) if (mask[0, t // 32] >> (t % 32)) & 1]
+    assert allowed == [eos]  # a complete object: only the end of sequence
+    assert grammar.accept_token(eos) and grammar.is_terminated()
+
+    fresh = grammar.copy()
+    assert not fresh.is_terminated()
+    assert not _accepts(fresh, _ids(tokenizer, '{"age": 31}'))  # "name" must come first and is required
+
+
+def test_regex_ebnf_and_json_object(backend, tokenizer):
+    regex = backend.get_future(("regex", r"\d{3}-[a-z]+")).result(TIMEOUT)
+    assert _accepts(regex, _ids(tokenizer, "123-abc"))
+    assert not regex.copy().accept_token(_ids(tokenizer, "x")[0])
+
+    ebnf = backend.get_future(("ebnf", 'root ::= "yes" | "no"')).result(TIMEOUT)
+    assert _accepts(ebnf, _ids(tokenizer, "no"))
+    assert ebnf.accept_token(tokenizer.eos_token_id) and ebnf.is_terminated()
+
+    obj = backend.get_future(("json_object", "")).result(TIMEOUT)
+    assert _accepts(obj, _ids(tokenizer, '{"anything": [1, 2]}'))
+    assert not obj.copy().accept_token(_ids(tokenizer, "[")[0])
+
+
+def test_structural_tag(backend, tokenizer):
+    tag = ('{"type": "structural_tag", "structures": [{"begin": "<f>", "schema": {"type": "object", '
+           '"properties": {"x": {"type": "integer"}}, "required": ["x"]}, "end": "</f>"}], "triggers": ["<f>"]}')
+    grammar = backend.get_future(("structural_tag", tag)).result(TIMEOUT)
+    assert _accepts(grammar, _ids(tokenizer, 'Sure. <f>{"x": 5}</f> Done.'))  # free text around the tag
+    inside = grammar.copy()
+    assert _accepts(inside, _ids(tokenizer, "<f>"))
+    assert not _accepts(inside, _ids(tokenizer, '{"y": 5}'))  # the schema holds inside the tag
+
+
+def test_cache_hit_gives_fresh_matchers(backend, tokenizer):
+    schema = '{"type": "array", "items": {"type": "boolean"}, "maxItems": 3}'
+    compiles = backend.num_compiles
+    first = backend.get_future(("json", schema)).result(TIMEOUT)
+    hits = backend.num_cache_hits
+    second = backend.get_future(("json", schema)).result(TIMEOUT)
+    assert backend.num_compiles == compiles + 1 and backend.num_cache_hits == hits + 1
+    assert first is not second
+    assert _accepts(first, _ids(tokenizer, "[true"))
+    assert _accepts(second, _ids(tokenizer, "[false, true]"))  # its own state
+
+
+@pytest.mark.parametrize("key, message", [
+    (("json", '{"type": "objec"}'), 'Unsupported type "objec"'),
+    (("json", "{not json"), "Failed to parse JSON"),
+    (("regex", "a(b"), "parenthesis is not closed"),
+    (("ebnf", 'root ::= "a" | missing'), 'Rule "missing" is not defined'),
+    (("yaml", "a: 1"), "unknown grammar kind"),
+])
+def test_bad_grammar_raises_compiler_message(backend, key, message):
+    future = backend.get_future(key)
+    with pytest.raises(GrammarCompileError) as info:
+        future.result(TIMEOUT)
+    assert message in str(info.value)
+    assert ".cc:" not in str(info.value)  # no C++ source location for the client
+    assert info.value.kind == key[0]
+    with pytest.raises(GrammarCompileError):  # the refusal is cached too
+        backend.get_future(key).result(TIMEOUT)
+
+
+def test_grammar_key_and_factory(tokenizer):
+    assert grammar_key() is None
+    assert grammar_key(json_schema="{}") == ("json", "{}")
+    assert grammar_key(json_object=True) == ("json_object", "")
+    with pytest.raises(ValueError):
+        grammar_key(regex="a", ebnf="b")
+    assert create_grammar_backend("none", tokenizer, 10, [0]) is None
+    with pytest.raises(ValueError):
+        create_grammar_backend("outlines", tokenizer, 10, [0])
+
+
+def test_missing_xgrammar_is_a_clear_error(tokenizer, monkeypatch):
+    monkeypatch.setattr(xgrammar_backend, "xgr", None)
+    with pytest.raises(ImportError, match="pip install xgrammar"):
+        create_grammar_backend("xgrammar", tokenizer, len(tokenizer), [0])
+    assert create_grammar_backend(None, tokenizer, len(tokenizer), [0]) is None
+
+
+def test_padded_model_vocab(tokenizer):
+    """The lm head has more rows than the tokenizer: padded ids are never allowed."""
+    padded = len(tokenizer) + 64
+    backend = create_grammar_backend("xgrammar", tokenizer, padded, [tokenizer.eos_token_id])
+    try:
+        grammar = backend.get_future(("regex", "[a-z]+")).result(TIMEOUT)
+        mask = allocate_vocab_mask(backend.vocab_size, 1, pin_memory=False)
+        grammar.fill_vocab_mask(mask, 0)
+        logits = torch.zeros(1, padded)
+        apply_vocab_mask(logits, mask)
+        assert torch.isinf(logits[0, len(tokenizer):]).all()
+        assert torch.isfinite(logits[0]).sum() > 100
+    finally:
+        backend.shutdown()
+
+
+def _reference_mask(logits, bitmask, rows):
+    out = logits.clone()
+    for r in rows:
+        for t in range(out.shape[1]):
+            word = t // 32
+            if word >= bitmask.shape[1] or not (int(bitmask[r, word]) >> (t % 32)) & 1:
+                out[r, t] = float("-inf")
+    return out
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("rows", [None, [0, 2], []])
+def test_apply_vocab_mask_mixed_rows(impl, rows):
+    if impl == "triton" and bitmask_mod.triton is None:
+        pytest.skip("no triton")
+    torch.manual_seed(0)
+    vocab_in_mask, vocab_logits = 70, 100  # logits wider than the mask: padded columns get -inf
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, (vocab_in_mask + 31) // 32), dtype=torch.int32)
+    bitmask[:, -1] |= -1 << (vocab_in_mask % 32)  # junk bits past the vocab, as a filled mask may have
+    logits = torch.randn(3, vocab_logits)
+    expected = _reference_mask(logits, bitmask, range(3) if rows is None else rows)
+    if impl == "torch":
+        apply_vocab_mask(logits, bitmask, rows)
+    elif rows != []:
+        bitmask_mod._apply_triton(logits, bitmask, rows)
+    assert torch.equal(logits, expected)
+
+
+def test_fill_vocab_masks(backend, tokenizer):
+    grammar = backend.get_future(("ebnf", 'root ::= "yes" | "no"')).result(TIMEOUT)
+    mask = allocate_vocab_mask(backend.vocab_size, 3, pin_memory=False)
+    rows = fill_vocab_masks([None, grammar, None], mask)
+    assert rows == [1]
+    assert (mask[0] == -1).all() and (mask[2] == -1).all() and not (mask[1] == -1).all()
+    logits = torch.zeros(3, backend.vocab_size)
+    apply_vocab_mask(logits, mask, rows)
+    assert torch.isfinite(logits[[0, 2]]).all()
+    assert torch.isfinite(logits[1, [_ids(tokenizer, "yes")[0], _ids(tokenizer, "no")[0]]]).all()
+    assert torch.isinf(logits[1, _ids(tokenizer, "Hello")[0]])
+
+
+def test_reasoning_gate(backend, tokenizer):
+    inner = backend.get_future(("json", SCHEMA)).result(TIMEOUT)
+    end_ids = _ids(tokenizer, "</think>")
+    gate = ReasoningGatedGrammar(inner, end_ids, in_reasoning=True)
+    thought = _ids(tokenizer, "Let me think: no JSON here! ") + end_ids[:-1]
+    assert _accepts(gate, thought)
+    assert gate.in_reasoning and _allowed(gate, backend.vocab_size, tokenizer.eos_token_id)
+    assert gate.accept_token(end_ids[-1]) and not gate.in_reasoning
+    assert not _allowed(gate, backend.vocab_size, _ids(tokenizer, "Hello")[0])  # the answer is constrained
+    answer = _ids(tokenizer, '{"name": "A", "age": 1}')
+    assert _accepts(gate, answer[:2])
+    gate.rollback(3)  # two answer tokens and the last piece of </think>
+    assert gate.in_reasoning
+    assert _accepts(gate, [end_ids[-1]] + answer) and gate.accept_token(tokenizer.eos_token_id)
+    assert gate.is_terminated()
+
+    fresh = gate.copy()
+    assert fresh.in_reasoning and not fresh.is_terminated()
+    direct = ReasoningGatedGrammar(inner.copy(), end_ids, in_reasoning=False)
+    assert not direct.accept_token(_ids(tokenizer, "Hello")[0])

@@ -1,0 +1,137 @@
+"""Decode from CUDA graphs gives the same tokens and logits as eager decode."""
+
+import pytest
+import torch
+
+from edgelm.layers import attention as attention_registry
+from edgelm.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from edgelm.model_config import ModelConfig
+from edgelm.model_executor.cuda_graph_runner import capture_batch_sizes
+from edgelm.model_executor.forward_batch import ForwardBatch
+from edgelm.model_executor.model_runner import ModelRunner
+from edgelm.model_loader.resolve import resolve_model
+from edgelm.server_args import ServerArgs
+
+
+class GraphTorchBackend(TorchNativeAttnBackend):
+    """torch_native decode over a fixed `[max_bs, max_context_len]` slot table, so that it can be
+    captured: tests the graph runner whatever Triton backend is (or is not) there."""
+
+    supports_cuda_graph = True
+
+    def init_cuda_graph_state(self, max_bs, max_context_len):
+        self.graph_kv_slots = torch.zeros(max_bs, max_context_len, dtype=torch.int64, device=self.device)
+        self.graph_mask = torch.zeros(max_bs, 1, 1, 1, max_context_len, dtype=torch.bool, device=self.device)
+
+    def _fill_graph_metadata(self, bs, forward_batch):
+        length = self.graph_kv_slots.shape[1]
+        rows = self.req_to_token[forward_batch.req_pool_indices[:bs], :length].long()
+        valid = torch.arange(length, device=self.device)[None, :] < forward_batch.seq_lens[:bs, None]
+        self.graph_kv_slots[:bs].copy_(torch.where(valid, rows, torch.zeros_like(rows)))
+        self.graph_mask[:bs].copy_(valid[:, None, None, None, :])
+        self.decode_kv_slots, self.decode_mask = self.graph_kv_slots[:bs], self.graph_mask[:bs]
+
+    init_forward_metadata_capture_cuda_graph = _fill_graph_metadata
+    init_forward_metadata_replay_cuda_graph = _fill_graph_metadata
+
+
+def test_capture_batch_sizes():
+    assert capture_batch_sizes(1) == [1]
+    assert capture_batch_sizes(6) == [1, 2, 4, 6]
+    assert capture_batch_sizes(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert capture_batch_sizes(36) == [1, 2, 4, 8, 16, 24, 32, 36]
+
+
+def _graph_backends():
+    out = [pytest.param("torch_graph_test")]
+    try:
+        cls = attention_registry._backend_class("triton")
+    except Exception:
+        return out
+    if getattr(cls, "supports_cuda_graph", False):
+        out.append(pytest.param("triton"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      initializer_range=0.1, tie_word_embeddings=False)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(str(path))
+    return str(path)
+
+
+def _runner(model_path, backend, dtype, **overrides):
+    args = ServerArgs(model_path=model_path, device="cuda", dtype=dtype, attention_backend=backend,
+                      context_length=96, max_total_tokens=2048, max_running_requests=16, cuda_graph_max_bs=8,
+                      **overrides)
+    config = ModelConfig.load(resolve_model(model_path), args.dtype, "cuda", args.context_length)
+    return ModelRunner(args, config, "cuda")
+
+
+def _greedy(runner, prompts, steps, forced=None):
+    """Prefill `prompts` together, then `steps` batched decode passes; greedy tokens and the
+    decode logits of every step. With `forced` (tokens of another run), decode feeds those
+    instead of its own choices, so that two runs see the same inputs at every step."""
+    runner.req_to_token_pool.clear()
+    runner.allocator.clear()
+    n, lens = len(prompts), [len(p) for p in prompts]
+    req_slots = [runner.req_to_token_pool.alloc() for _ in prompts]
+    kv = runner.allocator.alloc(sum(lens))
+    off = 0
+    for slot, p in zip(req_slots, prompts):
+        runner.req_to_token_pool.write(slot, 0, kv[off:off + len(p)])
+        off += len(p)
+    batch = ForwardBatch.for_extend([t for p in prompts for t in p], req_slots, [0] * n, lens, kv, "cuda")
+    tokens = [[t] for t in runner.forward(batch).argmax(-1).tolist()]
+    all_logits = []
+    for _ in range(steps):
+        loc = runner.allocator.alloc(n)
+        for i, slot in enumerate(req_slots):
+            runner.req_to_token_pool.write(slot, lens[i], loc[i:i + 1])
+            lens[i] += 1
+        step = len(tokens[0]) - 1
+        inputs = [t[step] for t in (forced or tokens)]
+        batch = ForwardBatch.for_decode(inputs, req_slots, lens, loc, "cuda")
+        logits = runner.forward(batch)
+        all_logits.append(logits.clone())
+        for t, nxt in zip(tokens, logits.argmax(-1).tolist()):
+            t.append(nxt)
+    return tokens, all_logits
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", _graph_backends())
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_graph_decode_matches_eager(tiny_llama, backend, dtype, monkeypatch):
+    monkeypatch.setitem(attention_registry._BACKENDS, "torch_graph_test", (__name__, "GraphTorchBackend"))
+    graphed = _runner(tiny_llama, backend, dtype)
+    eager = _runner(tiny_llama, backend, dtype, disable_cuda_graph=True)
+    assert eager.cuda_graph_runner is None
+    g = graphed.cuda_graph_runner
+    assert g is not None and g.capture_bs == [1, 2, 4, 8] and g.memory_bytes >= 0
+    assert "CUDA graphs bs 1..8" in graphed.summary()
+    replays = []
+    real_replay = g.replay
+    monkeypatch.setattr(g, "replay", lambda fb: replays.append(fb.batch_size) or real_replay(fb))
+
+    gen = torch.Generator().manual_seed(1)
+    # 3 requests (padded to 4), 1 request, and 9 (above the largest graph: eager fallback)
+    for n, steps in ((3, 12), (1, 6), (9, 3)):
+        prompts = [torch.randint(0, 512, (int(L),), generator=gen).tolist()
+                   for L in torch.randint(3, 20, (n,), generator=gen)]
+        tokens_e, logits_e = _greedy(eager, prompts, steps)
+        replays.clear()
+        tokens_g, logits_g = _greedy(graphed, prompts, steps, forced=tokens_e)
+        assert replays == ([n] * steps if n <= 8 else [])
+        tol = 1e-4 if dtype == "float32" else 3e-2
+        for lg, le in zip(logits_g, logits_e):
+            assert lg.shape == le.shape == (n, 512)
+            torch.testing.assert_close(lg, le, rtol=tol, atol=tol)
+        if dtype == "float32":  # bf16 may flip a near tie between two kernels' roundings
+            assert tokens_g == tokens_e

@@ -207,8 +207,8 @@ def _refusal(device: str, unified: bool, total: int, givable: int, frac: float, 
     else:
         where = f"{device} has {g(total)}; × {frac:.2f} static = {g(total * frac)}"
     keep = max(must_leave, left_by_fraction)
-    return (f"not enough memory for this model: {where}; the weights take {g(weights)}, and {g(keep)} must stay "
-            f"free (CUDA graphs, activations{', OS' if unified else ''}), which leaves {g(max(budget, 0))} "
+    return (f"not enough memory for this model: {where}; the weights take {g(weights)}, {g(keep)} stays free "
+            f"(CUDA graphs, activations{', OS' if unified else ''}), which leaves {g(max(budget, 0))} "
             f"for the KV cache (short by {g(max(0, -budget))}; at least {MIN_KV_TOKENS} tokens are needed). "
             "Quantize (--torchao-config int4wo-128), pick a smaller model, "
             + ("stop other programs (the desktop: `sudo systemctl isolate multi-user.target`), "

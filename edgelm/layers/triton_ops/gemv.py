@@ -67,7 +67,7 @@ def _skinny_gemm_kernel(x_ptr, x_stride, w_ptr, w_stride, b_ptr, out_ptr, out_st
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * out_stride + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig

@@ -40,8 +40,8 @@ def _rotary_kernel(pos_ptr, cache_ptr, cache_stride, q_ptr, q_stride, k_ptr, k_s
     x2 = tl.load(row_ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32)
     o1 = x1 * cos[None, :] - x2 * sin[None, :]
     o2 = x2 * cos[None, :] + x1 * sin[None, :]
-    tl.store(row_ptr + offs, o1.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
-    tl.store(row_ptr + offs + HALF, o2.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+    tl.store(row_ptr + offs, o1.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(row_ptr + offs + HALF, o2.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 def _as_rows(x: torch.Tensor, head_dim: int) -> tuple[int, int] | None:

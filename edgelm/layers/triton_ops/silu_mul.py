@@ -21,8 +21,8 @@ def _silu_and_mul_kernel(x_ptr, x_stride, out_ptr, out_stride, d, BLOCK: tl.cons
     mask = cols < d
     gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * x_stride + d + cols, mask=mask, other=0.0).to(tl.float32)
-    act = (gate * tl.sigmoid(gate)).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
-    tl.store(out_ptr + row * out_stride + cols, (act * up).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+    act = (gate * tl.sigmoid(gate)).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * out_stride + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,7 @@ class BenchArgs:
     output_len: tuple[int, ...] = (16,)
     result_file: str | None = None
     skip_peaks: bool = False
+    compare_eager: bool = False
     seed: int = 0
 
     @staticmethod
@@ -60,6 +61,8 @@ class BenchArgs:
                             help="Write the results here as JSON.")
         parser.add_argument("--skip-peaks", action="store_true",
                             help="Do not measure memory bandwidth and matmul peak (no roofline ratios).")
+        parser.add_argument("--compare-eager", action="store_true",
+                            help="Also time decode without CUDA graphs (same process, same model).")
         parser.add_argument("--seed", type=int, default=0, help="Seed of the random prompts.")
 
     @classmethod
@@ -199,6 +202,15 @@ def summarize(runner: ModelRunner, peaks: dict | None, batch_size: int, input_le
     return r
 
 
+def _run_eager(runner: ModelRunner, batch_size: int, input_len: int, output_len: int, seed: int) -> dict:
+    graphs, runner.cuda_graph_runner = runner.cuda_graph_runner, None
+    try:
+        run_once(runner, batch_size, input_len, min(output_len, 4), seed)
+        return run_once(runner, batch_size, input_len, output_len, seed)
+    finally:
+        runner.cuda_graph_runner = graphs
+
+
 # ------------------------------------------------------------------ driver
 def _versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
@@ -263,6 +275,10 @@ def main(argv: list[str] | None = None) -> dict:
                 run_once(runner, bs, input_len, min(output_len, 4), bench.seed)
                 timings = run_once(runner, bs, input_len, output_len, bench.seed)
                 r = summarize(runner, peaks, bs, input_len, output_len, timings)
+                if bench.compare_eager and r["cuda_graph"] and output_len > 1:
+                    eager = _run_eager(runner, bs, input_len, output_len, bench.seed)
+                    r["eager_decode_median_latency_s"] = statistics.median(eager["decode_s"])
+                    r["cuda_graph_decode_speedup"] = r["eager_decode_median_latency_s"] / r["decode_median_latency_s"]
                 results.append(r)
                 logger.info(_result_line(r))
     report = {
@@ -298,6 +314,8 @@ def _result_line(r: dict) -> str:
             f"({r['prefill_tok_s']:.0f} tok/s)")
     if "decode_median_latency_s" in r:
         line += f", decode {r['decode_median_latency_s'] * 1e3:.2f} ms/step ({r['decode_tok_s']:.1f} tok/s)"
+    if "eager_decode_median_latency_s" in r:
+        line += f", eager decode {r['eager_decode_median_latency_s'] * 1e3:.2f} ms/step"
     return line
 
 
@@ -309,13 +327,14 @@ def format_table(report: dict) -> str:
         p = report["peaks"]
         lines.append(f"measured ceilings: {p['bandwidth_gbps']:.0f} GB/s, {p['matmul_tflops']:.3g} TFLOP/s {p['dtype']}")
     head = ("bs", "in", "out", "prefill ms", "prefill tok/s", "of peak", "ITL ms", "decode tok/s", "GB/s",
-            "roofline")
+            "roofline", "eager ITL ms")
     lines.append(" ".join(f"{h:>13}" for h in head))
     for r in report["results"]:
         row = (r["batch_size"], r["input_len"], r["output_len"], f"{r['prefill_latency_s'] * 1e3:.1f}",
                f"{r['prefill_tok_s']:.0f}", f"{r.get('prefill_matmul_fraction', float('nan')):.3f}",
                f"{r.get('decode_median_latency_s', float('nan')) * 1e3:.2f}", f"{r.get('decode_tok_s', 0):.1f}",
-               f"{r.get('decode_gbps', 0):.0f}", f"{r.get('decode_roofline_ratio', float('nan')):.3f}")
+               f"{r.get('decode_gbps', 0):.0f}", f"{r.get('decode_roofline_ratio', float('nan')):.3f}",
+               f"{r.get('eager_decode_median_latency_s', float('nan')) * 1e3:.2f}")
         lines.append(" ".join(f"{c!s:>13}" for c in row))
     return "\n".join(lines)
 

@@ -10,7 +10,12 @@ import asyncio
 import threading
 from typing import Any
 
-from edgelm.managers.engine_process import PortArgs, configure_logging, start_engine_process
+from edgelm.managers.engine_process import (
+    PortArgs,
+    configure_logging,
+    spawn_engine_process,
+    wait_engine_ready,
+)
 from edgelm.managers.tokenizer_manager import GenerateRequest, TokenizerManager
 from edgelm.managers.tokenizer_utils import load_tokenizer
 from edgelm.model_loader.resolve import resolve_model
@@ -38,9 +43,10 @@ class Engine:
         self.server_args = ServerArgs(log_level=log_level, **kwargs)
         configure_logging(self.server_args.log_level)
         self.port_args = PortArgs.new()
-        self.proc, self.info = start_engine_process(self.server_args, self.port_args)
+        self.proc, conn = spawn_engine_process(self.server_args, self.port_args)
         self.tokenizer = load_tokenizer(self.server_args, resolve_model(self.server_args.model_path,
                                                                         self.server_args.revision))
+        self.info = wait_engine_ready(self.proc, conn)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="edgelm-engine-loop")
         self.thread.start()

@@ -104,15 +104,25 @@ def run_engine_process(server_args, port_args: PortArgs, ready_conn, parent_pid:
     scheduler.event_loop()
 
 
-def start_engine_process(server_args, port_args: PortArgs, timeout_s: float | None = None):
-    """Start the engine and wait until it is ready. Returns (process, EngineInfo); raises with the
-    engine's own message when it cannot start."""
+def spawn_engine_process(server_args, port_args: PortArgs):
+    """Start the engine process; `wait_engine_ready` then waits for it (do other start-up work between)."""
     ctx = mp.get_context("spawn")
     parent_conn, child_conn = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=run_engine_process, args=(server_args, port_args, child_conn, os.getpid()),
                        daemon=True, name="edgelm-engine")
     proc.start()
     child_conn.close()
+    return proc, parent_conn
+
+
+def start_engine_process(server_args, port_args: PortArgs, timeout_s: float | None = None):
+    """Start the engine and wait until it is ready. Returns (process, EngineInfo); raises with the
+    engine's own message when it cannot start."""
+    proc, conn = spawn_engine_process(server_args, port_args)
+    return proc, wait_engine_ready(proc, conn, timeout_s)
+
+
+def wait_engine_ready(proc, parent_conn, timeout_s: float | None = None):
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while not parent_conn.poll(0.5):
         if not proc.is_alive():
@@ -129,4 +139,4 @@ def start_engine_process(server_args, port_args: PortArgs, timeout_s: float | No
     if status != "ok":
         proc.join(5)
         raise RuntimeError(payload)
-    return proc, payload
+    return payload

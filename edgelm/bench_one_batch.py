@@ -266,21 +266,10 @@ def main(argv: list[str] | None = None) -> dict:
         peaks = measure_peaks(device, config.dtype)
         logger.info("measured: %.0f GB/s copy, %.0f GB/s read, %.3g TFLOP/s %s matmul",
                     peaks["copy_gbps"], peaks["read_gbps"], peaks["matmul_tflops"], peaks["dtype"])
+    t0 = time.perf_counter()
     runner = ModelRunner(server_args, config, device)
-    results = []
-    for bs in bench.batch_size:
-        for input_len in bench.input_len:
-            for output_len in bench.output_len:
-                # warm-up: compiles and autotunes kernels for these shapes
-                run_once(runner, bs, input_len, min(output_len, 4), bench.seed)
-                timings = run_once(runner, bs, input_len, output_len, bench.seed)
-                r = summarize(runner, peaks, bs, input_len, output_len, timings)
-                if bench.compare_eager and r["cuda_graph"] and output_len > 1:
-                    eager = _run_eager(runner, bs, input_len, output_len, bench.seed)
-                    r["eager_decode_median_latency_s"] = statistics.median(eager["decode_s"])
-                    r["cuda_graph_decode_speedup"] = r["eager_decode_median_latency_s"] / r["decode_median_latency_s"]
-                results.append(r)
-                logger.info(_result_line(r))
+    startup_s = time.perf_counter() - t0
+    results: list[dict] = []
     report = {
         "run_name": bench.run_name,
         "command": "python -m edgelm.bench_one_batch " + shlex.join(argv),
@@ -294,19 +283,38 @@ def main(argv: list[str] | None = None) -> dict:
         "torchao_config": server_args.torchao_config or None,
         "cuda_graph_max_bs": runner.cuda_graph_runner.max_bs if runner.cuda_graph_runner else None,
         "graph_memory_bytes": runner.graph_memory_bytes,
+        "graph_capture_s": runner.cuda_graph_runner.capture_seconds if runner.cuda_graph_runner else None,
+        "startup_s": startup_s,
         "weight_bytes": runner.weight_bytes,
         "decode_weight_bytes": decode_weight_bytes(runner.model),
         "kv_bytes_per_token": runner.memory_plan.kv_bytes_per_token,
         "peaks": peaks,
         "results": results,
     }
-    if bench.result_file:
-        os.makedirs(os.path.dirname(os.path.abspath(bench.result_file)), exist_ok=True)
-        with open(bench.result_file, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+    for bs in bench.batch_size:
+        for input_len in bench.input_len:
+            for output_len in bench.output_len:
+                # warm-up: compiles and autotunes kernels for these shapes
+                run_once(runner, bs, input_len, min(output_len, 4), bench.seed)
+                timings = run_once(runner, bs, input_len, output_len, bench.seed)
+                r = summarize(runner, peaks, bs, input_len, output_len, timings)
+                if bench.compare_eager and r["cuda_graph"] and output_len > 1:
+                    eager = _run_eager(runner, bs, input_len, output_len, bench.seed)
+                    r["eager_decode_median_latency_s"] = statistics.median(eager["decode_s"])
+                    r["cuda_graph_decode_speedup"] = r["eager_decode_median_latency_s"] / r["decode_median_latency_s"]
+                results.append(r)
+                logger.info(_result_line(r))
+                if bench.result_file:  # after every run: a later failure keeps what was measured
+                    _write_json(bench.result_file, report)
     print(format_table(report))
     return report
+
+
+def _write_json(path: str, report: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
 
 
 def _result_line(r: dict) -> str:

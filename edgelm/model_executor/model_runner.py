@@ -4,6 +4,7 @@ sampler, and runs one forward pass per ForwardBatch."""
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -68,9 +69,11 @@ class ModelRunner:
             check_torchao, apply_torchao = _load_torchao()
             check_torchao(torchao_config, device)
         available_before, total = device_memory(device)
+        start = time.perf_counter()
         self.model = load_model(model_config, device, server_args.load_format)
         if torchao_config:
             apply_torchao(self.model, torchao_config, device)
+        logger.info("loaded weights (%s) in %.1f s", server_args.load_format, time.perf_counter() - start)
         if device == "cuda":
             torch.cuda.empty_cache()
         self.weight_bytes = module_bytes(self.model)

@@ -62,4 +62,6 @@ def iterate_gguf_weights(path: str, num_heads: int, num_kv_heads: int) -> Iterat
         # llama.cpp permutes q/k only for the llama architecture
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             data = _unpermute(data, num_heads if "q_proj" in name else num_kv_heads)
+        if not data.flags.writeable:  # an unquantized tensor is a view of the read-only file map
+            data = data.copy()
         yield name, torch.from_numpy(data)

@@ -1,0 +1,69 @@
+"""The embedded SmolLM2-135M GGUF: edgelm's greedy output equals transformers' on the same file
+(both dequantize the Q4_1 weights to float32)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from tiny_models import Driver, make_runner
+
+pytestmark = pytest.mark.slow  # two GGUF loads: ~20-40 s on two shared cores
+
+# SmolLM2's chat template applied to one user message each (the tokenizer is not needed here):
+# "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+# "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+_SYSTEM = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712,
+           8182, 2, 198, 1, 4093, 198]
+_ASSISTANT = [2, 198, 1, 520, 9531, 198]
+HAIKU = _SYSTEM + [19161, 253, 421, 30614, 563, 260, 3426, 30] + _ASSISTANT  # Write a haiku about the sea.
+GRAVITY = _SYSTEM + [36971, 9354, 288, 253, 811, 281, 827, 8545, 30] + _ASSISTANT  # Explain gravity to a child...
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def hf_model(embedded_gguf):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(embedded_gguf),
+                                                gguf_file=os.path.basename(embedded_gguf),
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def runner(embedded_gguf):
+    return make_runner(None, max_total_tokens=512, context_length=1024)  # no --model-path: the embedded one
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(hf_model):
+    """Each prompt's greedy tokens and per-step logits from transformers, one prompt at a time."""
+    refs = {}
+    for name, prompt in (("haiku", HAIKU), ("gravity", GRAVITY)):
+        with torch.no_grad():
+            out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                    max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True,
+                                    return_dict_in_generate=True, output_logits=True)
+        tokens = out.sequences[0, len(prompt):].tolist()
+        assert len(tokens) == NEW_TOKENS, "the reference stopped early: pick a prompt with a longer answer"
+        refs[name] = tokens, [lg[0] for lg in out.logits]
+    return refs
+
+
+def test_embedded_model_config(runner):
+    assert runner.model_config.architecture == "LlamaForCausalLM"
+    assert runner.dtype == torch.float32
+    assert 2 in runner.model_config.eos_token_ids  # <|im_end|>
+
+
+def test_greedy_chat_continuation_equals_transformers(runner, hf_greedy):
+    """Two chat prompts of different lengths, prefilled and decoded in one batch, each equal to
+    transformers' solo greedy output, token for token, with logits within 1e-3."""
+    tokens, logits = Driver(runner).greedy([HAIKU, GRAVITY], NEW_TOKENS)
+    for i, name in enumerate(("haiku", "gravity")):
+        ref_tokens, ref_logits = hf_greedy[name]
+        assert tokens[i] == ref_tokens, name
+        for step, (ours, ref) in enumerate(zip(logits, ref_logits)):
+            torch.testing.assert_close(ours[i], ref, atol=1e-3, rtol=0,
+                                       msg=lambda m, s=step, n=name: f"{n} step {s}: {m}")

@@ -148,6 +148,18 @@ def test_decode_gpu(shape, dtype):
 
 
 @pytest.mark.gpu
+def test_decode_gpu_one_split():
+    """A batch large enough to fill the GPU runs in one split: stage 1 writes the output itself."""
+    h, hkv, d = LLAMA8B
+    s = Setup(h, hkv, d, torch.bfloat16, pool_size=60_000, max_ctx=2100, num_reqs=48)
+    seq_lens = torch.randint(1, 2048, (48,)).tolist()
+    fb = decode_batch(s, list(range(48)), seq_lens)
+    s.tri.init_forward_metadata(fb)
+    assert s.tri.forward_metadata.mid_o.shape[2] == 1
+    s.compare(fb, *s.qkv(48))
+
+
+@pytest.mark.gpu
 def test_decode_gpu_float32():
     s = Setup(8, 2, 128, torch.float32, pool_size=10_000, max_ctx=3000)
     fb = decode_batch(s, [0, 1, 2], [5, 1000, 2900])
@@ -166,11 +178,12 @@ def test_extend_gpu(shape, dtype):
 
 
 @pytest.mark.gpu
-def test_decode_cuda_graph_replay():
+@pytest.mark.parametrize("bs", [8, 40])  # several kv splits; one split (no merge kernel)
+def test_decode_cuda_graph_replay(bs):
     """Capture decode with the graph hooks, replay with new requests, compare with eager torch_native."""
     h, hkv, d = LLAMA8B
     s = Setup(h, hkv, d, torch.bfloat16, pool_size=30_000, max_ctx=4100, num_reqs=16)
-    max_bs, bs = 8, 8
+    max_bs = bs
     s.tri.init_cuda_graph_state(max_bs, 4100)
     # static buffers, as the graph runner keeps them
     req_static = torch.zeros(max_bs, dtype=torch.int64, device=DEVICE)

@@ -61,16 +61,18 @@ def _split_len(seq_len, num_splits, MIN_SPLIT: tl.constexpr, ALIGN: tl.constexpr
 
 @triton.jit
 def _decode_partial_kernel(
-    Q, K_buf, V_buf, req_to_token, req_pool_indices, seq_lens, Mid_O, Mid_LSE,
+    Q, K_buf, V_buf, req_to_token, req_pool_indices, seq_lens, Mid_O, Mid_LSE, Out,
     qk_scale,  # softmax scale * log2(e)
     num_splits,
     stride_qb, stride_qh, stride_kbs, stride_kbh, stride_vbs, stride_vbh, stride_r2t,
-    stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
+    stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     """Q [B, H, D]; K_buf, V_buf [S, Hkv, D]; req_to_token [R, L]; Mid_O [B, H, splits, D] and
-    Mid_LSE [B, H, splits] (float32, log2 domain) receive this split's normalised output."""
+    Mid_LSE [B, H, splits] (float32, log2 domain) receive this split's normalised output.
+    DIRECT (one split): write the final output to Out [B, H, D] instead."""
     b = tl.program_id(0)
     head0 = tl.program_id(1) * HEADS
     split = tl.program_id(2)
@@ -110,9 +112,14 @@ def _decode_partial_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
             m_i = m_new
         out = acc / l_i[:, None]
-        tl.store(Mid_O + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + offs_d[None, :],
-                 out, mask=mask_h[:, None] & mask_d[None, :])
-        tl.store(Mid_LSE + b * stride_mlb + heads * stride_mlh + split, m_i + tl.log2(l_i), mask=mask_h)
+        mask_hd = mask_h[:, None] & mask_d[None, :]
+        if DIRECT:
+            tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                     out.to(Out.dtype.element_ty), mask=mask_hd)
+        else:
+            tl.store(Mid_O + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + offs_d[None, :],
+                     out, mask=mask_hd)
+            tl.store(Mid_LSE + b * stride_mlb + heads * stride_mlh + split, m_i + tl.log2(l_i), mask=mask_h)
 
 
 @triton.jit
@@ -155,7 +162,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
                      mid_o: torch.Tensor, mid_lse: torch.Tensor, scaling: float, cfg: DecodeConfig) -> None:
     """q, o [B, H, D] (last dim contiguous); k_buf, v_buf [S, Hkv, D]; req_to_token [R, L];
     req_pool_indices, seq_lens [B]; mid_o [B, H, splits, D] and mid_lse [B, H, splits] float32
-    scratch, whose split count sets the grid. Writes o; no host synchronisation."""
+    scratch, whose split count sets the grid (one split: stage 1 writes o, no merge launch).
+    Writes o; no host synchronisation. Every request needs seq_len >= 1."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_buf.shape[1]
     splits = mid_o.shape[2]
@@ -166,15 +174,18 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     block_d = max(16, triton.next_power_of_2(head_dim))
     min_split = triton.cdiv(cfg.min_split_len, cfg.block_n) * cfg.block_n
     _decode_partial_kernel[(batch, num_heads // heads, splits)](
-        q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
+        q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse, o,
         scaling * LOG2E, splits,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        o.stride(0), o.stride(1),
         GROUP=group, HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_N=cfg.block_n, MIN_SPLIT=min_split,
-        PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PRECISION=_precision(q.dtype), DIRECT=splits == 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if splits == 1:
+        return
     _decode_merge_kernel[(batch, num_heads)](
         mid_o, mid_lse, o, seq_lens, splits,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),

@@ -15,9 +15,9 @@ from edgelm.layers.attention.triton_ops.decode_attention import LOG2E
 
 @dataclass(frozen=True)
 class ExtendConfig:
-    block_m: int = 128  # query rows per program
+    block_m: int = 64  # query rows per program
     block_n: int = 64  # context tokens per loop step
-    num_warps: int = 8
+    num_warps: int = 4
     num_stages: int = 2
 
 
@@ -26,6 +26,10 @@ def default_extend_config(head_dim: int, dtype: torch.dtype, device: str) -> Ext
         return ExtendConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
     if head_dim > 128 or dtype == torch.float32:
         return ExtendConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    if torch.cuda.get_device_capability()[0] >= 9:
+        # best of a sweep on H100 (benchmarks/results/attention_h100.json): 128 rows, 4 warps
+        return ExtendConfig(block_m=128, block_n=64, num_warps=4, num_stages=2)
+    # SM 8.x (Jetson Orin, A100): 64 x 64 tiles keep registers and shared memory modest
     return ExtendConfig()
 
 

@@ -81,6 +81,17 @@ class Env:
         backend.init_forward_metadata(self.fb)
         return do_bench(lambda: self.call(backend), warmup=25, rep=100, return_mode="median")
 
+    def host_us(self, backend, calls=50):
+        """Host time to issue one call (Python + launches), the GPU kept out of the way."""
+        backend.init_forward_metadata(self.fb)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(calls):
+            self.call(backend)
+        host = (time.perf_counter() - t) / calls * 1e6
+        torch.cuda.synchronize()
+        return host
+
     def graph_ms(self, backend, max_context_len):
         """Per-layer time of a CUDA graph that runs every layer once (decode only)."""
         bs = self.fb.batch_size
@@ -135,7 +146,7 @@ def bench_decode(dtype, shapes, with_native=True):
         out_tri = env.call(env.triton).clone()
         row = dict(batch=bs, context=ctx, layers_in_graph=len(env.layers), kv_splits=splits,
                    kv_read_mb=env.kv_read_bytes / 2**20,
-                   triton_eager_us=1e3 * env.eager_ms(env.triton),
+                   triton_eager_us=1e3 * env.eager_ms(env.triton), triton_host_us=env.host_us(env.triton),
                    triton_graph_us=1e3 * env.graph_ms(env.triton, ctx + 8))
         row["triton_graph_kv_gbs"] = env.kv_read_bytes / row["triton_graph_us"] / 1e3
         row["triton_eager_kv_gbs"] = env.kv_read_bytes / row["triton_eager_us"] / 1e3
@@ -143,6 +154,7 @@ def bench_decode(dtype, shapes, with_native=True):
             env.native.init_forward_metadata(env.fb)
             row["rel_err_vs_native"] = rel_err(out_tri, env.call(env.native))
             row["native_eager_us"] = 1e3 * env.eager_ms(env.native)
+            row["native_host_us"] = env.host_us(env.native)
             row["speedup_graph_vs_native_eager"] = row["native_eager_us"] / row["triton_graph_us"]
         rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
@@ -220,10 +232,11 @@ def rank_decode_configs(rows):
 
 
 def print_summary(result):
-    print("\nbatch ctx | triton graph us  GB/s | triton eager us | native us | err")
+    print("\nbatch ctx | triton graph us  GB/s | triton eager us (host) | native us (host) | err")
     for r in result["decode"]:
         print(f"{r['batch']:5d} {r['context']:5d} | {r['triton_graph_us']:9.1f} {r['triton_graph_kv_gbs']:6.0f} | "
-              f"{r['triton_eager_us']:9.1f} | {r['native_eager_us']:9.1f} | {r['rel_err_vs_native']:.1e}")
+              f"{r['triton_eager_us']:9.1f} ({r['triton_host_us']:5.1f}) | {r['native_eager_us']:9.1f} "
+              f"({r['native_host_us']:5.1f}) | {r['rel_err_vs_native']:.1e}")
     for r in result["extend"]:
         print(f"extend {r['case']}: triton {r['triton_us']:.0f} us ({r['triton_tflops']:.0f} TFLOP/s), "
               f"native {r['native_us']:.0f} us, err {r['rel_err_vs_native']:.1e}", flush=True)

@@ -16,6 +16,7 @@ from edgelm.layers.activation import SiluAndMul  # noqa: E402
 from edgelm.layers.layernorm import RMSNorm, rms_norm_ref  # noqa: E402
 from edgelm.layers.linear import Linear, linear  # noqa: E402
 from edgelm.layers.rotary import RotaryEmbedding  # noqa: E402
+from edgelm.layers.triton_ops import gemv  # noqa: E402
 from edgelm.layers.triton_ops.gemv import CONFIGS, skinny_gemm  # noqa: E402
 from edgelm.layers.triton_ops.rmsnorm import rms_norm  # noqa: E402
 from edgelm.layers.triton_ops.rotary import rotary_embedding_  # noqa: E402
@@ -104,6 +105,25 @@ def test_skinny_gemm(name, m):
     b = torch.randn(n, dtype=torch.bfloat16, device=DEVICE)
     ref = (x.float() @ w.float().T + b.float()).to(torch.bfloat16)
     torch.testing.assert_close(skinny_gemm(x, w, b, config), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_gemv_table(monkeypatch):
+    """Every winner named in WINS exists, the reduce form only serves M <= 2, and pick_config follows
+    the table (capability faked for a CPU tensor, whose device index is None)."""
+    for table in gemv.WINS.values():
+        for entries in table.values():
+            assert [m for m, _ in entries] == sorted(m for m, _ in entries)
+            for max_m, name in entries:
+                assert CONFIGS[name].use_dot or max_m <= 2
+    monkeypatch.setitem(gemv._capability, None, (9, 0))
+    w = torch.empty(4096, 14336, dtype=torch.bfloat16)
+    pick = [gemv.pick_config(torch.empty(m, 14336, dtype=torch.bfloat16), w) for m in (1, 3, 8, 9)]
+    assert pick == [CONFIGS["reduce_n8_k1024_w4_s3"], CONFIGS["dot_n16_k256_w4_s4"],
+                    CONFIGS["dot_n16_k256_w4_s4"], None]
+    assert gemv.pick_config(torch.empty(2, 4096, dtype=torch.bfloat16),
+                            torch.empty(28672, 4096, dtype=torch.bfloat16)) is None  # cuBLAS won there
+    monkeypatch.setitem(gemv._capability, None, (8, 7))  # not measured: cuBLAS
+    assert gemv.pick_config(torch.empty(1, 14336, dtype=torch.bfloat16), w) is None
 
 
 def test_switch_parsing():

@@ -12,20 +12,21 @@ from torch import nn
 
 from edgelm.layers import triton_ops
 
-# (out_features, in_features) → (largest M, GemvConfig name) where edgelm's skinny GEMM measured
-# faster than cuBLAS on the device (benchmarks/results/decode_ops_h100.json); empty: cuBLAS everywhere.
-GEMV_SHAPES: dict[tuple[int, int], tuple[int, str]] = {}
+_PLAIN = (torch.Tensor, nn.Parameter)
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x Wᵀ (+ b): cuBLAS (F.linear), or the Triton skinny GEMM for the decode shapes where it
-    measured faster. Quantized weights (tensor subclasses) always go through F.linear."""
-    if GEMV_SHAPES and x.is_cuda and triton_ops.enabled("gemv") and type(weight) in (torch.Tensor, nn.Parameter):
-        entry = GEMV_SHAPES.get(tuple(weight.shape))
-        if entry is not None and x.numel() // x.shape[-1] <= entry[0] and weight.is_contiguous():
-            from edgelm.layers.triton_ops.gemv import CONFIGS, skinny_gemm
+    """y = x Wᵀ (+ b). cuBLAS (F.linear), except at decode batch sizes (<= 8 rows) on the GPUs and
+    shapes where edgelm's Triton skinny GEMM measured faster (`triton_ops.gemv.WINS`). Quantized
+    weights (tensor subclasses) always go through F.linear."""
+    if (x.is_cuda and x.numel() <= 8 * x.shape[-1] and type(weight) in _PLAIN and weight.dtype in _HALF
+            and x.dtype == weight.dtype and triton_ops.enabled("gemv")):
+        from edgelm.layers.triton_ops.gemv import pick_config, skinny_gemm
 
-            return skinny_gemm(x, weight, bias, CONFIGS[entry[1]])
+        config = pick_config(x, weight)
+        if config is not None:
+            return skinny_gemm(x, weight, bias, config)
     return F.linear(x, weight, bias)
 
 

@@ -17,8 +17,9 @@ import importlib.util
 import os
 
 ALL_OPS = ("rmsnorm", "add_rmsnorm", "silu_and_mul", "rotary", "gemv")
-# set from decode_ops_h100.json: an op is on by default only where it measured faster
-DEFAULT_ON = frozenset({"rmsnorm", "add_rmsnorm", "silu_and_mul", "rotary"})
+# every op measured faster than its torch path on an H100 (benchmarks/results/decode_ops_h100.json);
+# "gemv" applies only to the GPUs and shapes listed in triton_ops.gemv.WINS
+DEFAULT_ON = frozenset(ALL_OPS)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 

@@ -89,7 +89,7 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out.view(*shape[:-1], n)
 
 
-# the variants the benchmark compares with cuBLAS; `linear.GEMV_SHAPES` names the winners
+# the variants that benchmarks/gpu/decode_ops_bench.py compares with cuBLAS
 CONFIGS = {c.name: c for c in (
     GemvConfig(16, 512, 4, 4, use_dot=False),
     GemvConfig(32, 256, 4, 4, use_dot=False),
@@ -98,3 +98,34 @@ CONFIGS = {c.name: c for c in (
     GemvConfig(32, 256, 4, 4, use_dot=True),
     GemvConfig(64, 128, 4, 4, use_dot=True),
 )}
+
+MAX_M = 8
+# Where a variant beat cuBLAS by 2 % or more (against the better of two cuBLAS runs; the spread was
+# under 1 %) in benchmarks/results/decode_ops_h100.json, measured at M = 1, 2, 4, 8 (the dot form
+# pads M to 16, so M = 3..8 run the same code). compute capability → (N, K) → ((largest M, config),
+# ...), first match wins. GPUs not listed (Jetson Orin, SM 8.7, included) keep cuBLAS until measured.
+WINS: dict[tuple[int, int], dict[tuple[int, int], tuple[tuple[int, str], ...]]] = {
+    (9, 0): {  # H100 80GB HBM3, Llama-3.1-8B
+        (6144, 4096): ((1, "reduce_n8_k1024_w4_s3"), (8, "dot_n64_k128_w4_s4")),  # qkv_proj
+        (4096, 4096): ((1, "reduce_n8_k1024_w4_s3"), (8, "dot_n32_k256_w4_s4")),  # o_proj
+        (28672, 4096): ((1, "reduce_n8_k1024_w4_s3"),),  # gate_up_proj: cuBLAS from M = 2
+        (4096, 14336): ((1, "reduce_n8_k1024_w4_s3"), (8, "dot_n16_k256_w4_s4")),  # down_proj
+        (128256, 4096): ((2, "reduce_n8_k1024_w4_s3"), (8, "dot_n16_k256_w4_s4")),  # lm_head
+    },
+}
+
+_capability: dict[int | None, tuple[int, int]] = {}
+
+
+def pick_config(x: torch.Tensor, weight: torch.Tensor) -> GemvConfig | None:
+    """The measured winner for this GPU, weight shape and row count, or None (use cuBLAS)."""
+    m = x.numel() // x.shape[-1]
+    if not 0 < m <= MAX_M or weight.dim() != 2 or weight.stride(1) != 1:
+        return None
+    index = x.device.index
+    if index not in _capability:
+        _capability[index] = torch.cuda.get_device_capability(x.device)
+    for max_m, name in WINS.get(_capability[index], {}).get(tuple(weight.shape), ()):
+        if m <= max_m:
+            return CONFIGS[name]
+    return None

@@ -133,11 +133,11 @@ def collect(root: str = "/") -> dict:
         "warnings": platform_warnings(facts),
     }
     if facts.bandwidth_gbps:
-        from edgelm.model_executor.weight_bytes import estimate_weight_bytes
+        from edgelm.model_executor.weight_bytes import decode_read_bytes
 
         report["decode_bound_tok_s"] = {
             f"Llama-3.1-8B {q or 'fp16'}": round(decode_tokens_per_s_bound(
-                facts.bandwidth_gbps, estimate_weight_bytes(_LLAMA_8B, "half", q)), 1)
+                facts.bandwidth_gbps, decode_read_bytes(_LLAMA_8B, "half", q)), 1)
             for q in ("", "int8wo", "int4wo-128")}
     return report
 
@@ -163,7 +163,7 @@ def format_report(r: dict) -> str:
         if p["bandwidth_gbps"]:
             lines.append(f"bandwidth     {p['bandwidth_gbps']:g} GB/s peak (module data sheet)")
     for key, value in r.get("decode_bound_tok_s", {}).items():
-        lines.append(f"  decode ≤ {value:g} tok/s, {key} (computed: bandwidth / weight bytes, not measured)")
+        lines.append(f"  decode ≤ {value:g} tok/s, {key} (computed: bandwidth / bytes read per step, not measured)")
     lines.append("versions")
     for name, version in r["versions"].items():
         lines.append(f"  {name:<13}{version}")

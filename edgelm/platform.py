@@ -369,8 +369,9 @@ def platform_warnings(facts: PlatformFacts) -> list[str]:
 
 
 def decode_tokens_per_s_bound(bandwidth_gbps: float, weight_bytes: int, kv_bytes: int = 0) -> float:
-    """Computed upper bound on single-stream decode speed: every step reads all weights (and the
-    request's KV) once from DRAM. Real figures are lower (kernel efficiency, launch gaps)."""
+    """Computed upper bound on single-stream decode speed: every step reads the weights (see
+    weight_bytes.decode_read_bytes) and the request's KV once from DRAM. Real figures are lower
+    (kernel efficiency, launch gaps, the CPU's share of the bus)."""
     return bandwidth_gbps * 1e9 / max(1, weight_bytes + kv_bytes)
 
 

@@ -213,8 +213,15 @@ def test_this_machine():
 
 
 def test_decode_bound():
-    # Llama-3.1-8B with int4wo-128 (5.81e9 bytes) on an AGX Orin: 204.8e9 / 5.81e9 ≈ 35 tok/s
-    assert decode_tokens_per_s_bound(204.8, 5_809_703_424) == pytest.approx(35.25, abs=0.01)
+    from edgelm.model_executor.weight_bytes import decode_read_bytes
+
+    llama = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256}
+    # int4wo-128 weights are 5.81e9 bytes, of which a step reads all but the 1.05e9 embedding table
+    read = decode_read_bytes(llama, "half", "int4wo-128")
+    assert read == 5_809_643_520 - 128256 * 4096 * 2
+    assert decode_tokens_per_s_bound(204.8, read) == pytest.approx(43.0, abs=0.1)  # AGX Orin
+    assert decode_read_bytes({**llama, "tie_word_embeddings": True}, "half") == 16_060_522_496 - 128256 * 4096 * 2
 
 
 def test_check_env_cpu_text_and_json(capsys):

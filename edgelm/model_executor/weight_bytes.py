@@ -195,3 +195,10 @@ def kv_bytes_per_token(config, kv_dtype_bytes: int = 2) -> int:
     kv_heads = int(_get(cfg, "num_key_value_heads", heads))
     head_dim = int(_get(cfg, "head_dim", int(_get(cfg, "hidden_size")) // heads))
     return 2 * int(_get(cfg, "num_hidden_layers")) * kv_heads * head_dim * kv_dtype_bytes
+
+
+def decode_read_bytes(config, dtype="auto", torchao_config: str = "", device: str = "cuda") -> int:
+    """Weight bytes one decode step reads from DRAM: all of them but the input embedding table,
+    of which only one row per token is read (unless it is the lm_head too, tied)."""
+    b = weight_breakdown(config, dtype, torchao_config, device)
+    return b.total - (b.embedding if b.lm_head else 0)

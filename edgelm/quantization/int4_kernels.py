@@ -1,0 +1,213 @@
+"""edgelm's W4A16 kernels (Triton): y = x · dequant(W)ᵀ for the packed layout of int4_pack.
+
+- M == 1 (decode, batch 1): `_gemv_kernel`, CUDA-core FMAs. Each program owns BLOCK_N output rows
+  and walks K in tiles of BLOCK_W packed words; the 8 nibbles of a word are 8 input slices of 16, so
+  x is read contiguously and no reshape is needed. Codes become floats by the exponent trick
+  (0x4B000000 | q is the float 2^23 + q), and each group's scale and offset are applied once per
+  word after its 8 products: acc += s·Σ q·x + m·Σ x. Optional split-K with fp32 atomics.
+- 1 < M <= MAX_M_DOT (small batches): `_gemm_kernel`, dequantizes a [16, BLOCK_N] slice per nibble
+  in registers and feeds the tensor cores (tl.dot, fp32 accumulate).
+- larger M (prefill): `_dequant_kernel` writes the dense weight, then cuBLAS.
+Launch configuration depends on shapes only (never on data): CUDA-graph capturable. No
+Hopper-only features: runs on SM 8.0+ (Ampere, Jetson Orin SM 8.7, Ada, Hopper).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from edgelm.quantization.int4_pack import WORDS_PER_BLOCK, Int4Weight
+
+MAX_M_DOT = 64
+
+
+@triton.jit
+def _codes(packed, j: tl.constexpr):
+    """Nibble j of each int32 as float32 (exact): bits 0x4B000000 | q are the float 2^23 + q."""
+    bits = ((packed >> (4 * j)) & 0xF) | 0x4B000000
+    return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, N, K, KW, NG, tiles_per_split,
+                 GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """x [K] (fp16/bf16), qweight int32 [N, KW], scales/offsets fp16 [N, NG] → y [N].
+
+    With SPLIT_K > 1, y is a zeroed fp32 buffer and each program adds its share atomically.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    # nibbles of one word that share a group: 8 when groups span whole 128-blocks
+    NPG: tl.constexpr = 8 if GROUP >= 128 else GROUP // 16
+    acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+    for t in range(pid_k * tiles_per_split, (pid_k + 1) * tiles_per_split):
+        w_idx = t * BLOCK_W + tl.arange(0, BLOCK_W)  # global word index
+        w_ok = w_idx < KW
+        packed = tl.load(qw_ptr + rn[:, None] * KW + w_idx[None, :], mask=n_ok[:, None] & w_ok[None, :],
+                         other=0)
+        k_base = (w_idx // 16) * 128 + (w_idx % 16)  # input of nibble 0
+        p = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        xs = tl.zeros([BLOCK_W], dtype=tl.float32)
+        for j in tl.static_range(8):
+            kj = k_base + 16 * j
+            xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
+            p += _codes(packed, j) * xj[None, :]
+            xs += xj
+            if (j + 1) % NPG == 0:
+                g = (k_base + 16 * (j + 1 - NPG)) // GROUP
+                sm_off = rn[:, None] * NG + g[None, :]
+                sm_ok = n_ok[:, None] & w_ok[None, :]
+                s = tl.load(s_ptr + sm_off, mask=sm_ok, other=0.0).to(tl.float32)
+                m = tl.load(m_ptr + sm_off, mask=sm_ok, other=0.0).to(tl.float32)
+                acc += p * s + m * xs[None, :]
+                p = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+                xs = tl.zeros([BLOCK_W], dtype=tl.float32)
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        if pid_k == 0:
+            y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.atomic_add(y_ptr + rn, y, mask=n_ok)
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, M, N, K, KW, NG, stride_xm, stride_ym,
+                 blocks_per_split, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """x [M, K] (fp16/bf16), qweight int32 [N, KW], scales/offsets fp16 [N, NG] → y [M, N].
+
+    Each K step is one 128-input block: 16 words per row; nibble j is the 16 inputs 128·b + 16·j + i,
+    dequantized to x's dtype as a [16, BLOCK_N] tile and multiplied on the tensor cores.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ri = tl.arange(0, 16)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for b in range(pid_k * blocks_per_split, (pid_k + 1) * blocks_per_split):
+        w_idx = b * 16 + ri
+        b_ok = b * 16 < KW
+        packed = tl.load(qw_ptr + rn[None, :] * KW + w_idx[:, None], mask=n_ok[None, :] & b_ok, other=0)
+        for j in tl.static_range(8):
+            if j % (8 if GROUP >= 128 else GROUP // 16) == 0:
+                g = (b * 128 + 16 * j) // GROUP
+                s = tl.load(s_ptr + rn * NG + g, mask=n_ok & b_ok, other=0.0).to(tl.float32)
+                m = tl.load(m_ptr + rn * NG + g, mask=n_ok & b_ok, other=0.0).to(tl.float32)
+            kj = b * 128 + 16 * j + ri
+            xj = tl.load(x_ptr + rm[:, None] * stride_xm + kj[None, :], mask=m_ok[:, None] & (kj < K)[None, :],
+                         other=0.0)
+            w = (_codes(packed, j) * s[None, :] + m[None, :]).to(xj.dtype)  # [16, BLOCK_N]
+            acc = tl.dot(xj, w, acc)
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_off = rm[:, None] * stride_ym + rn[None, :]
+    y_ok = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
+    else:
+        tl.atomic_add(y_ptr + y_off, acc, mask=y_ok)
+
+
+@triton.jit
+def _dequant_kernel(qw_ptr, s_ptr, m_ptr, w_ptr, N, K, KW, NG, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """qweight int32 [N, KW] → dense w [N, K] in w's dtype; one 128-input block per program column."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ri = tl.arange(0, 16)
+    n_ok = rn < N
+    packed = tl.load(qw_ptr + rn[:, None] * KW + (b * 16 + ri)[None, :], mask=n_ok[:, None], other=0)
+    for j in tl.static_range(8):
+        g = (b * 128 + 16 * j) // GROUP
+        s = tl.load(s_ptr + rn * NG + g, mask=n_ok, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + rn * NG + g, mask=n_ok, other=0.0).to(tl.float32)
+        kj = b * 128 + 16 * j + ri
+        w = _codes(packed, j) * s[:, None] + m[:, None]
+        tl.store(w_ptr + rn[:, None] * K + kj[None, :], w.to(w_ptr.dtype.element_ty),
+                 mask=n_ok[:, None] & (kj < K)[None, :])
+
+
+# ---------------------------------------------------------------- launch configuration
+# (BLOCK_N, BLOCK_W, SPLIT_K, num_warps) for M == 1; chosen from H100 timings (benchmarks/gpu/int4_bench.py)
+GEMV_CONFIG = (8, 64, 1, 4)
+# (BLOCK_M, BLOCK_N, SPLIT_K, num_warps) for 1 < M <= MAX_M_DOT
+GEMM_CONFIG = (16, 32, 1, 4)
+
+
+def _split_tiles(total: int, split: int) -> tuple[int, int]:
+    split = max(1, min(split, total))
+    per = -(-total // split)
+    return -(-total // per), per
+
+
+def gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
+    """x [K] or [1, K] → y [1, N]."""
+    block_n, block_w, split_k, num_warps = config or GEMV_CONFIG
+    n, kw = w.qweight.shape
+    split_k, tiles_per_split = _split_tiles(-(-kw // block_w), split_k)
+    if split_k == 1:
+        y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    else:
+        y = torch.zeros(1, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, block_n), split_k)
+    _gemv_kernel[grid](x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, n,
+                       w.in_features, kw, w.scales.shape[1], tiles_per_split, GROUP=w.group_size,
+                       BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k, HAS_BIAS=bias is not None,
+                       num_warps=num_warps)
+    return y if split_k == 1 else y.to(x.dtype)
+
+
+def gemm(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
+    """x [M, K] (rows contiguous) → y [M, N] on the tensor cores."""
+    block_m, block_n, split_k, num_warps = config or GEMM_CONFIG
+    m = x.shape[0]
+    n, kw = w.qweight.shape
+    split_k, blocks_per_split = _split_tiles(kw // WORDS_PER_BLOCK, split_k)
+    if split_k == 1:
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:
+        y = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
+    _gemm_kernel[grid](x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, m, n,
+                       w.in_features, kw, w.scales.shape[1], x.stride(0), y.stride(0), blocks_per_split,
+                       GROUP=w.group_size, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split_k,
+                       HAS_BIAS=bias is not None, num_warps=num_warps)
+    return y if split_k == 1 else y.to(x.dtype)
+
+
+def dequantize(w: Int4Weight, dtype: torch.dtype, block_n: int = 32) -> torch.Tensor:
+    """The dense [N, K] weight in ``dtype`` (for prefill: then a cuBLAS GEMM)."""
+    n, kw = w.qweight.shape
+    out = torch.empty(n, w.in_features, dtype=dtype, device=w.qweight.device)
+    grid = (triton.cdiv(n, block_n), kw // WORDS_PER_BLOCK)
+    _dequant_kernel[grid](w.qweight, w.scales, w.offsets, out, n, w.in_features, kw, w.scales.shape[1],
+                          GROUP=w.group_size, BLOCK_N=block_n)
+    return out
+
+
+def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x · dequant(W)ᵀ (+ bias) for x [..., K] in fp16/bf16 on a CUDA device; y [..., N]."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m == 1:
+        y = gemv(x2, w, bias)
+    elif m <= MAX_M_DOT:
+        y = gemm(x2, w, bias)
+    else:
+        y = torch.nn.functional.linear(x2, dequantize(w, x.dtype), bias)
+    return y.view(*shape[:-1], w.out_features)

@@ -46,7 +46,7 @@ def make_checkpoint(family: str, directory, seed: int = 0):
 
 def make_runner(model_path: str | None, max_total_tokens: int = 2048, **overrides) -> ModelRunner:
     args = ServerArgs(model_path=model_path, device="cpu", max_total_tokens=max_total_tokens,
-                      max_running_requests=8, **overrides)
+                      max_running_requests=32, **overrides)
     config = ModelConfig.load(resolve_model(args.model_path), args.dtype, "cpu", args.context_length)
     return ModelRunner(args, config, "cpu")
 
@@ -64,6 +64,20 @@ class Driver:
         self.req_slots += new
         self.seq_lens += [0] * n
         return list(range(len(self.req_slots) - n, len(self.req_slots)))
+
+    def release(self) -> None:
+        """Give every request slot back (KV slots stay allocated: the pool is large enough for tests)."""
+        for slot in self.req_slots:
+            self.runner.req_to_token_pool.free(slot)
+        self.req_slots, self.seq_lens = [], []
+
+    def attach_prefix(self, r: int, kv_slots: torch.Tensor) -> None:
+        """Start request `r` on cached KV (e.g. a radix-cache match): its first tokens are computed."""
+        self.runner.req_to_token_pool.write(self.req_slots[r], 0, kv_slots)
+        self.seq_lens[r] = len(kv_slots)
+
+    def kv_slots(self, r: int) -> torch.Tensor:
+        return self.runner.req_to_token_pool.req_to_token[self.req_slots[r], :self.seq_lens[r]].to(torch.int64)
 
     def extend(self, reqs: list[int], chunks: list[list[int]], return_all_logits: bool = False) -> torch.Tensor:
         """Append `chunks[i]` to request `reqs[i]` in one extend pass (prefix = what it has)."""

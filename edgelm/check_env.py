@@ -92,29 +92,32 @@ def attention_backends(facts: PlatformFacts, versions: dict[str, str]) -> dict[s
 
 
 def torchao_configs(facts: PlatformFacts, versions: dict[str, str]) -> dict:
-    """Which --torchao-config values this machine's GPU and libraries can run, and why not the rest."""
+    """Which --torchao-config values this machine can run, and why not the rest (the rules of
+    edgelm.quantization.torchao_config.check_torchao_config, applied to the detected facts)."""
     from edgelm.server_args import TORCHAO_CONFIGS
 
     runnable, refused = [], {}
-    sm = facts.sm
+    sm, cuda = facts.sm, facts.device == "cuda"
+    no_torchao = versions.get("torchao") == "not installed"
     for name in TORCHAO_CONFIGS:
-        if versions.get("torchao") == "not installed":
+        if name.startswith("int4wo"):  # edgelm's own kernels, no torchao
+            if cuda and versions.get("triton") == "not installed":
+                refused[name] = "edgelm's int4 kernels need triton on CUDA (pip install 'edgelm[triton]')"
+            elif cuda and sm < (8, 0):
+                refused[name] = "edgelm's int4 kernels need SM 8.0+"
+            else:
+                runnable.append(name)
+        elif no_torchao:
             refused[name] = "torchao is not installed (pip install 'edgelm[torchao]')"
-        elif name.startswith("int4wo"):
-            if sm is None:
-                refused[name] = "int4 weight-only kernels need a CUDA GPU"
-            elif sm < (8, 0):
-                refused[name] = "int4 weight-only kernels need SM 8.0+"
-            else:
-                runnable.append(name)
-        elif name.startswith("fp8"):
-            if sm is None or sm < (8, 9):
-                refused[name] = "FP8 needs a GPU of SM 8.9+ (Ada, Hopper); Orin is SM 8.7"
-            else:
-                runnable.append(name)
-        else:  # int8wo, int8dq: CUDA or CPU
+        elif name.startswith("fp8") and cuda and sm < (8, 9):
+            refused[name] = "FP8 needs a GPU of SM 8.9+ (Ada, Hopper); Orin is SM 8.7"
+        elif name.startswith("fp8dq") and not cuda:
+            refused[name] = "dynamic FP8 activations need a GPU of SM 8.9+"
+        else:
             runnable.append(name)
-    notes = ["int4wo-* runs with --dtype bfloat16"] if any(n.startswith("int4wo") for n in runnable) else []
+    notes = []
+    if not cuda and any(n.startswith("int4wo") for n in runnable):
+        notes.append("on the CPU int4wo-* keeps a dense copy of each weight: no memory saving")
     return {"runnable": runnable, "refused": refused, "notes": notes}
 
 

@@ -243,6 +243,8 @@ def test_check_env_on_recorded_jetson(tmp_path, capsys, monkeypatch):
     report = json.loads(capsys.readouterr().out)
     assert report["platform"]["module"] == "agx-orin-64gb"
     assert "fp8wo" not in report["torchao_configs"]["runnable"]  # SM 8.7 has no FP8
+    assert "int4wo-128" in report["torchao_configs"]["runnable"]
+    assert report["decode_bound_tok_s"]["Llama-3.1-8B int4wo-128"] == pytest.approx(43.0, abs=0.1)
     assert any("MODE_15W" in w for w in report["warnings"])
     assert report["defaults"]["chunked_prefill_size"] == 2048
 

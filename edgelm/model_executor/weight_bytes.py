@@ -4,10 +4,12 @@ Counts the parameters of a decoder-only transformer (Llama, Qwen2, Qwen3, Mistra
 variants) from an HF config, then prices each group:
 
 - embeddings and lm_head stay in the (16-bit) dtype: they are not quantized;
-- the linear layers inside the decoder (q/k/v/o, gate/up/down) take the dtype, or with a torchao
-  config: int4wo-G = 4 bits a weight + a bf16 scale and zero per group of G inputs per output;
-  int8wo / int8dq = 1 byte + a 16-bit scale per output; fp8wo / fp8dq-per_row = 1 byte + a
-  float32 scale per output; fp8dq-per_tensor = 1 byte + one scale;
+- the linear layers inside the decoder (q/k/v/o, gate/up/down) take the dtype, or with
+  --torchao-config: int4wo-G (edgelm's int4 kernels, edgelm.quantization.int4_pack) = 4 bits a
+  weight, inputs padded to a multiple of 128, + an fp16 scale and offset per group of G inputs per
+  output (on the CPU the dense weight is kept too); int8wo / int8dq = 1 byte + a 16-bit scale per
+  output; fp8wo / fp8dq-per_row = 1 byte + a float32 scale per output; fp8dq-per_tensor = 1 byte
+  + one scale (torchao);
 - biases and norms stay in the dtype.
 """
 
@@ -128,15 +130,17 @@ def count_parameters(config) -> ParamCounts:
                        bias=bias, norm=norm, other=other)
 
 
-def quantized_linear_bytes(shape: LinearShape, torchao_config: str, weight_dtype_bytes: int = 2) -> int:
-    """Bytes of one linear group's weights (biases excluded) under a torchao config."""
+def quantized_linear_bytes(shape: LinearShape, torchao_config: str, weight_dtype_bytes: int = 2,
+                           device: str = "cuda") -> int:
+    """Bytes of one linear group's weights (biases excluded) under a --torchao-config value."""
     n, k, count = shape.out_features, shape.in_features, shape.count
     if not torchao_config:
         return shape.numel * weight_dtype_bytes
     if torchao_config.startswith("int4wo-"):
         group = int(torchao_config.split("-")[1])
-        groups = math.ceil(k / group)
-        return count * (n * k // 2 + n * groups * 2 * 2)  # int4 + bf16 (scale, zero) per group
+        k_padded = math.ceil(k / 128) * 128
+        packed = count * n * (k_padded // 2 + math.ceil(k_padded / group) * 2 * 2)  # int4 + fp16 scale, offset
+        return packed + (shape.numel * weight_dtype_bytes if device == "cpu" else 0)
     if torchao_config in ("int8wo", "int8dq"):
         return count * (n * k + n * 2)
     if torchao_config in ("fp8wo", "fp8dq-per_row"):
@@ -178,7 +182,7 @@ def weight_breakdown(config, dtype="auto", torchao_config: str = "", device: str
     linear = 0
     for shape in counts.linears:
         pre = _prequantized_bytes(shape, qcfg) if qcfg is not None and not torchao_config else None
-        linear += pre if pre is not None else quantized_linear_bytes(shape, torchao_config, wbytes)
+        linear += pre if pre is not None else quantized_linear_bytes(shape, torchao_config, wbytes, device)
     return WeightBytes(linear=linear, embedding=counts.embedding * wbytes, lm_head=counts.lm_head * wbytes,
                        rest=(counts.bias + counts.norm + counts.other) * wbytes)
 

@@ -97,13 +97,13 @@ def _gemm_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, M, N, K, KW, NG, 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for b in range(pid_k * blocks_per_split, (pid_k + 1) * blocks_per_split):
         w_idx = b * 16 + ri
-        b_ok = b * 16 < KW
-        packed = tl.load(qw_ptr + rn[None, :] * KW + w_idx[:, None], mask=n_ok[None, :] & b_ok, other=0)
+        packed = tl.load(qw_ptr + rn[None, :] * KW + w_idx[:, None], mask=(w_idx < KW)[:, None] & n_ok[None, :],
+                         other=0)
         for j in tl.static_range(8):
             if j % (8 if GROUP >= 128 else GROUP // 16) == 0:
-                g = (b * 128 + 16 * j) // GROUP
-                s = tl.load(s_ptr + rn * NG + g, mask=n_ok & b_ok, other=0.0).to(tl.float32)
-                m = tl.load(m_ptr + rn * NG + g, mask=n_ok & b_ok, other=0.0).to(tl.float32)
+                g = tl.zeros([BLOCK_N], dtype=tl.int32) + (b * 128 + 16 * j) // GROUP
+                s = tl.load(s_ptr + rn * NG + g, mask=n_ok & (g < NG), other=0.0).to(tl.float32)
+                m = tl.load(m_ptr + rn * NG + g, mask=n_ok & (g < NG), other=0.0).to(tl.float32)
             kj = b * 128 + 16 * j + ri
             xj = tl.load(x_ptr + rm[:, None] * stride_xm + kj[None, :], mask=m_ok[:, None] & (kj < K)[None, :],
                          other=0.0)

@@ -13,7 +13,7 @@ from edgelm.model_loader.resolve import ResolvedModel
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"half": torch.float16, "float16": torch.float16, "bfloat16": torch.bfloat16,
+_DTYPES = {"half": torch.float16, "float16": torch.float16, "bfloat16": torch.bfloat16, "float": torch.float32,
            "float32": torch.float32}
 
 

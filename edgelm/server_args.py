@@ -15,7 +15,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 ATTENTION_BACKENDS = ("torch_native", "triton", "flashinfer")
-DTYPES = ("auto", "half", "float16", "bfloat16", "float32")
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 TORCHAO_CONFIGS = (
     "int4wo-32", "int4wo-64", "int4wo-128", "int4wo-256", "int8wo", "int8dq",

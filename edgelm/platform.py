@@ -247,9 +247,8 @@ _PROBE = object()
 def detect_platform(root: str = "/", gpu: GpuInfo | None | object = _PROBE,
                     machine: str | None = None) -> PlatformFacts:
     """Facts about this machine. `gpu` defaults to probing torch; pass a GpuInfo or None (tests)."""
-    if gpu is _PROBE:
-        gpu = probe_gpu()
-    facts = PlatformFacts(arch=machine or _pyplatform.machine(), gpu=gpu)  # type: ignore[arg-type]
+    gpu_info: GpuInfo | None = probe_gpu() if gpu is _PROBE else gpu  # type: ignore[assignment]
+    facts = PlatformFacts(arch=machine or _pyplatform.machine(), gpu=gpu_info)
 
     mem = parse_meminfo(_read(root, "/proc/meminfo") or "")
     facts.mem_total_bytes = mem.get("MemTotal", 0)
@@ -271,16 +270,19 @@ def detect_platform(root: str = "/", gpu: GpuInfo | None | object = _PROBE,
     model = _read(root, "/proc/device-tree/model") or _read(root, "/tmp/nv_jetson_model")
     facts.board_model = model or None
     tegra_board = "tegra" in compatible.lower() or "jetson" in (model or "").lower()
-    integrated_arm = bool(gpu and gpu.is_integrated and facts.arch in ("aarch64", "arm64"))  # type: ignore[union-attr]
-    facts.is_jetson = bool(release or tegra_board or integrated_arm)
-    facts.unified_memory = facts.is_jetson or bool(gpu and gpu.is_integrated)  # type: ignore[union-attr]
+    # Inside a container without the mounts above, torch still shows an integrated Tegra GPU
+    # ("Orin", SM 8.7); other integrated aarch64 GPUs (DGX Spark's GB10) are not Jetsons.
+    tegra_gpu = bool(gpu_info and gpu_info.is_integrated and facts.arch in ("aarch64", "arm64")
+                     and (gpu_info.sm == (8, 7) or any(n in gpu_info.name.lower() for n in ("orin", "thor"))))
+    facts.is_jetson = bool(release or tegra_board or tegra_gpu)
+    facts.unified_memory = facts.is_jetson or bool(gpu_info and gpu_info.is_integrated)
 
     if facts.is_jetson:
         module = _module_from_parts(compatible)
         if module is None and model:
             module = _module_from_model(model, facts.mem_total_bytes)
-        if module is None and gpu is not None:
-            module = _module_from_gpu(gpu, facts.mem_total_bytes)  # type: ignore[arg-type]
+        if module is None and gpu_info is not None:
+            module = _module_from_gpu(gpu_info, facts.mem_total_bytes)
         if module is not None:
             facts.module, facts.module_name = module.key, module.name
         else:

@@ -206,6 +206,13 @@ def test_discrete_gpu_and_cpu(tmp_path):
     assert platform_defaults(cpu_facts) == {"mem_fraction_static": 0.3}
 
 
+def test_other_integrated_arm_gpu_is_not_a_jetson(tmp_path):
+    root = write_root(tmp_path, {"/proc/meminfo": MEMINFO_AGX64})
+    spark = detect_platform(root, gpu=GpuInfo("NVIDIA GB10", (12, 1), 119 * GB, 48, True), machine="aarch64")
+    assert not spark.is_jetson and spark.unified_memory and spark.module is None
+    assert platform_defaults(spark) == {"mem_fraction_static": 0.8}
+
+
 def test_this_machine():
     facts = detect_platform()
     assert facts.mem_total_bytes > 0 and facts.arch

@@ -13,7 +13,13 @@ from edgelm.layers.sampler import SampleOutput, Sampler
 from edgelm.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool, TokenToKVPoolAllocator
 from edgelm.model_config import ModelConfig
 from edgelm.model_executor.forward_batch import ForwardBatch
-from edgelm.model_executor.memory_planner import GB, device_memory, plan_kv_pool
+from edgelm.model_executor.memory_planner import (
+    GB,
+    device_memory,
+    estimate_activation_bytes,
+    estimate_cuda_graph_bytes,
+    plan_kv_pool,
+)
 from edgelm.model_loader.loader import load_model
 from edgelm.sampling.sampling_batch_info import SamplingBatchInfo
 from edgelm.server_args import ServerArgs
@@ -80,11 +86,15 @@ class ModelRunner:
         available_after = device_memory(device)[0] if device == "cuda" else available_before - self.weight_bytes
         kv_per_token = MHATokenToKVPool.bytes_per_token(self.dtype, model_config.num_kv_heads,
                                                         model_config.head_dim, model_config.num_layers)
+        default_running = 512 if device == "cuda" else 128
+        graph_bytes, activation_bytes = self._reserve_estimates(server_args.max_running_requests or default_running)
         self.memory_plan = plan_kv_pool(device, total if device == "cuda" else available_before, available_after,
                                         self.weight_bytes, kv_per_token, server_args.mem_fraction_static,
-                                        server_args.max_total_tokens, model_config.context_len)
+                                        server_args.max_total_tokens, model_config.context_len,
+                                        cuda_graph_bytes=graph_bytes, activation_bytes=activation_bytes)
+        for line in self.memory_plan.summary_lines():
+            logger.info(line)
         self.max_total_tokens = self.memory_plan.max_total_tokens
-        default_running = 512 if device == "cuda" else 128
         self.max_running_requests = min(server_args.max_running_requests or default_running,
                                          self.max_total_tokens)
         # rows a multiple of 16 long: aligned loads in the attention kernels
@@ -99,6 +109,28 @@ class ModelRunner:
         self.graph_memory_bytes = 0
         self.init_cuda_graphs()
         logger.info(self.summary())
+
+    def _reserve_estimates(self, max_running: int) -> tuple[int, int]:
+        """(CUDA graph, activation) bytes the memory plan leaves free besides the KV pool; on a GPU only."""
+        if self.device != "cuda":
+            return 0, 0
+        from edgelm.model_executor.cuda_graph_runner import capture_batch_sizes, default_cuda_graph_max_bs
+
+        cfg, args = self.model_config, self.server_args
+        hf = cfg.hf_config
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        graph_bytes = 0
+        if not args.disable_cuda_graph:  # the backend may still turn graphs off: an over-estimate then
+            max_bs = min(args.cuda_graph_max_bs or default_cuda_graph_max_bs(), max_running)
+            graph_bytes = estimate_cuda_graph_bytes(max_bs, len(capture_batch_sizes(max_bs)), hf.hidden_size,
+                                                    hf.intermediate_size, cfg.vocab_size, elem)
+        chunk = args.chunked_prefill_size or 8192
+        if chunk == -1:
+            chunk = args.max_prefill_tokens
+        activation_bytes = estimate_activation_bytes(hf.hidden_size, hf.intermediate_size, cfg.vocab_size,
+                                                     cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
+                                                     chunk, max_running, elem)
+        return graph_bytes, activation_bytes
 
     # ------------------------------------------------------------ CUDA graphs
     def cuda_graph_disabled_reason(self) -> str | None:

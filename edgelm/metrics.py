@@ -18,8 +18,12 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+# No "<name>_created" timestamp series next to each counter and histogram (as SGLang's /metrics).
+prometheus_client.disable_created_metrics()
 
 PREFIX = "edgelm:"
 

@@ -60,6 +60,7 @@ def test_tokenizer_counters_and_histograms():
     col.inc_aborted()
     text = metrics_response(col.registry)[0].decode()
     assert "# TYPE edgelm:time_to_first_token_seconds histogram" in text
+    assert "_created" not in text
     s = _samples(text)
     assert s[("edgelm:prompt_tokens_total", L)] == 17
     assert s[("edgelm:generation_tokens_total", L)] == 6

@@ -6,7 +6,7 @@ speedup, the int4 kernel's achieved bandwidth (packed codes + scales + offsets +
 fraction of the measured device-to-device copy bandwidth (the roofline).
 
     python benchmarks/gpu/int4_bench.py --out benchmarks/results/int4_h100.json
-    python benchmarks/gpu/int4_bench.py --tune   # sweep launch configurations, print the best
+    python benchmarks/gpu/int4_bench.py --tune --tune-out sweep.json --out result.json  # sweep, then the same
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from edgelm.quantization import int4_kernels as kern  # noqa: E402
-from edgelm.quantization.int4_pack import Int4Weight, quantize_int4  # noqa: E402
+from edgelm.quantization.int4_pack import Int4Weight, dequantize_int4, quantize_int4  # noqa: E402
 
 SHAPES = {  # name: (out_features N, in_features K)
     "qkv_proj": (6144, 4096),
@@ -95,54 +95,91 @@ def int4_bytes(w: Int4Weight, m: int) -> int:
     return w.nbytes() + m * (w.in_features + w.out_features) * 2
 
 
-def run_int4(ws, x, path: str, config=None) -> float:
-    if path == "gemv":
-        return time_calls([lambda w=w: kern.gemv(x, w, None, config) for w in ws])
-    if path == "gemm":
-        return time_calls([lambda w=w: kern.gemm(x, w, None, config) for w in ws])
-    if path == "dequant":
-        return time_calls([lambda w=w: torch.nn.functional.linear(x, kern.dequantize(w, x.dtype)) for w in ws])
-    return time_calls([lambda w=w: kern.int4_linear(x, w) for w in ws])
+def run_path(ws, x, kernel: str, config) -> float:
+    """Seconds per call of one kernel and launch config (or 'dequant': dequantize, then cuBLAS)."""
+    fn = kern.KERNELS[kernel]
+    return time_calls([lambda w=w: fn(x, w, None, config) for w in ws])
 
 
-def tune(group: int, out: str | None, budget_s: float) -> dict:
+def candidates(m: int) -> list[tuple[str, tuple]]:
+    """(kernel, config) pairs swept for batch m."""
+    if m == 1:
+        out = [("gemv", (8, 128, 1, 4))]  # the first version's best, for reference
+        out += [("gemv_unit", (bn, bb, sk, 4, pf)) for bn, bb, sk, pf in
+                itertools.product((8, 16, 32), (2, 4, 8), (1, 2), (0, 1))]
+        out += [("gemv_unit", (32, bb, sk, 8, 1)) for bb, sk in itertools.product((4, 8), (1, 2))]
+        out += [("gemm_unit", (16, bn, sk, 4)) for bn, sk in itertools.product((32, 64, 128), (1, 2, 4))]
+        return out
+    out = [("gemm", (16, 64, 4, 4) if m <= 16 else (32, 64, 4, 4)), ("dequant", None)]
+    bms = (16,) if m <= 16 else (16, 32)
+    out += [("gemm_unit", (bm, bn, sk, 4)) for bm, bn, sk in itertools.product(bms, (32, 64, 128), (1, 2, 4))]
+    return out
+
+
+def correct(ws, x, ref, kernel, config) -> bool:
+    y = kern.KERNELS[kernel](x, ws[0], None, config)
+    return bool(torch.isfinite(y).all()) and float((y.float() - ref).norm() / ref.norm()) < 1e-2
+
+
+def tune(group: int, ms: list[int], out: str | None, budget_s: float) -> dict:
+    """Sweep kernels and launch configs per batch size; set kern.DISPATCH to the fastest (geometric
+    mean over the shapes) and return the table. Each batch size gets a share of the time budget;
+    a config is timed on every shape or not at all."""
     t0 = time.time()
-    results = {"gemv": {}, "gemm": {}}
-    gemv_space = list(itertools.product((4, 8, 16), (32, 64, 128), (1, 2), (4, 8)))
-    gemm_space = list(itertools.product((16, 32), (16, 32, 64), (1, 2, 4), (4,)))
-    for name, (n, k) in SHAPES.items():
-        ws = int4_copies(n, k, group)
-        x1 = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        for cfg in gemv_space:
-            if time.time() - t0 > budget_s:
+    weights = {name: int4_copies(n, k, group) for name, (n, k) in SHAPES.items()}
+    table: dict[str, dict[str, float | str]] = {}
+    shares = {1: 0.5, 8: 0.2}
+    deadline = t0
+    for m in ms:
+        deadline += budget_s * shares.get(m, 0.3)
+        xs = {name: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for name, (n, k) in SHAPES.items()}
+        refs = {name: torch.nn.functional.linear(xs[name].float(), dequantize_int4(weights[name][0], torch.float32))
+                for name in SHAPES}
+        for kernel, config in candidates(m):
+            if time.time() > deadline:
+                print(f"M={m}: time budget reached, sweep cut short")
                 break
-            try:
-                results["gemv"].setdefault(str(cfg), {})[name] = run_int4(ws, x1, "gemv", cfg) * 1e6
-            except Exception as exc:  # a configuration that does not compile is skipped
-                print("gemv", cfg, "failed:", type(exc).__name__, str(exc)[:100])
-        for m in (1, 8, 32):
-            xm = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            for cfg in gemm_space:
-                if time.time() - t0 > budget_s or (m <= 16 and cfg[0] > 16) or (m == 1 and cfg[2] > 2):
-                    continue
+            key = f"M{m} {kernel} {config}"
+            row = table.setdefault(key, {})
+            for name in SHAPES:
                 try:
-                    results["gemm"].setdefault(f"M{m} {cfg}", {})[name] = run_int4(ws, xm, "gemm", cfg) * 1e6
-                except Exception as exc:
-                    print("gemm", cfg, "failed:", type(exc).__name__, str(exc)[:100])
-            if m > 1:
-                results["gemm"].setdefault(f"M{m} dequant+cublas", {})[name] = run_int4(ws, xm, "dequant") * 1e6
-        del ws
-        torch.cuda.empty_cache()
-    for kind, table in results.items():
-        ranked = sorted(((sum(math.log(t) for t in v.values()) / len(v), c, v) for c, v in table.items()
-                         if len(v) == len(SHAPES)), key=lambda r: (r[1].split()[0] if kind == "gemm" else "", r[0]))
-        print(f"--- {kind}: geometric-mean time (us) over shapes, then per shape")
-        for score, cfg, v in ranked[:40]:
-            print(f"{cfg:28s} {math.exp(score):8.2f}  " + "  ".join(f"{s}={t:.1f}" for s, t in v.items()))
+                    if not correct(weights[name], xs[name], refs[name], kernel, config):
+                        row[name] = "wrong"
+                        break
+                    row[name] = round(run_path(weights[name], xs[name], kernel, config) * 1e6, 2)
+                except Exception as exc:  # a configuration that does not compile is skipped
+                    row[name] = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
+                    break
+        del refs
+    del weights
+    torch.cuda.empty_cache()
+    best: dict[int, tuple[float, str, tuple]] = {}
+    for m in ms:
+        scored = []
+        for kernel, config in candidates(m):
+            v = table.get(f"M{m} {kernel} {config}", {})
+            if len(v) == len(SHAPES) and all(isinstance(t, float) for t in v.values()):
+                scored.append((math.exp(sum(math.log(t) for t in v.values()) / len(v)), kernel, config))
+        scored.sort(key=lambda r: r[0])
+        print(f"--- M={m}: geometric mean over shapes (us), then per shape")
+        for score, kernel, config in scored[:12]:
+            v = table[f"M{m} {kernel} {config}"]
+            print(f"{kernel:9s} {str(config):22s} {score:7.2f}  " + "  ".join(f"{s}={t}" for s, t in v.items()))
+        bad = [k for k, v in table.items() if k.startswith(f"M{m} ") and any(isinstance(t, str) for t in v.values())]
+        if bad:
+            print(f"M={m}: {len(bad)} configs wrong or failed, e.g. {bad[0]}: {table[bad[0]]}")
+        if scored:
+            best[m] = scored[0]
+    buckets = {1: 1, 8: 16, 32: kern.MAX_M_DOT}
+    for m, (_, kernel, config) in best.items():
+        if m in buckets:
+            kern.DISPATCH[buckets[m]] = (kernel, config)
+    print("DISPATCH =", kern.DISPATCH)
     if out:
         with open(out, "w") as f:
-            json.dump(results, f, indent=1)
-    return results
+            json.dump({"group_size": group, "dispatch": {str(k): v for k, v in kern.DISPATCH.items()},
+                       "seconds": round(time.time() - t0, 1), "table_us": table}, f, indent=1)
+    return table
 
 
 def bench(group: int, ms: list[int], out: str | None) -> dict:
@@ -155,7 +192,7 @@ def bench(group: int, ms: list[int], out: str | None) -> dict:
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             t_bf16 = time_calls([lambda w=w, x=x: torch.nn.functional.linear(x, w) for w in wb])
-            t_int4 = run_int4(ws, x, "auto")
+            t_int4 = time_calls([lambda w=w, x=x: kern.int4_linear(x, w) for w in ws])
             nbytes = int4_bytes(ws[0], m)
             ideal = nbytes / bw
             rows.append({"shape": name, "N": n, "K": k, "M": m, "bf16_us": round(t_bf16 * 1e6, 2),
@@ -169,10 +206,18 @@ def bench(group: int, ms: list[int], out: str | None) -> dict:
                   f"{100 * ideal / t_int4:5.1f}% of roofline")
         del ws, wb
         torch.cuda.empty_cache()
-    result = {"device": props.name, "sm": f"{props.major}.{props.minor}", "torch": torch.__version__,
+    w = torch.randn(*SHAPES["gate_up_proj"], device="cuda", dtype=torch.bfloat16) * 0.02
+    quantize_int4(w[:256], group, "search")
+    torch.cuda.synchronize()
+    t0 = time.time()
+    quantize_int4(w, group, "search")
+    torch.cuda.synchronize()
+    search_s = time.time() - t0
+    del w
+    result = {"device": props.name, "quantize_search_seconds_gate_up": round(search_s, 3), "sm": f"{props.major}.{props.minor}", "torch": torch.__version__,
               "triton": __import__("triton").__version__, "group_size": group,
-              "copy_bandwidth_GBps": round(bw / 1e9, 1), "gemv_config": kern.GEMV_CONFIG,
-              "gemm_config": kern.GEMM_CONFIG, "timing": "median of 15 CUDA-graph replays; each replay "
+              "copy_bandwidth_GBps": round(bw / 1e9, 1),
+              "dispatch": {str(k): v for k, v in kern.DISPATCH.items()}, "timing": "median of 15 CUDA-graph replays; each replay "
               "cycles through weight copies totalling over 256 MB (no L2 reuse)",
               "command": "python benchmarks/gpu/int4_bench.py " + " ".join(sys.argv[1:]), "rows": rows}
     if out:
@@ -187,13 +232,15 @@ def main() -> None:
     parser.add_argument("--out", help="write the JSON result here")
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--ms", default="1,8,32", help="batch sizes M, comma-separated")
-    parser.add_argument("--tune", action="store_true", help="sweep kernel launch configurations instead")
+    parser.add_argument("--tune", action="store_true",
+                        help="first sweep kernels and launch configs and dispatch to the fastest")
+    parser.add_argument("--tune-out", help="write the sweep's JSON here")
     parser.add_argument("--tune-budget", type=float, default=150.0, help="seconds the sweep may take")
     args = parser.parse_args()
+    ms = [int(m) for m in args.ms.split(",")]
     if args.tune:
-        tune(args.group, args.out, args.tune_budget)
-    else:
-        bench(args.group, [int(m) for m in args.ms.split(",")], args.out)
+        tune(args.group, ms, args.tune_out, args.tune_budget)
+    bench(args.group, ms, args.out)
 
 
 if __name__ == "__main__":

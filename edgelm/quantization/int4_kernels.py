@@ -139,11 +139,157 @@ def _dequant_kernel(qw_ptr, s_ptr, m_ptr, w_ptr, N, K, KW, NG, GROUP: tl.constex
                  mask=n_ok[:, None] & (kj < K)[None, :])
 
 
+@triton.jit
+def _unit_codes_f32(packed, j: tl.constexpr):
+    """Nibble j of each int32 as the float32 1 + q/16 (q moved to mantissa bits 19..22): one shift and
+    one and-or, no conversion instruction. Summing x·(1 + q/16) keeps q's information 4 bits below
+    the leading bit, far above fp32 rounding."""
+    if j <= 4:
+        moved = packed << (19 - 4 * j)
+    else:
+        moved = packed >> (4 * j - 19)
+    return ((moved & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _unit_codes_16(packed, j: tl.constexpr, IS_BF16: tl.constexpr):
+    """Nibble j of each int32 as the 16-bit float 1 + q/16 (exact in bf16 and fp16)."""
+    if IS_BF16:  # 7 mantissa bits: q at bits 3..6 of 0x3F80
+        if j == 0:
+            moved = packed << 3
+        else:
+            moved = packed >> (4 * j - 3)
+        bits = (moved & 0x78) | 0x3F80
+        return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:  # fp16, 10 mantissa bits: q at bits 6..9 of 0x3C00
+        if j <= 1:
+            moved = packed << (6 - 4 * j)
+        else:
+            moved = packed >> (4 * j - 6)
+        bits = (moved & 0x3C0) | 0x3C00
+        return bits.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _gemv_unit_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, N, K, KW, NG, blocks_per_split,
+                      GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                      SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr):
+    """x [K] (fp16/bf16), qweight int32 [N, KW], scales/offsets fp16 [N, NG] → y [N]; CUDA-core FMAs.
+
+    The tile is [BLOCK_N rows, BLOCK_B 128-input blocks, 16 words]: words load 16 bytes at a time,
+    and nibble j of the tile's words meets x[128·b + 16·j + i], a contiguous [BLOCK_B, 16] slice that
+    every row of the tile reuses. With f = 1 + q/16 (see _unit_codes_f32), per group
+    Σ x·(q·s + m) = 16s·Σ x·f + (m - 16s)·Σ x.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rb = tl.arange(0, BLOCK_B)
+    ri = tl.arange(0, 16)
+    n_ok = rn < N
+    NPG: tl.constexpr = 8 if GROUP >= 128 else GROUP // 16
+    b_start = pid_k * blocks_per_split
+    b_end = tl.minimum(KW // 16, b_start + blocks_per_split)
+    w_rows = qw_ptr + rn[:, None, None] * KW + ri[None, None, :]
+    if PREFETCH:  # the next tile's words are loaded while this one is computed
+        b = b_start + rb
+        packed_next = tl.load(w_rows + (b * 16)[None, :, None], mask=n_ok[:, None, None] & (b < b_end)[None, :, None],
+                              other=0)
+    acc = tl.zeros([BLOCK_N, BLOCK_B, 16], dtype=tl.float32)
+    for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
+        b = b0 + rb
+        b_ok = b < b_end
+        if PREFETCH:
+            packed = packed_next
+            bn = b + BLOCK_B
+            packed_next = tl.load(w_rows + (bn * 16)[None, :, None],
+                                  mask=n_ok[:, None, None] & (bn < b_end)[None, :, None], other=0)
+        else:
+            packed = tl.load(w_rows + (b * 16)[None, :, None], mask=n_ok[:, None, None] & b_ok[None, :, None],
+                             other=0)
+        p = tl.zeros([BLOCK_N, BLOCK_B, 16], dtype=tl.float32)
+        xs = tl.zeros([BLOCK_B, 16], dtype=tl.float32)
+        for j in tl.static_range(8):
+            k = (b * 128 + 16 * j)[:, None] + ri[None, :]
+            xj = tl.load(x_ptr + k, mask=(k < K) & b_ok[:, None], other=0.0).to(tl.float32)
+            p += _unit_codes_f32(packed, j) * xj[None, :, :]
+            xs += xj
+            if (j + 1) % NPG == 0:
+                g = (b * 128 + 16 * (j + 1 - NPG)) // GROUP
+                sm_off = rn[:, None] * NG + g[None, :]
+                sm_ok = n_ok[:, None] & b_ok[None, :]
+                s16 = 16.0 * tl.load(s_ptr + sm_off, mask=sm_ok, other=0.0).to(tl.float32)
+                m = tl.load(m_ptr + sm_off, mask=sm_ok, other=0.0).to(tl.float32)
+                acc += p * s16[:, :, None] + (m - s16)[:, :, None] * xs[None, :, :]
+                p = tl.zeros([BLOCK_N, BLOCK_B, 16], dtype=tl.float32)
+                xs = tl.zeros([BLOCK_B, 16], dtype=tl.float32)
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if HAS_BIAS:
+        if pid_k == 0:
+            y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.atomic_add(y_ptr + rn, y, mask=n_ok)
+
+
+@triton.jit
+def _gemm_unit_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, M, N, K, KW, NG, stride_xm, stride_ym,
+                      blocks_per_split, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr):
+    """x [M, K] (fp16/bf16), qweight int32 [N, KW], scales/offsets fp16 [N, NG] → y [M, N].
+
+    The tensor cores multiply x by the exact 16-bit codes f = 1 + q/16 (one shift and one and-or per
+    weight, no float math); each group's scale and offset are applied to the [BLOCK_M, BLOCK_N]
+    partial product afterwards: Σ x·(q·s + m) = 16s·Σ x·f + (m - 16s)·Σ x.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ri = tl.arange(0, 16)
+    m_ok = rm < M
+    n_ok = rn < N
+    NPG: tl.constexpr = 8 if GROUP >= 128 else GROUP // 16
+    b_end = tl.minimum(KW // 16, (pid_k + 1) * blocks_per_split)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for b in range(pid_k * blocks_per_split, b_end):
+        w_idx = b * 16 + ri
+        packed = tl.load(qw_ptr + rn[None, :] * KW + w_idx[:, None], mask=n_ok[None, :], other=0)
+        part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        xs = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for j in tl.static_range(8):
+            kj = b * 128 + 16 * j + ri
+            xj = tl.load(x_ptr + rm[:, None] * stride_xm + kj[None, :], mask=m_ok[:, None] & (kj < K)[None, :],
+                         other=0.0)
+            part = tl.dot(xj, _unit_codes_16(packed, j, IS_BF16), part)
+            xs += tl.sum(xj.to(tl.float32), axis=1)
+            if (j + 1) % NPG == 0:
+                g = tl.zeros([BLOCK_N], dtype=tl.int32) + (b * 128 + 16 * (j + 1 - NPG)) // GROUP
+                s16 = 16.0 * tl.load(s_ptr + rn * NG + g, mask=n_ok, other=0.0).to(tl.float32)
+                m = tl.load(m_ptr + rn * NG + g, mask=n_ok, other=0.0).to(tl.float32)
+                acc += part * s16[None, :] + xs[:, None] * (m - s16)[None, :]
+                part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                xs = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_off = rm[:, None] * stride_ym + rn[None, :]
+    y_ok = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
+    else:
+        tl.atomic_add(y_ptr + y_off, acc, mask=y_ok)
+
+
 # ---------------------------------------------------------------- launch configuration
 # (BLOCK_N, BLOCK_W, SPLIT_K, num_warps) for M == 1; chosen from H100 timings (benchmarks/gpu/int4_bench.py)
 GEMV_CONFIG = (8, 64, 1, 4)
 # (BLOCK_M, BLOCK_N, SPLIT_K, num_warps) for 1 < M <= MAX_M_DOT
 GEMM_CONFIG = (16, 32, 1, 4)
+GEMV_UNIT_CONFIG = (16, 4, 1, 4, 1)
+GEMM_UNIT_CONFIG = (16, 64, 2, 4)
 
 
 def _split_tiles(total: int, split: int) -> tuple[int, int]:
@@ -197,17 +343,65 @@ def dequantize(w: Int4Weight, dtype: torch.dtype, block_n: int = 32) -> torch.Te
     return out
 
 
+def gemv_unit(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
+    """x [1, K] → y [1, N]; config (BLOCK_N, BLOCK_B, SPLIT_K, num_warps, PREFETCH)."""
+    block_n, block_b, split_k, num_warps, prefetch = config or GEMV_UNIT_CONFIG
+    n, kw = w.qweight.shape
+    blocks = kw // WORDS_PER_BLOCK
+    split_k, per = _split_tiles(-(-blocks // block_b), split_k)
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device) if split_k == 1 else \
+        torch.zeros(1, n, dtype=torch.float32, device=x.device)
+    _gemv_unit_kernel[(triton.cdiv(n, block_n), split_k)](
+        x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, n, w.in_features, kw,
+        w.scales.shape[1], per * block_b, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b,
+        SPLIT_K=split_k, HAS_BIAS=bias is not None, PREFETCH=bool(prefetch), num_warps=num_warps)
+    return y if split_k == 1 else y.to(x.dtype)
+
+
+def gemm_unit(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
+    """x [M, K] (rows contiguous) → y [M, N]; config (BLOCK_M, BLOCK_N, SPLIT_K, num_warps)."""
+    block_m, block_n, split_k, num_warps = config or GEMM_UNIT_CONFIG
+    m = x.shape[0]
+    n, kw = w.qweight.shape
+    split_k, per = _split_tiles(kw // WORDS_PER_BLOCK, split_k)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if split_k == 1 else \
+        torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
+    _gemm_unit_kernel[grid](x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, m, n,
+                            w.in_features, kw, w.scales.shape[1], x.stride(0), y.stride(0), per,
+                            GROUP=w.group_size, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split_k,
+                            HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16, num_warps=num_warps)
+    return y if split_k == 1 else y.to(x.dtype)
+
+
+def dequant_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
+    """x [M, K] → y [M, N]: the dense weight, then cuBLAS."""
+    return torch.nn.functional.linear(x, dequantize(w, x.dtype), bias)
+
+
+KERNELS = {"gemv": gemv, "gemm": gemm, "gemv_unit": gemv_unit, "gemm_unit": gemm_unit, "dequant": dequant_matmul}
+# largest M of each bucket → (kernel, launch config); M above the last bucket: dequantize, then cuBLAS.
+# Chosen from the H100 sweep in benchmarks/gpu/int4_bench.py --tune (benchmarks/results/int4_tune_h100.json).
+DISPATCH: dict[int, tuple[str, tuple]] = {
+    1: ("gemv_unit", GEMV_UNIT_CONFIG),
+    16: ("gemm_unit", GEMM_UNIT_CONFIG),
+    MAX_M_DOT: ("gemm_unit", GEMM_UNIT_CONFIG),
+}
+
+
 def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x · dequant(W)ᵀ (+ bias) for x [..., K] in fp16/bf16 on a CUDA device; y [..., N]."""
+    """y = x · dequant(W)ᵀ (+ bias) for x [..., K] on a CUDA device; y [..., N] in x's dtype."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x2.stride(-1) != 1:
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != shape[-1]):
         x2 = x2.contiguous()
     m = x2.shape[0]
-    if m == 1:
-        y = gemv(x2, w, bias)
-    elif m <= MAX_M_DOT:
-        y = gemm(x2, w, bias)
-    else:
+    y = None
+    if x.dtype in (torch.float16, torch.bfloat16):
+        for m_max, (kernel, config) in DISPATCH.items():
+            if m <= m_max:
+                y = KERNELS[kernel](x2, w, bias, config)
+                break
+    if y is None:
         y = torch.nn.functional.linear(x2, dequantize(w, x.dtype), bias)
     return y.view(*shape[:-1], w.out_features)

@@ -84,8 +84,9 @@ def _refit(w, q, valid, s, m):
 
 def _search_chunk(w, valid, method: str, shrink_steps: int, refit_iters: int):
     big = torch.finfo(torch.float32).max
-    lo = torch.where(valid, w, big).amin(-1, keepdim=True)
-    hi = torch.where(valid, w, -big).amax(-1, keepdim=True)
+    any_valid = valid.any(-1, keepdim=True)  # groups wholly in the padding get s = 1e-8, m = 0
+    lo = torch.where(any_valid, torch.where(valid, w, big).amin(-1, keepdim=True), 0.0)
+    hi = torch.where(any_valid, torch.where(valid, w, -big).amax(-1, keepdim=True), 0.0)
     span = (hi - lo).clamp(min=1e-8)
     s, m = span / 15, lo
     if method == "minmax":

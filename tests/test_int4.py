@@ -84,30 +84,18 @@ def _random_int4(n, k, group, device):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-@pytest.mark.parametrize("group,k,split", [(128, 200, 1), (32, 256, 2), (256, 384, 1)])
-def test_gemv_kernel_small(group, k, split):
-    from edgelm.quantization import int4_kernels as kern
-
-    dtype = torch.float16
-    w = _random_int4(24, k, group, DEVICE)
-    x = torch.randn(1, k, device=DEVICE).to(dtype)
-    bias = torch.randn(24, device=DEVICE).to(dtype)
-    y = kern.gemv(x, w, bias, config=(8, 16, split, 4))
-    assert y.shape == (1, 24) and y.dtype == dtype
-    assert rel_err(y, reference(x, w, bias)) < 2e-3
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-@pytest.mark.parametrize("group,m,split", [(128, 3, 1), (64, 17, 2)])
+@pytest.mark.parametrize("group,m,split", [(128, 3, 1), (64, 17, 2), (32, 5, 3)])
 def test_gemm_kernel_small(group, m, split):
+    # fp16 only here: the interpreter's tl.dot mishandles bf16 (bf16 is covered on the GPU)
     from edgelm.quantization import int4_kernels as kern
 
     dtype = torch.float16
     w = _random_int4(40, 200, group, DEVICE)
     x = torch.randn(m, 200, device=DEVICE).to(dtype)
-    y = kern.gemm(x, w, None, config=(16, 16, split, 4))
+    bias = torch.randn(40, device=DEVICE).to(dtype)
+    y = kern.gemm(x, w, bias, config=(16, 16, split, 4))
     assert y.shape == (m, 40)
-    assert rel_err(y, reference(x, w)) < 5e-3
+    assert rel_err(y, reference(x, w, bias)) < 5e-3
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
@@ -119,18 +107,6 @@ def test_gemv_unit_kernel_small(group, config):
     x = torch.randn(1, 400, device=DEVICE).to(torch.float16)
     bias = torch.randn(24, device=DEVICE).to(torch.float16)
     assert rel_err(kern.gemv_unit(x, w, bias, config), reference(x, w, bias)) < 2e-3
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-@pytest.mark.parametrize("group,m,split", [(128, 5, 1), (32, 17, 2), (256, 2, 1)])
-def test_gemm_unit_kernel_small(group, m, split):
-    # fp16 only here: the interpreter's tl.dot mishandles bf16 (bf16 is covered on the GPU)
-    from edgelm.quantization import int4_kernels as kern
-
-    w = _random_int4(40, 200, group, DEVICE)
-    x = torch.randn(m, 200, device=DEVICE).to(torch.float16)
-    bias = torch.randn(40, device=DEVICE).to(torch.float16)
-    assert rel_err(kern.gemm_unit(x, w, bias, (16, 16, split, 4)), reference(x, w, bias)) < 5e-3
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
@@ -164,8 +140,7 @@ def test_int4_linear_gpu(n, k, group):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel,config", [("gemv_unit", (16, 8, 2, 4, 1)), ("gemv_unit", (32, 2, 1, 8, 0)),
-                                           ("gemm_unit", (16, 128, 4, 4)), ("gemm_unit", (32, 32, 1, 4)),
-                                           ("gemv", (8, 128, 1, 4)), ("gemm", (16, 64, 4, 4))])
+                                           ("gemm", (16, 64, 4, 4)), ("gemm", (32, 32, 1, 4))])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kernel_configs_gpu(kernel, config, dtype):
     from edgelm.quantization import int4_kernels as kern

@@ -102,18 +102,15 @@ def run_path(ws, x, kernel: str, config) -> float:
 
 
 def candidates(m: int) -> list[tuple[str, tuple]]:
-    """(kernel, config) pairs swept for batch m."""
+    """(kernel, config) pairs swept for batch m (the kernels kept after the H100 sweep of
+    benchmarks/results/int4_tune_h100.json, which also tried a tensor-core GEMM on 16-bit codes)."""
     if m == 1:
-        out = [("gemv", (8, 128, 1, 4))]  # the first version's best, for reference
-        out += [("gemv_unit", (bn, bb, sk, 4, pf)) for bn, bb, sk, pf in
-                itertools.product((8, 16, 32), (2, 4, 8), (1, 2), (0, 1))]
-        out += [("gemv_unit", (32, bb, sk, 8, 1)) for bb, sk in itertools.product((4, 8), (1, 2))]
-        out += [("gemm_unit", (16, bn, sk, 4)) for bn, sk in itertools.product((32, 64, 128), (1, 2, 4))]
-        return out
-    out = [("gemm", (16, 64, 4, 4) if m <= 16 else (32, 64, 4, 4)), ("dequant", None)]
+        out = [("gemv_unit", (bn, bb, sk, 4, pf)) for bn, bb, sk, pf in
+               itertools.product((8, 16, 32), (2, 4, 8), (1, 2), (0, 1))]
+        return out + [("gemv_unit", (32, bb, sk, 8, 1)) for bb, sk in itertools.product((4, 8), (1, 2))]
     bms = (16,) if m <= 16 else (16, 32)
-    out += [("gemm_unit", (bm, bn, sk, 4)) for bm, bn, sk in itertools.product(bms, (32, 64, 128), (1, 2, 4))]
-    return out
+    return [("dequant", None)] + [("gemm", (bm, bn, sk, 4)) for bm, bn, sk in
+                                  itertools.product(bms, (32, 64, 128), (1, 2, 4))]
 
 
 def correct(ws, x, ref, kernel, config) -> bool:

@@ -1,12 +1,10 @@
 """edgelm's W4A16 kernels (Triton): y = x · dequant(W)ᵀ for the packed layout of int4_pack.
 
-- M == 1 (decode, batch 1): `_gemv_kernel`, CUDA-core FMAs. Each program owns BLOCK_N output rows
-  and walks K in tiles of BLOCK_W packed words; the 8 nibbles of a word are 8 input slices of 16, so
-  x is read contiguously and no reshape is needed. Codes become floats by the exponent trick
-  (0x4B000000 | q is the float 2^23 + q), and each group's scale and offset are applied once per
-  word after its 8 products: acc += s·Σ q·x + m·Σ x. Optional split-K with fp32 atomics.
+- M == 1 (decode, batch 1): `_gemv_unit_kernel`, CUDA-core FMAs on [rows, 128-input blocks, 16 words]
+  tiles. A code becomes the float 1 + q/16 by one shift and one and-or (no conversion instruction),
+  and each group's scale and offset are applied once per word after its 8 products.
 - 1 < M <= MAX_M_DOT (small batches): `_gemm_kernel`, dequantizes a [16, BLOCK_N] slice per nibble
-  in registers and feeds the tensor cores (tl.dot, fp32 accumulate).
+  in registers and feeds the tensor cores (tl.dot, fp32 accumulate); split-K with fp32 atomics.
 - larger M (prefill): `_dequant_kernel` writes the dense weight, then cuBLAS.
 Launch configuration depends on shapes only (never on data): CUDA-graph capturable. No
 Hopper-only features: runs on SM 8.0+ (Ampere, Jetson Orin SM 8.7, Ada, Hopper).
@@ -28,53 +26,6 @@ def _codes(packed, j: tl.constexpr):
     """Nibble j of each int32 as float32 (exact): bits 0x4B000000 | q are the float 2^23 + q."""
     bits = ((packed >> (4 * j)) & 0xF) | 0x4B000000
     return bits.to(tl.float32, bitcast=True) - 8388608.0
-
-
-@triton.jit
-def _gemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, N, K, KW, NG, tiles_per_split,
-                 GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """x [K] (fp16/bf16), qweight int32 [N, KW], scales/offsets fp16 [N, NG] → y [N].
-
-    With SPLIT_K > 1, y is a zeroed fp32 buffer and each program adds its share atomically.
-    """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    # nibbles of one word that share a group: 8 when groups span whole 128-blocks
-    NPG: tl.constexpr = 8 if GROUP >= 128 else GROUP // 16
-    acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-    for t in range(pid_k * tiles_per_split, (pid_k + 1) * tiles_per_split):
-        w_idx = t * BLOCK_W + tl.arange(0, BLOCK_W)  # global word index
-        w_ok = w_idx < KW
-        packed = tl.load(qw_ptr + rn[:, None] * KW + w_idx[None, :], mask=n_ok[:, None] & w_ok[None, :],
-                         other=0)
-        k_base = (w_idx // 16) * 128 + (w_idx % 16)  # input of nibble 0
-        p = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-        xs = tl.zeros([BLOCK_W], dtype=tl.float32)
-        for j in tl.static_range(8):
-            kj = k_base + 16 * j
-            xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
-            p += _codes(packed, j) * xj[None, :]
-            xs += xj
-            if (j + 1) % NPG == 0:
-                g = (k_base + 16 * (j + 1 - NPG)) // GROUP
-                sm_off = rn[:, None] * NG + g[None, :]
-                sm_ok = n_ok[:, None] & w_ok[None, :]
-                s = tl.load(s_ptr + sm_off, mask=sm_ok, other=0.0).to(tl.float32)
-                m = tl.load(m_ptr + sm_off, mask=sm_ok, other=0.0).to(tl.float32)
-                acc += p * s + m * xs[None, :]
-                p = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-                xs = tl.zeros([BLOCK_W], dtype=tl.float32)
-    y = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        if pid_k == 0:
-            y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-    if SPLIT_K == 1:
-        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
-    else:
-        tl.atomic_add(y_ptr + rn, y, mask=n_ok)
 
 
 @triton.jit
@@ -152,25 +103,6 @@ def _unit_codes_f32(packed, j: tl.constexpr):
 
 
 @triton.jit
-def _unit_codes_16(packed, j: tl.constexpr, IS_BF16: tl.constexpr):
-    """Nibble j of each int32 as the 16-bit float 1 + q/16 (exact in bf16 and fp16)."""
-    if IS_BF16:  # 7 mantissa bits: q at bits 3..6 of 0x3F80
-        if j == 0:
-            moved = packed << 3
-        else:
-            moved = packed >> (4 * j - 3)
-        bits = (moved & 0x78) | 0x3F80
-        return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
-    else:  # fp16, 10 mantissa bits: q at bits 6..9 of 0x3C00
-        if j <= 1:
-            moved = packed << (6 - 4 * j)
-        else:
-            moved = packed >> (4 * j - 6)
-        bits = (moved & 0x3C0) | 0x3C00
-        return bits.to(tl.int16).to(tl.float16, bitcast=True)
-
-
-@triton.jit
 def _gemv_unit_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, N, K, KW, NG, blocks_per_split,
                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
                       SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr):
@@ -233,86 +165,19 @@ def _gemv_unit_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, N, K, KW, NG
         tl.atomic_add(y_ptr + rn, y, mask=n_ok)
 
 
-@triton.jit
-def _gemm_unit_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, M, N, K, KW, NG, stride_xm, stride_ym,
-                      blocks_per_split, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr):
-    """x [M, K] (fp16/bf16), qweight int32 [N, KW], scales/offsets fp16 [N, NG] → y [M, N].
-
-    The tensor cores multiply x by the exact 16-bit codes f = 1 + q/16 (one shift and one and-or per
-    weight, no float math); each group's scale and offset are applied to the [BLOCK_M, BLOCK_N]
-    partial product afterwards: Σ x·(q·s + m) = 16s·Σ x·f + (m - 16s)·Σ x.
-    """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ri = tl.arange(0, 16)
-    m_ok = rm < M
-    n_ok = rn < N
-    NPG: tl.constexpr = 8 if GROUP >= 128 else GROUP // 16
-    b_end = tl.minimum(KW // 16, (pid_k + 1) * blocks_per_split)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for b in range(pid_k * blocks_per_split, b_end):
-        w_idx = b * 16 + ri
-        packed = tl.load(qw_ptr + rn[None, :] * KW + w_idx[:, None], mask=n_ok[None, :], other=0)
-        part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        xs = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for j in tl.static_range(8):
-            kj = b * 128 + 16 * j + ri
-            xj = tl.load(x_ptr + rm[:, None] * stride_xm + kj[None, :], mask=m_ok[:, None] & (kj < K)[None, :],
-                         other=0.0)
-            part = tl.dot(xj, _unit_codes_16(packed, j, IS_BF16), part)
-            xs += tl.sum(xj.to(tl.float32), axis=1)
-            if (j + 1) % NPG == 0:
-                g = tl.zeros([BLOCK_N], dtype=tl.int32) + (b * 128 + 16 * (j + 1 - NPG)) // GROUP
-                s16 = 16.0 * tl.load(s_ptr + rn * NG + g, mask=n_ok, other=0.0).to(tl.float32)
-                m = tl.load(m_ptr + rn * NG + g, mask=n_ok, other=0.0).to(tl.float32)
-                acc += part * s16[None, :] + xs[:, None] * (m - s16)[None, :]
-                part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                xs = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    y_off = rm[:, None] * stride_ym + rn[None, :]
-    y_ok = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
-    else:
-        tl.atomic_add(y_ptr + y_off, acc, mask=y_ok)
-
-
 # ---------------------------------------------------------------- launch configuration
-# (BLOCK_N, BLOCK_W, SPLIT_K, num_warps) for M == 1; chosen from H100 timings (benchmarks/gpu/int4_bench.py)
-GEMV_CONFIG = (8, 64, 1, 4)
-# (BLOCK_M, BLOCK_N, SPLIT_K, num_warps) for 1 < M <= MAX_M_DOT
-GEMM_CONFIG = (16, 32, 1, 4)
-GEMV_UNIT_CONFIG = (16, 4, 1, 4, 1)
-GEMM_UNIT_CONFIG = (16, 64, 2, 4)
+# Fastest on the H100 of the 81 swept (benchmarks/results/int4_tune_h100.json; geometric mean over the
+# Llama-3.1-8B shapes). gemv_unit: (BLOCK_N, BLOCK_B, SPLIT_K, num_warps, PREFETCH);
+# gemm: (BLOCK_M, BLOCK_N, SPLIT_K, num_warps).
+GEMV_UNIT_CONFIG = (8, 4, 1, 4, 1)
+GEMM_CONFIG = (16, 64, 4, 4)
+GEMM_CONFIG_M64 = (32, 64, 4, 4)
 
 
 def _split_tiles(total: int, split: int) -> tuple[int, int]:
     split = max(1, min(split, total))
     per = -(-total // split)
     return -(-total // per), per
-
-
-def gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
-    """x [K] or [1, K] → y [1, N]."""
-    block_n, block_w, split_k, num_warps = config or GEMV_CONFIG
-    n, kw = w.qweight.shape
-    split_k, tiles_per_split = _split_tiles(-(-kw // block_w), split_k)
-    if split_k == 1:
-        y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    else:
-        y = torch.zeros(1, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, block_n), split_k)
-    _gemv_kernel[grid](x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, n,
-                       w.in_features, kw, w.scales.shape[1], tiles_per_split, GROUP=w.group_size,
-                       BLOCK_N=block_n, BLOCK_W=block_w, SPLIT_K=split_k, HAS_BIAS=bias is not None,
-                       num_warps=num_warps)
-    return y if split_k == 1 else y.to(x.dtype)
 
 
 def gemm(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
@@ -358,34 +223,18 @@ def gemv_unit(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=
     return y if split_k == 1 else y.to(x.dtype)
 
 
-def gemm_unit(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
-    """x [M, K] (rows contiguous) → y [M, N]; config (BLOCK_M, BLOCK_N, SPLIT_K, num_warps)."""
-    block_m, block_n, split_k, num_warps = config or GEMM_UNIT_CONFIG
-    m = x.shape[0]
-    n, kw = w.qweight.shape
-    split_k, per = _split_tiles(kw // WORDS_PER_BLOCK, split_k)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if split_k == 1 else \
-        torch.zeros(m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
-    _gemm_unit_kernel[grid](x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, m, n,
-                            w.in_features, kw, w.scales.shape[1], x.stride(0), y.stride(0), per,
-                            GROUP=w.group_size, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split_k,
-                            HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16, num_warps=num_warps)
-    return y if split_k == 1 else y.to(x.dtype)
-
-
 def dequant_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
     """x [M, K] → y [M, N]: the dense weight, then cuBLAS."""
     return torch.nn.functional.linear(x, dequantize(w, x.dtype), bias)
 
 
-KERNELS = {"gemv": gemv, "gemm": gemm, "gemv_unit": gemv_unit, "gemm_unit": gemm_unit, "dequant": dequant_matmul}
+KERNELS = {"gemv_unit": gemv_unit, "gemm": gemm, "dequant": dequant_matmul}
 # largest M of each bucket → (kernel, launch config); M above the last bucket: dequantize, then cuBLAS.
 # Chosen from the H100 sweep in benchmarks/gpu/int4_bench.py --tune (benchmarks/results/int4_tune_h100.json).
 DISPATCH: dict[int, tuple[str, tuple]] = {
     1: ("gemv_unit", GEMV_UNIT_CONFIG),
-    16: ("gemm_unit", GEMM_UNIT_CONFIG),
-    MAX_M_DOT: ("gemm_unit", GEMM_UNIT_CONFIG),
+    16: ("gemm", GEMM_CONFIG),
+    MAX_M_DOT: ("gemm", GEMM_CONFIG_M64),
 }
 
 

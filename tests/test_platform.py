@@ -246,6 +246,8 @@ def test_check_env_cpu_text_and_json(capsys):
 def test_check_env_on_recorded_jetson(tmp_path, capsys, monkeypatch):
     root = write_root(tmp_path, agx64_files("pmode:0001\n"))
     monkeypatch.setattr(check_env, "_probe_gpu", lambda: ORIN_GPU_64)
+    versions = {**check_env.library_versions(), "triton": "3.3.0", "torchao": "0.11.0"}  # a Jetson image's
+    monkeypatch.setattr(check_env, "library_versions", lambda: versions)
     assert check_env.main(["--root", root, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["platform"]["module"] == "agx-orin-64gb"

@@ -170,7 +170,7 @@ def _reference_mask(logits, bitmask, rows):
     return out
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "xgrammar_cpu", "triton"])
 @pytest.mark.parametrize("rows", [None, [0, 2], []])
 def test_apply_vocab_mask_mixed_rows(impl, rows):
     if impl == "triton" and bitmask_mod.triton is None:
@@ -181,9 +181,13 @@ def test_apply_vocab_mask_mixed_rows(impl, rows):
     bitmask[:, -1] |= -1 << (vocab_in_mask % 32)  # junk bits past the vocab, as a filled mask may have
     logits = torch.randn(3, vocab_logits)
     expected = _reference_mask(logits, bitmask, range(3) if rows is None else rows)
-    if impl == "torch":
-        apply_vocab_mask(logits, bitmask, rows)
-    elif rows != []:
+    if impl == "xgrammar_cpu":
+        apply_vocab_mask(logits, bitmask, rows)  # the CPU default when xgrammar is installed
+    elif rows == []:
+        pass
+    elif impl == "torch":
+        bitmask_mod._apply_torch(logits, bitmask, rows)
+    else:
         bitmask_mod._apply_triton(logits, bitmask, rows)
     assert torch.equal(logits, expected)
 

@@ -20,6 +20,11 @@ try:
 except ImportError:
     triton = None
 
+try:  # its single-threaded C++ loop beats torch ops on a busy CPU
+    from xgrammar import apply_token_bitmask_inplace as _xgr_apply
+except ImportError:
+    _xgr_apply = None
+
 _BLOCK = 1024  # logits columns per Triton program (32 bitmask words)
 
 
@@ -58,8 +63,18 @@ def apply_vocab_mask(logits: torch.Tensor, bitmask: torch.Tensor,
         bitmask = bitmask.to(logits.device, non_blocking=True)
     if logits.is_cuda and triton is not None:
         _apply_triton(logits, bitmask, rows)
+    elif logits.device.type == "cpu" and _xgr_apply is not None and logits.dim() == 2:
+        _apply_xgrammar_cpu(logits, bitmask, rows)
     else:
         _apply_torch(logits, bitmask, rows)
+
+
+def _apply_xgrammar_cpu(logits: torch.Tensor, bitmask: torch.Tensor, rows) -> None:
+    covered = min(logits.shape[-1], bitmask.shape[1] * 32)
+    row_list = list(range(logits.shape[0])) if rows is None else [int(r) for r in rows]
+    _xgr_apply(logits, bitmask, vocab_size=covered, indices=row_list)
+    if covered < logits.shape[-1]:  # columns past the bitmask: a padded lm head
+        logits[row_list, covered:] = float("-inf")
 
 
 def _apply_torch(logits: torch.Tensor, bitmask: torch.Tensor, rows) -> None:

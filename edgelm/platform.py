@@ -213,7 +213,9 @@ def _module_from_model(model: str, mem_total: int) -> OrinModule | None:
 
 
 def _module_from_gpu(gpu: GpuInfo, mem_total: int) -> OrinModule | None:
-    """SM count and memory tell all modules apart but Orin NX 8GB from Orin Nano 8GB."""
+    """SM count and memory tell all Orin modules apart but Orin NX 8GB from Orin Nano 8GB."""
+    if gpu.sm != (8, 7):  # not an Orin (Thor is SM 11.0)
+        return None
     gib = mem_total / GB
     if gpu.multi_processor_count >= 16:
         return MODULES_BY_KEY["agx-orin-64gb"]

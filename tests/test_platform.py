@@ -213,6 +213,12 @@ def test_other_integrated_arm_gpu_is_not_a_jetson(tmp_path):
     assert platform_defaults(spark) == {"mem_fraction_static": 0.8}
 
 
+def test_thor_is_a_jetson_but_not_an_orin(tmp_path):
+    root = write_root(tmp_path, {"/proc/meminfo": MEMINFO_AGX64})
+    thor = detect_platform(root, gpu=GpuInfo("NVIDIA Thor", (11, 0), 122 * GB, 20, True), machine="aarch64")
+    assert thor.is_jetson and thor.module is None and thor.bandwidth_gbps is None
+
+
 def test_this_machine():
     facts = detect_platform()
     assert facts.mem_total_bytes > 0 and facts.arch

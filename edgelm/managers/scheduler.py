@@ -279,7 +279,7 @@ class Scheduler:
     # ================================================================== decode
     def run_decode(self) -> None:
         self._make_room_for_decode()
-        reqs = self.running
+        reqs = list(self.running)
         if not reqs:
             return
         loc = self.runner.allocator.alloc(len(reqs))

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgelm.layers.linear import default_weight_loader
+from edgelm.layers.linear import default_weight_loader, linear
 
 
 class VocabEmbedding(nn.Module):
@@ -27,4 +27,4 @@ class LogitsProcessor(nn.Module):
         if forward_batch.forward_mode.is_extend() and not forward_batch.return_all_logits:
             last = forward_batch.extend_start_loc + forward_batch.extend_seq_lens - 1
             hidden = hidden.index_select(0, last.long())
-        return F.linear(hidden, lm_head_weight).float()
+        return linear(hidden, lm_head_weight).float()

@@ -29,17 +29,21 @@ def iterate_safetensors(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _fill_dummy(model: nn.Module, seed: int = 0) -> None:
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    """Random weights where they live: drawn in row blocks of float32 on the weights' device, so an
+    8B model fills in about a second on a GPU and needs little extra memory."""
+    gens: dict[torch.device, torch.Generator] = {}
     for name, param in model.named_parameters():
         if param.dim() == 1:
             param.data.fill_(1.0 if "norm" in name else 0.0)
-        else:
-            # filled in float32 on the host in row blocks, so an 8B model needs no extra device memory
-            rows = param.shape[0]
-            step = max(1, (1 << 24) // max(1, param[0].numel()))
-            for start in range(0, rows, step):
-                block = torch.randn(param[start : start + step].shape, generator=gen) * 0.02
-                param.data[start : start + step].copy_(block)
+            continue
+        dev = param.device
+        if dev not in gens:
+            gens[dev] = torch.Generator(device=dev).manual_seed(seed)
+        rows = param.shape[0]
+        step = max(1, (1 << 24) // max(1, param[0].numel()))
+        for start in range(0, rows, step):
+            block = torch.randn(param[start : start + step].shape, generator=gens[dev], device=dev) * 0.02
+            param.data[start : start + step].copy_(block)
 
 
 def load_model(config: ModelConfig, device: str, load_format: str = "auto") -> nn.Module:

@@ -2,6 +2,7 @@
 each request's xgrammar matcher, and applying it to a [batch, vocab] logits tensor.
 
     python benchmarks/bench_grammar_bitmask.py --batch-sizes 1 16 [--vocab-size 128256] [--device cuda]
+    python benchmarks/bench_grammar_bitmask.py --apply-only --device cuda   # random masks, no xgrammar
 
 Prints one JSON object: per batch size, mean / p50 / p90 microseconds per decode step for fill,
 apply (edgelm's apply_vocab_mask: xgrammar's C++ loop on the CPU, a Triton kernel on CUDA) and
@@ -73,6 +74,30 @@ def bench(backend, tokenizer, batch_size: int, vocab_size: int, device: str, rep
             "apply_torch": _stats(apply_torch)}
 
 
+def bench_apply_only(batch_size: int, vocab_size: int, device: str, iters: int = 200) -> dict:
+    """apply_vocab_mask on random masks (every row constrained), host bitmask copied each call."""
+    bitmask = allocate_vocab_mask(vocab_size, batch_size)
+    bitmask.copy_(torch.randint(-(2**31), 2**31 - 1, bitmask.shape, dtype=torch.int32))
+    logits = torch.randn(batch_size, vocab_size, device=device)
+    rows = list(range(batch_size))
+    out = {"batch_size": batch_size}
+    variants = {"apply": lambda: apply_vocab_mask(logits, bitmask, rows),
+                "apply_torch": lambda: _apply_torch(logits, bitmask.to(device, non_blocking=True), rows)}
+    for name, fn in variants.items():
+        for _ in range(10):
+            fn()
+        runs = []
+        for _ in range(5):
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            _sync(device)
+            runs.append((time.perf_counter() - t0) / iters)
+        out[name] = {"median_us": round(sorted(runs)[2] * 1e6, 1)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
@@ -82,9 +107,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="passes over the answer's tokens")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--apply-only", action="store_true", help="time only the mask application")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.apply_only:
+        vocab_size = args.vocab_size or 128256
+        results = [bench_apply_only(bs, vocab_size, args.device) for bs in args.batch_sizes]
+        _report(args, vocab_size, results)
+        return
 
     from transformers import AutoTokenizer
 
@@ -98,8 +129,13 @@ def main() -> None:
         results = [bench(backend, tokenizer, bs, vocab_size, args.device, args.repeats) for bs in args.batch_sizes]
     finally:
         backend.shutdown()
-    report = {"bench": "grammar_bitmask", "device": args.device, "vocab_size": vocab_size,
-              "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+    _report(args, vocab_size, results)
+
+
+def _report(args, vocab_size: int, results: list[dict]) -> None:
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    report = {"bench": "grammar_bitmask_apply" if args.apply_only else "grammar_bitmask", "device": args.device,
+              "device_name": device_name, "vocab_size": vocab_size, "torch_threads": torch.get_num_threads(),
               "torch": torch.__version__, "results": results}
     text = json.dumps(report, indent=2)
     print(text)

@@ -18,13 +18,12 @@ from edgelm.constrained import (
 )
 from edgelm.constrained import bitmask as bitmask_mod
 
-pytest.importorskip("xgrammar")
-
 TIMEOUT = 60
 
 
 @pytest.fixture(scope="session")
 def tokenizer(embedded_gguf):
+    pytest.importorskip("xgrammar")  # every test that needs a tokenizer needs xgrammar too
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(os.path.dirname(embedded_gguf), gguf_file=os.path.basename(embedded_gguf))
@@ -173,8 +172,8 @@ def _reference_mask(logits, bitmask, rows):
 @pytest.mark.parametrize("impl", ["torch", "xgrammar_cpu", "triton"])
 @pytest.mark.parametrize("rows", [None, [0, 2], []])
 def test_apply_vocab_mask_mixed_rows(impl, rows):
-    if impl == "triton" and bitmask_mod.triton is None:
-        pytest.skip("no triton")
+    if (impl == "triton" and bitmask_mod.triton is None) or (impl == "xgrammar_cpu" and bitmask_mod._xgr_apply is None):
+        pytest.skip(f"{impl} is not installed")
     torch.manual_seed(0)
     vocab_in_mask, vocab_logits = 70, 100  # logits wider than the mask: padded columns get -inf
     bitmask = torch.randint(-(2**31), 2**31 - 1, (3, (vocab_in_mask + 31) // 32), dtype=torch.int32)
@@ -190,6 +189,23 @@ def test_apply_vocab_mask_mixed_rows(impl, rows):
     else:
         bitmask_mod._apply_triton(logits, bitmask, rows)
     assert torch.equal(logits, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [None, [1, 3, 4, 10]])
+def test_apply_vocab_mask_cuda(dtype, rows):
+    """The Triton kernel against the torch path, a host bitmask, a padded 128k vocabulary."""
+    torch.manual_seed(0)
+    batch, vocab_in_mask, vocab_logits = 16, 128256, 128256 + 64
+    bitmask = allocate_vocab_mask(vocab_in_mask, batch)
+    bitmask.copy_(torch.randint(-(2**31), 2**31 - 1, bitmask.shape, dtype=torch.int32))
+    logits = torch.randn(batch, vocab_logits, device="cuda", dtype=dtype)
+    expected = logits.clone()
+    bitmask_mod._apply_torch(expected, bitmask.cuda(), rows)
+    apply_vocab_mask(logits, bitmask, rows)
+    assert torch.equal(logits, expected)
+    assert torch.isinf(logits[1, vocab_in_mask:]).all()
 
 
 def test_fill_vocab_masks(backend, tokenizer):

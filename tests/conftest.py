@@ -29,3 +29,13 @@ def embedded_gguf():
     from edgelm.model_loader.resolve import embedded_model_path
 
     return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def server():
+    """One real server (embedded model, CPU) shared by every HTTP test module."""
+    from tests.server_fixture import ServerProcess
+
+    s = ServerProcess("--random-seed", "0", "--decode-log-interval", "10", "--reasoning-parser", "deepseek-r1")
+    yield s
+    s.stop()

@@ -9,16 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server_fixture import ServerProcess
-
 CHAT = [{"role": "user", "content": "Name three colors."}]
-
-
-@pytest.fixture(scope="module")
-def server():
-    s = ServerProcess("--random-seed", "0", "--decode-log-interval", "10")
-    yield s
-    s.stop()
 
 
 @pytest.fixture(scope="module")

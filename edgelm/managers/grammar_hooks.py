@@ -11,6 +11,8 @@ import logging
 
 import torch
 
+from edgelm.constrained import ReasoningGatedGrammar, allocate_vocab_mask, apply_vocab_mask, fill_vocab_masks
+
 logger = logging.getLogger(__name__)
 
 
@@ -20,25 +22,23 @@ class GrammarHooks:
         self.vocab_size = vocab_size
         self.device = device
         self.think_end_ids = think_end_ids or []
+        self.bitmask: torch.Tensor | None = None
 
     @classmethod
     def create(cls, server_args, tokenizer, vocab_size: int, eos_token_ids, device: str) -> GrammarHooks:
         name = server_args.grammar_backend
         if name == "none":
             return cls(None, vocab_size, device)
+        from edgelm.constrained import create_grammar_backend
+
         try:
-            from edgelm.constrained.xgrammar_backend import create_grammar_backend
-            backend = create_grammar_backend(name or "xgrammar", tokenizer, vocab_size, sorted(eos_token_ids))
+            backend = create_grammar_backend(name, tokenizer, vocab_size, sorted(eos_token_ids))
         except ImportError as exc:
-            if name == "xgrammar":
-                raise RuntimeError(f"--grammar-backend xgrammar needs the xgrammar package ({exc}); "
-                                   "pip install xgrammar, or pass --grammar-backend none") from exc
-            logger.info("structured output off: xgrammar is not installed")
+            raise RuntimeError(str(exc)) from exc
+        if backend is None:
+            logger.info("structured output off: xgrammar is not installed (pip install xgrammar)")
             return cls(None, vocab_size, device)
-        think_end = []
-        if server_args.reasoning_parser:
-            ids = tokenizer.encode("</think>", add_special_tokens=False)
-            think_end = ids if len(ids) == 1 else []
+        think_end = tokenizer.encode("</think>", add_special_tokens=False) if server_args.reasoning_parser else []
         return cls(backend, vocab_size, device, think_end)
 
     @property
@@ -66,27 +66,25 @@ class GrammarHooks:
             req.grammar = None
             req.finished_reason = {"type": "abort", "error": (400, f"invalid grammar: {exc}")}
             return True
-        grammar = grammar.copy() if hasattr(grammar, "copy") else grammar
         if req.grammar_after_think and self.think_end_ids:
-            from edgelm.constrained.reasoning_gate import ReasoningGate
-            grammar = ReasoningGate(grammar, self.think_end_ids)
+            grammar = ReasoningGatedGrammar(grammar, self.think_end_ids, in_reasoning=True)
         req.grammar = grammar
         return True
 
-    def build_mask(self, reqs, logits_vocab: int) -> torch.Tensor | None:
+    def apply_mask(self, reqs, logits: torch.Tensor) -> None:
+        """Mask the logits rows of constrained requests, in place; free rows are untouched."""
         if self.backend is None or not any(r.grammar is not None for r in reqs):
-            return None
-        words = (logits_vocab + 31) // 32
-        mask = torch.full((len(reqs), words), -1, dtype=torch.int32)
-        for i, req in enumerate(reqs):
-            if req.grammar is not None:
-                req.grammar.fill_vocab_mask(mask, i)
-        return mask.to(self.device, non_blocking=True)
+            return
+        if self.bitmask is None or self.bitmask.shape[0] < len(reqs):
+            self.bitmask = allocate_vocab_mask(self.backend.vocab_size, max(len(reqs), 64))
+        rows = fill_vocab_masks([r.grammar for r in reqs], self.bitmask)
+        apply_vocab_mask(logits, self.bitmask[:len(reqs)], rows)
 
     def accept(self, req, token_id: int) -> None:
         if req.grammar is not None and not req.grammar.is_terminated():
             if not req.grammar.accept_token(token_id):
                 logger.warning("request %s: grammar rejected token %d", req.rid, token_id)
+                req.finished_reason = {"type": "abort", "error": (500, "the grammar rejected a sampled token")}
 
     def release(self, req) -> None:
         req.grammar = None

@@ -320,7 +320,7 @@ class Scheduler:
     # ================================================================== sampling
     def sample_and_update(self, reqs: list[Req], logits: torch.Tensor) -> None:
         info = SamplingBatchInfo.from_reqs(reqs, self.vocab_size, self.device)
-        info.vocab_mask = self.grammar.build_mask(reqs, logits.shape[-1])
+        self.grammar.apply_mask(reqs, logits)
         out = self.runner.sample(logits, info)
         next_ids = out.next_token_ids.tolist()
         logprobs = out.logprobs.tolist() if out.logprobs is not None else None

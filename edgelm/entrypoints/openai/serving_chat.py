@@ -97,8 +97,8 @@ class ChatServing:
         reasoning = tools = None
         in_think = False
         if self.args.reasoning_parser and req.separate_reasoning:
-            from edgelm.parsers.reasoning_parser import ReasoningParser, think_state_at_prompt_end
-            in_think = think_state_at_prompt_end(self.args.reasoning_parser, prompt, req.chat_template_kwargs)
+            from edgelm.parsers.reasoning_parser import ReasoningParser, prompt_opens_reasoning
+            in_think = prompt_opens_reasoning(prompt)
             reasoning = (ReasoningParser, dict(model_type=self.args.reasoning_parser,
                                                stream_reasoning=req.stream_reasoning, force_reasoning=in_think))
         if use_tools and self.args.tool_call_parser:
@@ -157,7 +157,8 @@ class ChatServing:
                 text, calls = tool_parser.parse_non_stream(text)
             if calls:
                 message["content"] = text or None
-                message["tool_calls"] = [{"id": new_id("call"), "type": "function", "index": k,
+                message["tool_calls"] = [{"id": getattr(c, "id", None) or new_id("call"), "type": "function",
+                                          "index": k,
                                           "function": {"name": c.name, "arguments": c.arguments}}
                                          for k, c in enumerate(calls)]
                 if finish == "stop":
@@ -205,6 +206,25 @@ class ChatServing:
             if text:
                 delta["content"] = text
             finish = finish_reason_str(chunk.finish_reason)
+            if finish is not None:  # flush what the parsers held back
+                if reasoners[i] is not None:
+                    r_tail, n_tail = reasoners[i].finish()
+                    if r_tail:
+                        delta["reasoning_content"] = delta.get("reasoning_content", "") + r_tail
+                    if tool_parsers[i] is not None and n_tail:
+                        n_tail, more = tool_parsers[i].parse_stream_chunk(n_tail)
+                        if more:
+                            saw_tool_call[i] = True
+                            delta.setdefault("tool_calls", []).extend(_call_delta_json(d) for d in more)
+                    text += n_tail
+                if tool_parsers[i] is not None:
+                    t_tail, more = tool_parsers[i].finish()
+                    if more:
+                        saw_tool_call[i] = True
+                        delta.setdefault("tool_calls", []).extend(_call_delta_json(d) for d in more)
+                    text += t_tail
+                if text:
+                    delta["content"] = text
             if finish == "stop" and saw_tool_call[i]:
                 finish = "tool_calls"
             lp = self._logprobs(chunk.logprobs) if req.logprobs and chunk.logprobs else None
@@ -241,7 +261,7 @@ class ChatServing:
 def _call_delta_json(d) -> dict[str, Any]:
     out: dict[str, Any] = {"index": d.index, "function": {}}
     if d.name is not None:
-        out["id"] = new_id("call")
+        out["id"] = d.id or new_id("call")
         out["type"] = "function"
         out["function"]["name"] = d.name
     out["function"]["arguments"] = d.arguments_delta or ""

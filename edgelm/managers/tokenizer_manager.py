@@ -167,6 +167,8 @@ class TokenizerManager:
         self.states[req.rid] = state
         msg = io.TokenizedGenerateReq(req.rid, req.input_ids, params, req.return_logprob, req.top_logprobs_num,
                                       req.grammar_key, req.grammar_after_think)
+        if self.server_args.log_requests:
+            logger.info("request %s: %d prompt tokens, %s", req.rid, len(req.input_ids), params)
         try:
             await self.send_sock.send_pyobj(msg)
             while True:
@@ -218,6 +220,9 @@ class TokenizerManager:
                              finish, logprobs)
 
     def _observe_finished(self, state: _ReqState, chunk: GenerateChunk) -> None:
+        if self.server_args.log_requests:
+            logger.info("finished: %d prompt + %d completion tokens, %s, output %r", chunk.prompt_tokens,
+                        chunk.completion_tokens, chunk.finish_reason, state.stops.text[:2000])
         if self.metrics is not None:
             self.metrics.observe_one_finished_request(chunk.prompt_tokens, chunk.completion_tokens,
                                                       time.perf_counter() - state.created)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import Driver, make_checkpoint, make_runner
 
 from edgelm.mem_cache.radix_cache import RadixCache
+from tests.tiny_models import Driver, make_checkpoint, make_runner
 
 ATOL = 2e-5
 PROMPT = [7, 99, 3, 250, 18, 41, 5, 77, 120, 8, 64, 33, 2, 91, 150, 16]

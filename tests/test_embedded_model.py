@@ -7,7 +7,8 @@ import os
 
 import pytest
 import torch
-from tiny_models import Driver, make_runner
+
+from tests.tiny_models import Driver, make_runner
 
 pytestmark = pytest.mark.slow  # two GGUF loads: ~20-40 s on two shared cores
 

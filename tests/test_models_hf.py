@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import Driver, make_checkpoint, make_runner
+
+from tests.tiny_models import Driver, make_checkpoint, make_runner
 
 FAMILIES = ["llama3", "llama", "qwen2", "qwen3"]
 PROMPTS = [[5, 17, 200, 31, 9, 250, 11], [3, 101, 42], [60, 61, 62, 63, 64]]

@@ -113,10 +113,9 @@ def test_dtype_names():
 
 
 def test_dtype_auto_on_cpu_through_model_config(tmp_path):
-    from tiny_models import make_checkpoint
-
     from edgelm.model_config import ModelConfig
     from edgelm.model_loader.resolve import resolve_model
+    from tests.tiny_models import make_checkpoint
 
     make_checkpoint("qwen2", tmp_path)
     config = ModelConfig.load(resolve_model(str(tmp_path)), "auto", "cpu", None)

@@ -1,17 +1,23 @@
 """Quality of --torchao-config on the embedded SmolLM2-135M: quantized vs unquantized logits.
 
-For each of 50 fixed prompts, one prefill with the logits of every position; reports top-1
-next-token agreement (every position, and the last position of each prompt only) and the mean
-KL(unquantized || quantized) over all positions. Runs on the CPU (int4 is emulated there with the
-same numbers as the GPU kernels).
+For 50 fixed prompts (one batched prefill, the logits of every position), reports per run: top-1
+next-token agreement (every position, and each prompt's last position only) and the mean
+KL(unquantized || quantized) over all positions. Runs on the CPU, where int4 is emulated with the
+numbers the GPU kernels compute (dequantize, then matmul).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/quant_quality.py --config int4wo-128 \\
-        --out benchmarks/results/quant_quality_int4wo-128.json
+A run is CONFIG[:METHOD]. For int4wo-*, METHOD is how codes are chosen: search (the data-free
+range search that --torchao-config uses), minmax, gptq or gptq-actorder (GPTQ on CALIBRATION text,
+which the prompts do not overlap; not what the server does: it has no calibration data).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/quant_quality.py \
+        --runs int4wo-128:search,int4wo-128:minmax,int4wo-128:gptq-actorder,int8wo \
+        --out benchmarks/results/quant_quality.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -72,6 +78,55 @@ PROMPTS = [
     "User: Can you recommend a good book to read?\nAssistant:",
 ]
 
+# Calibration text for --method gptq: none of it overlaps the evaluation prompts above.
+CALIBRATION = [
+    "The history of the bicycle begins in the early nineteenth century, when inventors in Germany and France "
+    "built wooden running machines that riders pushed along with their feet. Pedals came decades later, and the "
+    "chain drive and pneumatic tyres turned the bicycle into a practical machine for millions of people.",
+    "To reset your password, open the settings page, choose the account tab and click 'Forgot password'. You "
+    "will receive an email with a link that expires after twenty-four hours. If the email does not arrive, "
+    "check your spam folder or contact support.",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n"
+    "        self.items.append(item)\n\n    def pop(self):\n        if not self.items:\n"
+    "            raise IndexError('pop from empty stack')\n        return self.items.pop()\n",
+    "Volcanoes form where molten rock from the mantle reaches the surface. Some erupt explosively, throwing ash "
+    "high into the atmosphere, while others release slow rivers of lava that can flow for kilometres.",
+    "User: What is a good way to learn a new language?\nAssistant: Practise a little every day, listen to "
+    "native speakers, and do not be afraid of making mistakes. Reading simple books and keeping a vocabulary "
+    "notebook also help a lot.",
+    "The recipe serves four. Chop two onions and three cloves of garlic, fry them gently in olive oil, add a "
+    "tin of tomatoes and a pinch of salt, and let the sauce simmer for twenty minutes before stirring in "
+    "fresh basil.",
+    "In economics, inflation is the rate at which the general level of prices rises. Central banks try to keep "
+    "it low and stable, usually by adjusting interest rates.",
+    "The old lighthouse keeper climbed the spiral stairs every evening to light the lamp. Ships passing the "
+    "rocky coast relied on its beam, and in forty years not one had run aground on his watch.",
+    "function debounce(fn, wait) {\n  let timer;\n  return (...args) => {\n    clearTimeout(timer);\n"
+    "    timer = setTimeout(() => fn(...args), wait);\n  };\n}\n",
+    "Octopuses have three hearts and blue blood. They can change the colour and texture of their skin in a "
+    "fraction of a second, and they are known for solving puzzles and escaping from aquariums.",
+    "Step 1: Preheat the oven to 180 degrees. Step 2: Mix the flour, sugar and butter in a large bowl. "
+    "Step 3: Add the eggs one at a time. Step 4: Pour the batter into a tin and bake for forty minutes.",
+    "Renewable energy sources such as wind, solar and hydroelectric power produce electricity without burning "
+    "fossil fuels. Their share of the world's energy supply has grown quickly over the last two decades.",
+    "Dear team, thank you all for your hard work this quarter. We shipped three major releases, fixed over two "
+    "hundred bugs and welcomed five new colleagues. Let's keep the momentum going.",
+    "A triangle's angles always add up to one hundred and eighty degrees. In a right triangle, the square of "
+    "the hypotenuse equals the sum of the squares of the other two sides.",
+    "The museum's new exhibition brings together paintings, sculptures and photographs from five centuries, "
+    "exploring how artists have depicted cities, rivers and the changing seasons.",
+    "User: How do I sort a list of dictionaries by a key in Python?\nAssistant: Use the sorted function with "
+    "a key argument, for example sorted(items, key=lambda d: d['age']).",
+    "Glaciers are slowly moving rivers of ice. As they advance, they carve valleys and carry rocks over long "
+    "distances; as the climate warms, many of them are retreating.",
+    "The orchestra tuned their instruments as the audience settled into their seats. When the conductor raised "
+    "his baton, the hall fell silent, and the first notes of the symphony filled the room.",
+    "CREATE TABLE orders (id INTEGER PRIMARY KEY, customer_id INTEGER NOT NULL, total REAL, "
+    "created_at TEXT DEFAULT CURRENT_TIMESTAMP);",
+    "Sleep plays a vital role in memory, mood and physical health. Most adults need between seven and nine "
+    "hours a night, and regular sleep times help the body keep its internal clock.",
+]
+
 
 def build_runner():
     from edgelm.model_config import ModelConfig
@@ -79,7 +134,7 @@ def build_runner():
     from edgelm.model_loader.resolve import resolve_model
     from edgelm.server_args import ServerArgs
 
-    args = ServerArgs(device="cpu", max_total_tokens=2048, max_running_requests=4)
+    args = ServerArgs(device="cpu", max_total_tokens=4096, max_running_requests=64)
     config = ModelConfig.load(resolve_model(None), args.dtype, "cpu", args.context_length)
     return ModelRunner(args, config, "cpu"), config
 
@@ -93,19 +148,41 @@ def tokenizer_for(config):
 
 @torch.no_grad()
 def all_logits(runner, token_lists: list[list[int]]) -> list[torch.Tensor]:
-    """Logits [len(prompt), vocab] (float32) of each prompt, one prefill each."""
+    """Logits [len(prompt), vocab] (float32) of each prompt, all prompts in one prefill."""
     from edgelm.model_executor.forward_batch import ForwardBatch
 
-    out = []
-    for ids in token_lists:
-        runner.allocator.clear()
-        runner.req_to_token_pool.clear()
-        req = runner.req_to_token_pool.alloc()
-        slots = runner.allocator.alloc(len(ids))
-        runner.req_to_token_pool.write(req, 0, slots)
-        batch = ForwardBatch.for_extend(ids, [req], [0], [len(ids)], slots, "cpu", return_all_logits=True)
-        out.append(runner.forward(batch).float())
-    return out
+    runner.allocator.clear()
+    runner.req_to_token_pool.clear()
+    reqs = [runner.req_to_token_pool.alloc() for _ in token_lists]
+    slots = runner.allocator.alloc(sum(len(ids) for ids in token_lists))
+    offset = 0
+    for req, ids in zip(reqs, token_lists):
+        runner.req_to_token_pool.write(req, 0, slots[offset : offset + len(ids)])
+        offset += len(ids)
+    batch = ForwardBatch.for_extend([t for ids in token_lists for t in ids], reqs, [0] * len(reqs),
+                                    [len(ids) for ids in token_lists], slots, "cpu", return_all_logits=True)
+    logits = runner.forward(batch).float()
+    return list(logits.split([len(ids) for ids in token_lists]))
+
+
+def quantize(model, config: str, method: str, hessians) -> None:
+    from edgelm.quantization.torchao_config import INT4_GROUP_SIZES, apply_torchao_config, quantize_int4_model
+
+    if not config.startswith("int4wo-"):
+        apply_torchao_config(model, config, "cpu")
+    elif method in ("search", "minmax"):
+        quantize_int4_model(model, INT4_GROUP_SIZES[config], method)
+    else:
+        from edgelm.quantization.gptq import gptq_quantize
+        from edgelm.quantization.int4_linear import Int4Linear
+
+        for name, hessian in hessians.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            linear = getattr(parent, child)
+            packed = gptq_quantize(linear.weight.data, hessian, INT4_GROUP_SIZES[config],
+                                   act_order=method == "gptq-actorder")
+            setattr(parent, child, Int4Linear(packed, linear.bias, linear.weight.dtype))
 
 
 def compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
@@ -124,32 +201,42 @@ def compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="int4wo-128", help="a --torchao-config value")
-    parser.add_argument("--method", default="search", choices=("search", "minmax"),
-                        help="int4 quantization method (int4wo-* only)")
+    parser.add_argument("--runs", default="int4wo-128:search",
+                        help="comma-separated CONFIG[:METHOD], METHOD in search|minmax|gptq|gptq-actorder")
     parser.add_argument("--out", help="write the result JSON here")
     args = parser.parse_args(argv)
+    runs = [r.split(":") if ":" in r else (r, "torchao") for r in args.runs.split(",")]
+    for config, method in runs:
+        if config.startswith("int4wo-") and method not in ("search", "minmax", "gptq", "gptq-actorder"):
+            parser.error(f"unknown int4 method {method!r}")
     torch.manual_seed(0)
-    runner, config = build_runner()
-    tok = tokenizer_for(config)
+    runner, config_ = build_runner()
+    tok = tokenizer_for(config_)
     token_lists = [tok(p)["input_ids"] for p in PROMPTS]
     ref = all_logits(runner, token_lists)
-    t0 = time.time()
-    if args.config.startswith("int4wo-"):
-        from edgelm.quantization.torchao_config import INT4_GROUP_SIZES, quantize_int4_model
+    hessians = None
+    if any(m.startswith("gptq") for _, m in runs):
+        from edgelm.quantization.gptq import HessianCollector
+        from edgelm.quantization.torchao_config import _is_target
 
-        quantize_int4_model(runner.model, INT4_GROUP_SIZES[args.config], args.method)
-    else:
-        from edgelm.quantization.torchao_config import apply_torchao_config
-
-        apply_torchao_config(runner.model, args.config, "cpu")
-    quant_s = time.time() - t0
-    got = all_logits(runner, token_lists)
-    result = {"config": args.config, "method": args.method if args.config.startswith("int4wo-") else "torchao",
-              "model": config.source.display_name, "device": "cpu", "quantize_seconds": round(quant_s, 1),
-              **compare(ref, got), "command": "PYTHONPATH=. python " + " ".join(sys.argv),
+        collector = HessianCollector(runner.model, _is_target)
+        all_logits(runner, [tok(c)["input_ids"] for c in CALIBRATION])
+        collector.remove()
+        hessians = collector.hessians
+    original = runner.model
+    results = []
+    for config, method in runs:
+        runner.model = copy.deepcopy(original)
+        t0 = time.time()
+        quantize(runner.model, config, method, hessians)
+        row = {"config": config, "method": method, "quantize_seconds": round(time.time() - t0, 1),
+               **compare(ref, all_logits(runner, token_lists))}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    result = {"model": config_.source.display_name, "device": "cpu", "prompts": len(PROMPTS),
+              "calibration_tokens": sum(len(tok(c)["input_ids"]) for c in CALIBRATION) if hessians else None,
+              "results": results, "command": "PYTHONPATH=. python " + " ".join(sys.argv),
               "torch": torch.__version__, "machine": platform.machine()}
-    print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -77,6 +77,22 @@ def test_search_beats_minmax():
     assert e_search < e_minmax * 0.95
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rounding_on_its_inputs(act_order):
+    from edgelm.quantization.gptq import gptq_quantize
+
+    torch.manual_seed(1)
+    w = torch.randn(32, 200) * 0.05
+    x = torch.randn(400, 200) * torch.rand(200) ** 2 * 3  # uneven input energies
+    q = gptq_quantize(w, x.double().T @ x.double(), 64, "minmax", act_order=act_order)
+    assert q.qweight.shape == (32, padded_in_features(200) // 8)
+
+    def out_err(packed):
+        return float((x @ (dequantize_int4(packed) - w).T).norm())
+
+    assert out_err(q) < 0.95 * out_err(quantize_int4(w, 64, "minmax"))
+
+
 # ---------------------------------------------------------------- kernels under the interpreter
 def _random_int4(n, k, group, device):
     w = torch.randn(n, k, device=device) * 0.05

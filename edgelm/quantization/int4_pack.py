@@ -60,17 +60,25 @@ def _groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.
 
 
 def _assign(w: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.round((w - m) / s), 0, 15)
+    return ((w - m) / s).round_().clamp_(0, 15)
 
 
-def _sq_error(w, q, s, m, valid) -> torch.Tensor:
-    return (((q * s + m - w) ** 2) * valid).sum(-1, keepdim=True)
+def _candidate_error(w, s, m, valid) -> torch.Tensor:
+    """Per-group squared reconstruction error of (s, m); in place on one temporary (CPU start-up time)."""
+    t = _assign(w, s, m).mul_(s).add_(m).sub_(w).square_()
+    if valid is not None:
+        t.mul_(valid)
+    return t.sum(-1, keepdim=True)
 
 
 def _refit(w, q, valid, s, m):
     """Least-squares (s, m) for fixed codes q, per group; groups with one distinct code keep (s, m)."""
-    cnt = valid.sum(-1, keepdim=True).clamp(min=1)
-    qv, wv = q * valid, w * valid
+    if valid is None:
+        cnt = torch.full_like(s, w.shape[-1])
+        qv, wv = q, w
+    else:
+        cnt = valid.sum(-1, keepdim=True).clamp(min=1)
+        qv, wv = q * valid, w * valid
     mean_q, mean_w = qv.sum(-1, keepdim=True) / cnt, wv.sum(-1, keepdim=True) / cnt
     var_q = (qv * q).sum(-1, keepdim=True) / cnt - mean_q**2
     cov = (qv * w).sum(-1, keepdim=True) / cnt - mean_q * mean_w
@@ -91,20 +99,21 @@ def _search_chunk(w, valid, method: str, shrink_steps: int, refit_iters: int):
     s, m = span / 15, lo
     if method == "minmax":
         return s, m
-    best_err = _sq_error(w, _assign(w, s, m), s, m, valid)
+    valid = None if bool(valid.all()) else valid
+    best_err = _candidate_error(w, s, m, valid)
     # shrink the range towards either end (clipping outliers); keep each group's best
     for i in range(1, shrink_steps + 1):
         for a, b in ((i, 0), (0, i), (i, i)):
             f_lo, f_hi = a / (4 * shrink_steps), b / (4 * shrink_steps)
             cs, cm = span * (1 - f_lo - f_hi) / 15, lo + span * f_lo
-            err = _sq_error(w, _assign(w, cs, cm), cs, cm, valid)
+            err = _candidate_error(w, cs, cm, valid)
             better = err < best_err
             s, m, best_err = torch.where(better, cs, s), torch.where(better, cm, m), torch.minimum(err, best_err)
     # alternate: codes for (s, m), then the least-squares (s, m) for those codes (never increases the error)
     for _ in range(refit_iters):
         q = _assign(w, s, m)
         cs, cm = _refit(w, q, valid, s, m)
-        err = _sq_error(w, _assign(w, cs, cm), cs, cm, valid)
+        err = _candidate_error(w, cs, cm, valid)
         better = err < best_err
         s, m, best_err = torch.where(better, cs, s), torch.where(better, cm, m), torch.minimum(err, best_err)
     return s, m

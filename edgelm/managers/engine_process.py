@@ -39,6 +39,26 @@ class PortArgs:
         return cls(f"ipc://{base}-sched", f"ipc://{base}-tok")
 
 
+def apply_platform_defaults(server_args) -> None:
+    """Fill flags the user left unset with this platform's defaults (Jetson modules get smaller
+    graph batches and prefill chunks), and log what was detected and any warnings."""
+    from edgelm.platform import describe, detect_platform, platform_defaults, platform_warnings
+
+    try:
+        facts = detect_platform()
+    except Exception as exc:  # detection is advisory: never block start-up on it
+        logger.warning("platform detection failed: %s", exc)
+        return
+    if server_args.resolved_device() != facts.device:
+        return
+    logger.info("platform: %s", describe(facts))
+    for key, value in platform_defaults(facts).items():
+        if getattr(server_args, key, None) is None:
+            setattr(server_args, key, value)
+    for warning in platform_warnings(facts):
+        logger.warning(warning)
+
+
 def _watch_parent(parent_pid: int) -> None:
     """Exit when the process that started us is gone (no orphaned engines holding the GPU)."""
     while True:
@@ -106,6 +126,7 @@ def run_engine_process(server_args, port_args: PortArgs, ready_conn, parent_pid:
 
 def spawn_engine_process(server_args, port_args: PortArgs):
     """Start the engine process; `wait_engine_ready` then waits for it (do other start-up work between)."""
+    apply_platform_defaults(server_args)
     ctx = mp.get_context("spawn")
     parent_conn, child_conn = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=run_engine_process, args=(server_args, port_args, child_conn, os.getpid()),

@@ -15,11 +15,14 @@ from edgelm.model_config import ModelConfig
 from edgelm.model_executor.forward_batch import ForwardBatch
 from edgelm.model_executor.memory_planner import (
     GB,
+    cuda_is_integrated,
     device_memory,
     estimate_activation_bytes,
     estimate_cuda_graph_bytes,
     plan_kv_pool,
+    preflight_check,
 )
+from edgelm.model_executor.weight_bytes import estimate_weight_bytes
 from edgelm.model_loader.loader import load_model
 from edgelm.sampling.sampling_batch_info import SamplingBatchInfo
 from edgelm.server_args import ServerArgs
@@ -44,6 +47,9 @@ def module_bytes(module: torch.nn.Module, buffers: bool = True) -> int:
             seen.add(id(t))
             total += tensor_bytes(t)
     return total
+
+
+_CPU_DEFAULT_MAX_TOKENS = 65536
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -75,6 +81,12 @@ class ModelRunner:
             check_torchao, apply_torchao = _load_torchao()
             check_torchao(torchao_config, device)
         available_before, total = device_memory(device)
+        kv_per_token = MHATokenToKVPool.bytes_per_token(self.dtype, model_config.num_kv_heads,
+                                                        model_config.head_dim, model_config.num_layers)
+        default_running = 512 if device == "cuda" else 128
+        graph_bytes, activation_bytes = self._reserve_estimates(server_args.max_running_requests or default_running)
+        if server_args.load_format != "dummy" or device == "cuda":
+            self._preflight(available_before, total, kv_per_token, graph_bytes, activation_bytes)
         start = time.perf_counter()
         self.model = load_model(model_config, device, server_args.load_format)
         if torchao_config:
@@ -83,14 +95,16 @@ class ModelRunner:
         if device == "cuda":
             torch.cuda.empty_cache()
         self.weight_bytes = module_bytes(self.model)
-        available_after = device_memory(device)[0] if device == "cuda" else available_before - self.weight_bytes
-        kv_per_token = MHATokenToKVPool.bytes_per_token(self.dtype, model_config.num_kv_heads,
-                                                        model_config.head_dim, model_config.num_layers)
-        default_running = 512 if device == "cuda" else 128
-        graph_bytes, activation_bytes = self._reserve_estimates(server_args.max_running_requests or default_running)
+        available_after = available_before - self.weight_bytes
+        if device == "cuda":  # on shared memory (Jetson) the OS may not report the weights yet: take the lower
+            available_after = min(device_memory(device)[0], available_after)
+        max_total_tokens = server_args.max_total_tokens
+        if device == "cpu" and max_total_tokens is None:
+            # a CPU pool beyond this only costs start-up time and RAM: the CPU cannot decode that many at once
+            max_total_tokens = min(_CPU_DEFAULT_MAX_TOKENS, max(4 * model_config.context_len, 16384))
         self.memory_plan = plan_kv_pool(device, total if device == "cuda" else available_before, available_after,
                                         self.weight_bytes, kv_per_token, server_args.mem_fraction_static,
-                                        server_args.max_total_tokens, model_config.context_len,
+                                        max_total_tokens, model_config.context_len,
                                         cuda_graph_bytes=graph_bytes, activation_bytes=activation_bytes)
         for line in self.memory_plan.summary_lines():
             logger.info(line)
@@ -109,6 +123,21 @@ class ModelRunner:
         self.graph_memory_bytes = 0
         self.init_cuda_graphs()
         logger.info(self.summary())
+
+    def _preflight(self, available: int, total: int, kv_per_token: int, graph_bytes: int,
+                   activation_bytes: int) -> None:
+        """Refuse a model that cannot fit before loading a byte of it, with the numbers."""
+        cfg, args = self.model_config, self.server_args
+        dtype = str(self.dtype).replace("torch.", "")
+        weights = estimate_weight_bytes(cfg.hf_config, dtype, args.torchao_config or "", self.device)
+        alternatives = {}
+        if not args.torchao_config and self.device == "cuda":
+            alternatives["int4wo-128"] = estimate_weight_bytes(cfg.hf_config, dtype, "int4wo-128", self.device)
+        preflight_check((available, total), weights, kv_per_token, min(cfg.context_len, 2048),
+                        args.mem_fraction_static, device=self.device,
+                        unified_memory=self.device == "cuda" and cuda_is_integrated(),
+                        max_total_tokens=args.max_total_tokens, cuda_graph_bytes=graph_bytes,
+                        activation_bytes=activation_bytes, alternatives=alternatives)
 
     def _reserve_estimates(self, max_running: int) -> tuple[int, int]:
         """(CUDA graph, activation) bytes the memory plan leaves free besides the KV pool; on a GPU only."""

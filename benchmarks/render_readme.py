@@ -1,0 +1,126 @@
+"""Write the README's performance section from benchmarks/results/*.json (never by hand).
+
+    python benchmarks/render_readme.py            # rewrites the block between the perf-table markers
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+BEGIN, END = "<!-- perf-table:begin -->", "<!-- perf-table:end -->"
+
+
+def _load(pattern: str) -> list[tuple[str, dict]]:
+    out = []
+    for path in sorted(glob.glob(os.path.join(RESULTS, pattern))):
+        with open(path) as f:
+            out.append((os.path.basename(path), json.load(f)))
+    return out
+
+
+def _source(name: str, d: dict) -> str:
+    return f"<sub>`{name}` · {d.get('device', '?')} · {str(d.get('date', '?'))[:10]} · `{d.get('command', '?')}`</sub>"
+
+
+def gpu_latency() -> list[str]:
+    lines = []
+    for name, d in _load("bench_one_batch_*.json"):
+        peaks = d.get("peaks") or {}
+        quant = d.get("torchao_config") or d.get("dtype")
+        lines += [f"**{d['model']} ({quant}, {d.get('attention_backend')} attention, random weights)** — "
+                  f"bandwidth measured in the same run: {peaks.get('bandwidth_gbps', 0):.0f} GB/s, "
+                  f"bf16 matmul peak {peaks.get('matmul_tflops', 0):.0f} TFLOP/s", "",
+                  "| batch | input | decode tok/s | ITL median (ms) | roofline ratio | prefill tok/s | "
+                  "prefill / matmul peak | CUDA graphs |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for r in d["results"]:
+            lines.append(f"| {r['batch_size']} | {r['input_len']} | {r['decode_tok_s']:.1f} | "
+                         f"{r['decode_median_latency_s'] * 1e3:.2f} | {r.get('decode_roofline_ratio', 0):.2f} | "
+                         f"{r['prefill_tok_s']:.0f} | {r.get('prefill_matmul_fraction', 0):.2f} | "
+                         f"{'yes' if r.get('cuda_graph') else 'no'} |")
+        lines += ["", _source(name, d), ""]
+    return lines
+
+
+def int4_kernels() -> list[str]:
+    lines = []
+    for name, d in _load("int4_h100.json"):
+        lines += [f"**int4 W4A16 group-{d.get('group_size')} kernels vs bf16 cuBLAS, Llama-3.1-8B layer shapes**", "",
+                  "| layer | M | bf16 (µs) | int4 (µs) | speedup | share of int4 roofline |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in d["rows"]:
+            lines.append(f"| {r['shape']} ({r['K']}→{r['N']}) | {r['M']} | {r['bf16_us']:.1f} | {r['int4_us']:.1f} | "
+                         f"{r['speedup']:.2f}× | {r['int4_fraction_of_roofline']:.2f} |")
+        lines += ["", _source(name, d), ""]
+    return lines
+
+
+def cpu_decode() -> list[str]:
+    lines = []
+    for name, d in _load("cpu_bench*.json"):
+        lines += [f"**CPU batch-1 decode, {d['model']} ({d['dtype']}), edgelm vs HF transformers `generate` "
+                  "on the same GGUF weights, same run**", "",
+                  "| threads | edgelm tok/s | HF tok/s | edgelm / HF | same tokens | load average before |",
+                  "| ---: | ---: | ---: | ---: | --- | --- |"]
+        for r in d["runs"]:
+            load = ", ".join(f"{x:.1f}" for x in r.get("load_average_before", [])[:1])
+            lines.append(f"| {r['threads']} | {r['edgelm']['decode_tok_s']:.1f} | {r['hf_transformers']['decode_tok_s']:.1f}"
+                         f" | {r['ratio_edgelm_over_hf']:.2f} | {r.get('tokens_equal')} | {load} |")
+        lines += ["", _source(name, d), ""]
+    return lines
+
+
+def serving() -> list[str]:
+    lines = []
+    for name, d in _load("bench_serving_*.json"):
+        lines += [f"**Serving load ({d.get('backend')}, {d.get('dataset_name')} prompts of {d.get('random_input_len')} "
+                  f"words, {d.get('random_output_len')} output tokens)**", "",
+                  "| concurrency | completed | failed | output tok/s | TTFT p50 (ms) | ITL p50 (ms) | E2E p50 (ms) |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in d["runs"]:
+            lines.append(f"| {r.get('max_concurrency')} | {r['completed']} | {r['failed']} | "
+                         f"{r['output_throughput']:.2f} | {r['median_ttft_ms']:.0f} | {r['median_itl_ms']:.0f} | "
+                         f"{r['median_e2e_latency_ms']:.0f} |")
+        machine = d.get("machine")
+        lines += ["", _source(name, {**d, "device": machine.get("cpu", "CPU") if isinstance(machine, dict)
+                                     else "CPU"}), ""]
+    return lines
+
+
+def quality() -> list[str]:
+    lines = []
+    for name, d in _load("quant_quality*.json"):
+        rows = d.get("results") or d.get("configs") or []
+        if not isinstance(rows, list) or not rows:
+            continue
+        lines += ["**int4 quality on the embedded model (against unquantized)**", "",
+                  "| config | method | top-1 agreement | mean KL |", "| --- | --- | ---: | ---: |"]
+        for r in rows:
+            lines.append(f"| {r.get('config', r.get('torchao_config', '?'))} | {r.get('method', '')} | "
+                         f"{r.get('top1_agreement', 0):.3f} | {r.get('mean_kl', 0):.4f} |")
+        lines += ["", _source(name, d), ""]
+    return lines
+
+
+def render() -> str:
+    parts = gpu_latency() + int4_kernels() + quality() + cpu_decode() + serving()
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def main() -> None:
+    readme = os.path.join(ROOT, "README.md")
+    with open(readme) as f:
+        text = f.read()
+    block = f"{BEGIN}\n{render()}{END}"
+    text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    with open(readme, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()

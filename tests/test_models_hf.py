@@ -62,3 +62,18 @@ def test_prefill_then_decode_matches_generate(pair):
             torch.testing.assert_close(step_logits[step][i], hf_logits[0], atol=ATOL, rtol=0,
                                        msg=lambda m, i=i, step=step: f"request {i} step {step}: {m}")
 
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen3"])
+def test_bfloat16_close_to_transformers_bfloat16(family, tmp_path):
+    hf = make_checkpoint(family, tmp_path).to(torch.bfloat16)
+    runner = make_runner(str(tmp_path), dtype="bfloat16")
+    assert runner.dtype == torch.bfloat16
+    tokens, step_logits = Driver(runner).greedy(PROMPTS[:2], 6)
+    for i, prompt in enumerate(PROMPTS[:2]):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        assert tokens[i] == ref.sequences[0, len(prompt):].tolist()
+        for step, hf_logits in enumerate(ref.logits):
+            torch.testing.assert_close(step_logits[step][i], hf_logits[0].float(), atol=0.1, rtol=0)

@@ -181,7 +181,7 @@ def _split_tiles(total: int, split: int) -> tuple[int, int]:
 
 
 def gemm(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
-    """x [M, K] (rows contiguous) → y [M, N] on the tensor cores."""
+    """x [M, K] (last dim contiguous) → y [M, N] on the tensor cores."""
     block_m, block_n, split_k, num_warps = config or GEMM_CONFIG
     m = x.shape[0]
     n, kw = w.qweight.shape
@@ -242,7 +242,7 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None
     """y = x · dequant(W)ᵀ (+ bias) for x [..., K] on a CUDA device; y [..., N] in x's dtype."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != shape[-1]):
+    if x2.stride(-1) != 1:  # rows may be strided (gemm takes the row stride), elements not
         x2 = x2.contiguous()
     m = x2.shape[0]
     y = None

@@ -59,7 +59,8 @@ class ModelConfig:
             hf_config.architectures = architectures
         model_max = int(getattr(hf_config, "max_position_embeddings", 4096))
         if context_length is not None and context_length > model_max:
-            logger.warning("--context-length %d is beyond the model's %d positions", context_length, model_max)
+            raise ValueError(f"--context-length {context_length} is beyond the model's {model_max} positions "
+                             f"(max_position_embeddings); use at most {model_max}")
         eos = getattr(hf_config, "eos_token_id", None)
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         gen_path = os.path.join(source.directory, "generation_config.json")

@@ -186,14 +186,14 @@ def test_cuda_graph_capture_gpu():
 
 # ---------------------------------------------------------------- configs on a tiny model
 def _tiny_runner(tmp_path):
-    from tiny_models import make_checkpoint, make_runner
+    from tests.tiny_models import make_checkpoint, make_runner
 
     make_checkpoint("qwen2", tmp_path)  # q/k/v bias: the bias must survive quantization
     return make_runner(str(tmp_path))
 
 
 def _logits(runner, ids):
-    from tiny_models import Driver
+    from tests.tiny_models import Driver
 
     runner.allocator.clear()
     runner.req_to_token_pool.clear()

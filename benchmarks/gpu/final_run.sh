@@ -14,7 +14,7 @@ timeout 200 python -m edgelm.bench_one_batch --model-path llama-3.1-8b --load-fo
     --result-file "$OUT/bench_one_batch_llama-3.1-8b_bf16_h100.json" > "$OUT/bf16.log" 2>&1
 tail -3 "$OUT/bf16.log"
 timeout 90 python -m edgelm.bench_one_batch --model-path llama-3.1-8b --load-format dummy --dtype bfloat16 \
-    --batch-size 1 --input-len 4096 --output-len 8 --skip-peaks \
+    --batch-size 1 --input-len 4096 --output-len 8 \
     --result-file "$OUT/bench_one_batch_llama-3.1-8b_bf16_prefill4k_h100.json" > "$OUT/prefill4k.log" 2>&1
 tail -3 "$OUT/prefill4k.log"
 timeout 180 python -m edgelm.bench_one_batch --model-path llama-3.1-8b --load-format dummy --dtype bfloat16 \

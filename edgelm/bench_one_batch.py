@@ -97,6 +97,12 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
         if id(p) not in seen and id(p) not in skip:
             seen.add(id(p))
             total += tensor_bytes(p)
+    for m in model.modules():  # quantized linears keep packed weights and scales as buffers
+        if hasattr(m, "qweight"):
+            for name, b in m.named_buffers(recurse=False):
+                if b is not None and name != "dense_weight" and id(b) not in seen:
+                    seen.add(id(b))
+                    total += tensor_bytes(b)
     return total
 
 
@@ -105,6 +111,8 @@ def prefill_flops(model: torch.nn.Module, model_config: ModelConfig, batch_size:
     plus causal attention: QKᵀ and PV, 2·2·heads·head_dim flops per (query, key) pair."""
     embeds = {id(w) for w in _embedding_weights(model)}
     layer_params = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and id(p) not in embeds)
+    # quantized linears: their logical in × out weights, not the packed storage
+    layer_params += sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "qweight"))
     head_params = model.lm_head_weight.numel()
     tokens = batch_size * input_len
     pairs = batch_size * input_len * (input_len + 1) / 2

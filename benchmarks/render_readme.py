@@ -47,6 +47,26 @@ def gpu_latency() -> list[str]:
     return lines
 
 
+def int4_vs_bf16() -> list[str]:
+    """Whole-model decode, int4wo-128 against bf16, from the two latency files of one device session."""
+    runs = dict(_load("bench_one_batch_*.json"))
+    bf16 = next((d for n, d in runs.items() if not d.get("torchao_config") and "prefill" not in n), None)
+    int4 = next((d for d in runs.values() if d.get("torchao_config") == "int4wo-128"), None)
+    if bf16 is None or int4 is None:
+        return []
+    base = {(r["batch_size"], r["input_len"]): r for r in bf16["results"]}
+    lines = [f"**{int4['model']} decode: int4wo-128 against bf16** (same device, same session; int4 weights "
+             f"{int4['decode_weight_bytes'] / 1e9:.2f} GB read per step against {bf16['decode_weight_bytes'] / 1e9:.2f} GB)",
+             "", "| batch | bf16 tok/s | int4wo-128 tok/s | int4 / bf16 | int4 roofline ratio |",
+             "| ---: | ---: | ---: | ---: | ---: |"]
+    for r in int4["results"]:
+        b = base.get((r["batch_size"], r["input_len"]))
+        if b is not None:
+            lines.append(f"| {r['batch_size']} | {b['decode_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
+                         f"{r['decode_tok_s'] / b['decode_tok_s']:.2f}× | {r.get('decode_roofline_ratio', 0):.2f} |")
+    return lines + [""]
+
+
 def int4_kernels() -> list[str]:
     lines = []
     for name, d in _load("int4_h100.json"):
@@ -108,7 +128,7 @@ def quality() -> list[str]:
 
 
 def render() -> str:
-    parts = gpu_latency() + int4_kernels() + quality() + cpu_decode() + serving()
+    parts = gpu_latency() + int4_vs_bf16() + int4_kernels() + quality() + cpu_decode() + serving()
     return "\n".join(parts).rstrip() + "\n"
 
 

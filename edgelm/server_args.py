@@ -60,7 +60,8 @@ class ServerArgs:
     mem_fraction_static: float | None = _flag(
         None, "Fraction of device memory for weights + KV pool (default depends on the device).")
     max_running_requests: int | None = _flag(None, "Most requests decoding at once.")
-    max_queued_requests: int | None = _flag(None, "Most requests waiting; beyond it new ones get a 503.")
+    max_queued_requests: int | None = _flag(
+        None, "Most requests waiting beyond --max-running-requests; more in flight get a 503 with Retry-After.")
     max_total_tokens: int | None = _flag(None, "KV pool size in tokens (default: from the memory plan).")
     chunked_prefill_size: int | None = _flag(
         None, "Most prompt tokens in one prefill step; -1 disables chunking.")
@@ -83,6 +84,11 @@ class ServerArgs:
     port: int = _flag(30000, "HTTP port.")
     api_key: str | None = _flag(None, "Require this Bearer key on every route but /health.")
     enable_metrics: bool = _flag(False, "Serve Prometheus metrics on /metrics.")
+    request_timeout: float | None = _flag(
+        None, "Seconds a request may take from arrival to its last token; beyond it it is aborted (a 504).")
+    watchdog_timeout: float = _flag(
+        300.0, "Seconds without a sign of life from the engine loop before the server reports unhealthy "
+        "and exits non-zero (for a supervisor to restart it).")
     # Logging
     log_level: str = _flag("info", "Logging level.", choices=("debug", "info", "warning", "error"))
     log_requests: bool = _flag(False, "Log every request's inputs and outputs.")
@@ -119,6 +125,10 @@ class ServerArgs:
                 raise ServerArgsError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if self.chunked_prefill_size is not None and self.chunked_prefill_size == 0:
             raise ServerArgsError("--chunked-prefill-size must be positive, or -1 to disable chunking")
+        for name in ("request_timeout", "watchdog_timeout"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ServerArgsError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {value}")
         if not 0 < self.port < 65536:
             raise ServerArgsError(f"--port must be in 1..65535, got {self.port}")
         if self.decode_log_interval <= 0:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
-import json
 import logging
 import os
 import signal
@@ -15,9 +13,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import edgelm
+from edgelm.entrypoints.http_guard import GuardMiddleware
 from edgelm.entrypoints.openai.common import error_body, error_response, sse
 from edgelm.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequestBody
 from edgelm.entrypoints.openai.serving_chat import ChatServing
@@ -27,8 +27,39 @@ from edgelm.sampling.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 8 * 1024 * 1024
-_OPEN_ROUTES = {"/health"}
+# after the watchdog fires: seconds /health answers 503 before the server exits
+_FATAL_GRACE_S = 2.0
+
+
+def _error_dict(status: int, message: str) -> dict:
+    body = error_body(status, message)
+    if status == 504:
+        body["error"]["type"] = "timeout_error"
+    return body
+
+
+def _api_error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(_error_dict(status, message), status_code=status, headers=headers)
+
+
+def _has_bad_unicode(value) -> bool:
+    """Whether a request holds a string UTF-8 cannot encode (a lone surrogate from a \\ud800 escape)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, BaseModel):
+            stack.extend(v.__dict__.values())
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)) and v and not isinstance(v[0], int):
+            stack.extend(v)
+    return False
 
 
 class _MetricsAdapter:
@@ -51,13 +82,26 @@ class _MetricsAdapter:
         return getattr(self.m.tokenizer, name)
 
 
-def create_app(server_args, engine_info, tokenizer, port_args, engine_proc=None) -> FastAPI:
+def create_app(server_args, engine_info, tokenizer, port_args, engine_proc=None, on_fatal=None) -> FastAPI:
+    """The FastAPI app. `engine_proc`: the engine's process (watched by the watchdog when given);
+    `on_fatal(reason)`: called when the engine died or stalled (the launcher then exits non-zero)."""
     state: dict = {}
+
+    def fatal(reason: str) -> None:
+        state["fatal"] = reason
+        if engine_proc is not None and engine_proc.is_alive():
+            engine_proc.kill()  # stalled: a restart is the way out
+        if on_fatal is not None:
+            asyncio.get_running_loop().call_later(_FATAL_GRACE_S, on_fatal, reason)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         tm = TokenizerManager(server_args, engine_info, tokenizer, port_args)
         tm.start()
+        watchdog = None
+        if engine_proc is not None:
+            watchdog = asyncio.get_running_loop().create_task(
+                tm.watch_engine(engine_proc, server_args.watchdog_timeout, fatal))
         if server_args.enable_metrics:
             from edgelm.metrics import ServerMetrics
 
@@ -66,22 +110,18 @@ def create_app(server_args, engine_info, tokenizer, port_args, engine_proc=None)
         state.update(tm=tm, chat=ChatServing(tm, server_args), completions=CompletionServing(tm),
                      native=NativeServing(tm))
         yield
+        if watchdog is not None:
+            watchdog.cancel()
         tm.close()
 
     app = FastAPI(title="edgelm", version=edgelm.__version__, lifespan=lifespan)
+    max_inflight = None
+    if server_args.max_queued_requests is not None:
+        max_inflight = engine_info.max_running_requests + server_args.max_queued_requests
+    app.add_middleware(GuardMiddleware, api_key=server_args.api_key, max_inflight=max_inflight,
+                       get_tm=lambda: state.get("tm"))
 
-    # ------------------------------------------------------------------ middleware and errors
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if server_args.api_key and request.url.path not in _OPEN_ROUTES:
-            auth = request.headers.get("authorization", "")
-            given = auth[7:] if auth.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), server_args.api_key.encode()):
-                return error_response(401, "invalid or missing API key (Authorization: Bearer <key>)")
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return error_response(413, f"request body larger than {MAX_BODY_BYTES} bytes")
-        return await call_next(request)
+    # ------------------------------------------------------------------ errors
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
@@ -119,7 +159,7 @@ def create_app(server_args, engine_info, tokenizer, port_args, engine_proc=None)
             async for item in gen:
                 yield item
         except RequestError as exc:
-            yield sse(error_body(exc.status, exc.message))
+            yield sse(_error_dict(exc.status, exc.message))
             yield sse("[DONE]")
         except Exception as exc:
             logger.exception("error while streaming")
@@ -130,21 +170,19 @@ def create_app(server_args, engine_info, tokenizer, port_args, engine_proc=None)
         return StreamingResponse(sse_guard(gen), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    def check_queue():
-        limit = server_args.max_queued_requests
-        stats = state["tm"].last_stats
-        if limit is not None and stats is not None and stats.num_waiting_reqs >= limit:
-            raise RequestError(503, f"the server is busy: {stats.num_waiting_reqs} requests are waiting")
+    def check_body(body) -> None:
+        if _has_bad_unicode(body):
+            raise RequestError(400, "the request holds text that is not valid Unicode (a lone surrogate)")
 
     def request_error(exc: RequestError) -> JSONResponse:
         headers = {"Retry-After": "1"} if exc.status == 503 else None
-        return error_response(exc.status, exc.message, headers=headers)
+        return _api_error(exc.status, exc.message, headers=headers)
 
     # ------------------------------------------------------------------ OpenAI routes
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         try:
-            check_queue()
+            check_body(body)
             gen, parsers = state["chat"].build(body)
             state["tm"].check_length(gen.input_ids, gen.sampling_params)
             if body.stream:
@@ -156,7 +194,7 @@ def create_app(server_args, engine_info, tokenizer, port_args, engine_proc=None)
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         try:
-            check_queue()
+            check_body(body)
             reqs = state["completions"].build(body)
             if body.stream:
                 return streaming(state["completions"].stream(body, reqs))
@@ -180,7 +218,7 @@ def create_app(server_args, engine_info, tokenizer, port_args, engine_proc=None)
     @app.post("/generate")
     async def generate(body: GenerateRequestBody, request: Request):
         try:
-            check_queue()
+            check_body(body)
             reqs, batch = state["native"].build(body)
             if body.stream:
                 return streaming(state["native"].stream(reqs))
@@ -190,6 +228,8 @@ def create_app(server_args, engine_info, tokenizer, port_args, engine_proc=None)
 
     @app.get("/health")
     async def health():
+        if "fatal" in state:
+            return error_response(503, f"unhealthy: {state['fatal']}")
         if engine_proc is not None and not engine_proc.is_alive():
             return error_response(503, "the engine process is not running")
         return Response(status_code=200)
@@ -221,7 +261,8 @@ def create_app(server_args, engine_info, tokenizer, port_args, engine_proc=None)
         args = dataclasses.asdict(server_args)
         args.pop("api_key", None)
         return {**args, "version": edgelm.__version__, "engine": dataclasses.asdict(engine_info),
-                "internal_states": [internal]}
+                "internal_states": [internal], "num_inflight_requests": state["tm"].num_inflight,
+                "pid": os.getpid(), "engine_pid": engine_proc.pid if engine_proc is not None else None}
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():
@@ -232,7 +273,7 @@ def create_app(server_args, engine_info, tokenizer, port_args, engine_proc=None)
     async def abort_request(request: Request):
         try:
             rid = (await request.json()).get("rid")
-        except (json.JSONDecodeError, AttributeError):
+        except (ValueError, AttributeError):  # bad JSON or UTF-8, or not an object
             rid = None
         if not isinstance(rid, str):
             return error_response(400, "give the request id as {\"rid\": ...}")
@@ -268,12 +309,26 @@ def launch_server(server_args) -> None:
         # the tokenizer loads here while the engine loads the model
         tokenizer = load_tokenizer(server_args, resolve_model(server_args.model_path, server_args.revision))
         info = wait_engine_ready(proc, conn)
-        app = create_app(server_args, info, tokenizer, port_args, engine_proc=proc)
+        fatal: list[str] = []
+        server = None
+
+        def on_fatal(reason: str) -> None:
+            fatal.append(reason)
+            server.should_exit = True
+
+        app = create_app(server_args, info, tokenizer, port_args, engine_proc=proc, on_fatal=on_fatal)
         logger.info("serving %s on http://%s:%d (OpenAI API at /v1)", info.model_name, server_args.host,
                     server_args.port)
-        uvicorn.run(app, host=server_args.host, port=server_args.port, log_level="warning",
-                    timeout_graceful_shutdown=30, timeout_keep_alive=30)
+        # SIGTERM / SIGINT: uvicorn stops accepting, lets requests in flight finish (up to 30 s), then exits
+        server = uvicorn.Server(uvicorn.Config(app, host=server_args.host, port=server_args.port,
+                                               log_level="warning", timeout_graceful_shutdown=30,
+                                               timeout_keep_alive=30))
+        server.run()
+        if fatal:
+            raise SystemExit(f"edgelm: exiting after a fatal engine error: {fatal[0]}")
     finally:
         if proc.is_alive():
             os.kill(proc.pid, signal.SIGTERM)
             proc.join(10)
+        if proc.is_alive():
+            proc.kill()

@@ -119,9 +119,13 @@ def run_engine_process(server_args, port_args: PortArgs, ready_conn, parent_pid:
         logger.debug("%s", traceback.format_exc())
         ready_conn.send(("error", f"{type(exc).__name__}: {exc}"))
         sys.exit(1)
+    # SIGTERM (e.g. a supervisor stopping the whole process group): finish the requests in flight, then
+    # exit; the HTTP server drains its side meanwhile
+    signal.signal(signal.SIGTERM, lambda *_: scheduler.request_stop())
     ready_conn.send(("ok", info))
     ready_conn.close()
     scheduler.event_loop()
+    logger.info("engine stopped")
 
 
 def spawn_engine_process(server_args, port_args: PortArgs):

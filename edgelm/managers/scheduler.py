@@ -10,6 +10,7 @@ radix cache (so little is recomputed) and it waits at the head of the queue to r
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections import deque
@@ -30,6 +31,10 @@ logger = logging.getLogger(__name__)
 # decays towards the floor while nothing is retracted, jumps back up after a retraction
 _INIT_NEW_TOKEN_RATIO, _MIN_NEW_TOKEN_RATIO, _NEW_TOKEN_RATIO_DECAY = 0.7, 0.1, 0.001
 _STATS_INTERVAL_S = 1.0
+# after SIGTERM the engine finishes its requests, but stops after this long at most
+_DRAIN_TIMEOUT_S = 60.0
+# consecutive failed steps that no single request explains before every request is failed
+_MAX_FAILED_STEPS = 3
 
 
 class Scheduler:
@@ -73,12 +78,33 @@ class Scheduler:
         self.cached_tokens_total = 0
         self.last_stats_time = 0.0
         self.outbox: list[io.ReqOutput] = []
+        # robustness: SIGTERM time (drain, then stop), the request being admitted (blamed for a failed
+        # admission), consecutive failed steps, and fault injection for tests (rids "fault-*", "hang-*")
+        self.stop_requested: float | None = None
+        self.admitting: Req | None = None
+        self.failed_steps = 0
+        self.fault_inject = os.environ.get("EDGELM_FAULT_INJECT") == "1"
 
     # ================================================================== loop
     def event_loop(self) -> None:
-        while True:
+        while not self._should_stop():
             self.recv_requests(block=not self.has_work())
-            self.step_once()
+            try:
+                self.step_once()
+                self.failed_steps = 0
+            except Exception as exc:  # a fault outside a batch's forward / sampling: keep serving
+                self.fail_step(exc)
+
+    def request_stop(self) -> None:
+        """SIGTERM: finish the requests in flight, then return from the loop."""
+        if self.stop_requested is None:
+            self.stop_requested = time.monotonic()
+            logger.info("stop requested: draining %d requests", len(self.reqs))
+
+    def _should_stop(self) -> bool:
+        if self.stop_requested is None:
+            return False
+        return not self.has_work() or time.monotonic() - self.stop_requested > _DRAIN_TIMEOUT_S
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.chunked_req)
@@ -193,7 +219,9 @@ class Scheduler:
             budget -= take
             self.chunked_req = None
 
+        batch_tokens = 0  # KV slots the batch will take (allocated only at the forward)
         for req in self._sorted_waiting():
+            self.admitting = req
             if budget <= 0 or len(self.running) + len(batch) >= self.max_running:
                 break
             if not self.grammar.ready(req):
@@ -212,12 +240,12 @@ class Scheduler:
                 break
             take = extend_total if self.chunk_size is None else min(extend_total, budget)
             remaining_out = max(req.sampling_params.max_new_tokens - len(req.output_ids), 0)
-            need = take + int(remaining_out * self.new_token_ratio) + reserve
+            need = batch_tokens + take + int(remaining_out * self.new_token_ratio) + reserve
             self.tree_cache.inc_lock_ref(node)
             if need > self._free_kv() and (self.running or batch):
                 self.tree_cache.dec_lock_ref(node)
                 break
-            if not self._ensure_free(take):
+            if not self._ensure_free(batch_tokens + take):
                 self.tree_cache.dec_lock_ref(node)
                 break
             req.prefix_indices, req.last_node = prefix, node
@@ -232,7 +260,9 @@ class Scheduler:
             self.waiting.remove(req)
             batch.append((req, len(prefix), take))
             budget -= take
+            batch_tokens += take
             reserve += int(remaining_out * self.new_token_ratio)
+        self.admitting = None
 
         if not batch:
             return False
@@ -247,17 +277,26 @@ class Scheduler:
         return self.runner.allocator.available_size() >= n
 
     def forward_extend(self, batch: list[tuple[Req, int, int]]) -> None:
+        reqs = [r for r, _, _ in batch]
         total = sum(take for _, _, take in batch)
-        out_cache_loc = self.runner.allocator.alloc(total)
-        assert out_cache_loc is not None, "admission checked the pool"
-        input_ids, offset = [], 0
-        for req, prefix_len, take in batch:
-            input_ids.extend(req.fill_ids[prefix_len:prefix_len + take])
-            self.runner.req_to_token_pool.write(req.req_pool_idx, prefix_len, out_cache_loc[offset:offset + take])
-            offset += take
-        fb = ForwardBatch.for_extend(input_ids, [r.req_pool_idx for r, _, _ in batch], [p for _, p, _ in batch],
-                                     [t for _, _, t in batch], out_cache_loc, self.device)
-        logits = self.runner.forward(fb)
+        out_cache_loc = None
+        try:
+            out_cache_loc = self.runner.allocator.alloc(total)
+            if out_cache_loc is None:
+                raise RuntimeError(f"KV pool has no room for {total} prefill tokens (admission checked it)")
+            input_ids, offset = [], 0
+            for req, prefix_len, take in batch:
+                input_ids.extend(req.fill_ids[prefix_len:prefix_len + take])
+                self.runner.req_to_token_pool.write(req.req_pool_idx, prefix_len,
+                                                    out_cache_loc[offset:offset + take])
+                offset += take
+            fb = ForwardBatch.for_extend(input_ids, [r.req_pool_idx for r in reqs], [p for _, p, _ in batch],
+                                         [t for _, _, t in batch], out_cache_loc, self.device)
+            self._inject_fault(reqs)
+            logits = self.runner.forward(fb)
+        except Exception as exc:  # the batch fails; the KV this step wrote is dropped
+            self.fail_batch(reqs, exc, kv_lens=[p for _, p, _ in batch], new_slots=out_cache_loc)
+            return
 
         done = []
         for i, (req, prefix_len, take) in enumerate(batch):
@@ -271,7 +310,10 @@ class Scheduler:
         if done:
             reqs = [batch[i][0] for i in done]
             rows = torch.tensor(done, device=logits.device) if len(done) != len(batch) else None
-            self.sample_and_update(reqs, logits if rows is None else logits.index_select(0, rows))
+            try:
+                self.sample_and_update(reqs, logits if rows is None else logits.index_select(0, rows))
+            except Exception as exc:
+                self.fail_batch([r for r in reqs if not r.finished()], exc)
             for req in reqs:
                 if not req.finished():
                     self.running.append(req)
@@ -282,17 +324,26 @@ class Scheduler:
         reqs = list(self.running)
         if not reqs:
             return
-        loc = self.runner.allocator.alloc(len(reqs))
-        pool_idx = [r.req_pool_idx for r in reqs]
-        seq_lens = [r.seqlen for r in reqs]
-        self.runner.req_to_token_pool.req_to_token[
-            torch.tensor(pool_idx, device=self.device), torch.tensor(seq_lens, device=self.device) - 1
-        ] = loc.to(self.runner.req_to_token_pool.req_to_token.dtype)
-        fb = ForwardBatch.for_decode([r.output_ids[-1] for r in reqs], pool_idx, seq_lens, loc, self.device)
-        logits = self.runner.forward(fb)
+        loc = None
+        try:
+            loc = self.runner.allocator.alloc(len(reqs))
+            pool_idx = [r.req_pool_idx for r in reqs]
+            seq_lens = [r.seqlen for r in reqs]
+            self.runner.req_to_token_pool.req_to_token[
+                torch.tensor(pool_idx, device=self.device), torch.tensor(seq_lens, device=self.device) - 1
+            ] = loc.to(self.runner.req_to_token_pool.req_to_token.dtype)
+            fb = ForwardBatch.for_decode([r.output_ids[-1] for r in reqs], pool_idx, seq_lens, loc, self.device)
+            self._inject_fault(reqs)
+            logits = self.runner.forward(fb)
+        except Exception as exc:
+            self.fail_batch(reqs, exc, kv_lens=[r.computed_len for r in reqs], new_slots=loc)
+            return
         for r in reqs:
             r.computed_len += 1
-        self.sample_and_update(reqs, logits)
+        try:
+            self.sample_and_update(reqs, logits)
+        except Exception as exc:
+            self.fail_batch([r for r in reqs if not r.finished()], exc)
         self.decode_steps += 1
         self.gen_tokens_since_log += len(reqs)
         self.new_token_ratio = max(self.new_token_ratio - _NEW_TOKEN_RATIO_DECAY, _MIN_NEW_TOKEN_RATIO)
@@ -352,6 +403,69 @@ class Scheduler:
             if s in tail:
                 return s
         return None
+
+    # ================================================================== faults
+    def fail_batch(self, reqs: list[Req], exc: Exception, kv_lens: list[int] | None = None,
+                   new_slots: torch.Tensor | None = None) -> None:
+        """A step failed: its requests fail with a 500, the others go on. `kv_lens`: KV known good
+        per request (it goes to the prefix cache); `new_slots`: this step's slots, freed unread."""
+        logger.error("a batch of %d requests failed (%s: %s); failing them, serving the others", len(reqs),
+                     type(exc).__name__, exc, exc_info=exc)
+        message = f"internal error while running the model: {type(exc).__name__}: {exc}"
+        for i, req in enumerate(reqs):
+            req.finished_reason = {"type": "abort", "error": (500, message)}
+            if req in self.running:
+                self.running.remove(req)
+            if req in self.waiting:
+                self.waiting.remove(req)
+            if req is self.chunked_req:
+                self.chunked_req = None
+            self.release(req, kv_len=req.computed_len if kv_lens is None else kv_lens[i])
+            self.emit(req)
+        if new_slots is not None:
+            self.runner.allocator.free(new_slots)
+
+    def fail_step(self, exc: Exception) -> None:
+        """A step raised outside a forward or sampling: fail the request being admitted if there was
+        one; after repeated unexplained failures, fail every request and reset the KV pools."""
+        self.failed_steps += 1
+        suspect, self.admitting = self.admitting, None
+        if suspect is not None and not suspect.finished() and self.failed_steps < _MAX_FAILED_STEPS:
+            try:
+                self.fail_batch([suspect], exc)
+            except Exception:
+                logger.exception("could not fail request %s cleanly", suspect.rid)
+            self.flush_outputs()
+            return
+        logger.error("scheduler step failed (%d in a row)", self.failed_steps, exc_info=exc)
+        if self.failed_steps < _MAX_FAILED_STEPS:
+            return
+        message = f"internal error in the scheduler: {type(exc).__name__}: {exc}"
+        for req in list(self.reqs.values()):
+            req.finished_reason = {"type": "abort", "error": (500, message)}
+            self.emit(req)
+        self.reqs.clear()
+        self.waiting.clear()
+        self.running.clear()
+        self.chunked_req = None
+        self.tree_cache.reset()
+        self.runner.allocator.clear()
+        self.runner.req_to_token_pool.clear()
+        self.failed_steps = 0
+        self.flush_outputs()
+
+    def _inject_fault(self, reqs: list[Req]) -> None:
+        """Tests only (EDGELM_FAULT_INJECT=1): a request whose id starts with 'fault-' makes the forward
+        raise; 'hang-' makes it hang (the watchdog's case)."""
+        if not self.fault_inject:
+            return
+        for req in reqs:
+            if req.rid.startswith("fault-"):
+                raise RuntimeError(f"injected fault for request {req.rid}")
+            if req.rid.startswith("hang-"):
+                logger.warning("injected hang for request %s", req.rid)
+                while True:
+                    time.sleep(3600)
 
     # ================================================================== bookkeeping
     def release(self, req: Req, kv_len: int) -> None:

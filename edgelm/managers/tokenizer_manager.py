@@ -87,6 +87,8 @@ class TokenizerManager:
         self.metrics = None  # set by the HTTP server when --enable-metrics
         self.loop_task: asyncio.Task | None = None
         self.last_output_time = time.monotonic()
+        self.num_inflight = 0  # HTTP generation requests being served (counted by the HTTP server)
+        self.dead: str | None = None  # why the engine can no longer serve (watchdog), else None
 
     # ------------------------------------------------------------------ engine I/O
     def start(self) -> None:
@@ -135,8 +137,44 @@ class TokenizerManager:
     async def abort(self, rid: str) -> bool:
         if rid not in self.states:
             return False
-        await self.send_sock.send_pyobj(io.AbortReq(rid))
+        self._send_nowait(io.AbortReq(rid))
         return True
+
+    def _send_nowait(self, msg) -> None:
+        """Send without awaiting: safe in `finally` blocks of a cancelled task (a client that hung up)."""
+        def report(fut) -> None:
+            if not fut.cancelled() and fut.exception() is not None:
+                logger.error("could not send %s: %s", type(msg).__name__, fut.exception())
+
+        self.send_sock.send_pyobj(msg).add_done_callback(report)
+
+    def fail_all(self, status: int, message: str) -> None:
+        """Fail every request in flight (the engine died or stalled)."""
+        for rid, state in list(self.states.items()):
+            state.queue.put_nowait(io.ReqOutput(rid, [], 0, 0, 0, {"type": "abort"}, error=(status, message)))
+
+    async def watch_engine(self, engine_proc, timeout_s: float, on_fatal) -> None:
+        """The watchdog: the engine loop reports at least once a second (statistics); if it is silent
+        for `timeout_s`, or its process is gone, fail the requests in flight and call `on_fatal(reason)`."""
+        period = min(1.0, timeout_s / 4)
+        last_tick = time.monotonic()
+        while self.dead is None:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            if now - last_tick > max(2 * period, 1.0):  # this event loop itself was blocked: look again
+                last_tick = now
+                continue
+            last_tick = now
+            if engine_proc is not None and not engine_proc.is_alive():
+                reason = f"the engine process exited (code {engine_proc.exitcode})"
+            elif now - self.last_output_time > timeout_s:
+                reason = f"the engine loop made no progress for {now - self.last_output_time:.0f} s (watchdog)"
+            else:
+                continue
+            self.dead = reason
+            logger.error("%s: failing %d requests in flight; the server will exit", reason, len(self.states))
+            self.fail_all(503, f"the server is restarting: {reason}")
+            on_fatal(reason)
 
     # ------------------------------------------------------------------ requests
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -159,8 +197,11 @@ class TokenizerManager:
         params.max_new_tokens = min(params.max_new_tokens, limit - n)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        """Stream one request's output. Closing the iterator early aborts the request in the engine."""
+        """Stream one request's output. Closing the iterator early aborts the request in the engine;
+        a request still running after --request-timeout seconds fails with a 504."""
         self.start()
+        if self.dead is not None:
+            raise RequestError(503, f"the server is restarting: {self.dead}")
         params = req.sampling_params
         self.check_length(req.input_ids, params)
         state = _ReqState(self.tokenizer, params)
@@ -169,10 +210,19 @@ class TokenizerManager:
                                       req.grammar_key, req.grammar_after_think)
         if self.server_args.log_requests:
             logger.info("request %s: %d prompt tokens, %s", req.rid, len(req.input_ids), params)
+        timeout = getattr(self.server_args, "request_timeout", None)
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             await self.send_sock.send_pyobj(msg)
             while True:
-                out = await state.queue.get()
+                if deadline is None:
+                    out = await state.queue.get()
+                else:
+                    try:
+                        out = await asyncio.wait_for(state.queue.get(), max(deadline - time.monotonic(), 0))
+                    except asyncio.TimeoutError:
+                        raise RequestError(504, f"the request ran longer than the server's request timeout "
+                                                f"({timeout:g} s) and was aborted") from None
                 chunk = self._to_chunk(state, out)
                 if chunk.finish_reason is not None:
                     state.finished = True
@@ -184,7 +234,7 @@ class TokenizerManager:
             self.states.pop(req.rid, None)
             if not state.finished:
                 try:
-                    await self.send_sock.send_pyobj(io.AbortReq(req.rid))
+                    self._send_nowait(io.AbortReq(req.rid))
                 except Exception:
                     logger.exception("could not abort %s", req.rid)
                 if self.metrics is not None:
@@ -200,7 +250,7 @@ class TokenizerManager:
         if state.stops.stopped is not None and finish is None:
             # the text hit a stop string the engine has not seen yet (e.g. across a token boundary)
             finish = {"type": "stop", "matched": state.stops.stopped}
-            asyncio.get_running_loop().create_task(self.send_sock.send_pyobj(io.AbortReq(out.rid)))
+            self._send_nowait(io.AbortReq(out.rid))
         elif finish is not None and finish.get("type") == "stop" and isinstance(finish.get("matched"), str):
             finish = dict(finish, matched=state.stops.stopped or finish["matched"])
         now = time.perf_counter()

@@ -264,7 +264,8 @@ def create_app(server_args, engine_info, tokenizer, port_args, engine_proc=None,
                 "internal_states": [internal], "num_inflight_requests": state["tm"].num_inflight,
                 "pid": os.getpid(), "engine_pid": engine_proc.pid if engine_proc is not None else None}
 
-    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    @app.get("/flush_cache")
+    @app.post("/flush_cache")
     async def flush_cache():
         out = await state["tm"].flush_cache()
         return Response(content=out.message, status_code=200 if out.success else 400)

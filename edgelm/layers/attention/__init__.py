@@ -26,7 +26,9 @@ def _backend_class(name: str):
     except ModuleNotFoundError as exc:
         if exc.name == module_name:
             raise BackendUnavailableError(
-                f"--attention-backend {name} is not implemented in this edgelm build; use torch_native") from exc
+                f"--attention-backend {name} is not implemented in this edgelm build (the FlashInfer wrapper is "
+                "not written yet, whether or not the flashinfer package is installed); use --attention-backend "
+                "triton on a CUDA GPU, or torch_native") from exc
         raise
     return getattr(module, cls_name)
 

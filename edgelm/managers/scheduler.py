@@ -456,11 +456,11 @@ class Scheduler:
 
     def _inject_fault(self, reqs: list[Req]) -> None:
         """Tests only (EDGELM_FAULT_INJECT=1): a request whose id starts with 'fault-' makes the forward
-        raise; 'hang-' makes it hang (the watchdog's case)."""
+        raise ('faultdecode-': from its 4th output token on); 'hang-' makes it hang (the watchdog's case)."""
         if not self.fault_inject:
             return
         for req in reqs:
-            if req.rid.startswith("fault-"):
+            if req.rid.startswith("fault-") or (req.rid.startswith("faultdecode-") and len(req.output_ids) > 3):
                 raise RuntimeError(f"injected fault for request {req.rid}")
             if req.rid.startswith("hang-"):
                 logger.warning("injected hang for request %s", req.rid)

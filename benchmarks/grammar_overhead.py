@@ -1,0 +1,108 @@
+"""Decode throughput with a JSON-schema constraint against without, through edgelm's scheduler
+in-process (grammar compile excluded: the cache is warmed first), batch 1 and 16.
+
+    python benchmarks/grammar_overhead.py --out benchmarks/results/grammar_overhead_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import zmq
+
+from edgelm.managers import io_struct as io
+from edgelm.managers.scheduler import Scheduler
+from edgelm.managers.tokenizer_utils import load_tokenizer
+from edgelm.model_config import ModelConfig
+from edgelm.model_executor.model_runner import ModelRunner
+from edgelm.model_loader.resolve import resolve_model
+from edgelm.sampling.sampling_params import SamplingParams
+from edgelm.server_args import ServerArgs
+
+# the story's minimum length keeps every constrained request running for all new tokens, so both
+# runs decode the same batch size at every step
+SCHEMA = {"type": "object", "properties": {"title": {"type": "string", "maxLength": 40},
+                                           "story": {"type": "string", "minLength": 600}},
+          "required": ["title", "story"]}
+
+
+def run(scheduler: Scheduler, sink: zmq.Socket, prompt_ids: list[int], batch: int, new_tokens: int,
+        constrained: bool, tag: str) -> dict:
+    key = ("json", json.dumps(SCHEMA)) if constrained else None
+    for i in range(batch):
+        params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+        scheduler.add_request(io.TokenizedGenerateReq(f"{tag}-{i}", list(prompt_ids), params, grammar_key=key))
+    while scheduler.waiting or scheduler.chunked_req:  # prefill (and grammar readiness) not timed
+        scheduler.step_once()
+    start, steps = time.perf_counter(), 0
+    while scheduler.running:
+        scheduler.step_once()
+        steps += 1
+    elapsed = time.perf_counter() - start
+    tokens = 0
+    while sink.poll(0):
+        for out in sink.recv_pyobj().outputs:
+            tokens = max(tokens, 0) + len(out.new_token_ids)
+    return {"batch": batch, "constrained": constrained, "decode_steps": steps, "decode_s": elapsed,
+            "step_ms": 1e3 * elapsed / max(steps, 1), "tokens": tokens}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--model-path", default=None, help="default: the embedded SmolLM2 GGUF")
+    ap.add_argument("--load-format", default="auto")
+    args = ap.parse_args(argv)
+    server_args = ServerArgs(model_path=args.model_path, load_format=args.load_format, max_total_tokens=16384,
+                             context_length=2048, cuda_graph_max_bs=32)
+    device = server_args.resolved_device()
+    resolved = resolve_model(args.model_path)
+    runner = ModelRunner(server_args, ModelConfig.load(resolved, "auto", device, 2048), device)
+    tokenizer = load_tokenizer(server_args, resolved)
+    ctx = zmq.Context()
+    recv = ctx.socket(zmq.PULL)
+    recv.bind("inproc://in")
+    send = ctx.socket(zmq.PUSH)
+    send.connect("inproc://out")
+    sink = ctx.socket(zmq.PULL)
+    sink.bind("inproc://out")
+    scheduler = Scheduler(server_args, runner, tokenizer, recv, send)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Write a short story as JSON."}],
+                                           tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    run(scheduler, sink, prompt_ids, 1, 4, True, "warm")  # compile the grammar once
+    rows = []
+    for r in range(args.rounds):
+        for bs in args.batch_sizes:
+            for constrained in (False, True):
+                rows.append(run(scheduler, sink, prompt_ids, bs, args.new_tokens, constrained, f"r{r}-{bs}-{constrained}"))
+    summary = []
+    for bs in args.batch_sizes:
+        free = min(x["step_ms"] for x in rows if x["batch"] == bs and not x["constrained"])
+        con = min(x["step_ms"] for x in rows if x["batch"] == bs and x["constrained"])
+        summary.append({"batch": bs, "free_step_ms": free, "constrained_step_ms": con, "overhead": con / free - 1})
+    result = {"benchmark": "decode step time with a JSON-schema grammar vs without (best of rounds)",
+              "command": "python " + " ".join([os.path.relpath(__file__, os.getcwd())] + sys.argv[1:]),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+              "load_average": os.getloadavg(), "model": resolved.display_name, "summary": summary, "rows": rows}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    for s in summary:
+        print(f"batch {s['batch']}: free {s['free_step_ms']:.1f} ms/step, json-schema {s['constrained_step_ms']:.1f} "
+              f"ms/step, overhead {100 * s['overhead']:+.1f}%")
+    return result
+
+
+if __name__ == "__main__":
+    main()

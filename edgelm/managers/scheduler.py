@@ -219,7 +219,7 @@ class Scheduler:
             budget -= take
             self.chunked_req = None
 
-        batch_tokens = 0  # KV slots the batch will take (allocated only at the forward)
+        batch_tokens = sum(take for _, _, take in batch)  # KV slots the batch takes at the forward
         for req in self._sorted_waiting():
             self.admitting = req
             if budget <= 0 or len(self.running) + len(batch) >= self.max_running:

@@ -1,6 +1,7 @@
 """Grammar backend (xgrammar) with the embedded model's tokenizer, the vocabulary bitmask, and the
 reasoning gate."""
 
+import json
 import os
 
 import pytest
@@ -243,3 +244,24 @@ def test_reasoning_gate(backend, tokenizer):
     assert fresh.in_reasoning and not fresh.is_terminated()
     direct = ReasoningGatedGrammar(inner.copy(), end_ids, in_reasoning=False)
     assert not direct.accept_token(_ids(tokenizer, "Hello")[0])
+
+
+def test_batched_fill_equals_row_by_row(backend, tokenizer):
+    """Several xgrammar rows are filled in one threaded call: the same bits as one row at a time."""
+    from edgelm.constrained import ReasoningGatedGrammar
+
+    keys = [("json", json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})),
+            ("regex", "(yes|no)[0-9]{2}"), ("json_object", "")]
+    grammars = [backend.get_future(k).result() for k in keys]
+    grammars[0].accept_token(_ids(tokenizer, '{"a"')[0])
+    gated = ReasoningGatedGrammar(backend.get_future(keys[1]).result(), _ids(tokenizer, "</think>"), in_reasoning=True)
+    batch = [grammars[0], None, grammars[1], gated, grammars[2]]
+    together = allocate_vocab_mask(backend.vocab_size, len(batch), pin_memory=False)
+    rows = fill_vocab_masks(batch, together)
+    assert rows == [0, 2, 3, 4]
+    one_by_one = allocate_vocab_mask(backend.vocab_size, len(batch), pin_memory=False)
+    for i, g in enumerate(batch):
+        if g is not None:
+            g.fill_vocab_mask(one_by_one, i)
+    assert torch.equal(together, one_by_one)
+    assert not torch.equal(together[0], together[2])

@@ -163,6 +163,9 @@ class Soak:
             "rss": {k: _series_summary([(s["t_s"], s[f"{k}_rss_mb"]) for s in samples], a.warmup)
                     for k in pids},
             "pids": pids,
+            "model": info.get("engine", {}).get("model_name"),
+            "device": info.get("engine", {}).get("device"),
+            "max_total_tokens": info.get("engine", {}).get("max_total_tokens"),
             "final_engine_state": (final.get("internal_states") or [None])[0],
             "final_inflight_requests": final.get("num_inflight_requests"),
             "rss_samples": samples,
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
             server_exit = proc.wait(60)
     out = {
         "command": "python benchmarks/soak.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),
-        "started_utc": started,
+        "date": started,
         "config": {"concurrency": args.concurrency, "duration_s": args.duration, "max_tokens": args.max_tokens,
                    "temperature": args.temperature, "server_args": args.launch},
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),

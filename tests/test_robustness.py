@@ -57,7 +57,7 @@ def _wait_pool_empty(base_url: str, timeout_s: float) -> dict:
 def test_back_pressure_is_exact_503_with_retry_after():
     """max_running_requests (2) + --max-queued-requests (1) in flight; the 4th and later get a 503."""
     s = FakeServer(max_queued_requests=1)
-    s.engine.token_delay_s = 0.3
+    s.engine.token_delay_s = 0.5  # each request takes 2 s: all 6 are in flight together
     try:
         with ThreadPoolExecutor(6) as pool:
             responses = list(pool.map(lambda _: s.post(CHAT, json=_chat(max_tokens=4)), range(6)))
@@ -75,7 +75,10 @@ def test_back_pressure_is_exact_503_with_retry_after():
             assert {r1.status_code, r2.status_code, r3.status_code} == {200}
             assert s.post(CHAT, json=_chat()).status_code == 503
         s.engine.tokens = 4
-        time.sleep(0.5)  # the hung-up streams are noticed
+        deadline = time.monotonic() + 10
+        while s.get("/get_server_info").json()["num_inflight_requests"]:  # the hung-up streams are noticed
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
         assert s.post(CHAT, json=_chat()).status_code == 200
     finally:
         s.stop()
@@ -91,8 +94,10 @@ def test_request_timeout_is_504_and_aborts():
         r = s.post(CHAT, json=_chat(rid="never-2", stream=True))
         events = [ln for ln in r.text.splitlines() if ln.startswith("data: ")]
         assert '"timeout_error"' in events[-2] and events[-1] == "data: [DONE]"
-        time.sleep(0.3)
-        assert {"never-1", "never-2"} <= set(s.engine.aborted)
+        deadline = time.monotonic() + 10
+        while not {"never-1", "never-2"} <= set(s.engine.aborted):
+            assert time.monotonic() < deadline, s.engine.aborted
+            time.sleep(0.1)
         assert s.post(CHAT, json=_chat()).status_code == 200  # others are not affected
     finally:
         s.stop()
@@ -146,8 +151,10 @@ def test_disconnect_frees_the_in_flight_slot():
         for _ in range(5):  # hang up on long streams: the count goes back down each time
             with httpx.stream("POST", s.base_url + CHAT, json=_chat(stream=True), timeout=30) as r:
                 next(r.iter_lines())
-        time.sleep(0.5)
-        assert s.get("/get_server_info").json()["num_inflight_requests"] == 0
+        deadline = time.monotonic() + 10
+        while s.get("/get_server_info").json()["num_inflight_requests"] or len(s.engine.aborted) < 5:
+            assert time.monotonic() < deadline, s.engine.aborted
+            time.sleep(0.1)
         assert len(s.engine.aborted) == 5
     finally:
         s.stop()

@@ -119,16 +119,30 @@ def quality() -> list[str]:
         if not isinstance(rows, list) or not rows:
             continue
         lines += ["**int4 quality on the embedded model (against unquantized)**", "",
-                  "| config | method | top-1 agreement | mean KL |", "| --- | --- | ---: | ---: |"]
+                  "| config | method | top-1 agreement (all positions) | top-1 (last position) | mean KL |",
+                  "| --- | --- | ---: | ---: | ---: |"]
         for r in rows:
-            lines.append(f"| {r.get('config', r.get('torchao_config', '?'))} | {r.get('method', '')} | "
-                         f"{r.get('top1_agreement', 0):.3f} | {r.get('mean_kl', 0):.4f} |")
+            lines.append(f"| {r.get('config', '?')} | {r.get('method', '')} | "
+                         f"{r.get('top1_agreement_all_positions', 0):.3f} | {r.get('top1_agreement_last_position', 0):.2f} | "
+                         f"{r.get('mean_kl_all_positions', 0):.4f} |")
+        lines += ["", _source(name, d), ""]
+    return lines
+
+
+def grammar() -> list[str]:
+    lines = []
+    for name, d in _load("grammar_overhead_*.json"):
+        lines += [f"**Decode step with a JSON-schema grammar against without ({d['model']}, greedy, same run)**", "",
+                  "| batch | free (ms/step) | JSON schema (ms/step) | overhead |", "| ---: | ---: | ---: | ---: |"]
+        for r in d["summary"]:
+            lines.append(f"| {r['batch']} | {r['free_step_ms']:.1f} | {r['constrained_step_ms']:.1f} | "
+                         f"{100 * r['overhead']:+.0f}% |")
         lines += ["", _source(name, d), ""]
     return lines
 
 
 def render() -> str:
-    parts = gpu_latency() + int4_vs_bf16() + int4_kernels() + quality() + cpu_decode() + serving()
+    parts = gpu_latency() + int4_vs_bf16() + int4_kernels() + quality() + grammar() + cpu_decode() + serving()
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -36,6 +36,7 @@ def server():
     """One real server (embedded model, CPU) shared by every HTTP test module."""
     from tests.server_fixture import ServerProcess
 
-    s = ServerProcess("--random-seed", "0", "--decode-log-interval", "10", "--reasoning-parser", "deepseek-r1")
+    s = ServerProcess("--random-seed", "0", "--decode-log-interval", "10", "--reasoning-parser", "deepseek-r1",
+                      "--enable-metrics")
     yield s
     s.stop()

@@ -179,3 +179,18 @@ def test_info_routes_and_pool_drains(server):
     assert state["available_kv_tokens"] == state["max_total_tokens"]
     log = server.read_log()
     assert "Prefill batch. #new-seq:" in log and "Decode batch. #running-req:" in log
+
+
+def test_metrics_route(client, server):
+    _chat(client, temperature=0, max_tokens=6)
+    text = httpx.get(server.base_url + "/metrics", timeout=30).text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("edgelm:") and " " in line:
+            name, value = line.rsplit(" ", 1)
+            values[name.split("{")[0]] = float(value)
+    assert values["edgelm:num_requests_total"] >= 1
+    assert values["edgelm:generation_tokens_total"] >= 1
+    assert values["edgelm:time_to_first_token_seconds_count"] >= 1
+    assert values["edgelm:time_per_output_token_seconds_count"] >= 1
+    assert "edgelm:num_running_reqs" in values and "edgelm:token_usage" in values

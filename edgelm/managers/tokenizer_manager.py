@@ -274,8 +274,10 @@ class TokenizerManager:
             logger.info("finished: %d prompt + %d completion tokens, %s, output %r", chunk.prompt_tokens,
                         chunk.completion_tokens, chunk.finish_reason, state.stops.text[:2000])
         if self.metrics is not None:
+            ttft = None if state.first_token_time is None else state.first_token_time - state.created
             self.metrics.observe_one_finished_request(chunk.prompt_tokens, chunk.completion_tokens,
-                                                      time.perf_counter() - state.created)
+                                                      time.perf_counter() - state.created, cached_tokens=chunk.cached_tokens,
+                                                      time_to_first_token=ttft)
 
     async def generate_full(self, req: GenerateRequest) -> GenerateChunk:
         """Run a request to the end and return it as one chunk (text, ids and logprobs joined)."""

@@ -33,6 +33,35 @@ SCHEMA = {"type": "object", "properties": {"title": {"type": "string", "maxLengt
           "required": ["title", "story"]}
 
 
+class _HostTimer:
+    """Host time spent in the grammar hooks' bitmask fill and apply (wrapped, not changed)."""
+
+    def __init__(self):
+        import edgelm.managers.grammar_hooks as hooks
+
+        self.fill_s = self.apply_s = 0.0
+        fill, apply = hooks.fill_vocab_masks, hooks.apply_vocab_mask
+
+        def timed_fill(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fill(*a, **k)
+            finally:
+                self.fill_s += time.perf_counter() - t
+
+        def timed_apply(*a, **k):
+            t = time.perf_counter()
+            try:
+                return apply(*a, **k)
+            finally:
+                self.apply_s += time.perf_counter() - t
+
+        hooks.fill_vocab_masks, hooks.apply_vocab_mask = timed_fill, timed_apply
+
+
+TIMER: _HostTimer | None = None
+
+
 def run(scheduler: Scheduler, sink: zmq.Socket, prompt_ids: list[int], batch: int, new_tokens: int,
         constrained: bool, tag: str) -> dict:
     key = ("json", json.dumps(SCHEMA)) if constrained else None
@@ -42,6 +71,7 @@ def run(scheduler: Scheduler, sink: zmq.Socket, prompt_ids: list[int], batch: in
     while scheduler.waiting or scheduler.chunked_req:  # prefill (and grammar readiness) not timed
         scheduler.step_once()
     start, steps = time.perf_counter(), 0
+    fill0, apply0 = TIMER.fill_s, TIMER.apply_s
     while scheduler.running:
         scheduler.step_once()
         steps += 1
@@ -51,7 +81,9 @@ def run(scheduler: Scheduler, sink: zmq.Socket, prompt_ids: list[int], batch: in
         for out in sink.recv_pyobj().outputs:
             tokens = max(tokens, 0) + len(out.new_token_ids)
     return {"batch": batch, "constrained": constrained, "decode_steps": steps, "decode_s": elapsed,
-            "step_ms": 1e3 * elapsed / max(steps, 1), "tokens": tokens}
+            "step_ms": 1e3 * elapsed / max(steps, 1), "tokens": tokens,
+            "fill_ms_per_step": 1e3 * (TIMER.fill_s - fill0) / max(steps, 1),
+            "apply_ms_per_step": 1e3 * (TIMER.apply_s - apply0) / max(steps, 1)}
 
 
 def main(argv=None) -> dict:
@@ -62,7 +94,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--model-path", default=None, help="default: the embedded SmolLM2 GGUF")
     ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of one more constrained run at the "
+                    "largest batch (not part of the results)")
     args = ap.parse_args(argv)
+    global TIMER
+    TIMER = TIMER or _HostTimer()
     server_args = ServerArgs(model_path=args.model_path, load_format=args.load_format, max_total_tokens=16384,
                              context_length=2048, cuda_graph_max_bs=32)
     device = server_args.resolved_device()
@@ -86,11 +122,22 @@ def main(argv=None) -> dict:
         for bs in args.batch_sizes:
             for constrained in (False, True):
                 rows.append(run(scheduler, sink, prompt_ids, bs, args.new_tokens, constrained, f"r{r}-{bs}-{constrained}"))
+    if args.profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        run(scheduler, sink, prompt_ids, max(args.batch_sizes), args.new_tokens, True, "profile")
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     summary = []
     for bs in args.batch_sizes:
         free = min(x["step_ms"] for x in rows if x["batch"] == bs and not x["constrained"])
         con = min(x["step_ms"] for x in rows if x["batch"] == bs and x["constrained"])
-        summary.append({"batch": bs, "free_step_ms": free, "constrained_step_ms": con, "overhead": con / free - 1})
+        best = min((x for x in rows if x["batch"] == bs and x["constrained"]), key=lambda x: x["step_ms"])
+        summary.append({"batch": bs, "free_step_ms": free, "constrained_step_ms": con, "overhead": con / free - 1,
+                        "fill_ms_per_step": best["fill_ms_per_step"], "apply_ms_per_step": best["apply_ms_per_step"]})
     result = {"benchmark": "decode step time with a JSON-schema grammar vs without (best of rounds)",
               "command": "python " + " ".join([os.path.relpath(__file__, os.getcwd())] + sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -100,7 +147,8 @@ def main(argv=None) -> dict:
         json.dump(result, f, indent=1)
     for s in summary:
         print(f"batch {s['batch']}: free {s['free_step_ms']:.1f} ms/step, json-schema {s['constrained_step_ms']:.1f} "
-              f"ms/step, overhead {100 * s['overhead']:+.1f}%")
+              f"ms/step, overhead {100 * s['overhead']:+.1f}% (host: fill {s['fill_ms_per_step']:.3f} ms, "
+              f"apply {s['apply_ms_per_step']:.3f} ms per step)")
     return result
 
 

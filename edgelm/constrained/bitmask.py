@@ -43,42 +43,18 @@ def reset_vocab_mask(bitmask: torch.Tensor) -> None:
 
 def fill_vocab_masks(grammars: Sequence[Grammar | None], bitmask: torch.Tensor) -> list[int]:
     """Fill row i of `bitmask` from grammars[i]; the rows that have a grammar (to pass to
-    apply_vocab_mask). Other rows are left as they are. Several xgrammar matchers are filled in one
-    call on xgrammar's thread pool: one row costs 30-230 µs of host time, serially the largest
-    per-step cost of a constrained batch."""
-    rows, batched, batched_rows = [], [], []
+    apply_vocab_mask). Other rows are left as they are.
+
+    Row by row on the calling thread. xgrammar's threaded BatchGrammarMatcher was slower where it
+    was measured (H100 host, 16 cores: 535-751 µs for 16 rows against 31-91 µs serially,
+    benchmarks/results/grammar_apply_h100.json), and xgrammar holds the GIL while it fills, so a
+    Python thread of our own cannot overlap it with the scheduler either."""
+    rows = []
     for i, grammar in enumerate(grammars):
-        if grammar is None:
-            continue
-        rows.append(i)
-        matcher = getattr(grammar, "batch_matcher", None)
-        if matcher is not None and _batch_filler() is not None:
-            batched.append(matcher)
-            batched_rows.append(i)
-        else:
+        if grammar is not None:
             grammar.fill_vocab_mask(bitmask, i)
-    if len(batched) == 1:
-        grammars[batched_rows[0]].fill_vocab_mask(bitmask, batched_rows[0])
-    elif batched:
-        _batch_filler().batch_fill_next_token_bitmask(batched, bitmask, batched_rows)
+            rows.append(i)
     return rows
-
-
-_BATCH_FILLER = []
-
-
-def _batch_filler():
-    """xgrammar's BatchGrammarMatcher (threads: all cores but one), or None without it."""
-    if not _BATCH_FILLER:
-        try:
-            import os
-
-            from xgrammar import BatchGrammarMatcher
-
-            _BATCH_FILLER.append(BatchGrammarMatcher(max_threads=max(1, min(8, (os.cpu_count() or 2) - 1))))
-        except ImportError:
-            _BATCH_FILLER.append(None)
-    return _BATCH_FILLER[0]
 
 
 def apply_vocab_mask(logits: torch.Tensor, bitmask: torch.Tensor,

@@ -45,11 +45,6 @@ class XGrammarGrammar(Grammar):
     def fill_vocab_mask(self, bitmask: torch.Tensor, row: int) -> None:
         self._matcher.fill_next_token_bitmask(bitmask, row)
 
-    @property
-    def batch_matcher(self):
-        """The xgrammar matcher, for filling several rows in one threaded call."""
-        return self._matcher
-
     def is_terminated(self) -> bool:
         return self._matcher.is_terminated()
 

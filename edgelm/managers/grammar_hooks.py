@@ -78,7 +78,8 @@ class GrammarHooks:
         if self.bitmask is None or self.bitmask.shape[0] < len(reqs):
             self.bitmask = allocate_vocab_mask(self.backend.vocab_size, max(len(reqs), 64))
         rows = fill_vocab_masks([r.grammar for r in reqs], self.bitmask)
-        apply_vocab_mask(logits, self.bitmask[:len(reqs)], rows)
+        # every row constrained: no row list to send (cheaper launch)
+        apply_vocab_mask(logits, self.bitmask[:len(reqs)], None if len(rows) == len(reqs) else rows)
 
     def accept(self, req, token_id: int) -> None:
         if req.grammar is not None and not req.grammar.is_terminated():

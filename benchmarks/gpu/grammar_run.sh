@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One device call: grammar bitmask costs, then decode overhead with a JSON schema (batch 1, 16):
+# the embedded SmolLM2-135M GGUF with its real weights (when $GGUF names it: it is too big to carry in
+# one call, see the README's benchmark notes) and the SmolLM2-1.7B / 135M shapes with dummy weights.
+# Usage on the device: WHL=.gw GGUF=/tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf bash benchmarks/gpu/grammar_run.sh
+set -u
+WHL=${WHL:-.whl}
+export PYTHONPATH=${PYTHONPATH:-}:.
+OUT=${OUT:-/tmp/out}
+timeout 60 python benchmarks/gpu/grammar_apply_bench.py --tokenizer $WHL/smollm2-135m-config \
+    --out "$OUT/grammar_apply_h100.json" 2>&1 | tail -12
+if [ -n "${GGUF:-}" ]; then
+  timeout 150 python benchmarks/grammar_overhead.py --model-path "$GGUF" \
+      --out "$OUT/grammar_overhead_smollm2-135m-gguf_h100.json" > "$OUT/grammar_gguf.log" 2>&1
+  grep -E "^batch" "$OUT/grammar_gguf.log" || tail -20 "$OUT/grammar_gguf.log"
+fi
+for m in 1.7b 135m; do
+  timeout 150 python benchmarks/grammar_overhead.py --model-path $WHL/smollm2-$m-config --load-format dummy \
+      --out "$OUT/grammar_overhead_smollm2-${m}-dummy_h100.json" > "$OUT/grammar_$m.log" 2>&1
+  grep -E "^batch" "$OUT/grammar_$m.log" || tail -20 "$OUT/grammar_$m.log"
+done

@@ -246,8 +246,8 @@ def test_reasoning_gate(backend, tokenizer):
     assert not direct.accept_token(_ids(tokenizer, "Hello")[0])
 
 
-def test_batched_fill_equals_row_by_row(backend, tokenizer):
-    """Several xgrammar rows are filled in one threaded call: the same bits as one row at a time."""
+def test_mixed_batch_fill_equals_row_by_row(backend, tokenizer):
+    """A batch of xgrammar, gated and free rows: the same bits as one row at a time."""
     from edgelm.constrained import ReasoningGatedGrammar
 
     keys = [("json", json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]})),
@@ -265,3 +265,36 @@ def test_batched_fill_equals_row_by_row(backend, tokenizer):
             g.fill_vocab_mask(one_by_one, i)
     assert torch.equal(together, one_by_one)
     assert not torch.equal(together[0], together[2])
+
+
+class _Req:
+    def __init__(self, grammar):
+        self.rid, self.grammar, self.grammar_pending, self.finished_reason = "r", grammar, None, None
+
+    def finished(self):
+        return self.finished_reason is not None
+
+
+def test_hooks_defer_accept_until_the_next_mask(backend, tokenizer):
+    """`accept` only records an ordinary token; `apply_mask` (run while the GPU computes the next
+    step) advances the matcher, then masks. A stop token is accepted at once: it ends the grammar."""
+    from edgelm.managers.grammar_hooks import GrammarHooks
+
+    hooks = GrammarHooks(backend, backend.vocab_size, "cpu")
+    req = _Req(backend.get_future(("regex", "(yes|no)")).result(TIMEOUT))
+    yes = _ids(tokenizer, "yes")
+    assert len(yes) == 1
+    hooks.accept(req, yes[0])
+    assert req.grammar_pending == yes[0]
+    assert not _allowed(req.grammar, backend.vocab_size, tokenizer.eos_token_id)  # not advanced yet
+    logits = torch.zeros(1, backend.vocab_size)
+    hooks.apply_mask([req], logits)
+    assert req.grammar_pending is None
+    assert torch.isfinite(logits[0, tokenizer.eos_token_id]) and torch.isinf(logits[0, yes[0]])
+    hooks.accept(req, tokenizer.eos_token_id)  # a stop token: accepted now
+    assert req.grammar_pending is None and req.grammar.is_terminated()
+
+    bad = _Req(backend.get_future(("regex", "(yes|no)")).result(TIMEOUT))
+    hooks.accept(bad, _ids(tokenizer, "Hello")[0])  # a token the mask would have forbidden
+    hooks.apply_mask([bad], torch.zeros(1, backend.vocab_size))
+    assert bad.finished() and bad.finished_reason["error"][0] == 500

@@ -3,6 +3,12 @@ bitmask of constrained rows each step, advance matchers with the sampled tokens.
 
 Requests whose grammar is still compiling wait in the queue; others keep running, so a slow
 schema never stalls the decode loop.
+
+The host work of a step (advance each matcher by its sampled token, fill its bitmask row) runs
+after the next forward is launched, while the GPU computes: `accept` only records a token, and
+`apply_mask` advances the matchers, then fills. Stop tokens are accepted at once, because they
+are the only tokens that can terminate a grammar, and termination decides whether the request
+finishes this step.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ class GrammarHooks:
         self.device = device
         self.think_end_ids = think_end_ids or []
         self.bitmask: torch.Tensor | None = None
+        # tokens that can end a grammar: accepted at once (None: the backend's default, so never deferred)
+        eos = getattr(backend, "eos_token_ids", None)
+        self.stop_ids: frozenset[int] | None = frozenset(eos) if eos else None
 
     @classmethod
     def create(cls, server_args, tokenizer, vocab_size: int, eos_token_ids, device: str) -> GrammarHooks:
@@ -72,20 +81,42 @@ class GrammarHooks:
         return True
 
     def apply_mask(self, reqs, logits: torch.Tensor) -> None:
-        """Mask the logits rows of constrained requests, in place; free rows are untouched."""
+        """Advance the matchers by their deferred tokens, then mask the logits rows of constrained
+        requests, in place; free rows are untouched. A request whose deferred token the grammar
+        rejects is finished here (its row is left unmasked; the caller drops what it samples)."""
         if self.backend is None or not any(r.grammar is not None for r in reqs):
             return
+        for req in reqs:
+            self.flush(req)
         if self.bitmask is None or self.bitmask.shape[0] < len(reqs):
             self.bitmask = allocate_vocab_mask(self.backend.vocab_size, max(len(reqs), 64))
-        rows = fill_vocab_masks([r.grammar for r in reqs], self.bitmask)
+        rows = fill_vocab_masks([None if r.finished() else r.grammar for r in reqs], self.bitmask)
         # every row constrained: no row list to send (cheaper launch)
         apply_vocab_mask(logits, self.bitmask[:len(reqs)], None if len(rows) == len(reqs) else rows)
 
     def accept(self, req, token_id: int) -> None:
-        if req.grammar is not None and not req.grammar.is_terminated():
-            if not req.grammar.accept_token(token_id):
-                logger.warning("request %s: grammar rejected token %d", req.rid, token_id)
-                req.finished_reason = {"type": "abort", "error": (500, "the grammar rejected a sampled token")}
+        """Record a sampled token. Tokens that cannot end the grammar are applied to the matcher at
+        the next `apply_mask` (off the critical path); stop tokens at once."""
+        if req.grammar is None:
+            return
+        if self.stop_ids is not None and token_id not in self.stop_ids:
+            req.grammar_pending = token_id
+            return
+        self.flush(req)
+        self._advance(req, token_id)
+
+    def flush(self, req) -> None:
+        token_id = getattr(req, "grammar_pending", None)
+        if token_id is not None:
+            req.grammar_pending = None
+            if req.grammar is not None and not req.finished():
+                self._advance(req, token_id)
+
+    def _advance(self, req, token_id: int) -> None:
+        if not req.grammar.is_terminated() and not req.grammar.accept_token(token_id):
+            logger.warning("request %s: grammar rejected token %d", req.rid, token_id)
+            req.finished_reason = {"type": "abort", "error": (500, "the grammar rejected a sampled token")}
 
     def release(self, req) -> None:
         req.grammar = None
+        req.grammar_pending = None

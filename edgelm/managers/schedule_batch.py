@@ -21,6 +21,7 @@ class Req:
         self.top_logprobs_num = top_logprobs_num
         self.penalizer = None
         self.grammar = None  # a Grammar matcher, or a Future of one while it compiles
+        self.grammar_pending: int | None = None  # a sampled token the matcher has not advanced by yet
         self.grammar_key: tuple[str, str] | None = None
         self.grammar_after_think = False
         # KV state: tokens [0, len(prefix_indices)) come from the radix cache; fill_ids are all

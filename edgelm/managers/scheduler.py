@@ -378,6 +378,12 @@ class Scheduler:
         top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
         for i, (req, tok) in enumerate(zip(reqs, next_ids)):
+            if req.finished():  # failed while its grammar advanced (apply_mask): drop this sample
+                if req in self.running:
+                    self.running.remove(req)
+                self.release(req, kv_len=req.computed_len)
+                self.emit(req)
+                continue
             req.output_ids.append(tok)
             if req.penalizer is not None:
                 req.penalizer.add(tok)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: grammar bitmask costs, then decode overhead with a JSON schema (batch 1, 16):
 # the embedded SmolLM2-135M GGUF with its real weights (when $GGUF names it: it is too big to carry in
-# one call, see the README's benchmark notes) and the SmolLM2-1.7B / 135M shapes with dummy weights.
+# one call, see the README's benchmark notes), and dummy weights in the Llama-3.1-8B layer shapes (with
+# SmolLM2's vocabulary: no Llama-3 tokenizer travels) and the SmolLM2-1.7B / 135M shapes.
 # Usage on the device: WHL=.gw GGUF=/tmp/g/SmolLM2-135M-Instruct.Q4_1.gguf bash benchmarks/gpu/grammar_run.sh
 set -u
 WHL=${WHL:-.whl}
@@ -14,8 +15,8 @@ if [ -n "${GGUF:-}" ]; then
       --out "$OUT/grammar_overhead_smollm2-135m-gguf_h100.json" > "$OUT/grammar_gguf.log" 2>&1
   grep -E "^batch" "$OUT/grammar_gguf.log" || tail -20 "$OUT/grammar_gguf.log"
 fi
-for m in 1.7b 135m; do
-  timeout 150 python benchmarks/grammar_overhead.py --model-path $WHL/smollm2-$m-config --load-format dummy \
-      --out "$OUT/grammar_overhead_smollm2-${m}-dummy_h100.json" > "$OUT/grammar_$m.log" 2>&1
+for m in llama-3.1-8b-body-smollm2-vocab smollm2-1.7b-config smollm2-135m-config; do
+  timeout 150 python benchmarks/grammar_overhead.py --model-path $WHL/$m --load-format dummy \
+      --out "$OUT/grammar_overhead_${m%-config}-dummy_h100.json" > "$OUT/grammar_$m.log" 2>&1
   grep -E "^batch" "$OUT/grammar_$m.log" || tail -20 "$OUT/grammar_$m.log"
 done

@@ -88,7 +88,10 @@ class Scheduler:
     # ================================================================== loop
     def event_loop(self) -> None:
         while not self._should_stop():
-            self.recv_requests(block=not self.has_work())
+            idle = not self.has_work()
+            self.recv_requests(block=idle)
+            if idle:  # the decode log's throughput window starts when work does, not before the idle wait
+                self.last_log_time, self.gen_tokens_since_log = time.perf_counter(), 0
             try:
                 self.step_once()
                 self.failed_steps = 0

@@ -130,15 +130,22 @@ def quality() -> list[str]:
 
 
 def grammar() -> list[str]:
-    lines = []
-    for name, d in _load("grammar_overhead_*.json"):
-        lines += [f"**Decode step with a JSON-schema grammar against without ({d['model']}, greedy, same run)**", "",
-                  "| batch | free (ms/step) | JSON schema (ms/step) | overhead |", "| ---: | ---: | ---: | ---: |"]
+    found = _load("grammar_overhead_*.json")
+    if not found:
+        return []
+    lines = ["**Decode step with a JSON-schema grammar against without (greedy, same run, best of rounds)** — "
+             "host fill / apply: time the scheduler spent filling and applying the bitmask per step "
+             "(it overlaps the GPU's forward)", "",
+             "| device | model | batch | free (ms/step) | JSON schema (ms/step) | overhead | host fill / apply (ms) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for _, d in found:
         for r in d["summary"]:
-            lines.append(f"| {r['batch']} | {r['free_step_ms']:.1f} | {r['constrained_step_ms']:.1f} | "
-                         f"{100 * r['overhead']:+.0f}% |")
-        lines += ["", _source(name, d), ""]
-    return lines
+            host = (f"{r['fill_ms_per_step']:.2f} / {r['apply_ms_per_step']:.2f}" if "fill_ms_per_step" in r else "")
+            lines.append(f"| {d.get('device', '?')} | {d['model']} | {r['batch']} | {r['free_step_ms']:.2f} | "
+                         f"{r['constrained_step_ms']:.2f} | {100 * r['overhead']:+.0f}% | {host} |")
+    lines.append("")
+    lines += [_source(name, d) + "<br>" for name, d in found]
+    return lines + [""]
 
 
 def render() -> str:

@@ -141,7 +141,9 @@ def grammar() -> list[str]:
     for _, d in found:
         for r in d["summary"]:
             host = (f"{r['fill_ms_per_step']:.2f} / {r['apply_ms_per_step']:.2f}" if "fill_ms_per_step" in r else "")
-            lines.append(f"| {d.get('device', '?')} | {d['model']} | {r['batch']} | {r['free_step_ms']:.2f} | "
+            model = os.path.basename(d["model"]).removesuffix("-config")
+            model += " (random weights)" if "dummy" in d.get("command", "") else " (real weights)"
+            lines.append(f"| {d.get('device', '?')} | {model} | {r['batch']} | {r['free_step_ms']:.2f} | "
                          f"{r['constrained_step_ms']:.2f} | {100 * r['overhead']:+.0f}% | {host} |")
     lines.append("")
     lines += [_source(name, d) + "<br>" for name, d in found]

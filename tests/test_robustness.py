@@ -162,15 +162,18 @@ def test_disconnect_frees_the_in_flight_slot():
 
 # ====================================================================== the real engine: shared server
 def test_streaming_clients_hanging_up_free_their_kv(server):
-    """30 concurrent streams; every third hangs up after its first tokens. The others produce the same
-    greedy text as alone, and the hung-up requests are aborted (their KV freed) long before their
-    200 tokens could have been generated."""
+    """100 concurrent streams; a third hang up after their first tokens. Every other one finishes
+    normally (finish_reason, usage matching what was streamed) with the same greedy text as its
+    prompt gives alone, and afterwards no request holds KV: the hung-up ones were aborted long
+    before their 200 tokens could have been generated."""
     prompts = ["Name a color.", "Say hi.", "Count to three."]
     base = server.base_url
+    clients = 100
 
     async def stream(c, prompt, max_tokens, hang_up):
-        parts, events = [], 0
-        async with c.stream("POST", base + CHAT, json=_chat(prompt, max_tokens=max_tokens, stream=True)) as r:
+        parts, events, finish, usage = [], 0, None, None
+        body = _chat(prompt, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True})
+        async with c.stream("POST", base + CHAT, json=body) as r:
             assert r.status_code == 200
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -178,22 +181,32 @@ def test_streaming_clients_hanging_up_free_their_kv(server):
                 events += 1
                 if hang_up and events >= 3:
                     return None
-                for choice in json.loads(line[6:])["choices"]:
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage") or usage
+                for choice in chunk["choices"]:
                     parts.append(choice["delta"].get("content") or "")
-        return "".join(parts)
+                    finish = choice.get("finish_reason") or finish
+        return "".join(parts), finish, usage
 
     async def main():
-        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as c:
+        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 8)) as c:
             refs = [await stream(c, p, 8, False) for p in prompts]
-            jobs = [stream(c, prompts[i % 3], 200 if i % 3 == 0 else 8, i % 3 == 0) for i in range(30)]
+            jobs = [stream(c, prompts[i % 3], 200 if i % 3 == 0 else 8, i % 3 == 0) for i in range(clients)]
             return refs, await asyncio.gather(*jobs)
 
     refs, results = asyncio.run(main())
-    for i, text in enumerate(results):
+    completed = 0
+    for i, result in enumerate(results):
         if i % 3 == 0:
-            assert text is None
-        else:
-            assert text == refs[i % 3], (i, text, refs[i % 3])
+            assert result is None
+            continue
+        text, finish, usage = result
+        ref_text, ref_finish, ref_usage = refs[i % 3]
+        assert text == ref_text, (i, text, ref_text)
+        assert finish == ref_finish and finish in ("stop", "length"), (i, finish)
+        assert usage["completion_tokens"] == ref_usage["completion_tokens"] <= 8, (i, usage)
+        completed += 1
+    assert completed == clients - len(range(0, clients, 3))
     _wait_pool_empty(base, 30)
 
 

@@ -98,17 +98,28 @@ def cpu_decode() -> list[str]:
 def serving() -> list[str]:
     lines = []
     for name, d in _load("bench_serving_*.json"):
-        lines += [f"**Serving load ({d.get('backend')}, {d.get('dataset_name')} prompts of {d.get('random_input_len')} "
-                  f"words, {d.get('random_output_len')} output tokens)**", "",
-                  "| concurrency | completed | failed | output tok/s | TTFT p50 (ms) | ITL p50 (ms) | E2E p50 (ms) |",
-                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for r in d["runs"]:
-            lines.append(f"| {r.get('max_concurrency')} | {r['completed']} | {r['failed']} | "
-                         f"{r['output_throughput']:.2f} | {r['median_ttft_ms']:.0f} | {r['median_itl_ms']:.0f} | "
-                         f"{r['median_e2e_latency_ms']:.0f} |")
         machine = d.get("machine")
-        lines += ["", _source(name, {**d, "device": machine.get("cpu", "CPU") if isinstance(machine, dict)
-                                     else "CPU"}), ""]
+        device = machine.get("cpu", "CPU") if isinstance(machine, dict) else "CPU"
+        base = (d.get("engine_baseline") or {}).get("decode_median_latency_ms_by_batch", {})
+        lines += [f"**Serving load on {device} ({d.get('backend')}, {d.get('dataset_name')} prompts of "
+                  f"{d.get('random_input_len')} {'tokens' if '--tokenizer' in d.get('command', '') else 'words'}, "
+                  f"{d.get('random_output_len')} output tokens, "
+                  f"{d['runs'][0].get('num_prompts', '?')} requests per run)**"
+                  + (" — ITL against the engine alone (`bench_one_batch`, same model, same device call, "
+                     "nearest batch size)" if base else ""), "",
+                  "| concurrency | completed | failed | output tok/s | TTFT p50 (ms) | ITL p50 (ms) | E2E p50 (ms) |"
+                  + (" engine ITL (ms) | serving / engine |" if base else ""),
+                  "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if base else "")]
+        for r in d["runs"]:
+            row = (f"| {r.get('max_concurrency')} | {r['completed']} | {r['failed']} | "
+                   f"{r['output_throughput']:.2f} | {r['median_ttft_ms']:.0f} | {r['median_itl_ms']:.2f} | "
+                   f"{r['median_e2e_latency_ms']:.0f} |")
+            if base:
+                conc = min(int(r.get("max_concurrency") or 1), int(r.get("num_prompts") or 10**9))
+                bs = min(base, key=lambda k: abs(int(k) - conc))
+                row += f" {base[bs]:.2f} (bs {bs}) | {base[bs] / r['median_itl_ms']:.2f} |"
+            lines.append(row)
+        lines += ["", _source(name, {**d, "device": device}), ""]
     return lines
 
 

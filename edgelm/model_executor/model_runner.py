@@ -3,12 +3,13 @@ sampler, and runs one forward pass per ForwardBatch."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
 import torch
 
-from edgelm.layers.attention import create_attention_backend, pick_backend
+from edgelm.layers.attention import create_attention_backend, pick_backend, start_attention_backend
 from edgelm.layers.sampler import SampleOutput, Sampler
 from edgelm.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool, TokenToKVPoolAllocator
 from edgelm.model_config import ModelConfig
@@ -117,7 +118,8 @@ class ModelRunner:
         self.token_to_kv_pool = MHATokenToKVPool(self.max_total_tokens, self.dtype, model_config.num_kv_heads,
                                                  model_config.head_dim, model_config.num_layers, device)
         self.allocator = TokenToKVPoolAllocator(self.max_total_tokens, device)
-        self.attn_backend = create_attention_backend(self.attention_backend_name, self)
+        self.attention_backend_name, self.attn_backend = start_attention_backend(
+            self.attention_backend_name, self, auto=server_args.attention_backend is None)
         self.sampler = Sampler()
         self.cuda_graph_runner = None
         self.graph_memory_bytes = 0
@@ -148,11 +150,16 @@ class ModelRunner:
         cfg, args = self.model_config, self.server_args
         hf = cfg.hf_config
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        graph_bytes = 0
+        graph_bytes, max_bs, num_graphs = 0, 0, 0
         if not args.disable_cuda_graph:  # the backend may still turn graphs off: an over-estimate then
             max_bs = min(args.cuda_graph_max_bs or default_cuda_graph_max_bs(), max_running)
-            graph_bytes = estimate_cuda_graph_bytes(max_bs, len(capture_batch_sizes(max_bs)), hf.hidden_size,
+            num_graphs = len(capture_batch_sizes(max_bs))
+            graph_bytes = estimate_cuda_graph_bytes(max_bs, num_graphs, hf.hidden_size,
                                                     hf.intermediate_size, cfg.vocab_size, elem)
+        if self.attention_backend_name == "flashinfer":  # its workspaces and graph page tables
+            from edgelm.layers.attention.flashinfer_backend import device_workspace_bytes
+
+            graph_bytes += device_workspace_bytes(num_graphs, max_bs, cfg.context_len)
         chunk = args.chunked_prefill_size or 8192
         if chunk == -1:
             chunk = args.max_prefill_tokens
@@ -160,6 +167,21 @@ class ModelRunner:
                                                      cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
                                                      chunk, max_running, elem)
         return graph_bytes, activation_bytes
+
+    def set_attention_backend(self, name: str) -> None:
+        """Swap the attention backend (and recapture the CUDA graphs) over the same weights and KV
+        pool: benchmarks and tests compare backends on one loaded model this way."""
+        from edgelm.layers.attention import check_backend
+
+        check_backend(name, self.device)
+        self.cuda_graph_runner, self.attn_backend, self.graph_memory_bytes = None, None, 0
+        gc.collect()  # the old graphs and their memory pool go before the new ones are captured
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        self.attention_backend_name = name
+        self.attn_backend = create_attention_backend(name, self)
+        self.init_cuda_graphs()
 
     # ------------------------------------------------------------ CUDA graphs
     def cuda_graph_disabled_reason(self) -> str | None:

@@ -25,10 +25,7 @@ def _backend_class(name: str):
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name == module_name:
-            raise BackendUnavailableError(
-                f"--attention-backend {name} is not implemented in this edgelm build (the FlashInfer wrapper is "
-                "not written yet, whether or not the flashinfer package is installed); use --attention-backend "
-                "triton on a CUDA GPU, or torch_native") from exc
+            raise BackendUnavailableError(f"--attention-backend {name} is not implemented in this edgelm build") from exc
         raise
     return getattr(module, cls_name)
 
@@ -41,20 +38,50 @@ def check_backend(name: str, device: str) -> None:
         raise BackendUnavailableError(f"--attention-backend {name}: {reason}")
 
 
+def backend_candidates(device: str) -> tuple[str, ...]:
+    """Backends in order of preference for a device (unset --attention-backend takes the first that runs)."""
+    return ("flashinfer", "triton", "torch_native") if str(device).startswith("cuda") else ("torch_native",)
+
+
 def pick_backend(requested: str | None, device: str) -> str:
     if requested:
         check_backend(requested, device)
         return requested
-    candidates = ("flashinfer", "triton", "torch_native") if device == "cuda" else ("torch_native",)
-    for name in candidates:
+    skipped = []
+    for name in backend_candidates(device):
         try:
             check_backend(name, device)
-        except BackendUnavailableError:
+        except BackendUnavailableError as exc:
+            skipped.append(f"{name}: {str(exc).removeprefix(f'--attention-backend {name}: ')}")
             continue
-        logger.info("attention backend: %s (best available on %s)", name, device)
+        logger.info("attention backend: %s (best available on %s%s)", name, device,
+                    "; not " + "; not ".join(skipped) if skipped else "")
         return name
     return "torch_native"
 
 
 def create_attention_backend(name: str, model_runner):
     return _backend_class(name)(model_runner)
+
+
+def start_attention_backend(name: str, model_runner, auto: bool):
+    """(name, backend) of the backend that starts. A backend may still refuse while starting
+    (FlashInfer builds its kernels then): asked for by name, that stops the start with its
+    reason; chosen automatically, the next candidate that runs takes its place, with a warning."""
+    try:
+        return name, create_attention_backend(name, model_runner)
+    except Exception as exc:  # noqa: BLE001 - reported below, or re-raised
+        if not auto:
+            if isinstance(exc, BackendUnavailableError):
+                raise
+            raise BackendUnavailableError(f"--attention-backend {name} failed to start: {exc}") from exc
+        device = model_runner.device
+        rest = backend_candidates(device)
+        for alt in rest[rest.index(name) + 1:] if name in rest else ():
+            try:
+                check_backend(alt, device)
+            except BackendUnavailableError:
+                continue
+            logger.warning("attention backend %s did not start (%s); using %s", name, exc, alt)
+            return alt, create_attention_backend(alt, model_runner)
+        raise

@@ -47,6 +47,38 @@ def gpu_latency() -> list[str]:
     return lines
 
 
+def attention_backends() -> list[str]:
+    """Attention backends side by side: each file is one bench_one_batch process that ran every case
+    with each backend in turn (--attention-backends) over the same weights and KV pool."""
+    found = _load("attention_backends_*.json")
+    if not found:
+        return []
+    names = list(found[0][1].get("attention_backends") or [])
+    if len(names) < 2:
+        return []
+    first, last = names[0], names[-1]
+    d0 = found[0][1]
+    lines = [f"**{d0['model']} ({d0['dtype']}, random weights): attention backends side by side** — one process per "
+             "file, the same weights and KV pool for every backend, CUDA graphs recaptured for each", "",
+             "| batch | input | " + " | ".join(f"{n} decode tok/s" for n in names) + f" | {last} / {first} | "
+             + " | ".join(f"{n} prefill tok/s" for n in names) + f" | {last} / {first} |",
+             "| ---: | ---: | " + " | ".join("---:" for _ in range(2 * len(names) + 2)) + " |"]
+    for _, d in found:
+        by_case: dict[tuple, dict] = {}
+        for r in d["results"]:
+            by_case.setdefault((r["batch_size"], r["input_len"]), {})[r["attention_backend"]] = r
+        for (bs, input_len), rows in by_case.items():
+            if not all(n in rows for n in names):
+                continue
+            dec = [rows[n]["decode_tok_s"] for n in names]
+            pre = [rows[n]["prefill_tok_s"] for n in names]
+            lines.append(f"| {bs} | {input_len} | " + " | ".join(f"{x:.1f}" for x in dec) + f" | {dec[-1] / dec[0]:.2f}× | "
+                         + " | ".join(f"{x:.0f}" for x in pre) + f" | {pre[-1] / pre[0]:.2f}× |")
+    lines.append("")
+    lines += [_source(name, d) + "<br>" for name, d in found]
+    return lines + [""]
+
+
 def int4_vs_bf16() -> list[str]:
     """Whole-model decode, int4wo-128 against bf16, from the two latency files of one device session."""
     runs = dict(_load("bench_one_batch_*.json"))
@@ -162,7 +194,7 @@ def grammar() -> list[str]:
 
 
 def render() -> str:
-    parts = gpu_latency() + int4_vs_bf16() + int4_kernels() + quality() + grammar() + cpu_decode() + serving()
+    parts = gpu_latency() + attention_backends() + int4_vs_bf16() + int4_kernels() + quality() + grammar() + cpu_decode() + serving()
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -4,7 +4,9 @@
     python -m edgelm.bench_one_batch --model-path llama-3.1-8b --load-format dummy --dtype bfloat16 \
         --batch-size 1 64 --input-len 1024 --output-len 128 --result-file result.json
 
-`--model-path` also takes the name of a config shipped in edgelm/configs (random weights). Each
+`--model-path` also takes the name of a config shipped in edgelm/configs (random weights).
+`--attention-backends triton flashinfer` runs every case with each backend in turn over the same
+weights and KV pool (side by side in one process). Each
 figure is set against a ceiling measured in the same run: decode against memory bandwidth
 (the bytes a step must read: weights once, the KV cache of every request), prefill against the
 matmul rate.
@@ -33,7 +35,7 @@ from edgelm.model_executor.forward_batch import ForwardBatch, ForwardMode
 from edgelm.model_executor.model_runner import ModelRunner, tensor_bytes
 from edgelm.model_loader.resolve import resolve_model
 from edgelm.sampling.sampling_batch_info import SamplingBatchInfo
-from edgelm.server_args import ServerArgs, ServerArgsError
+from edgelm.server_args import ATTENTION_BACKENDS, ServerArgs, ServerArgsError
 
 logger = logging.getLogger("edgelm.bench_one_batch")
 
@@ -49,6 +51,8 @@ class BenchArgs:
     result_file: str | None = None
     skip_peaks: bool = False
     compare_eager: bool = False
+    attention_backends: tuple[str, ...] = ()
+    repeat: int = 1
     seed: int = 0
 
     @staticmethod
@@ -63,6 +67,11 @@ class BenchArgs:
                             help="Do not measure memory bandwidth and matmul peak (no roofline ratios).")
         parser.add_argument("--compare-eager", action="store_true",
                             help="Also time decode without CUDA graphs (same process, same model).")
+        parser.add_argument("--attention-backends", nargs="+", default=(), choices=ATTENTION_BACKENDS,
+                            help="Run every case with each of these attention backends in turn (same weights, "
+                            "same KV pool); the first replaces --attention-backend.")
+        parser.add_argument("--repeat", type=int, default=1,
+                            help="Time each case this many times: median prefill, decode steps pooled.")
         parser.add_argument("--seed", type=int, default=0, help="Seed of the random prompts.")
 
     @classmethod
@@ -195,7 +204,7 @@ def summarize(runner: ModelRunner, peaks: dict | None, batch_size: int, input_le
         median = statistics.median(decode_s)
         # a step reads the weights once and each request's KV cache: seq_len grows from
         # input_len + 1 to input_len + output_len - 1 over the steps
-        avg_len = input_len + 1 + (len(decode_s) - 1) / 2
+        avg_len = input_len + 1 + (output_len - 2) / 2
         kv_bytes = batch_size * avg_len * runner.memory_plan.kv_bytes_per_token
         step_bytes = decode_weight_bytes(model) + kv_bytes
         r.update({"decode_median_latency_s": median, "decode_mean_latency_s": statistics.fmean(decode_s),
@@ -221,6 +230,8 @@ def _run_eager(runner: ModelRunner, batch_size: int, input_len: int, output_len:
 
 # ------------------------------------------------------------------ driver
 def _versions() -> dict:
+    import importlib.metadata
+
     out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
     try:
         import triton
@@ -228,6 +239,10 @@ def _versions() -> dict:
         out["triton"] = triton.__version__
     except ImportError:
         out["triton"] = None
+    try:
+        out["flashinfer"] = importlib.metadata.version("flashinfer-python")
+    except importlib.metadata.PackageNotFoundError:
+        out["flashinfer"] = None
     return out
 
 
@@ -255,6 +270,8 @@ def prepare_args(argv: list[str] | None) -> tuple[ServerArgs, BenchArgs, bool]:
     args.max_running_requests = args.max_running_requests or max_bs
     args.max_total_tokens = args.max_total_tokens or max_bs * max_len + 64
     args.cuda_graph_max_bs = args.cuda_graph_max_bs or max_bs
+    if bench.attention_backends:
+        args.attention_backend = bench.attention_backends[0]
     try:
         server_args = ServerArgs.from_cli_args(args)
     except ServerArgsError as exc:
@@ -299,21 +316,38 @@ def main(argv: list[str] | None = None) -> dict:
         "peaks": peaks,
         "results": results,
     }
-    for bs in bench.batch_size:
-        for input_len in bench.input_len:
-            for output_len in bench.output_len:
-                # warm-up: compiles and autotunes kernels for these shapes
-                run_once(runner, bs, input_len, min(output_len, 4), bench.seed)
-                timings = run_once(runner, bs, input_len, output_len, bench.seed)
-                r = summarize(runner, peaks, bs, input_len, output_len, timings)
-                if bench.compare_eager and r["cuda_graph"] and output_len > 1:
-                    eager = _run_eager(runner, bs, input_len, output_len, bench.seed)
-                    r["eager_decode_median_latency_s"] = statistics.median(eager["decode_s"])
-                    r["cuda_graph_decode_speedup"] = r["eager_decode_median_latency_s"] / r["decode_median_latency_s"]
-                results.append(r)
-                logger.info(_result_line(r))
-                if bench.result_file:  # after every run: a later failure keeps what was measured
-                    _write_json(bench.result_file, report)
+    backends = list(bench.attention_backends) or [runner.attention_backend_name]
+    if bench.attention_backends:
+        report["attention_backends"] = {}
+    for i, name in enumerate(backends):
+        if i:  # same weights and pools, this backend's kernels and CUDA graphs
+            t0 = time.perf_counter()
+            runner.set_attention_backend(name)
+            logger.info("attention backend %s ready in %.1f s", name, time.perf_counter() - t0)
+        if bench.attention_backends:
+            graphs = runner.cuda_graph_runner
+            report["attention_backends"][name] = {
+                "graph_memory_bytes": runner.graph_memory_bytes,
+                "graph_capture_s": graphs.capture_seconds if graphs else None}
+        for bs in bench.batch_size:
+            for input_len in bench.input_len:
+                for output_len in bench.output_len:
+                    # warm-up: compiles and autotunes kernels for these shapes
+                    run_once(runner, bs, input_len, min(output_len, 4), bench.seed)
+                    runs = [run_once(runner, bs, input_len, output_len, bench.seed) for _ in range(max(1, bench.repeat))]
+                    timings = {"prefill_s": statistics.median(t["prefill_s"] for t in runs),
+                               "decode_s": [x for t in runs for x in t["decode_s"]]}
+                    r = {"attention_backend": runner.attention_backend_name,
+                         **summarize(runner, peaks, bs, input_len, output_len, timings)}
+                    if bench.compare_eager and r["cuda_graph"] and output_len > 1:
+                        eager = _run_eager(runner, bs, input_len, output_len, bench.seed)
+                        r["eager_decode_median_latency_s"] = statistics.median(eager["decode_s"])
+                        r["cuda_graph_decode_speedup"] = (r["eager_decode_median_latency_s"]
+                                                          / r["decode_median_latency_s"])
+                    results.append(r)
+                    logger.info(_result_line(r))
+                    if bench.result_file:  # after every run: a later failure keeps what was measured
+                        _write_json(bench.result_file, report)
     print(format_table(report))
     return report
 
@@ -326,7 +360,8 @@ def _write_json(path: str, report: dict) -> None:
 
 
 def _result_line(r: dict) -> str:
-    line = (f"bs {r['batch_size']} in {r['input_len']} out {r['output_len']}: prefill {r['prefill_latency_s'] * 1e3:.1f} ms "
+    line = (f"{r['attention_backend']} bs {r['batch_size']} in {r['input_len']} out {r['output_len']}: "
+            f"prefill {r['prefill_latency_s'] * 1e3:.1f} ms "
             f"({r['prefill_tok_s']:.0f} tok/s)")
     if "decode_median_latency_s" in r:
         line += f", decode {r['decode_median_latency_s'] * 1e3:.2f} ms/step ({r['decode_tok_s']:.1f} tok/s)"
@@ -336,17 +371,19 @@ def _result_line(r: dict) -> str:
 
 
 def format_table(report: dict) -> str:
-    lines = [f"{report['model']} {report['dtype']} on {report['device']}, attention {report['attention_backend']}"
+    attention = ", ".join(report.get("attention_backends") or [report["attention_backend"]])
+    lines = [f"{report['model']} {report['dtype']} on {report['device']}, attention {attention}"
              f"{', torchao ' + report['torchao_config'] if report['torchao_config'] else ''}, "
              f"CUDA graphs {'bs<=' + str(report['cuda_graph_max_bs']) if report['cuda_graph_max_bs'] else 'off'}"]
     if report["peaks"]:
         p = report["peaks"]
         lines.append(f"measured ceilings: {p['bandwidth_gbps']:.0f} GB/s, {p['matmul_tflops']:.3g} TFLOP/s {p['dtype']}")
-    head = ("bs", "in", "out", "prefill ms", "prefill tok/s", "of peak", "ITL ms", "decode tok/s", "GB/s",
-            "roofline", "eager ITL ms")
+    head = ("attention", "bs", "in", "out", "prefill ms", "prefill tok/s", "of peak", "ITL ms", "decode tok/s",
+            "GB/s", "roofline", "eager ITL ms")
     lines.append(" ".join(f"{h:>13}" for h in head))
     for r in report["results"]:
-        row = (r["batch_size"], r["input_len"], r["output_len"], f"{r['prefill_latency_s'] * 1e3:.1f}",
+        row = (r.get("attention_backend", report["attention_backend"]), r["batch_size"], r["input_len"],
+               r["output_len"], f"{r['prefill_latency_s'] * 1e3:.1f}",
                f"{r['prefill_tok_s']:.0f}", f"{r.get('prefill_matmul_fraction', float('nan')):.3f}",
                f"{r.get('decode_median_latency_s', float('nan')) * 1e3:.2f}", f"{r.get('decode_tok_s', 0):.1f}",
                f"{r.get('decode_gbps', 0):.0f}", f"{r.get('decode_roofline_ratio', float('nan')):.3f}",

@@ -67,3 +67,17 @@ def test_model_arithmetic(tmp_path, tie):
     flops = prefill_flops(model, config, batch_size=2, input_len=8)
     # matmuls on 16 tokens, the LM head on the 2 last ones, causal attention over 8·9/2 pairs each
     assert flops == 2 * layers * 16 + 2 * 256 * 64 * 2 + 4 * 4 * 16 * 2 * 2 * 8 * 9 / 2
+
+
+def test_bench_side_by_side_backends(tmp_path):
+    """--attention-backends runs every case once per backend on one loaded model (on the CPU only
+    torch_native runs, so it is swapped for itself: the swap path and the report's shape)."""
+    model_dir = _tiny_config_dir(tmp_path / "tiny", tie=False)
+    report = bench_one_batch.main(["--model-path", model_dir, "--load-format", "dummy", "--device", "cpu",
+                                   "--batch-size", "2", "--input-len", "8", "--output-len", "3", "--skip-peaks",
+                                   "--attention-backends", "torch_native", "torch_native"])
+    rows = [(r["attention_backend"], r["batch_size"]) for r in report["results"]]
+    assert rows == [("torch_native", 2), ("torch_native", 2)]
+    assert list(report["attention_backends"]) == ["torch_native"]
+    assert "flashinfer" in report["versions"]
+    assert "attention" in bench_one_batch.format_table(report).splitlines()[1]

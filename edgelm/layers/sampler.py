@@ -33,7 +33,14 @@ def seeded_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) ->
     key = _hash32(_hash32(lo ^ _hash32(hi)) ^ (steps & _M32))  # [B]
     cols = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
     bits = _hash32(_hash32(key[:, None] ^ cols[None, :]) ^ 0x5BD1E995)
-    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return bits_to_uniform(bits)
+
+
+def bits_to_uniform(bits: torch.Tensor) -> torch.Tensor:
+    """32 random bits → a float32 strictly inside (0, 1). 23 bits, not 24: (2^24 - 0.5) / 2^24 rounds
+    to exactly 1.0 in float32, and a 1.0 makes the race's noise -log(1) = 0, so a zero-probability
+    (masked) token scores 0 / 0 = NaN and wins the argmax."""
+    return ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:

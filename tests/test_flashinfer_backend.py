@@ -451,22 +451,22 @@ def _runner(model_path, backend, **overrides):
 
 def _check_same_greedy(tokens_a, logits_a, tokens_b, logits_b) -> tuple[int, int]:
     """Decode logits of two backends on the same inputs (b fed a's tokens) are close, and their
-    greedy choices are the same wherever b's top-2 margin exceeds twice the largest logit
-    difference of that row (a flip there would be a bug, not rounding). (flips, rows)."""
+    greedy choices are the same except at near ties: rows where b's top-2 margin is under a tenth
+    of the row's standard deviation, at most 1 in 20 rows. (flips, rows)."""
     flips = rows = 0
     for la, lb in zip(logits_a, logits_b):
         la, lb = la.float(), lb.float()
         rel = (la - lb).norm() / lb.norm()
         assert rel < 4e-2, f"logits differ by {rel:.2e} (relative)"
-        diff = (la - lb).abs().amax(-1)
         top2 = lb.topk(2, dim=-1).values
+        near_tie = top2[:, 0] - top2[:, 1] < 0.1 * lb.std(dim=-1)
         differ = la.argmax(-1) != lb.argmax(-1)
-        assert not (differ & (top2[:, 0] - top2[:, 1] > 2 * diff)).any(), "argmax differs where the margin is clear"
+        assert not (differ & ~near_tie).any(), "greedy choices differ where the margin is clear"
         flips += int(differ.sum())
         rows += la.shape[0]
     assert flips <= max(1, rows // 20), f"{flips} near-tie flips in {rows} rows"
-    if flips == 0:
-        assert tokens_a == tokens_b
+    if flips == 0:  # the decode choices (the first token is prefill's, checked by the caller)
+        assert [t[1:] for t in tokens_a] == [t[1:] for t in tokens_b]
     return flips, rows
 
 
@@ -499,12 +499,19 @@ def test_model_greedy_matches_triton(tiny_llama, cuda_graph):
     flash = [_greedy(runner, prompts, steps) for prompts, steps in cases]
     runner.set_attention_backend("triton")
     assert runner.attention_backend_name == "triton" and (runner.cuda_graph_runner is not None) == cuda_graph
-    flips = rows = equal = tokens = 0
+    flips = rows = equal = tokens = prefill_differ = sequences = 0
     for (prompts, steps), (tokens_fi, logits_fi) in zip(cases, flash):
         tokens_tri, logits_tri = _greedy(runner, prompts, steps, forced=tokens_fi)
         f, r = _check_same_greedy(tokens_fi, logits_fi, tokens_tri, logits_tri)
         flips, rows = flips + f, rows + r
         equal += sum(a == b for ta, tb in zip(tokens_fi, tokens_tri) for a, b in zip(ta, tb))
         tokens += sum(len(t) for t in tokens_fi)
-    _record(test="model_greedy_flashinfer_vs_triton", model=os.path.basename(tiny_llama), cuda_graph=cuda_graph,
-            greedy_tokens_equal=equal, greedy_tokens=tokens, near_tie_flips=flips, decode_rows=rows)
+        prefill_differ += sum(ta[0] != tb[0] for ta, tb in zip(tokens_fi, tokens_tri))
+        sequences += len(prompts)
+    with open(os.path.join(tiny_llama, "config.json")) as f:
+        hf = json.load(f)
+    _record(test="model_greedy_flashinfer_vs_triton", cuda_graph=cuda_graph,
+            model=f"tiny llama {hf['num_attention_heads']}/{hf['num_key_value_heads']} heads, head_dim 128",
+            greedy_tokens_equal=equal, greedy_tokens=tokens, near_tie_flips=flips, decode_rows=rows,
+            prefill_tokens_differ=prefill_differ, sequences=sequences)
+    assert prefill_differ <= 1, f"prefill's greedy token differs in {prefill_differ} of {sequences} sequences"

@@ -70,7 +70,7 @@ def _attention_scaling(model_runner, head_dim: int) -> float:
     scalings = {m.scaling for m in model.modules() if isinstance(m, RadixAttention)} if model is not None else set()
     if len(scalings) > 1:
         raise FlashInferStartError(f"the model's layers use different softmax scales {sorted(scalings)}; "
-                                   f"one FlashInfer plan serves every layer. {_FALLBACK}")
+                                   f"one FlashInfer plan serves every layer; {_FALLBACK}")
     return scalings.pop() if scalings else head_dim**-0.5
 
 
@@ -236,8 +236,8 @@ class FlashInferAttnBackend(AttentionBackend):
             detail = f"{type(exc).__name__}: {text[-1] if text else ''}"
             raise FlashInferStartError(
                 f"FlashInfer could not build or run its attention kernels for {str(self.dtype).replace('torch.', '')}, "
-                f"head_dim {d}, {h}/{hkv} heads on this GPU ({detail}); it JIT-compiles them with the CUDA "
-                f"toolkit's nvcc (set CUDA_HOME), or {_FALLBACK}") from exc
+                f"head_dim {d}, {h}/{hkv} heads on this GPU ({detail}); FlashInfer JIT-compiles its kernels with "
+                f"the CUDA toolkit's nvcc (install it, or set CUDA_HOME); or {_FALLBACK}") from exc
         logger.info("FlashInfer: kernels ready in %.1f s", time.perf_counter() - start)
 
     # ---- metadata ----
@@ -264,6 +264,10 @@ class FlashInferAttnBackend(AttentionBackend):
         wrapper = self._new_decode_wrapper(bs)
         self.graph_wrappers[bs] = wrapper
         self._plan_graph(bs, forward_batch)
+        if self.device.startswith("cuda"):
+            # the graph runner warms up and captures on a side stream: the plan's copies (on this
+            # stream) must have landed first. Replays run on this stream, after their plan.
+            torch.cuda.current_stream().synchronize()
 
     def init_forward_metadata_replay_cuda_graph(self, bs: int, forward_batch) -> None:
         self._plan_graph(bs, forward_batch)

@@ -64,16 +64,20 @@ def test_cpu_is_refused():
         check_backend("flashinfer", "cpu")
 
 
-def test_model_runner_stops_before_loading(monkeypatch, embedded_gguf):
+def test_model_runner_stops_before_loading(monkeypatch, tmp_path):
     """--attention-backend flashinfer where it cannot run stops the runner at once (no weights read)."""
+    from transformers import LlamaConfig
+
     from edgelm.model_config import ModelConfig
     from edgelm.model_executor import model_runner as mr
     from edgelm.model_loader.resolve import resolve_model
     from edgelm.server_args import ServerArgs
 
+    LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2).save_pretrained(str(tmp_path))
     monkeypatch.setattr(mr, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
-    args = ServerArgs(model_path=embedded_gguf, device="cpu", attention_backend="flashinfer")
-    config = ModelConfig.load(resolve_model(embedded_gguf), args.dtype, "cpu", 512)
+    args = ServerArgs(model_path=str(tmp_path), device="cpu", attention_backend="flashinfer", load_format="dummy")
+    config = ModelConfig.load(resolve_model(str(tmp_path)), args.dtype, "cpu", 512)
     with pytest.raises(BackendUnavailableError, match="flashinfer"):
         mr.ModelRunner(args, config, "cpu")
 
@@ -140,12 +144,22 @@ class _FakeWrapper:
         return out.zero_()
 
 
-@pytest.fixture
-def fake_flashinfer(monkeypatch):
-    mod = types.ModuleType("flashinfer")
+def _fast_decode_plan(wrapper, *args, **kwargs):
+    _FakeWrapper.calls.append(("<module>", "fast_decode_plan", (wrapper, *args), kwargs))
+    wrapper.plans.append((args, kwargs))
+
+
+def _fill_fake(mod):
     for name in ("BatchPrefillWithRaggedKVCacheWrapper", "BatchPrefillWithPagedKVCacheWrapper",
                  "BatchDecodeWithPagedKVCacheWrapper"):
         setattr(mod, name, type(name, (_FakeWrapper,), {}))
+    mod.fast_decode_plan = _fast_decode_plan
+
+
+@pytest.fixture
+def fake_flashinfer(monkeypatch):
+    mod = types.ModuleType("flashinfer")
+    _fill_fake(mod)
     monkeypatch.setitem(sys.modules, "flashinfer", mod)
     monkeypatch.setattr(_FakeWrapper, "fail", None)
     monkeypatch.setattr(_FakeWrapper, "calls", [])
@@ -244,7 +258,9 @@ def test_graph_wrappers_share_fixed_buffers(fake_flashinfer):
     # replay: 2 real requests padded to 4 (req 0, seq_len 1)
     fb = ForwardBatch.for_decode([0] * 4, [3, 1, 0, 0], [3, 2, 1, 1], torch.tensor([9, 21, 0, 0]), "cpu")
     backend.init_forward_metadata_replay_cuda_graph(4, fb)
-    args, _ = wrapper.plans[-1]
+    args, kwargs = wrapper.plans[-1]
+    assert [c[1] for c in _FakeWrapper.calls[-2:]] == ["plan", "fast_decode_plan"]  # capture: full; replay: fast
+    assert kwargs["global_override_indptr_cpu"] is args[0]
     assert args[0].tolist() == [0, 3, 5, 6, 7]
     assert backend.graph_kv_indptr.tolist() == [0, 3, 5, 6, 7]
     # the page list was gathered straight into the fixed buffer the captured kernels read
@@ -261,9 +277,7 @@ def test_calls_bind_to_the_installed_flashinfer(monkeypatch):
 
     real = pytest.importorskip("flashinfer")
     fake = types.ModuleType("flashinfer")
-    for name in ("BatchPrefillWithRaggedKVCacheWrapper", "BatchPrefillWithPagedKVCacheWrapper",
-                 "BatchDecodeWithPagedKVCacheWrapper"):
-        setattr(fake, name, type(name, (_FakeWrapper,), {}))
+    _fill_fake(fake)
     monkeypatch.setattr(fib, "_import_flashinfer", lambda: fake)
     monkeypatch.setattr(fib, "WORKSPACE_BYTES", 1024)
     monkeypatch.setattr(_FakeWrapper, "calls", [])
@@ -278,12 +292,15 @@ def test_calls_bind_to_the_installed_flashinfer(monkeypatch):
     backend.init_forward_metadata_replay_cuda_graph(2, pad)
     seen = set()
     for cls_name, method, args, kwargs in _FakeWrapper.calls:
+        seen.add((cls_name, method))
+        if cls_name == "<module>":  # a module-level function that takes the wrapper first
+            inspect.signature(getattr(real, method)).bind(*args, **kwargs)
+            continue
         cls = getattr(real, cls_name)
         inspect.signature(getattr(cls, method)).bind(None, *args, **kwargs)  # raises TypeError on a mismatch
         if method == "plan" and hasattr(cls, "_plan_impl"):  # decode's plan forwards **kwargs to it
             inspect.signature(cls._plan_impl).bind(None, *args, **kwargs)
-        seen.add((cls_name, method))
-    assert len(seen) == 9  # 3 wrappers x (__init__, plan, run)
+    assert len(seen) == 10  # 3 wrappers x (__init__, plan, run), fast_decode_plan (graph replay)
 
 
 def test_reserved_bytes():
@@ -449,10 +466,43 @@ def _runner(model_path, backend, **overrides):
     return ModelRunner(args, config, "cuda")
 
 
+def _greedy(runner, prompts, steps, forced=None, device="cuda"):
+    """Prefill `prompts` in two chunks (the second attends to the first's KV: FlashInfer's paged
+    path; the first is its ragged path), then `steps` batched decode passes. Greedy tokens, and
+    the logits of the second chunk's last tokens and of every decode pass. With `forced` (another
+    run's tokens) decode feeds those, so that both runs see the same inputs at every step."""
+    runner.req_to_token_pool.clear()
+    runner.allocator.clear()
+    n, lens = len(prompts), [len(p) for p in prompts]
+    req_slots = [runner.req_to_token_pool.alloc() for _ in prompts]
+    kv = [runner.allocator.alloc(len(p)) for p in prompts]
+    for slot, slots in zip(req_slots, kv):
+        runner.req_to_token_pool.write(slot, 0, slots)
+    half = [len(p) // 2 for p in prompts]
+    chunks = ([0] * n, half), (half, [L - h for L, h in zip(lens, half)])
+    for prefix, extend in chunks:
+        ids = [t for p, a, e in zip(prompts, prefix, extend) for t in p[a:a + e]]
+        loc = torch.cat([s[a:a + e] for s, a, e in zip(kv, prefix, extend)])
+        logits = runner.forward(ForwardBatch.for_extend(ids, req_slots, prefix, extend, loc, device))
+    all_logits = [logits.clone()]
+    tokens = [[t] for t in logits.argmax(-1).tolist()]
+    for step in range(steps):
+        loc = runner.allocator.alloc(n)
+        for i, slot in enumerate(req_slots):
+            runner.req_to_token_pool.write(slot, lens[i], loc[i:i + 1])
+            lens[i] += 1
+        inputs = [t[step] for t in (forced or tokens)]
+        logits = runner.forward(ForwardBatch.for_decode(inputs, req_slots, lens, loc, device))
+        all_logits.append(logits.clone())
+        for t, nxt in zip(tokens, logits.argmax(-1).tolist()):
+            t.append(nxt)
+    return tokens, all_logits
+
+
 def _check_same_greedy(tokens_a, logits_a, tokens_b, logits_b) -> tuple[int, int]:
-    """Decode logits of two backends on the same inputs (b fed a's tokens) are close, and their
-    greedy choices are the same except at near ties: rows where b's top-2 margin is under a tenth
-    of the row's standard deviation, at most 1 in 20 rows. (flips, rows)."""
+    """Logits of two backends on the same inputs (b fed a's tokens) are close, and their greedy
+    choices are the same except at near ties: rows where b's top-2 margin is under a tenth of the
+    row's standard deviation (random tiny models have many), at most 1 in 8 rows. (flips, rows)."""
     flips = rows = 0
     for la, lb in zip(logits_a, logits_b):
         la, lb = la.float(), lb.float()
@@ -464,9 +514,9 @@ def _check_same_greedy(tokens_a, logits_a, tokens_b, logits_b) -> tuple[int, int
         assert not (differ & ~near_tie).any(), "greedy choices differ where the margin is clear"
         flips += int(differ.sum())
         rows += la.shape[0]
-    assert flips <= max(1, rows // 20), f"{flips} near-tie flips in {rows} rows"
-    if flips == 0:  # the decode choices (the first token is prefill's, checked by the caller)
-        assert [t[1:] for t in tokens_a] == [t[1:] for t in tokens_b]
+    assert flips <= max(1, rows // 8), f"{flips} near-tie flips in {rows} rows"
+    if flips == 0:
+        assert tokens_a == tokens_b
     return flips, rows
 
 
@@ -484,8 +534,6 @@ def _record(**fields):
 def test_model_greedy_matches_triton(tiny_llama, cuda_graph):
     """Prefill + batched greedy decode with flashinfer, then triton on the same weights and pools
     fed flashinfer's tokens: same greedy tokens (near ties aside), close logits."""
-    from tests.test_cuda_graph import _greedy
-
     runner = _runner(tiny_llama, "flashinfer", disable_cuda_graph=not cuda_graph)
     assert runner.attention_backend_name == "flashinfer"
     assert (runner.cuda_graph_runner is not None) == cuda_graph
@@ -499,19 +547,15 @@ def test_model_greedy_matches_triton(tiny_llama, cuda_graph):
     flash = [_greedy(runner, prompts, steps) for prompts, steps in cases]
     runner.set_attention_backend("triton")
     assert runner.attention_backend_name == "triton" and (runner.cuda_graph_runner is not None) == cuda_graph
-    flips = rows = equal = tokens = prefill_differ = sequences = 0
+    flips = rows = equal = tokens = 0
     for (prompts, steps), (tokens_fi, logits_fi) in zip(cases, flash):
         tokens_tri, logits_tri = _greedy(runner, prompts, steps, forced=tokens_fi)
         f, r = _check_same_greedy(tokens_fi, logits_fi, tokens_tri, logits_tri)
         flips, rows = flips + f, rows + r
         equal += sum(a == b for ta, tb in zip(tokens_fi, tokens_tri) for a, b in zip(ta, tb))
         tokens += sum(len(t) for t in tokens_fi)
-        prefill_differ += sum(ta[0] != tb[0] for ta, tb in zip(tokens_fi, tokens_tri))
-        sequences += len(prompts)
     with open(os.path.join(tiny_llama, "config.json")) as f:
         hf = json.load(f)
     _record(test="model_greedy_flashinfer_vs_triton", cuda_graph=cuda_graph,
             model=f"tiny llama {hf['num_attention_heads']}/{hf['num_key_value_heads']} heads, head_dim 128",
-            greedy_tokens_equal=equal, greedy_tokens=tokens, near_tie_flips=flips, decode_rows=rows,
-            prefill_tokens_differ=prefill_differ, sequences=sequences)
-    assert prefill_differ <= 1, f"prefill's greedy token differs in {prefill_differ} of {sequences} sequences"
+            greedy_tokens_equal=equal, greedy_tokens=tokens, near_tie_flips=flips, logit_rows=rows)

@@ -21,6 +21,7 @@ stops the server there, never in the middle of a request.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -111,6 +112,8 @@ class FlashInferAttnBackend(AttentionBackend):
     def __init__(self, model_runner):
         flashinfer = _import_flashinfer()
         self.flashinfer = flashinfer
+        # a leaner re-plan for CUDA-graph decode wrappers (FlashInfer 0.2.x and later have it)
+        self.fast_decode_plan = getattr(flashinfer, "fast_decode_plan", None)
         self.device = str(model_runner.device)
         self.req_to_token = model_runner.req_to_token_pool.req_to_token  # [rows, row_len] int32
         cfg = model_runner.model_config
@@ -179,7 +182,11 @@ class FlashInferAttnBackend(AttentionBackend):
         return out
 
     def _plan_decode(self, wrapper, forward_batch, bs: int, indptr_dev: torch.Tensor | None,
-                     indices_out: torch.Tensor | None) -> None:
+                     indices_out: torch.Tensor | None, fast: bool = False) -> None:
+        """Plan `wrapper` for the first `bs` requests. With indptr_dev / indices_out (a CUDA-graph
+        wrapper's own buffers) the page table is written straight into them; `fast` then skips
+        FlashInfer's re-copy of those buffers and its per-plan checks (fast_decode_plan), which
+        only a wrapper already planned once (at capture) may do."""
         indptr = self._indptr(forward_batch.seq_lens_cpu[:bs])
         total = int(indptr[-1])
         if indptr_dev is None:
@@ -188,9 +195,12 @@ class FlashInferAttnBackend(AttentionBackend):
             indptr_dev.copy_(indptr, non_blocking=True)
         out = None if indices_out is None else indices_out[:total]
         indices = self._gather_pages(forward_batch.req_pool_indices[:bs], indptr_dev, total, out)
-        wrapper.plan(indptr, indices, self._last_page_len(bs), self.num_heads, self.num_kv_heads, self.head_dim, 1,
-                     pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.dtype,
-                     sm_scale=self.sm_scale, non_blocking=True)
+        plan = wrapper.plan
+        if fast and self.fast_decode_plan is not None:
+            plan = functools.partial(self.fast_decode_plan, wrapper, global_override_indptr_cpu=indptr)
+        plan(indptr, indices, self._last_page_len(bs), self.num_heads, self.num_kv_heads, self.head_dim, 1,
+             pos_encoding_mode="NONE", q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.sm_scale,
+             non_blocking=True)
 
     def _plan_extend(self, forward_batch) -> None:
         fb = forward_batch
@@ -263,18 +273,18 @@ class FlashInferAttnBackend(AttentionBackend):
             raise RuntimeError("init_cuda_graph_state must run before capturing")
         wrapper = self._new_decode_wrapper(bs)
         self.graph_wrappers[bs] = wrapper
-        self._plan_graph(bs, forward_batch)
+        self._plan_graph(bs, forward_batch, fast=False)  # the full plan: FlashInfer resolves its kernels
         if self.device.startswith("cuda"):
             # the graph runner warms up and captures on a side stream: the plan's copies (on this
             # stream) must have landed first. Replays run on this stream, after their plan.
             torch.cuda.current_stream().synchronize()
 
     def init_forward_metadata_replay_cuda_graph(self, bs: int, forward_batch) -> None:
-        self._plan_graph(bs, forward_batch)
+        self._plan_graph(bs, forward_batch, fast=True)
 
-    def _plan_graph(self, bs: int, forward_batch) -> None:
+    def _plan_graph(self, bs: int, forward_batch, fast: bool) -> None:
         wrapper = self.graph_wrappers[bs]
-        self._plan_decode(wrapper, forward_batch, bs, self.graph_kv_indptr[: bs + 1], self.graph_kv_indices)
+        self._plan_decode(wrapper, forward_batch, bs, self.graph_kv_indptr[: bs + 1], self.graph_kv_indices, fast)
         self.active_decode_wrapper = wrapper
 
     # ---- forward ----
@@ -293,16 +303,16 @@ class FlashInferAttnBackend(AttentionBackend):
         k_pages, v_pages = self._store_kv(k, v, layer, forward_batch)
         bs, h, d = q.shape[0], layer.tp_q_head_num, layer.head_dim
         o = torch.empty((bs, h, d), dtype=q.dtype, device=q.device)
-        self.active_decode_wrapper.run(q.reshape(bs, h, d).contiguous(), (k_pages, v_pages), out=o)
+        self.active_decode_wrapper.run(q.view(bs, h, d), (k_pages, v_pages), out=o)
         return o.view(bs, h * d)
 
     def forward_extend(self, q, k, v, layer, forward_batch):
         k_pages, v_pages = self._store_kv(k, v, layer, forward_batch)
         t, h, hkv, d = q.shape[0], layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
         o = torch.empty((t, h, d), dtype=q.dtype, device=q.device)
-        q = q.reshape(t, h, d).contiguous()
+        q = q.view(t, h, d)  # strided views of the fused projection: FlashInfer reads row / head strides
         if self.extend_ragged:
-            self.ragged_wrapper.run(q, k.reshape(t, hkv, d).contiguous(), v.reshape(t, hkv, d).contiguous(), out=o)
+            self.ragged_wrapper.run(q, k.view(t, hkv, d), v.view(t, hkv, d), out=o)
         else:
             self.paged_wrapper.run(q, (k_pages, v_pages), out=o)
         return o.view(t, h * d)

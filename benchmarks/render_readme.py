@@ -79,6 +79,22 @@ def attention_backends() -> list[str]:
     return lines + [""]
 
 
+def flashinfer_overhead() -> list[str]:
+    lines = []
+    for name, d in _load("flashinfer_overhead_*.json"):
+        shape = d["shape"]
+        lines += [f"**Decode attention, where a step's time goes** ({shape['heads']}/{shape['kv_heads']} heads, head_dim "
+                  f"{shape['head_dim']}, context {shape['context']}): host time of the hook that runs before every "
+                  "CUDA-graph replay (the GPU waits for it), and one layer's K/V write + attention inside a graph", "",
+                  "| backend | batch | replay hook, host (µs) | per layer (µs) | KV read (GB/s) |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for key, r in d["results"].items():
+            backend, bs = key.rsplit("_bs", 1)
+            lines.append(f"| {backend} | {bs} | {r['replay_hook_us']:.1f} | {r['layer_us']:.1f} | {r['kv_read_gbps']:.0f} |")
+        lines += ["", _source(name, d), ""]
+    return lines
+
+
 def int4_vs_bf16() -> list[str]:
     """Whole-model decode, int4wo-128 against bf16, from the two latency files of one device session."""
     runs = dict(_load("bench_one_batch_*.json"))
@@ -194,7 +210,7 @@ def grammar() -> list[str]:
 
 
 def render() -> str:
-    parts = gpu_latency() + attention_backends() + int4_vs_bf16() + int4_kernels() + quality() + grammar() + cpu_decode() + serving()
+    parts = gpu_latency() + attention_backends() + flashinfer_overhead() + int4_vs_bf16() + int4_kernels() + quality() + grammar() + cpu_decode() + serving()
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -339,6 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
                                "decode_s": [x for t in runs for x in t["decode_s"]]}
                     r = {"attention_backend": runner.attention_backend_name,
                          **summarize(runner, peaks, bs, input_len, output_len, timings)}
+                    if len(runs) > 1:  # every timing, so that an outlier shows
+                        r["prefill_latencies_s"] = [t["prefill_s"] for t in runs]
                     if bench.compare_eager and r["cuda_graph"] and output_len > 1:
                         eager = _run_eager(runner, bs, input_len, output_len, bench.seed)
                         r["eager_decode_median_latency_s"] = statistics.median(eager["decode_s"])

@@ -75,9 +75,11 @@ def test_bench_side_by_side_backends(tmp_path):
     model_dir = _tiny_config_dir(tmp_path / "tiny", tie=False)
     report = bench_one_batch.main(["--model-path", model_dir, "--load-format", "dummy", "--device", "cpu",
                                    "--batch-size", "2", "--input-len", "8", "--output-len", "3", "--skip-peaks",
-                                   "--attention-backends", "torch_native", "torch_native"])
+                                   "--attention-backends", "torch_native", "torch_native", "--repeat", "2"])
     rows = [(r["attention_backend"], r["batch_size"]) for r in report["results"]]
     assert rows == [("torch_native", 2), ("torch_native", 2)]
     assert list(report["attention_backends"]) == ["torch_native"]
+    for r in report["results"]:
+        assert len(r["prefill_latencies_s"]) == 2 and r["decode_median_latency_s"] > 0
     assert "flashinfer" in report["versions"]
     assert "attention" in bench_one_batch.format_table(report).splitlines()[1]

@@ -13,8 +13,11 @@ For batch 1 and 32 at a 1024-token context, each backend as the CUDA-graph runne
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import shlex
 import statistics
+import sys
 import time
 from types import SimpleNamespace
 
@@ -98,7 +101,9 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--backends", nargs="+", default=["triton", "flashinfer"])
     args = parser.parse_args()
-    report = {"device": torch.cuda.get_device_name(), "shape": {"heads": HEADS, "kv_heads": KV_HEADS,
+    report = {"command": "python " + shlex.join(sys.argv),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": torch.cuda.get_device_name(), "shape": {"heads": HEADS, "kv_heads": KV_HEADS,
               "head_dim": HEAD_DIM, "context": CONTEXT, "layers_per_graph": LAYERS}, "results": {}}
     for name in args.backends:
         for bs in (1, 32):

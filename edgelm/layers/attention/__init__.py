@@ -39,7 +39,9 @@ def check_backend(name: str, device: str) -> None:
 
 
 def backend_candidates(device: str) -> tuple[str, ...]:
-    """Backends in order of preference for a device (unset --attention-backend takes the first that runs)."""
+    """Backends in order of preference for a device (unset --attention-backend takes the first that
+    runs). On CUDA SGLang's order, flashinfer first; on the H100 triton measured faster at decode
+    (README, Performance), so this order is a choice to revisit per device."""
     return ("flashinfer", "triton", "torch_native") if str(device).startswith("cuda") else ("torch_native",)
 
 
@@ -54,7 +56,7 @@ def pick_backend(requested: str | None, device: str) -> str:
         except BackendUnavailableError as exc:
             skipped.append(f"{name}: {str(exc).removeprefix(f'--attention-backend {name}: ')}")
             continue
-        logger.info("attention backend: %s (best available on %s%s)", name, device,
+        logger.info("attention backend: %s (the first that runs on %s%s)", name, device,
                     "; not " + "; not ".join(skipped) if skipped else "")
         return name
     return "torch_native"

@@ -40,9 +40,10 @@ def check_backend(name: str, device: str) -> None:
 
 def backend_candidates(device: str) -> tuple[str, ...]:
     """Backends in order of preference for a device (unset --attention-backend takes the first that
-    runs). On CUDA SGLang's order, flashinfer first; on the H100 triton measured faster at decode
-    (README, Performance), so this order is a choice to revisit per device."""
-    return ("flashinfer", "triton", "torch_native") if str(device).startswith("cuda") else ("torch_native",)
+    runs). On CUDA triton first: it decoded 5-14% faster than FlashInfer on the H100 with the same
+    prefill speed (benchmarks/results/attention_backends_*), and it needs no kernel build at start-up
+    (FlashInfer's JIT takes minutes, longer on a Jetson); flashinfer where triton cannot run."""
+    return ("triton", "flashinfer", "torch_native") if str(device).startswith("cuda") else ("torch_native",)
 
 
 def pick_backend(requested: str | None, device: str) -> str:

@@ -9,4 +9,4 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 tar -xJf .fi/flashinfer_site.tar.xz -C "$site" >> "$OUT/setup.log" 2>&1 || exit 1
 export PYTHONPATH=$site:. PYTHONUNBUFFERED=1 FLASHINFER_WORKSPACE_BASE=/tmp/fiws FLASHINFER_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
 set -o pipefail
-timeout ${LIMIT:-400} python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/ 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25
+timeout ${LIMIT:-400} python3 -m pytest -q -p no:cacheprovider -m gpu -rs ${FILES:-$(grep -l "mark.gpu" tests/test_*.py)} 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25

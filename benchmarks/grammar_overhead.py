@@ -40,23 +40,18 @@ class _HostTimer:
         import edgelm.managers.grammar_hooks as hooks
 
         self.fill_s = self.apply_s = 0.0
-        fill, apply = hooks.fill_vocab_masks, hooks.apply_vocab_mask
+        hooks.fill_vocab_masks = self._timed(hooks.fill_vocab_masks, "fill_s")
+        hooks.apply_vocab_mask = self._timed(hooks.apply_vocab_mask, "apply_s")
 
-        def timed_fill(*a, **k):
+    def _timed(self, fn, total: str):
+        def timed(*args, **kwargs):
             t = time.perf_counter()
             try:
-                return fill(*a, **k)
+                return fn(*args, **kwargs)
             finally:
-                self.fill_s += time.perf_counter() - t
+                setattr(self, total, getattr(self, total) + time.perf_counter() - t)
 
-        def timed_apply(*a, **k):
-            t = time.perf_counter()
-            try:
-                return apply(*a, **k)
-            finally:
-                self.apply_s += time.perf_counter() - t
-
-        hooks.fill_vocab_masks, hooks.apply_vocab_mask = timed_fill, timed_apply
+        return timed
 
 
 TIMER: _HostTimer | None = None

@@ -27,6 +27,19 @@ def host_us(fn, n=200):
     return round(1e6 * host, 2), round(1e6 * total, 2)
 
 
+def _apply_costs(logits, mask, row_list) -> dict:
+    """(host, host + device) µs per call of each way to apply `mask` to `logits`."""
+    def device_mask():
+        return mask.to("cuda", non_blocking=True)
+
+    return {"triton_rows_us(host,total)": host_us(lambda: bm._apply_triton(logits, device_mask(), row_list)),
+            "triton_all_us(host,total)": host_us(lambda: bm._apply_triton(logits, device_mask(), None)),
+            "torch_rows_us(host,total)": host_us(lambda: bm._apply_torch(logits, device_mask(), row_list)),
+            "torch_all_us(host,total)": host_us(lambda: bm._apply_torch(logits, device_mask(), None)),
+            "apply_vocab_mask_us(host,total)": host_us(lambda: bm.apply_vocab_mask(logits, mask, row_list)),
+            "empty_launch_us(host,total)": host_us(lambda: logits.add_(0))}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", required=True)
@@ -67,14 +80,7 @@ def main():
             logits = torch.randn(b, v, device="cuda")
             mask = bm.allocate_vocab_mask(v, b)
             mask[:, ::3] = 0
-            row_list = list(range(b))
-            rows.append({"what": "apply", "vocab": v, "batch": b,
-                         "triton_rows_us(host,total)": host_us(lambda: bm._apply_triton(logits, mask.to("cuda", non_blocking=True), row_list)),
-                         "triton_all_us(host,total)": host_us(lambda: bm._apply_triton(logits, mask.to("cuda", non_blocking=True), None)),
-                         "torch_rows_us(host,total)": host_us(lambda: bm._apply_torch(logits, mask.to("cuda", non_blocking=True), row_list)),
-                         "torch_all_us(host,total)": host_us(lambda: bm._apply_torch(logits, mask.to("cuda", non_blocking=True), None)),
-                         "apply_vocab_mask_us(host,total)": host_us(lambda: bm.apply_vocab_mask(logits, mask, row_list)),
-                         "empty_launch_us(host,total)": host_us(lambda: logits.add_(0))})
+            rows.append({"what": "apply", "vocab": v, "batch": b, **_apply_costs(logits, mask, list(range(b)))})
             print(rows[-1], flush=True)
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "rows": rows}, f, indent=1)

@@ -106,7 +106,7 @@ class GrammarHooks:
         self._advance(req, token_id)
 
     def flush(self, req) -> None:
-        token_id = getattr(req, "grammar_pending", None)
+        token_id = req.grammar_pending
         if token_id is not None:
             req.grammar_pending = None
             if req.grammar is not None and not req.finished():

@@ -381,22 +381,17 @@ class Scheduler:
         top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
         for i, (req, tok) in enumerate(zip(reqs, next_ids)):
-            if req.finished():  # failed while its grammar advanced (apply_mask): drop this sample
-                if req in self.running:
-                    self.running.remove(req)
-                self.release(req, kv_len=req.computed_len)
-                self.emit(req)
-                continue
-            req.output_ids.append(tok)
-            if req.penalizer is not None:
-                req.penalizer.add(tok)
-            if req.return_logprob and logprobs is not None:
-                req.pending_logprobs.append(logprobs[i])
-                if req.top_logprobs_num and top_lp is not None:
-                    k = req.top_logprobs_num
-                    req.pending_top_logprobs.append(list(zip(top_ids[i][:k], top_lp[i][:k])))
-            self.grammar.accept(req, tok)
-            req.check_finished(self.eos_token_ids, self.context_len, self._stop_string_matched)
+            if not req.finished():  # finished already: failed while its grammar advanced; sample dropped
+                req.output_ids.append(tok)
+                if req.penalizer is not None:
+                    req.penalizer.add(tok)
+                if req.return_logprob and logprobs is not None:
+                    req.pending_logprobs.append(logprobs[i])
+                    if req.top_logprobs_num and top_lp is not None:
+                        k = req.top_logprobs_num
+                        req.pending_top_logprobs.append(list(zip(top_ids[i][:k], top_lp[i][:k])))
+                self.grammar.accept(req, tok)
+                req.check_finished(self.eos_token_ids, self.context_len, self._stop_string_matched)
             if req.finished():
                 if req in self.running:
                     self.running.remove(req)

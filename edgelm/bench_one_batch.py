@@ -31,7 +31,7 @@ import torch
 from edgelm.bench_utils import measure_peaks
 from edgelm.layers.vocab_embedding import VocabEmbedding
 from edgelm.model_config import ModelConfig
-from edgelm.model_executor.forward_batch import ForwardBatch, ForwardMode
+from edgelm.model_executor.forward_batch import ForwardBatch
 from edgelm.model_executor.model_runner import ModelRunner, tensor_bytes
 from edgelm.model_loader.resolve import resolve_model
 from edgelm.sampling.sampling_batch_info import SamplingBatchInfo
@@ -170,20 +170,14 @@ def run_once(runner: ModelRunner, batch_size: int, input_len: int, output_len: i
     _sync(device)
     prefill_s = time.perf_counter() - t0
 
-    req_pool_indices = torch.tensor(req_slots, dtype=torch.int64, device=device)
-    seq_lens = torch.full((batch_size,), input_len, dtype=torch.int32, device=device)
-    req_to_token = runner.req_to_token_pool.req_to_token
     decode_s = []
     for step in range(output_len - 1):
+        # as the server's scheduler prepares a decode step: sampled ids to the host, host lists in
         t0 = time.perf_counter()
+        ids = next_ids.tolist()
         out_cache_loc = runner.allocator.alloc(batch_size)
-        req_to_token[req_pool_indices, seq_lens.long()] = out_cache_loc.to(torch.int32)
-        seq_lens = seq_lens + 1
-        batch = ForwardBatch(
-            forward_mode=ForwardMode.DECODE, batch_size=batch_size, input_ids=next_ids,
-            positions=(seq_lens - 1).long(), out_cache_loc=out_cache_loc, req_pool_indices=req_pool_indices,
-            seq_lens=seq_lens, req_pool_indices_cpu=req_slots,
-            seq_lens_cpu=torch.full((batch_size,), input_len + step + 1, dtype=torch.int32))
+        batch = ForwardBatch.for_decode(ids, req_slots, [input_len + step + 1] * batch_size, out_cache_loc, device,
+                                        lazy=True)
         next_ids = runner.sample(runner.forward(batch), info).next_token_ids
         _sync(device)
         decode_s.append(time.perf_counter() - t0)

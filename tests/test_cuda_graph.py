@@ -135,3 +135,39 @@ def test_graph_decode_matches_eager(tiny_llama, backend, dtype, monkeypatch):
             torch.testing.assert_close(lg, le, rtol=tol, atol=tol)
         if dtype == "float32":  # bf16 may flip a near tie between two kernels' roundings
             assert tokens_g == tokens_e
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [True, False])
+def test_fused_decode_layers_match_unfused(tiny_llama, graphs, monkeypatch):
+    """The fused decoder layer (norms, SiLU·mul and residual adds inside the GEMVs) against the
+    layer-by-layer kernels, on the tiny model with its GEMV shapes entered as Triton wins."""
+    from edgelm.layers import triton_ops
+    from edgelm.layers.triton_ops import gemv
+
+    pytest.importorskip("triton")
+    cap = torch.cuda.get_device_capability()
+    wins = ((1, "reduce_n8_k1024_w4_s3"), (8, "dot_n16_k256_w4_s4"))
+    # tiny_llama: hidden 128, 4 heads of 32, 2 kv heads, intermediate 256
+    monkeypatch.setitem(gemv.WINS, cap, {(256, 128): wins, (128, 128): wins, (512, 128): wins, (128, 256): wins})
+    old = triton_ops.set_enabled("1")
+    try:
+        fused = _runner(tiny_llama, "triton", "bfloat16", disable_cuda_graph=not graphs)
+        triton_ops.set_enabled("rmsnorm,add_rmsnorm,silu_and_mul,rotary,gemv")
+        plain = _runner(tiny_llama, "triton", "bfloat16", disable_cuda_graph=not graphs)
+        gen = torch.Generator().manual_seed(3)
+        for n in (1, 3):
+            prompts = [torch.randint(0, 512, (int(L),), generator=gen).tolist()
+                       for L in torch.randint(3, 20, (n,), generator=gen)]
+            triton_ops.set_enabled("rmsnorm,add_rmsnorm,silu_and_mul,rotary,gemv")
+            tokens_p, logits_p = _greedy(plain, prompts, 8)
+            triton_ops.set_enabled("1")
+            tokens_f, logits_f = _greedy(fused, prompts, 8, forced=tokens_p)
+            plans = fused.model.model._fused_plans
+            assert any(k[0] == n and v is not None for k, v in plans.items()), plans
+            for lf, lp in zip(logits_f, logits_p):
+                torch.testing.assert_close(lf, lp, rtol=3e-2, atol=3e-2)
+            agree = sum(a == b for tf, tp in zip(tokens_f, tokens_p) for a, b in zip(tf, tp))
+            assert agree >= 0.9 * n * 9, (tokens_f, tokens_p)
+    finally:
+        triton_ops.set_enabled(",".join(sorted(old)) or "0")

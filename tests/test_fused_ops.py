@@ -107,6 +107,37 @@ def test_skinny_gemm(name, m):
     torch.testing.assert_close(skinny_gemm(x, w, b, config), ref, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("name", ["reduce_n8_k1024_w4_s3", "dot_n16_k256_w4_s4"])
+@pytest.mark.parametrize("m", [1, 2])
+def test_fused_gemv_chain(name, m):
+    """One decoder layer's fused GEMVs against the unfused ops they replace: o_proj + residual add,
+    RMSNorm + gate_up, SiLU·mul + down_proj + residual add."""
+    config = CONFIGS[name]
+    h, inter, eps, dtype = 40, 1040, 1e-5, torch.bfloat16  # neither a multiple of BLOCK_N / BLOCK_K
+    attn = torch.randn(m, h, dtype=dtype, device=DEVICE)
+    residual = torch.randn(m, h, dtype=dtype, device=DEVICE)
+    w_o = torch.randn(h, h, dtype=dtype, device=DEVICE) / h**0.5
+    w_gu = torch.randn(2 * inter, h, dtype=dtype, device=DEVICE) / h**0.5
+    w_d = torch.randn(h, inter, dtype=dtype, device=DEVICE) / inter**0.5
+    norm_w = torch.rand(h, dtype=dtype, device=DEVICE) + 0.5
+    # reference: torch ops in float32, rounded where the model rounds
+    r1 = ((attn.float() @ w_o.float().T).to(dtype).float() + residual.float()).to(dtype)
+    gu_ref = (rms_norm_ref(r1, norm_w, eps).float() @ w_gu.float().T).to(dtype)
+    act = SiluAndMul().forward_native(gu_ref)
+    r2_ref = ((act.float() @ w_d.float().T).to(dtype).float() + r1.float()).to(dtype)
+
+    res = residual.clone()
+    ss = gemv.gemm_add_residual(attn, w_o, None, res, config)
+    torch.testing.assert_close(res, r1, atol=2e-2, rtol=2e-2)
+    assert ss.shape == (m, -(-h // config.block_n))
+    torch.testing.assert_close(ss.sum(1), r1.float().pow(2).sum(1), rtol=1e-2, atol=1e-3)
+    gu = gemv.gemm_rmsnorm(res, ss, norm_w, eps, w_gu, None, config)
+    torch.testing.assert_close(gu, gu_ref, atol=3e-2, rtol=3e-2)
+    ss2 = gemv.gemm_silu_add_residual(gu_ref, w_d, None, res, config)
+    torch.testing.assert_close(res, r2_ref, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(ss2.sum(1), r2_ref.float().pow(2).sum(1), rtol=2e-2, atol=1e-3)
+
+
 def test_gemv_table(monkeypatch):
     """Every winner named in WINS exists, the reduce form only serves M <= 2, and pick_config follows
     the table (capability faked for a CPU tensor, whose device index is None)."""

@@ -10,9 +10,11 @@ from edgelm.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool, Token
 
 def test_req_to_token_pool_alloc_free_write():
     pool = ReqToTokenPool(3, 16, "cpu")
-    assert pool.req_to_token.shape == (3, 16) and pool.req_to_token.dtype == torch.int32
+    # one row more than requests: the padding row of CUDA-graph batches, never handed out
+    assert pool.req_to_token.shape == (4, 16) and pool.req_to_token.dtype == torch.int32
     slots = [pool.alloc() for _ in range(3)]
     assert sorted(slots) == [0, 1, 2] and pool.alloc() is None and pool.available_size() == 0
+    assert pool.padding_row == 3 and pool.padding_row not in slots
     pool.write(slots[1], 4, torch.tensor([7, 8, 9], dtype=torch.int64))
     assert pool.req_to_token[slots[1], 3:8].tolist() == [0, 7, 8, 9, 0]
     pool.free(slots[1])

@@ -98,11 +98,11 @@ class Driver:
     def decode(self, reqs: list[int], tokens: list[int]) -> torch.Tensor:
         slots = self.runner.allocator.alloc(len(reqs))
         assert slots is not None, "KV pool full"
-        for i, r in enumerate(reqs):
-            self.runner.req_to_token_pool.write(self.req_slots[r], self.seq_lens[r], slots[i:i + 1])
+        for r in reqs:
             self.seq_lens[r] += 1
+        # as the scheduler does: host lists, and the runner records the new slots in req_to_token
         batch = ForwardBatch.for_decode(tokens, [self.req_slots[r] for r in reqs],
-                                        [self.seq_lens[r] for r in reqs], slots, "cpu")
+                                        [self.seq_lens[r] for r in reqs], slots, "cpu", lazy=True)
         return self.runner.forward(batch)
 
     def greedy(self, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], list[torch.Tensor]]:

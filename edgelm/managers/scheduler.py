@@ -332,10 +332,9 @@ class Scheduler:
             loc = self.runner.allocator.alloc(len(reqs))
             pool_idx = [r.req_pool_idx for r in reqs]
             seq_lens = [r.seqlen for r in reqs]
-            self.runner.req_to_token_pool.req_to_token[
-                torch.tensor(pool_idx, device=self.device), torch.tensor(seq_lens, device=self.device) - 1
-            ] = loc.to(self.runner.req_to_token_pool.req_to_token.dtype)
-            fb = ForwardBatch.for_decode([r.output_ids[-1] for r in reqs], pool_idx, seq_lens, loc, self.device)
+            # the model runner records `loc` in req_to_token as part of the forward
+            fb = ForwardBatch.for_decode([r.output_ids[-1] for r in reqs], pool_idx, seq_lens, loc, self.device,
+                                          lazy=True)
             self._inject_fault(reqs)
             logits = self.runner.forward(fb)
         except Exception as exc:

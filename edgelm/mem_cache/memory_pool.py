@@ -10,14 +10,19 @@ import torch
 
 
 class ReqToTokenPool:
-    """`req_to_token[req_slot, position] -> kv slot` for every running request."""
+    """`req_to_token[req_slot, position] -> kv slot` for every running request.
+
+    Row `size` (`padding_row`) is never handed out: padded rows of a CUDA-graph batch read and
+    write it, so they can never touch a live request's row.
+    """
 
     def __init__(self, size: int, max_context_len: int, device: str):
         self.size = size
+        self.padding_row = size
         self.max_context_len = max_context_len
         self.device = device
-        # [size, max_context_len] int32: kv slot of each position of each request
-        self.req_to_token = torch.zeros((size, max_context_len), dtype=torch.int32, device=device)
+        # [size + 1, max_context_len] int32: kv slot of each position of each request
+        self.req_to_token = torch.zeros((size + 1, max_context_len), dtype=torch.int32, device=device)
         self.free_slots = list(range(size))
 
     def available_size(self) -> int:

@@ -9,7 +9,11 @@ Protocol with the attention backend (`supports_cuda_graph = True`):
   init_forward_metadata_replay_cuda_graph(bs, batch)      before each replay (batch.seq_lens_cpu
                                                           is the padded host copy)
 The batch's device tensors are views `[:bs]` of static buffers sized `max_bs`. Rows past the
-real batch are padding: request slot 0, seq_len 1, KV slot 0 (the pool's dummy slot).
+real batch are padding: the request pool's padding row, seq_len 1, KV slot 0 (the pool's dummy slot).
+
+Host work before a replay is what a batch-1 step waits for with the GPU idle, so it is kept to a
+few launches: a `for_decode` batch's host block goes to the device in one copy from pinned memory,
+its KV slots in another, then req_to_token is updated; the int32 seq_lens are derived inside the graph.
 """
 
 from __future__ import annotations
@@ -55,11 +59,17 @@ class CudaGraphRunner:
         self.capture_bs = capture_batch_sizes(max_bs)
         self.max_bs = self.capture_bs[-1]
         kw = dict(device=self.device)
-        # static inputs, [max_bs] each
-        self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64, **kw)
-        self.positions = torch.zeros(self.max_bs, dtype=torch.int64, **kw)
+        self.padding_row = model_runner.req_to_token_pool.padding_row
+        # static inputs: one int64 block [4, max_bs] (input_ids, positions, req_pool_indices, seq_lens),
+        # its pinned host twin, and the KV slots; the captured graph makes int32 seq_lens from row 3
+        self.block = torch.zeros((4, self.max_bs), dtype=torch.int64, **kw)
+        self.block[2].fill_(self.padding_row)
+        self.block[3].fill_(1)
+        self.staging = torch.empty((4, self.max_bs), dtype=torch.int64, pin_memory=True)
+        self.staging.copy_(self.block)
+        self.staging_free = torch.cuda.Event()  # the last copy out of staging has run
+        self.input_ids, self.positions, self.req_pool_indices = self.block[0], self.block[1], self.block[2]
         self.out_cache_loc = torch.zeros(self.max_bs, dtype=torch.int64, **kw)
-        self.req_pool_indices = torch.zeros(self.max_bs, dtype=torch.int64, **kw)
         self.seq_lens = torch.ones(self.max_bs, dtype=torch.int32, **kw)
         self.seq_lens_cpu = torch.ones(self.max_bs, dtype=torch.int32)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -79,7 +89,7 @@ class CudaGraphRunner:
             out_cache_loc=self.out_cache_loc[:bs],
             req_pool_indices=self.req_pool_indices[:bs],
             seq_lens=self.seq_lens[:bs],
-            req_pool_indices_cpu=[0] * bs,
+            req_pool_indices_cpu=[self.padding_row] * bs,
             seq_lens_cpu=self.seq_lens_cpu[:bs],
             req_to_token_pool=self.model_runner.req_to_token_pool,
             token_to_kv_pool=self.model_runner.token_to_kv_pool,
@@ -87,6 +97,7 @@ class CudaGraphRunner:
         )
 
     def _run(self, batch: ForwardBatch) -> torch.Tensor:
+        batch.seq_lens.copy_(self.block[3, : batch.batch_size])  # captured: int64 row → int32
         return self.model(batch.input_ids, batch.positions, batch)
 
     def capture(self) -> None:
@@ -126,21 +137,32 @@ class CudaGraphRunner:
         """Logits [raw_bs, vocab] float32 of `forward_batch`, a decode batch of at most max_bs."""
         raw_bs = forward_batch.batch_size
         bs = self.capture_bs[bisect.bisect_left(self.capture_bs, raw_bs)]
-        if bs != raw_bs:  # padding rows: harmless reads, writes into the dummy KV slot 0
-            self.input_ids[raw_bs:bs].zero_()
-            self.positions[raw_bs:bs].zero_()
+        fb = forward_batch
+        if fb.decode_host is not None:  # host lists: one pinned copy of the whole block
+            self.staging_free.synchronize()
+            self.staging[:, :raw_bs].copy_(fb.decode_host)
+            if bs != raw_bs:
+                self.staging[:2, raw_bs:bs].zero_()
+                self.staging[2, raw_bs:bs].fill_(self.padding_row)
+                self.staging[3, raw_bs:bs].fill_(1)
+            self.block.copy_(self.staging, non_blocking=True)
+            self.staging_free.record()
+        else:  # device tensors (tests, tools)
+            for row, src in enumerate((fb.input_ids, fb.positions, fb.req_pool_indices, fb.seq_lens)):
+                self.block[row, :raw_bs].copy_(src)
+            if bs != raw_bs:
+                self.block[:2, raw_bs:bs].zero_()
+                self.block[2, raw_bs:bs].fill_(self.padding_row)
+                self.block[3, raw_bs:bs].fill_(1)
+        self.out_cache_loc[:raw_bs].copy_(fb.out_cache_loc)
+        if bs != raw_bs:
             self.out_cache_loc[raw_bs:bs].zero_()
-            self.req_pool_indices[raw_bs:bs].zero_()
-            self.seq_lens[raw_bs:bs].fill_(1)
             self.seq_lens_cpu[raw_bs:bs].fill_(1)
-        self.input_ids[:raw_bs].copy_(forward_batch.input_ids)
-        self.positions[:raw_bs].copy_(forward_batch.positions)
-        self.out_cache_loc[:raw_bs].copy_(forward_batch.out_cache_loc)
-        self.req_pool_indices[:raw_bs].copy_(forward_batch.req_pool_indices)
-        self.seq_lens[:raw_bs].copy_(forward_batch.seq_lens)
-        self.seq_lens_cpu[:raw_bs].copy_(forward_batch.seq_lens_cpu)
+        self.seq_lens_cpu[:raw_bs].copy_(fb.seq_lens_cpu)
+        table = self.model_runner.req_to_token_pool.req_to_token
+        table[self.req_pool_indices[:raw_bs], self.positions[:raw_bs]] = self.out_cache_loc[:raw_bs].to(table.dtype)
         batch = self.batches[bs]
-        batch.req_pool_indices_cpu = list(forward_batch.req_pool_indices_cpu) + [0] * (bs - raw_bs)
+        batch.req_pool_indices_cpu = list(fb.req_pool_indices_cpu) + [self.padding_row] * (bs - raw_bs)
         self.backend.init_forward_metadata_replay_cuda_graph(bs, batch)
         self.graphs[bs].replay()
         # a copy: the sampler edits logits in place, and the next replay overwrites the buffer

@@ -28,13 +28,17 @@ class ForwardMode(IntEnum):
 class ForwardBatch:
     forward_mode: ForwardMode
     batch_size: int
-    input_ids: torch.Tensor  # [num_tokens]
-    positions: torch.Tensor  # [num_tokens]
+    # the device tensors of a decode batch made by for_decode are None until `materialize` (a
+    # CUDA-graph replay never needs them: it copies decode_host into its static buffers at once)
+    input_ids: torch.Tensor | None  # [num_tokens]
+    positions: torch.Tensor | None  # [num_tokens]
     out_cache_loc: torch.Tensor  # [num_tokens] kv slots the new tokens' K/V go to
-    req_pool_indices: torch.Tensor  # [batch] rows of req_to_token
-    seq_lens: torch.Tensor  # [batch] tokens in context after this pass (prefix + new)
+    req_pool_indices: torch.Tensor | None  # [batch] rows of req_to_token
+    seq_lens: torch.Tensor | None  # [batch] tokens in context after this pass (prefix + new)
     req_pool_indices_cpu: list[int]
     seq_lens_cpu: torch.Tensor  # [batch], on the host
+    # decode only (for_decode): int64 [4, batch] on the host: input_ids, positions, req_pool_indices, seq_lens
+    decode_host: torch.Tensor | None = None
     # extend only
     extend_prefix_lens_cpu: list[int] = field(default_factory=list)
     extend_seq_lens_cpu: list[int] = field(default_factory=list)
@@ -77,16 +81,29 @@ class ForwardBatch:
 
     @classmethod
     def for_decode(cls, input_ids: list[int], req_pool_indices: list[int], seq_lens: list[int],
-                   out_cache_loc: torch.Tensor, device: str) -> ForwardBatch:
-        seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
-        return cls(
+                   out_cache_loc: torch.Tensor, device: str, lazy: bool = False) -> ForwardBatch:
+        """A decode batch. Its inputs are one int64 block on the host; `lazy` leaves them there
+        until needed (the model runner's CUDA-graph path moves the block in one copy, its eager
+        path calls `materialize`). Recording `out_cache_loc` in req_to_token is the model runner's
+        job: it does so for every decode forward."""
+        host = torch.tensor([input_ids, [n - 1 for n in seq_lens], req_pool_indices, seq_lens], dtype=torch.int64)
+        batch = cls(
             forward_mode=ForwardMode.DECODE,
             batch_size=len(req_pool_indices),
-            input_ids=torch.tensor(input_ids, dtype=torch.int64).to(device, non_blocking=True),
-            positions=(seq_lens_t - 1).to(torch.int64).to(device, non_blocking=True),
+            input_ids=None, positions=None, req_pool_indices=None, seq_lens=None,
             out_cache_loc=out_cache_loc.to(device),
-            req_pool_indices=torch.tensor(req_pool_indices, dtype=torch.int64).to(device, non_blocking=True),
-            seq_lens=seq_lens_t.to(device, non_blocking=True),
             req_pool_indices_cpu=list(req_pool_indices),
-            seq_lens_cpu=seq_lens_t,
+            seq_lens_cpu=host[3].to(torch.int32),
+            decode_host=host,
         )
+        if not lazy:
+            batch.materialize(device)
+        return batch
+
+    def materialize(self, device) -> None:
+        """Device tensors of a for_decode batch: one host-to-device copy of decode_host."""
+        if self.input_ids is not None or self.decode_host is None:
+            return
+        block = self.decode_host.to(device, non_blocking=True)
+        self.input_ids, self.positions, self.req_pool_indices = block[0], block[1], block[2]
+        self.seq_lens = block[3].to(torch.int32)

@@ -230,9 +230,17 @@ class ModelRunner:
         forward_batch.token_to_kv_pool = self.token_to_kv_pool
         forward_batch.attn_backend = self.attn_backend
         if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(forward_batch):
-            return self.cuda_graph_runner.replay(forward_batch)
+            return self.cuda_graph_runner.replay(forward_batch)  # records the decode slots itself
+        if forward_batch.forward_mode.is_decode():
+            forward_batch.materialize(self.device)
+            self.record_decode_slots(forward_batch)
         self.attn_backend.init_forward_metadata(forward_batch)
         return self.model(forward_batch.input_ids, forward_batch.positions, forward_batch)
+
+    def record_decode_slots(self, forward_batch: ForwardBatch) -> None:
+        """req_to_token[request, position] = the KV slot of each decode token (idempotent)."""
+        table = self.req_to_token_pool.req_to_token
+        table[forward_batch.req_pool_indices, forward_batch.positions] = forward_batch.out_cache_loc.to(table.dtype)
 
     def sample(self, logits: torch.Tensor, info: SamplingBatchInfo) -> SampleOutput:
         return self.sampler(logits, info)

@@ -7,10 +7,12 @@ those switches on; their files only set them.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from edgelm.layers import triton_ops
 from edgelm.layers.activation import SiluAndMul
 from edgelm.layers.attention.radix_attention import RadixAttention
 from edgelm.layers.layernorm import RMSNorm
@@ -49,13 +51,16 @@ class LlamaAttention(nn.Module):
         self.attn = RadixAttention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads, layer_id)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden)
+        return self.o_proj(self.attend(positions, self.qkv_proj(hidden), forward_batch))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, forward_batch) -> torch.Tensor:
+        """Attention output [tokens, heads * head_dim] (before o_proj) of the projected q ‖ k ‖ v."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
         q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, forward_batch))
+        return self.attn(q, k, v, forward_batch)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -76,6 +81,51 @@ class LlamaDecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
+    def forward_fused(self, positions, normed, residual, ss, forward_batch, plan: FusedPlan) -> torch.Tensor:
+        """The layer with its norms, SiLU·mul and residual adds inside the GEMVs (batch-1 decode).
+
+        residual [rows, hidden] is updated in place. The input norm comes either done (`normed`,
+        first layer) or as `ss`, the sums of squares the previous layer's down_proj left. Returns
+        this layer's `ss` for the next."""
+        from edgelm.layers.triton_ops import gemv
+
+        attn, mlp = self.self_attn, self.mlp
+        if ss is None:
+            qkv = attn.qkv_proj(normed)
+        else:
+            norm = self.input_layernorm
+            qkv = gemv.gemm_rmsnorm(residual, ss, norm.weight, norm.eps, attn.qkv_proj.weight, attn.qkv_proj.bias,
+                                    plan.qkv)
+        out = attn.attend(positions, qkv, forward_batch)
+        ss = gemv.gemm_add_residual(out, attn.o_proj.weight, attn.o_proj.bias, residual, plan.o)
+        norm = self.post_attention_layernorm
+        gate_up = gemv.gemm_rmsnorm(residual, ss, norm.weight, norm.eps, mlp.gate_up_proj.weight,
+                                    mlp.gate_up_proj.bias, plan.gate_up)
+        return gemv.gemm_silu_add_residual(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, residual, plan.down)
+
+
+class FusedPlan(NamedTuple):
+    """GEMV configs of a decoder layer's four linears for one row count (triton_ops.gemv)."""
+    qkv: object
+    o: object
+    gate_up: object
+    down: object
+
+
+def fused_plan(layer: LlamaDecoderLayer, hidden: torch.Tensor) -> FusedPlan | None:
+    """The fused decode path's configs, or None where it does not apply: a CPU tensor, the switch
+    off, a quantized or non-half weight, or a linear that takes cuBLAS at this row count."""
+    if not (hidden.is_cuda and hidden.dim() == 2 and hidden.dtype in (torch.bfloat16, torch.float16)
+            and triton_ops.enabled("fused_decode")):
+        return None
+    from edgelm.layers.triton_ops import gemv
+
+    linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+    if any(type(lin.weight) is not nn.Parameter or lin.weight.dtype != hidden.dtype for lin in linears):
+        return None
+    configs = [gemv.config_for(hidden.shape[0], hidden.device, lin.weight) for lin in linears]
+    return None if None in configs else FusedPlan(*configs)
+
 
 class LlamaModel(nn.Module):
     def __init__(self, config, qkv_bias: bool, qk_norm: bool):
@@ -88,13 +138,27 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, qkv_bias, qk_norm, rotary) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self._fused_plans: dict = {}
 
     def forward(self, input_ids, positions, forward_batch):
         hidden, residual = self.embed_tokens(input_ids), None
+        key = (hidden.shape[0], hidden.device, hidden.dtype, triton_ops.enabled("fused_decode"))
+        if key not in self._fused_plans:  # the same for every step of this batch size
+            self._fused_plans[key] = fused_plan(self.layers[0], hidden) if len(self.layers) else None
+        plan = self._fused_plans[key]
+        if plan is not None:
+            return self._forward_fused(hidden, positions, forward_batch, plan)
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, forward_batch)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def _forward_fused(self, hidden, positions, forward_batch, plan: FusedPlan) -> torch.Tensor:
+        residual, ss = hidden, None  # the embedding output becomes the residual stream, updated in place
+        normed = self.layers[0].input_layernorm(hidden)
+        for layer in self.layers:
+            ss = layer.forward_fused(positions, normed, residual, ss, forward_batch, plan)
+        return self.norm(residual)
 
 
 class LlamaForCausalLM(nn.Module):

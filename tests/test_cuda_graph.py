@@ -18,6 +18,7 @@ class GraphTorchBackend(TorchNativeAttnBackend):
     captured: tests the graph runner whatever Triton backend is (or is not) there."""
 
     supports_cuda_graph = True
+    replay_hook_reads_device_batch = True
 
     def init_cuda_graph_state(self, max_bs, max_context_len):
         self.graph_kv_slots = torch.zeros(max_bs, max_context_len, dtype=torch.int64, device=self.device)
@@ -150,7 +151,8 @@ def test_fused_decode_layers_match_unfused(tiny_llama, graphs, monkeypatch):
     wins = ((1, "reduce_n8_k1024_w4_s3"), (8, "dot_n16_k256_w4_s4"))
     # tiny_llama: hidden 128, 4 heads of 32, 2 kv heads, intermediate 256
     monkeypatch.setitem(gemv.WINS, cap, {(256, 128): wins, (128, 128): wins, (512, 128): wins, (128, 256): wins})
-    old = triton_ops.set_enabled("1")
+    fused_ops = "rmsnorm,add_rmsnorm,silu_and_mul,rotary,gemv,fused_decode"
+    old = triton_ops.set_enabled(fused_ops)
     try:
         fused = _runner(tiny_llama, "triton", "bfloat16", disable_cuda_graph=not graphs)
         triton_ops.set_enabled("rmsnorm,add_rmsnorm,silu_and_mul,rotary,gemv")
@@ -161,7 +163,7 @@ def test_fused_decode_layers_match_unfused(tiny_llama, graphs, monkeypatch):
                        for L in torch.randint(3, 20, (n,), generator=gen)]
             triton_ops.set_enabled("rmsnorm,add_rmsnorm,silu_and_mul,rotary,gemv")
             tokens_p, logits_p = _greedy(plain, prompts, 8)
-            triton_ops.set_enabled("1")
+            triton_ops.set_enabled(fused_ops)
             tokens_f, logits_f = _greedy(fused, prompts, 8, forced=tokens_p)
             plans = fused.model.model._fused_plans
             assert any(k[0] == n and v is not None for k, v in plans.items()), plans

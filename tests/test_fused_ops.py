@@ -138,6 +138,17 @@ def test_fused_gemv_chain(name, m):
     torch.testing.assert_close(ss2.sum(1), r2_ref.float().pow(2).sum(1), rtol=2e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("n", [100, 8192, 20000])
+def test_argmax_rows(n):
+    from edgelm.layers.triton_ops.argmax import argmax_rows
+
+    x = torch.randn(3, n, device=DEVICE)
+    x[1, n // 3] = x[1, n - 1] = 1e4  # a tie across chunks: the first index wins, as in torch
+    x[2] = -1e30
+    assert argmax_rows(x).tolist() == x.argmax(-1).tolist()
+    assert argmax_rows(x[:, :0].reshape(0, 0)).shape == (0,)
+
+
 def test_gemv_table(monkeypatch):
     """Every winner named in WINS exists, the reduce form only serves M <= 2, and pick_config follows
     the table (capability faked for a CPU tensor, whose device index is None)."""

@@ -73,13 +73,11 @@ def decode_steps(runner, batch_size: int, input_len: int, steps: int, server_lik
             t0 = time.perf_counter()
             marker = torch.profiler.record_function("decode_step")
             marker.__enter__()
-            if server_like:
+            if server_like:  # as the scheduler and bench_one_batch prepare a step
                 ids = next_ids.tolist()
                 loc = runner.allocator.alloc(batch_size)
                 lens = [input_len + step + 1] * batch_size
-                req_to_token[torch.tensor(req_slots, device=device), torch.tensor(lens, device=device) - 1] = \
-                    loc.to(req_to_token.dtype)
-                batch = ForwardBatch.for_decode(ids, req_slots, lens, loc, device)
+                batch = ForwardBatch.for_decode(ids, req_slots, lens, loc, device, lazy=True)
             else:
                 out_cache_loc = runner.allocator.alloc(batch_size)
                 req_to_token[req_pool_indices, seq_lens.long()] = out_cache_loc.to(torch.int32)

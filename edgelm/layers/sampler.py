@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edgelm.layers import triton_ops
 from edgelm.sampling.sampling_batch_info import SamplingBatchInfo
 
 _M32 = 0xFFFFFFFF
@@ -59,6 +60,15 @@ class SampleOutput:
     top_ids: torch.Tensor | None = None  # [B, K]
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dim of [B, V] logits; one Triton launch on CUDA where switched on."""
+    if logits.is_cuda and logits.dim() == 2 and logits.stride(-1) == 1 and triton_ops.enabled("argmax"):
+        from edgelm.layers.triton_ops.argmax import argmax_rows
+
+        return argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, info: SamplingBatchInfo) -> SampleOutput:
         """logits [B, V] float32 (modified in place)."""
@@ -70,7 +80,7 @@ class Sampler:
         if info.vocab_mask is not None:
             apply_bitmask(logits, info.vocab_mask)
         if info.is_all_greedy:
-            out.next_token_ids = logits.argmax(dim=-1)
+            out.next_token_ids = greedy(logits)
         else:
             out.next_token_ids = self._sample(logits, info)
         if info.return_logprob:

@@ -8,12 +8,15 @@ Protocol with the attention backend (`supports_cuda_graph = True`):
   init_forward_metadata_capture_cuda_graph(bs, batch)     before warming up and capturing `bs`
   init_forward_metadata_replay_cuda_graph(bs, batch)      before each replay (batch.seq_lens_cpu
                                                           is the padded host copy)
+  replay_hook_reads_device_batch = True                   if that hook reads the device batch or
+                                                          req_to_token (they are then ready before it)
 The batch's device tensors are views `[:bs]` of static buffers sized `max_bs`. Rows past the
 real batch are padding: the request pool's padding row, seq_len 1, KV slot 0 (the pool's dummy slot).
 
 Host work before a replay is what a batch-1 step waits for with the GPU idle, so it is kept to a
 few launches: a `for_decode` batch's host block goes to the device in one copy from pinned memory,
-its KV slots in another, then req_to_token is updated; the int32 seq_lens are derived inside the graph.
+its KV slots in another; the graph itself then derives int32 seq_lens and records the KV slots in
+req_to_token (before the replay hook instead, for a backend that plans from them).
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ class CudaGraphRunner:
         self.out_cache_loc = torch.zeros(self.max_bs, dtype=torch.int64, **kw)
         self.seq_lens = torch.ones(self.max_bs, dtype=torch.int32, **kw)
         self.seq_lens_cpu = torch.ones(self.max_bs, dtype=torch.int32)
+        # a backend whose replay hook reads the device batch or req_to_token (FlashInfer plans from
+        # them) needs them ready before the hook; otherwise the graph prepares them itself
+        self.prepare_in_graph = not getattr(self.backend, "replay_hook_reads_device_batch", False)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.batches: dict[int, ForwardBatch] = {}
         self.logits: dict[int, torch.Tensor] = {}  # [bs, vocab] float32, written by each replay
@@ -96,8 +102,16 @@ class CudaGraphRunner:
             attn_backend=self.backend,
         )
 
+    def _prepare(self, bs: int) -> None:
+        """int32 seq_lens from the block, and each row's new KV slot into req_to_token (padding
+        rows write the padding row)."""
+        self.seq_lens[:bs].copy_(self.block[3, :bs])
+        table = self.model_runner.req_to_token_pool.req_to_token
+        table[self.req_pool_indices[:bs], self.positions[:bs]] = self.out_cache_loc[:bs].to(table.dtype)
+
     def _run(self, batch: ForwardBatch) -> torch.Tensor:
-        batch.seq_lens.copy_(self.block[3, : batch.batch_size])  # captured: int64 row → int32
+        if self.prepare_in_graph:
+            self._prepare(batch.batch_size)
         return self.model(batch.input_ids, batch.positions, batch)
 
     def capture(self) -> None:
@@ -159,8 +173,8 @@ class CudaGraphRunner:
             self.out_cache_loc[raw_bs:bs].zero_()
             self.seq_lens_cpu[raw_bs:bs].fill_(1)
         self.seq_lens_cpu[:raw_bs].copy_(fb.seq_lens_cpu)
-        table = self.model_runner.req_to_token_pool.req_to_token
-        table[self.req_pool_indices[:raw_bs], self.positions[:raw_bs]] = self.out_cache_loc[:raw_bs].to(table.dtype)
+        if not self.prepare_in_graph:
+            self._prepare(bs)
         batch = self.batches[bs]
         batch.req_pool_indices_cpu = list(fb.req_pool_indices_cpu) + [self.padding_row] * (bs - raw_bs)
         self.backend.init_forward_metadata_replay_cuda_graph(bs, batch)

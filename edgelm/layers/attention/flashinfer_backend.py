@@ -86,6 +86,7 @@ def _fused_kv_write():
 
 class FlashInferAttnBackend(AttentionBackend):
     supports_cuda_graph = True
+    replay_hook_reads_device_batch = True  # plans from req_to_token and the static batch
 
     @classmethod
     def unavailable_reason(cls, device: str) -> str | None:

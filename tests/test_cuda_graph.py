@@ -166,7 +166,8 @@ def test_fused_decode_layers_match_unfused(tiny_llama, graphs, monkeypatch):
             triton_ops.set_enabled(fused_ops)
             tokens_f, logits_f = _greedy(fused, prompts, 8, forced=tokens_p)
             plans = fused.model.model._fused_plans
-            assert any(k[0] == n and v is not None for k, v in plans.items()), plans
+            # n rows (eager) or the graph of the next captured size up (3 → 4)
+            assert any(n <= k[0] <= 4 * n and v is not None for k, v in plans.items()), plans
             for lf, lp in zip(logits_f, logits_p):
                 torch.testing.assert_close(lf, lp, rtol=3e-2, atol=3e-2)
             agree = sum(a == b for tf, tp in zip(tokens_f, tokens_p) for a, b in zip(tf, tp))

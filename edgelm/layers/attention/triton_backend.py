@@ -63,18 +63,11 @@ class TritonAttnBackend(AttentionBackend):
         self.decode_config = triton_ops.default_decode_config(self.head_dim, dtype, kind)
         self.extend_config = triton_ops.default_extend_config(self.head_dim, dtype, kind)
         self.forward_metadata: DecodeMetadata | ExtendMetadata | None = None
-        # split-KV decode merges in its last program; these count finished splits per (request, head group)
-        self._head_programs = self.num_heads // triton_ops.decode_attention_heads_per_program(
-            self.num_heads // self.num_kv_heads)
-        self.counters = self._counters(model_runner.req_to_token_pool.size + 1)
         # CUDA-graph state (init_cuda_graph_state)
         self.graph_max_context_len = 0
         self.graph_mid_o: torch.Tensor | None = None
         self.graph_mid_lse: torch.Tensor | None = None
         self.graph_metadata: dict[int, DecodeMetadata] = {}
-
-    def _counters(self, rows: int) -> torch.Tensor:
-        return torch.zeros(rows * self._head_programs, dtype=torch.int32, device=self.device)
 
     # ---- metadata ----
     def _num_kv_splits(self, bs: int, max_seq_len: int) -> int:
@@ -106,8 +99,6 @@ class TritonAttnBackend(AttentionBackend):
     def init_cuda_graph_state(self, max_bs: int, max_context_len: int) -> None:
         """Scratch for every batch size up to max_bs, shared by all of them (one graph runs at a time)."""
         self.graph_max_context_len = max_context_len
-        if self.counters.numel() < max_bs * self._head_programs:
-            self.counters = self._counters(max_bs)
         rows = max(bs * self._num_kv_splits(bs, max_context_len) for bs in range(1, max_bs + 1))
         self.graph_mid_o = torch.empty(rows * self.num_heads * self.head_dim, dtype=torch.float32,
                                        device=self.device)
@@ -139,7 +130,7 @@ class TritonAttnBackend(AttentionBackend):
         meta = self.forward_metadata
         self.ops.decode_attention(q.reshape(bs, h, d), k_buf, v_buf, o.view(bs, h, d), self.req_to_token,
                          forward_batch.req_pool_indices, forward_batch.seq_lens, meta.mid_o[:bs], meta.mid_lse[:bs],
-                         layer.scaling, self.decode_config, self.counters)
+                         layer.scaling, self.decode_config)
         return o
 
     def forward_extend(self, q, k, v, layer, forward_batch):

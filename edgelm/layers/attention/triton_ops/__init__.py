@@ -6,9 +6,6 @@ from edgelm.layers.attention.triton_ops.decode_attention import (
     default_decode_config,
     num_kv_splits,
 )
-from edgelm.layers.attention.triton_ops.decode_attention import (
-    heads_per_program as decode_attention_heads_per_program,
-)
 from edgelm.layers.attention.triton_ops.extend_attention import (
     ExtendConfig,
     default_extend_config,
@@ -20,7 +17,6 @@ __all__ = [
     "DecodeConfig",
     "ExtendConfig",
     "decode_attention",
-    "decode_attention_heads_per_program",
     "default_decode_config",
     "default_extend_config",
     "extend_attention",

@@ -61,21 +61,18 @@ def _split_len(seq_len, num_splits, MIN_SPLIT: tl.constexpr, ALIGN: tl.constexpr
 
 @triton.jit
 def _decode_partial_kernel(
-    Q, K_buf, V_buf, req_to_token, req_pool_indices, seq_lens, Mid_O, Mid_LSE, Out, Counter,
+    Q, K_buf, V_buf, req_to_token, req_pool_indices, seq_lens, Mid_O, Mid_LSE, Out,
     qk_scale,  # softmax scale * log2(e)
     num_splits,
     stride_qb, stride_qh, stride_kbs, stride_kbh, stride_vbs, stride_vbh, stride_r2t,
     stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-    DIRECT: tl.constexpr, MERGE: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     """Q [B, H, D]; K_buf, V_buf [S, Hkv, D]; req_to_token [R, L]; Mid_O [B, H, splits, D] and
     Mid_LSE [B, H, splits] (float32, log2 domain) receive this split's normalised output.
-    DIRECT (one split): write the final output to Out [B, H, D] instead.
-    MERGE: the last program of a (request, head group) to finish merges the splits into Out, so
-    no second launch is needed; Counter [B, head groups] int32 counts finished splits (zero between
-    launches: the merging program resets it)."""
+    DIRECT (one split): write the final output to Out [B, H, D] instead."""
     b = tl.program_id(0)
     head0 = tl.program_id(1) * HEADS
     split = tl.program_id(2)
@@ -123,29 +120,6 @@ def _decode_partial_kernel(
             tl.store(Mid_O + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + offs_d[None, :],
                      out, mask=mask_hd)
             tl.store(Mid_LSE + b * stride_mlb + heads * stride_mlh + split, m_i + tl.log2(l_i), mask=mask_h)
-            if MERGE:
-                active = tl.cdiv(seq_len, split_len)
-                counter = Counter + b * tl.num_programs(1) + tl.program_id(1)
-                tl.debug_barrier()  # every thread's partial is stored before the release below
-                if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == active - 1:
-                    tl.store(counter, 0)
-                    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-                    total = tl.zeros([BLOCK_H], dtype=tl.float32)
-                    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-                    for s in range(0, active):  # .cg: other SMs wrote these; read them from L2
-                        lse = tl.load(Mid_LSE + b * stride_mlb + heads * stride_mlh + s, mask=mask_h,
-                                      other=0.0, cache_modifier=".cg")
-                        part = tl.load(Mid_O + b * stride_mob + heads[:, None] * stride_moh + s * stride_mos
-                                       + offs_d[None, :], mask=mask_hd, other=0.0, cache_modifier=".cg")
-                        m_new = tl.maximum(m, lse)
-                        alpha = tl.exp2(m - m_new)
-                        w = tl.exp2(lse - m_new)
-                        acc = acc * alpha[:, None] + w[:, None] * part
-                        total = total * alpha + w
-                        m = m_new
-                    merged = acc / tl.where(total > 0, total, 1.0)[:, None]
-                    tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                             merged.to(Out.dtype.element_ty), mask=mask_hd)
 
 
 @triton.jit
@@ -185,13 +159,10 @@ def _precision(dtype: torch.dtype) -> str:
 
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, o: torch.Tensor,
                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
-                     mid_o: torch.Tensor, mid_lse: torch.Tensor, scaling: float, cfg: DecodeConfig,
-                     counters: torch.Tensor | None = None) -> None:
+                     mid_o: torch.Tensor, mid_lse: torch.Tensor, scaling: float, cfg: DecodeConfig) -> None:
     """q, o [B, H, D] (last dim contiguous); k_buf, v_buf [S, Hkv, D]; req_to_token [R, L];
     req_pool_indices, seq_lens [B]; mid_o [B, H, splits, D] and mid_lse [B, H, splits] float32
     scratch, whose split count sets the grid (one split: stage 1 writes o, no merge launch).
-    counters: int32 zeros, at least B * H / heads_per_program(H / Hkv) of them, kept between calls:
-    the splits are then merged by their last program instead of a second launch.
     Writes o; no host synchronisation. Every request needs seq_len >= 1."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_buf.shape[1]
@@ -202,12 +173,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     heads = heads_per_program(group)
     block_d = max(16, triton.next_power_of_2(head_dim))
     min_split = triton.cdiv(cfg.min_split_len, cfg.block_n) * cfg.block_n
-    merge = counters is not None and splits > 1
-    if merge and counters.numel() < batch * (num_heads // heads):
-        raise ValueError(f"counters: {counters.numel()} < {batch * (num_heads // heads)}")
     _decode_partial_kernel[(batch, num_heads // heads, splits)](
         q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse, o,
-        counters if merge else seq_lens,
         scaling * LOG2E, splits,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         req_to_token.stride(0),
@@ -215,10 +182,9 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         o.stride(0), o.stride(1),
         GROUP=group, HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_N=cfg.block_n, MIN_SPLIT=min_split,
-        PRECISION=_precision(q.dtype), DIRECT=splits == 1, MERGE=merge, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        PRECISION=_precision(q.dtype), DIRECT=splits == 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if splits == 1 or merge:
+    if splits == 1:
         return
     _decode_merge_kernel[(batch, num_heads)](
         mid_o, mid_lse, o, seq_lens, splits,

@@ -278,3 +278,13 @@ def test_gpu_cuda_graph_capture():
     torch.cuda.synchronize()
     for a, b in zip(eager, captured):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_gpu_argmax_rows(rows):
+    from edgelm.layers.triton_ops.argmax import argmax_rows
+
+    x = torch.randn(rows, 128256, device="cuda")
+    x[0, 5] = x[0, 100000] = 1e4
+    assert argmax_rows(x).tolist() == x.argmax(-1).tolist()

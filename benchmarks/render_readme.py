@@ -209,8 +209,28 @@ def grammar() -> list[str]:
     return lines + [""]
 
 
+def decode_profile() -> list[str]:
+    lines = []
+    for name, d in _load("decode_profile_*.json"):
+        step = d["median_per_step"]["server_like"]
+        g = d["profiled_graph"]
+        lines += [f"**Where a batch-{d['batch_size']} decode step goes** (Llama-3.1-8B shape, bf16, context "
+                  f"{d['input_len']}; medians of 60 steps prepared as the scheduler does; kernels from one profiled "
+                  "CUDA-graph replay)", "",
+                  "| part | µs per step |", "| --- | ---: |",
+                  f"| whole step, host clock (as `bench_one_batch` times it) | {step['step_us']:.0f} |",
+                  f"| host work before the graph launch (GPU idle) | {step['host_before_replay_us']:.0f} |",
+                  f"| graph on the GPU (CUDA events) | {step['graph_gpu_us']:.0f} |",
+                  f"| kernels busy / idle gaps inside the graph ({g['kernels_in_step']} kernels) | "
+                  f"{g['busy_us']:.0f} / {g['gaps_us']:.0f} |"]
+        for k in g["by_kernel"][:8]:
+            lines.append(f"| `{k['kernel'][:48]}` × {k['count']} | {k['total_us']:.0f} |")
+        lines += ["", _source(name, d), ""]
+    return lines
+
+
 def render() -> str:
-    parts = gpu_latency() + attention_backends() + flashinfer_overhead() + int4_vs_bf16() + int4_kernels() + quality() + grammar() + cpu_decode() + serving()
+    parts = gpu_latency() + decode_profile() + attention_backends() + flashinfer_overhead() + int4_vs_bf16() + int4_kernels() + quality() + grammar() + cpu_decode() + serving()
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -13,6 +13,7 @@ ended; kernels are grouped by name (with their order within one decoder layer).
 
 from __future__ import annotations
 
+import datetime
 import json
 import statistics
 import sys
@@ -180,6 +181,7 @@ def main() -> None:
         prof.export_chrome_trace(trace)
         kernels = kernel_table(trace, config.hf_config.num_hidden_layers)
     report = {"command": "python benchmarks/gpu/decode_profile.py " + " ".join(sys.argv[1:]),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
               "device": torch.cuda.get_device_name(), "batch_size": bs, "input_len": input_len,
               "median_per_step": summary, "profiled_graph": kernels}
     text = json.dumps(report, indent=1)

@@ -146,24 +146,31 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_once(runner: ModelRunner, batch_size: int, input_len: int, output_len: int, seed: int = 0) -> dict:
-    """Prefill `batch_size` random prompts of `input_len` tokens in one pass, then
-    `output_len` - 1 decode steps; host-clock latency of each, synchronized after each step."""
+def prefill_batch(runner: ModelRunner, batch_size: int, input_len: int, seed: int = 0
+                  ) -> tuple[list[int], SamplingBatchInfo, ForwardBatch]:
+    """Empty pools, then `batch_size` random prompts of `input_len` tokens given request and KV
+    slots: the request slots, greedy sampling info and the extend batch that prefills them."""
     device, vocab = runner.device, runner.model_config.vocab_size
-    if batch_size > runner.max_running_requests or batch_size * (input_len + output_len) > runner.max_total_tokens:
-        raise ValueError(f"batch {batch_size} × {input_len + output_len} tokens does not fit: "
-                         f"{runner.max_running_requests} requests, {runner.max_total_tokens} KV tokens")
     runner.req_to_token_pool.clear()
     runner.allocator.clear()
-    gen = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(0, vocab, (batch_size, input_len), generator=gen)
+    prompts = torch.randint(0, vocab, (batch_size, input_len), generator=torch.Generator().manual_seed(seed))
     req_slots = [runner.req_to_token_pool.alloc() for _ in range(batch_size)]
     kv_slots = runner.allocator.alloc(batch_size * input_len)
     for i, r in enumerate(req_slots):
         runner.req_to_token_pool.write(r, 0, kv_slots[i * input_len:(i + 1) * input_len])
-    info = _greedy_info(batch_size, vocab, device)
     batch = ForwardBatch.for_extend(prompts.flatten().tolist(), req_slots, [0] * batch_size,
                                     [input_len] * batch_size, kv_slots, device)
+    return req_slots, _greedy_info(batch_size, vocab, device), batch
+
+
+def run_once(runner: ModelRunner, batch_size: int, input_len: int, output_len: int, seed: int = 0) -> dict:
+    """Prefill `batch_size` random prompts of `input_len` tokens in one pass, then
+    `output_len` - 1 decode steps; host-clock latency of each, synchronized after each step."""
+    device = runner.device
+    if batch_size > runner.max_running_requests or batch_size * (input_len + output_len) > runner.max_total_tokens:
+        raise ValueError(f"batch {batch_size} × {input_len + output_len} tokens does not fit: "
+                         f"{runner.max_running_requests} requests, {runner.max_total_tokens} KV tokens")
+    req_slots, info, batch = prefill_batch(runner, batch_size, input_len, seed)
     _sync(device)
     t0 = time.perf_counter()
     next_ids = runner.sample(runner.forward(batch), info).next_token_ids

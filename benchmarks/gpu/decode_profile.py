@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from edgelm.bench_one_batch import _greedy_info, prepare_args  # noqa: E402
+from edgelm.bench_one_batch import prefill_batch, prepare_args  # noqa: E402
 from edgelm.model_config import ModelConfig  # noqa: E402
 from edgelm.model_executor.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
 from edgelm.model_executor.model_runner import ModelRunner  # noqa: E402
@@ -47,18 +47,11 @@ class _TimedGraph:
 
 
 def decode_steps(runner, batch_size: int, input_len: int, steps: int, server_like: bool = False) -> list[dict]:
-    """server_like: prepare each step as the scheduler does (token ids to the host, lists to the device)."""
-    device, vocab = runner.device, runner.model_config.vocab_size
-    runner.req_to_token_pool.clear()
-    runner.allocator.clear()
-    prompts = torch.randint(0, vocab, (batch_size, input_len), generator=torch.Generator().manual_seed(0))
-    req_slots = [runner.req_to_token_pool.alloc() for _ in range(batch_size)]
-    kv_slots = runner.allocator.alloc(batch_size * input_len)
-    for i, r in enumerate(req_slots):
-        runner.req_to_token_pool.write(r, 0, kv_slots[i * input_len:(i + 1) * input_len])
-    info = _greedy_info(batch_size, vocab, device)
-    batch = ForwardBatch.for_extend(prompts.flatten().tolist(), req_slots, [0] * batch_size,
-                                    [input_len] * batch_size, kv_slots, device)
+    """server_like: prepare each step as the scheduler and bench_one_batch do (token ids to the host,
+    one host block for the graph). Otherwise (reported under "bench_one_batch", the name from before
+    that tool moved to the scheduler's path): inputs built on the device, as it used to."""
+    device = runner.device
+    req_slots, info, batch = prefill_batch(runner, batch_size, input_len)
     next_ids = runner.sample(runner.forward(batch), info).next_token_ids
     torch.cuda.synchronize()
     req_pool_indices = torch.tensor(req_slots, dtype=torch.int64, device=device)

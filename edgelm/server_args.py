@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +76,9 @@ class ServerArgs:
     grammar_backend: str | None = _flag(
         None, "Constrained decoding backend (default: xgrammar when installed, else none).",
         choices=("xgrammar", "none"))
+    grammar_fill_threads: int | None = _flag(
+        None, "Threads that advance matchers and fill bitmask rows in parallel while the GPU computes "
+        "(default: half the CPU cores, at most 8; 0 or 1: on the scheduler thread).")
     reasoning_parser: str | None = _flag(None, "Split <think> content into reasoning_content.",
                                          choices=("deepseek-r1", "qwen3"))
     tool_call_parser: str | None = _flag(None, "Parse tool calls from the model's output.",
@@ -133,10 +137,21 @@ class ServerArgs:
             raise ServerArgsError(f"--port must be in 1..65535, got {self.port}")
         if self.decode_log_interval <= 0:
             raise ServerArgsError("--decode-log-interval must be positive")
+        if self.grammar_fill_threads is not None and self.grammar_fill_threads < 0:
+            raise ServerArgsError(f"--grammar-fill-threads must be 0 or more, got {self.grammar_fill_threads}")
         if self.quantization is not None:
             raise ServerArgsError(
                 f"--quantization {self.quantization} is not supported yet; use --torchao-config to quantize "
                 "an unquantized checkpoint at load time")
+
+    def resolved_grammar_fill_threads(self) -> int:
+        if self.grammar_fill_threads is not None:
+            return self.grammar_fill_threads
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+        return min(8, cores // 2)
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -298,3 +298,47 @@ def test_hooks_defer_accept_until_the_next_mask(backend, tokenizer):
     hooks.accept(bad, _ids(tokenizer, "Hello")[0])  # a token the mask would have forbidden
     hooks.apply_mask([bad], torch.zeros(1, backend.vocab_size))
     assert bad.finished() and bad.finished_reason["error"][0] == 500
+
+
+def test_hooks_threaded_fill_equals_serial(backend, tokenizer, monkeypatch):
+    """With fill threads, a step's advance + fill is split across the pool; the masked logits,
+    matcher states and the rejection of a bad deferred token are the same as on one thread."""
+    from edgelm.managers import grammar_hooks
+    from edgelm.managers.grammar_hooks import GrammarHooks
+
+    monkeypatch.setattr(grammar_hooks, "_THREADED_MIN_S", 0.0)  # hand every step to the pool
+    schema = json.dumps({"type": "object", "properties": {"title": {"type": "string", "maxLength": 20},
+                                                           "n": {"type": "integer"}}, "required": ["title", "n"]})
+    text = '{"title": "A small robot", "n": 42}'
+    ids = _ids(tokenizer, text)
+    keys = [("json", schema), ("regex", "(yes|no)"), None, ("json", schema), ("json", schema)]
+
+    def batch():
+        reqs = []
+        for key in keys:
+            reqs.append(_Req(backend.get_future(key).result(TIMEOUT) if key else None))
+        return reqs
+
+    serial, threaded = GrammarHooks(backend, backend.vocab_size, "cpu"), GrammarHooks(
+        backend, backend.vocab_size, "cpu", fill_threads=3)
+    assert threaded.fill_threads == 3 and serial.fill_threads == 0
+    a, b = batch(), batch()
+    for step in range(len(ids)):
+        for hooks, reqs in ((serial, a), (threaded, b)):
+            logits = torch.zeros(len(reqs), backend.vocab_size)
+            hooks.apply_mask(reqs, logits)
+            if hooks is serial:
+                expect = logits
+            else:
+                assert torch.equal(logits, expect), f"step {step}"
+            for req in reqs:
+                if req.grammar is not None and not req.finished():
+                    # row 1 (a regex for yes|no) gets the JSON's tokens: rejected at the next step
+                    hooks.accept(req, ids[step])
+    assert threaded.threaded_steps == len(ids) and serial.threaded_steps == 0
+    assert threaded.fill_work_s > 0 and threaded.fill_s > 0
+    for x, y in zip(a, b):
+        assert x.finished() == y.finished()
+    assert b[1].finished() and b[1].finished_reason["error"][0] == 500
+    assert not b[0].finished()
+    threaded.shutdown()

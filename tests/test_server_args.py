@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -128,3 +129,14 @@ def test_device_auto():
     assert ServerArgs(device="cpu").resolved_device() == "cpu"
     expect = "cuda" if torch.cuda.is_available() else "cpu"
     assert ServerArgs().resolved_device() == expect
+
+
+def test_grammar_fill_threads(monkeypatch):
+    assert ServerArgs(grammar_fill_threads=0).resolved_grammar_fill_threads() == 0
+    assert ServerArgs(grammar_fill_threads=3).resolved_grammar_fill_threads() == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert ServerArgs().resolved_grammar_fill_threads() == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert ServerArgs().resolved_grammar_fill_threads() == 1
+    with pytest.raises(ServerArgsError, match="grammar-fill-threads"):
+        ServerArgs(grammar_fill_threads=-1)

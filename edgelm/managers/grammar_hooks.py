@@ -9,21 +9,33 @@ after the next forward is launched, while the GPU computes: `accept` only record
 `apply_mask` advances the matchers, then fills. Stop tokens are accepted at once, because they
 are the only tokens that can terminate a grammar, and termination decides whether the request
 finishes this step.
+
+That work is split across a small thread pool when a step has enough of it: xgrammar releases
+the GIL inside `accept_token` and `fill_next_token_bitmask`, and some states cost 100-300 µs a
+row (a length-bounded JSON string is one), so 16 constrained rows on one thread can take longer
+than the forward they hide behind. Cheap steps stay on the scheduler thread, where a hand-off
+would cost more than it saves.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from edgelm.constrained import ReasoningGatedGrammar, allocate_vocab_mask, apply_vocab_mask, fill_vocab_masks
+from edgelm.constrained import ReasoningGatedGrammar, allocate_vocab_mask, apply_vocab_mask
 
 logger = logging.getLogger(__name__)
 
+# a step whose rows are expected to cost less than this on one thread is not handed to the pool
+_THREADED_MIN_S = 80e-6
+
 
 class GrammarHooks:
-    def __init__(self, backend, vocab_size: int, device: str, think_end_ids: list[int] | None = None):
+    def __init__(self, backend, vocab_size: int, device: str, think_end_ids: list[int] | None = None,
+                 fill_threads: int = 0):
         self.backend = backend
         self.vocab_size = vocab_size
         self.device = device
@@ -32,12 +44,21 @@ class GrammarHooks:
         # tokens that can end a grammar: accepted at once (None: the backend's default, so never deferred)
         eos = getattr(backend, "eos_token_ids", None)
         self.stop_ids: frozenset[int] | None = frozenset(eos) if eos else None
+        self.fill_threads = fill_threads if backend is not None and fill_threads > 1 else 0
+        self._pool = (ThreadPoolExecutor(self.fill_threads, thread_name_prefix="grammar-fill")
+                      if self.fill_threads else None)
+        self._row_cost_s = 0.0  # running estimate of one row's advance + fill on one thread
+        # host time in apply_mask, for benchmarks: advance + fill as the scheduler waited for it,
+        # the same work summed over threads, and the mask's copy + apply
+        self.fill_s = self.fill_work_s = self.apply_s = 0.0
+        self.threaded_steps = 0
 
     @classmethod
     def create(cls, server_args, tokenizer, vocab_size: int, eos_token_ids, device: str) -> GrammarHooks:
         name = server_args.grammar_backend
         if name == "none":
             return cls(None, vocab_size, device)
+        threads = server_args.resolved_grammar_fill_threads()
         from edgelm.constrained import create_grammar_backend
 
         try:
@@ -48,7 +69,7 @@ class GrammarHooks:
             logger.info("structured output off: xgrammar is not installed (pip install xgrammar)")
             return cls(None, vocab_size, device)
         think_end = tokenizer.encode("</think>", add_special_tokens=False) if server_args.reasoning_parser else []
-        return cls(backend, vocab_size, device, think_end)
+        return cls(backend, vocab_size, device, think_end, fill_threads=threads)
 
     @property
     def enabled(self) -> bool:
@@ -86,13 +107,37 @@ class GrammarHooks:
         rejects is finished here (its row is left unmasked; the caller drops what it samples)."""
         if self.backend is None or not any(r.grammar is not None for r in reqs):
             return
-        for req in reqs:
-            self.flush(req)
         if self.bitmask is None or self.bitmask.shape[0] < len(reqs):
             self.bitmask = allocate_vocab_mask(self.backend.vocab_size, max(len(reqs), 64))
-        rows = fill_vocab_masks([None if r.finished() else r.grammar for r in reqs], self.bitmask)
+        work = [(i, r) for i, r in enumerate(reqs) if r.grammar is not None]
+        start = time.perf_counter()
+        threads = min(self.fill_threads, len(work))
+        if threads > 1 and len(work) * self._row_cost_s >= _THREADED_MIN_S:
+            futures = [self._pool.submit(self._advance_and_fill, work[k::threads]) for k in range(threads)]
+            spent = sum(f.result() for f in futures)
+            self.threaded_steps += 1
+        else:
+            spent = self._advance_and_fill(work)
+        now = time.perf_counter()
+        self.fill_s += now - start
+        self.fill_work_s += spent
+        cost = spent / len(work)
+        self._row_cost_s = cost if self._row_cost_s == 0.0 else 0.7 * self._row_cost_s + 0.3 * cost
+        rows = [i for i, r in work if not r.finished()]
         # every row constrained: no row list to send (cheaper launch)
         apply_vocab_mask(logits, self.bitmask[:len(reqs)], None if len(rows) == len(reqs) else rows)
+        self.apply_s += time.perf_counter() - now
+
+    def _advance_and_fill(self, work) -> float:
+        """Advance each request's matcher by its deferred token, then fill its bitmask row; the
+        seconds it took. Runs on a pool thread for part of a step's rows (each request is touched
+        by one thread only)."""
+        start = time.perf_counter()
+        for i, req in work:
+            self.flush(req)
+            if not req.finished():
+                req.grammar.fill_vocab_mask(self.bitmask, i)
+        return time.perf_counter() - start
 
     def accept(self, req, token_id: int) -> None:
         """Record a sampled token. Tokens that cannot end the grammar are applied to the matcher at
@@ -120,3 +165,7 @@ class GrammarHooks:
     def release(self, req) -> None:
         req.grammar = None
         req.grammar_pending = None
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)

@@ -26,18 +26,67 @@ from edgelm.model_loader.resolve import resolve_model
 from edgelm.sampling.sampling_params import SamplingParams
 from edgelm.server_args import ServerArgs
 
-# the story's minimum length keeps every constrained request running for all new tokens, so both
-# runs decode the same batch size at every step
-SCHEMA = {"type": "object", "properties": {"title": {"type": "string", "maxLength": 40},
-                                           "story": {"type": "string", "minLength": 600}},
-          "required": ["title", "story"]}
+# Two schemas. "typical": a bounded title, an enum, a bounded integer and an array of at least 12 free
+# strings, which keeps a request running for all new tokens (checked: every_request_ran_to_the_end),
+# so the constrained and free runs decode the same batch.
+# "min_length": the story must be 600+ characters, which keeps requests running by construction but
+# is xgrammar's costly case: accepting a token inside a length-bounded string costs more the longer
+# the string already is (measured here: 16 µs at its start, 200+ µs 70 tokens in), so it is a worst case.
+SCHEMAS = {
+    "typical": {"type": "object", "properties": {"title": {"type": "string", "maxLength": 40},
+                                                 "genre": {"enum": ["fable", "mystery", "science fiction"]},
+                                                 "year": {"type": "integer", "minimum": 1800, "maximum": 2100},
+                                                 "paragraphs": {"type": "array", "items": {"type": "string"},
+                                                                "minItems": 12}},
+                "required": ["title", "genre", "year", "paragraphs"]},
+    "min_length": {"type": "object", "properties": {"title": {"type": "string", "maxLength": 40},
+                                                    "story": {"type": "string", "minLength": 600}},
+                   "required": ["title", "story"]},
+}
+
+
+class _OverlapProbe:
+    """--diagnose: at the start and end of each step's grammar work, whether the GPU had already
+    finished the forward it is meant to hide behind (an event recorded after the launch)."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.counts = {"steps": 0, "gpu_done_at_fill_start": 0, "gpu_done_at_fill_end": 0}
+        self.launch_to_fill_ms = 0.0
+        runner, hooks = scheduler.runner, scheduler.grammar
+        forward, apply_mask = runner.forward, hooks.apply_mask
+        self.event = None
+
+        def probed_forward(fb):
+            out = forward(fb)
+            if fb.forward_mode.is_decode():
+                self.event = torch.cuda.Event()
+                self.event.record()
+                self.launched = time.perf_counter()
+            return out
+
+        def probed_apply(reqs, logits):
+            if self.event is not None and any(r.grammar is not None for r in reqs):
+                self.counts["steps"] += 1
+                self.counts["gpu_done_at_fill_start"] += self.event.query()
+                self.launch_to_fill_ms += 1e3 * (time.perf_counter() - self.launched)
+                apply_mask(reqs, logits)
+                self.counts["gpu_done_at_fill_end"] += self.event.query()
+            else:
+                apply_mask(reqs, logits)
+
+        runner.forward, hooks.apply_mask = probed_forward, probed_apply
+
+    def report(self) -> dict:
+        out = dict(self.counts)
+        out["launch_to_fill_ms"] = self.launch_to_fill_ms / max(self.counts["steps"], 1)
+        return out
 
 
 def run(scheduler: Scheduler, sink: zmq.Socket, prompt_ids: list[int], batch: int, new_tokens: int,
-        constrained: bool, tag: str, threads: int = 0) -> dict:
+        constrained: bool, tag: str, threads: int = 0, schema: str = "typical") -> dict:
     hooks = scheduler.grammar
     hooks.fill_threads = threads
-    key = ("json", json.dumps(SCHEMA)) if constrained else None
+    key = ("json", json.dumps(SCHEMAS[schema])) if constrained else None
     for i in range(batch):
         params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
         scheduler.add_request(io.TokenizedGenerateReq(f"{tag}-{i}", list(prompt_ids), params, grammar_key=key))
@@ -53,8 +102,11 @@ def run(scheduler: Scheduler, sink: zmq.Socket, prompt_ids: list[int], batch: in
     while sink.poll(0):
         for out in sink.recv_pyobj().outputs:
             tokens = max(tokens, 0) + len(out.new_token_ids)
-    return {"batch": batch, "constrained": constrained, "fill_threads": threads, "decode_steps": steps, "decode_s": elapsed,
+    return {"batch": batch, "constrained": constrained, "schema": schema if constrained else None,
+            "fill_threads": threads, "decode_steps": steps, "decode_s": elapsed,
             "step_ms": 1e3 * elapsed / max(steps, 1), "tokens": tokens,
+            # a request that finished early would shrink the batch and flatter the constrained run
+            "every_request_ran_to_the_end": tokens == batch * new_tokens,
             "fill_ms_per_step": 1e3 * (hooks.fill_s - fill0) / max(steps, 1),
             "fill_work_ms_per_step": 1e3 * (hooks.fill_work_s - work0) / max(steps, 1),
             "threaded_steps": hooks.threaded_steps - threaded0,
@@ -69,7 +121,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--model-path", default=None, help="default: the embedded SmolLM2 GGUF")
     ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--schemas", nargs="+", default=list(SCHEMAS), choices=list(SCHEMAS))
     ap.add_argument("--grammar-fill-threads", type=int, default=None, help="default: the server's")
+    ap.add_argument("--diagnose", action="store_true", help="CUDA: report whether the grammar work overlapped the "
+                    "forward (not part of the results)")
     ap.add_argument("--profile", action="store_true", help="print a cProfile of one more constrained run at the "
                     "largest batch (not part of the results)")
     args = ap.parse_args(argv)
@@ -93,33 +148,47 @@ def main(argv=None) -> dict:
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Write a short story as JSON."}],
                                            tokenize=False, add_generation_prompt=True)
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    run(scheduler, sink, prompt_ids, 1, 4, True, "warm")  # compile the grammar once
+    for name in args.schemas:  # compile each grammar once
+        run(scheduler, sink, prompt_ids, 1, 4, True, f"warm-{name}", schema=name)
     rows = []
     for r in range(args.rounds):
         for bs in args.batch_sizes:
             rows.append(run(scheduler, sink, prompt_ids, bs, args.new_tokens, False, f"r{r}-{bs}-free"))
-            for t in variants:
-                rows.append(run(scheduler, sink, prompt_ids, bs, args.new_tokens, True, f"r{r}-{bs}-{t}", t))
+            for name in args.schemas:
+                for t in variants:
+                    rows.append(run(scheduler, sink, prompt_ids, bs, args.new_tokens, True, f"r{r}-{bs}-{name}-{t}",
+                                    t, name))
+    if args.diagnose and device == "cuda":
+        for t in variants:
+            probe = _OverlapProbe(scheduler)
+            run(scheduler, sink, prompt_ids, max(args.batch_sizes), args.new_tokens, True, f"diag{t}", t,
+                args.schemas[0])
+            print(f"overlap probe, {t} fill threads:", json.dumps(probe.report()))
+            scheduler.runner.forward = type(scheduler.runner).forward.__get__(scheduler.runner)
+            scheduler.grammar.apply_mask = type(scheduler.grammar).apply_mask.__get__(scheduler.grammar)
     if args.profile:
         import cProfile
         import pstats
 
         prof = cProfile.Profile()
         prof.enable()
-        run(scheduler, sink, prompt_ids, max(args.batch_sizes), args.new_tokens, True, "profile", variants[-1])
+        run(scheduler, sink, prompt_ids, max(args.batch_sizes), args.new_tokens, True, "profile", variants[-1],
+            args.schemas[0])
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     summary = []
     for bs in args.batch_sizes:
         free = min(x["step_ms"] for x in rows if x["batch"] == bs and not x["constrained"])
-        for t in variants:
-            mine = [x for x in rows if x["batch"] == bs and x["constrained"] and x["fill_threads"] == t]
-            best = min(mine, key=lambda x: x["step_ms"])
-            summary.append({"batch": bs, "fill_threads": t, "free_step_ms": free,
-                            "constrained_step_ms": best["step_ms"], "overhead": best["step_ms"] / free - 1,
-                            "fill_ms_per_step": best["fill_ms_per_step"],
-                            "fill_work_ms_per_step": best["fill_work_ms_per_step"],
-                            "apply_ms_per_step": best["apply_ms_per_step"]})
+        for name in args.schemas:
+            for t in variants:
+                mine = [x for x in rows if x["batch"] == bs and x["schema"] == name and x["fill_threads"] == t]
+                best = min(mine, key=lambda x: x["step_ms"])
+                summary.append({"batch": bs, "schema": name, "fill_threads": t, "free_step_ms": free,
+                                "constrained_step_ms": best["step_ms"], "overhead": best["step_ms"] / free - 1,
+                                "fill_ms_per_step": best["fill_ms_per_step"],
+                                "fill_work_ms_per_step": best["fill_work_ms_per_step"],
+                                "apply_ms_per_step": best["apply_ms_per_step"],
+                                "every_request_ran_to_the_end": all(x["every_request_ran_to_the_end"] for x in mine)})
     result = {"benchmark": "decode step time with a JSON-schema grammar vs without (best of rounds)",
               "command": "python " + " ".join([os.path.relpath(__file__, os.getcwd())] + sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -128,7 +197,7 @@ def main(argv=None) -> dict:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     for s in summary:
-        print(f"batch {s['batch']} ({s['fill_threads']} fill threads): free {s['free_step_ms']:.1f} ms/step, json-schema {s['constrained_step_ms']:.1f} "
+        print(f"batch {s['batch']} {s['schema']} ({s['fill_threads']} fill threads): free {s['free_step_ms']:.1f} ms/step, json-schema {s['constrained_step_ms']:.1f} "
               f"ms/step, overhead {100 * s['overhead']:+.1f}% (host: fill {s['fill_ms_per_step']:.3f} ms "
               f"[{s['fill_work_ms_per_step']:.3f} ms of work], "
               f"apply {s['apply_ms_per_step']:.3f} ms per step)")

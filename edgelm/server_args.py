@@ -76,9 +76,10 @@ class ServerArgs:
     grammar_backend: str | None = _flag(
         None, "Constrained decoding backend (default: xgrammar when installed, else none).",
         choices=("xgrammar", "none"))
-    grammar_fill_threads: int | None = _flag(
-        None, "Threads that advance matchers and fill bitmask rows in parallel while the GPU computes "
-        "(default: half the CPU cores, at most 8; 0 or 1: on the scheduler thread).")
+    grammar_workers: int | None = _flag(
+        None, "Processes that hold the grammar matchers, advancing them and filling their bitmask rows beside "
+        "the scheduler (default on CUDA: a quarter of the CPU cores, at most 4; 0, and the default on a CPU "
+        "device: in the scheduler process).")
     reasoning_parser: str | None = _flag(None, "Split <think> content into reasoning_content.",
                                          choices=("deepseek-r1", "qwen3"))
     tool_call_parser: str | None = _flag(None, "Parse tool calls from the model's output.",
@@ -137,21 +138,25 @@ class ServerArgs:
             raise ServerArgsError(f"--port must be in 1..65535, got {self.port}")
         if self.decode_log_interval <= 0:
             raise ServerArgsError("--decode-log-interval must be positive")
-        if self.grammar_fill_threads is not None and self.grammar_fill_threads < 0:
-            raise ServerArgsError(f"--grammar-fill-threads must be 0 or more, got {self.grammar_fill_threads}")
+        if self.grammar_workers is not None and self.grammar_workers < 0:
+            raise ServerArgsError(f"--grammar-workers must be 0 or more, got {self.grammar_workers}")
         if self.quantization is not None:
             raise ServerArgsError(
                 f"--quantization {self.quantization} is not supported yet; use --torchao-config to quantize "
                 "an unquantized checkpoint at load time")
 
-    def resolved_grammar_fill_threads(self) -> int:
-        if self.grammar_fill_threads is not None:
-            return self.grammar_fill_threads
+    def resolved_grammar_workers(self, device: str) -> int:
+        """On a CPU device the forward already uses every core and runs on the scheduler's thread:
+        nothing to overlap with, so the matchers stay in-process."""
+        if self.grammar_workers is not None:
+            return self.grammar_workers
+        if device != "cuda":
+            return 0
         try:
             cores = len(os.sched_getaffinity(0))
         except AttributeError:  # not on Linux
             cores = os.cpu_count() or 1
-        return min(8, cores // 2)
+        return min(4, cores // 4)
 
     def resolved_device(self) -> str:
         if self.device != "auto":

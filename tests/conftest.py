@@ -33,10 +33,12 @@ def embedded_gguf():
 
 @pytest.fixture(scope="session")
 def server():
-    """One real server (embedded model, CPU) shared by every HTTP test module."""
+    """One real server (embedded model, CPU) shared by every HTTP test module. Its grammar matchers
+    live in two worker processes (the default on a CUDA host; tests of the in-process path are in
+    test_grammar.py)."""
     from tests.server_fixture import ServerProcess
 
     s = ServerProcess("--random-seed", "0", "--decode-log-interval", "10", "--reasoning-parser", "deepseek-r1",
-                      "--enable-metrics")
+                      "--enable-metrics", "--grammar-workers", "2")
     yield s
     s.stop()

@@ -3,6 +3,7 @@ reasoning gate."""
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -300,45 +301,70 @@ def test_hooks_defer_accept_until_the_next_mask(backend, tokenizer):
     assert bad.finished() and bad.finished_reason["error"][0] == 500
 
 
-def test_hooks_threaded_fill_equals_serial(backend, tokenizer, monkeypatch):
-    """With fill threads, a step's advance + fill is split across the pool; the masked logits,
-    matcher states and the rejection of a bad deferred token are the same as on one thread."""
-    from edgelm.managers import grammar_hooks
+class _QueuedReq(_Req):
+    def __init__(self, key):
+        super().__init__(None)
+        self.grammar_key, self.grammar_after_think = key, False
+
+
+def _admit(hooks, keys):
+    """Requests through start + ready, as the scheduler admits them."""
+    reqs = [_QueuedReq(key) for key in keys]
+    for req in reqs:
+        if req.grammar_key is not None:
+            assert hooks.start(req) is None
+    deadline = time.monotonic() + TIMEOUT
+    while not all(hooks.ready(r) for r in reqs):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return reqs
+
+
+def test_hooks_grammar_workers_equal_in_process(backend, tokenizer):
+    """With matchers in worker processes, each step's masked logits, termination and the
+    rejection of a bad token are the same as with the matchers in-process; slots are recycled."""
+    from edgelm.constrained.grammar_workers import WorkerGrammar
     from edgelm.managers.grammar_hooks import GrammarHooks
 
-    monkeypatch.setattr(grammar_hooks, "_THREADED_MIN_S", 0.0)  # hand every step to the pool
     schema = json.dumps({"type": "object", "properties": {"title": {"type": "string", "maxLength": 20},
                                                            "n": {"type": "integer"}}, "required": ["title", "n"]})
-    text = '{"title": "A small robot", "n": 42}'
-    ids = _ids(tokenizer, text)
+    ids = _ids(tokenizer, '{"title": "A small robot", "n": 42}') + [tokenizer.eos_token_id]
     keys = [("json", schema), ("regex", "(yes|no)"), None, ("json", schema), ("json", schema)]
-
-    def batch():
-        reqs = []
-        for key in keys:
-            reqs.append(_Req(backend.get_future(key).result(TIMEOUT) if key else None))
-        return reqs
-
-    serial, threaded = GrammarHooks(backend, backend.vocab_size, "cpu"), GrammarHooks(
-        backend, backend.vocab_size, "cpu", fill_threads=3)
-    assert threaded.fill_threads == 3 and serial.fill_threads == 0
-    a, b = batch(), batch()
-    for step in range(len(ids)):
-        for hooks, reqs in ((serial, a), (threaded, b)):
-            logits = torch.zeros(len(reqs), backend.vocab_size)
-            hooks.apply_mask(reqs, logits)
-            if hooks is serial:
-                expect = logits
-            else:
-                assert torch.equal(logits, expect), f"step {step}"
-            for req in reqs:
-                if req.grammar is not None and not req.finished():
-                    # row 1 (a regex for yes|no) gets the JSON's tokens: rejected at the next step
-                    hooks.accept(req, ids[step])
-    assert threaded.threaded_steps == len(ids) and serial.threaded_steps == 0
-    assert threaded.fill_work_s > 0 and threaded.fill_s > 0
-    for x, y in zip(a, b):
-        assert x.finished() == y.finished()
-    assert b[1].finished() and b[1].finished_reason["error"][0] == 500
-    assert not b[0].finished()
-    threaded.shutdown()
+    local = GrammarHooks(backend, backend.vocab_size, "cpu")
+    pooled = GrammarHooks(backend, backend.vocab_size, "cpu", workers=2, max_matchers=6)
+    try:
+        a, b = _admit(local, keys), _admit(pooled, keys)
+        assert all(isinstance(r.grammar, WorkerGrammar) for r in b if r.grammar_key is not None)
+        assert {r.grammar.worker for r in b if r.grammar is not None} == {0, 1}  # spread over both
+        for step, token in enumerate(ids):
+            for hooks, reqs in ((local, a), (pooled, b)):
+                logits = torch.zeros(len(reqs), backend.vocab_size)
+                hooks.apply_mask(reqs, logits)
+                if hooks is local:
+                    expect = logits
+                else:
+                    assert torch.equal(logits, expect), f"step {step}"
+                for req in reqs:
+                    if req.grammar is not None and not req.finished():
+                        # row 1 (a regex for yes|no) gets the JSON's tokens: rejected at the next mask
+                        hooks.accept(req, token)
+                hooks.dispatch(reqs)
+        for x, y in zip(a, b):
+            assert x.finished() == y.finished()
+        assert b[1].finished() and b[1].finished_reason["error"][0] == 500
+        assert b[0].grammar.is_terminated() and a[0].grammar.is_terminated()  # the JSON, then EOS
+        assert pooled.fill_s > 0
+        for req in b:
+            pooled.release(req)
+        # every slot is free again: six more matchers fit, and their first masks are right
+        c = _admit(pooled, [("regex", "(yes|no)")] * 6)
+        logits = torch.zeros(6, backend.vocab_size)
+        pooled.apply_mask(c, logits)
+        yes = _ids(tokenizer, "yes")[0]
+        assert torch.isfinite(logits[:, yes]).all() and torch.isinf(logits[:, tokenizer.eos_token_id]).all()
+        # a seventh does not fit in the workers' slots: it matches in-process
+        d = _admit(pooled, [("regex", "(yes|no)")])
+        assert d[0].grammar is not None and not isinstance(d[0].grammar, WorkerGrammar)
+    finally:
+        pooled.shutdown()
+        local.shutdown()

@@ -131,12 +131,15 @@ def test_device_auto():
     assert ServerArgs().resolved_device() == expect
 
 
-def test_grammar_fill_threads(monkeypatch):
-    assert ServerArgs(grammar_fill_threads=0).resolved_grammar_fill_threads() == 0
-    assert ServerArgs(grammar_fill_threads=3).resolved_grammar_fill_threads() == 3
+def test_grammar_workers(monkeypatch):
+    assert ServerArgs(grammar_workers=0).resolved_grammar_workers("cuda") == 0
+    assert ServerArgs(grammar_workers=3).resolved_grammar_workers("cpu") == 3
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    assert ServerArgs().resolved_grammar_fill_threads() == 8
+    assert ServerArgs().resolved_grammar_workers("cuda") == 4
+    assert ServerArgs().resolved_grammar_workers("cpu") == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))  # an 8-core Orin
+    assert ServerArgs().resolved_grammar_workers("cuda") == 2
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    assert ServerArgs().resolved_grammar_fill_threads() == 1
-    with pytest.raises(ServerArgsError, match="grammar-fill-threads"):
-        ServerArgs(grammar_fill_threads=-1)
+    assert ServerArgs().resolved_grammar_workers("cuda") == 0
+    with pytest.raises(ServerArgsError, match="grammar-workers"):
+        ServerArgs(grammar_workers=-1)

@@ -43,6 +43,7 @@ def test_json_schema_chat(client, idx):
 
 
 def test_json_object_and_completions_regex(client, server):
+    assert "matchers in 2 worker processes" in server.read_log()
     r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Give me a JSON object."}],
                                        temperature=0, max_tokens=64, response_format={"type": "json_object"})
     assert isinstance(json.loads(r.choices[0].message.content), dict)

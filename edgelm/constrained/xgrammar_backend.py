@@ -78,6 +78,38 @@ class XGrammarBackend(GrammarBackend):
         self._lock = threading.Lock()
         self.num_compiles = 0  # keys compiled so far (cache misses)
         self.num_cache_hits = 0
+        self.tokenizer_info = info
+        self._serialized: OrderedDict[GrammarKey, Future] = OrderedDict()
+
+    def get_serialized_future(self, key: GrammarKey) -> Future[str]:
+        """A future of the compiled grammar in xgrammar's serialized form (for a worker process),
+        made once per key on the compile threads; raises GrammarCompileError as get_future does."""
+        kind, value = key
+        with self._lock:
+            future = self._serialized.get(key)
+            if future is not None:
+                self._serialized.move_to_end(key)
+                return future
+            future = Future()
+            self._serialized[key] = future
+            while len(self._serialized) > self._max_cache_entries:
+                self._serialized.popitem(last=False)
+
+        def serialize(done: Future) -> None:
+            exc = done.exception()
+            if exc is not None:
+                future.set_exception(GrammarCompileError(str(exc), kind))
+                return
+            def run() -> None:  # a big grammar takes a fraction of a second (the GIL is released)
+                try:
+                    future.set_result(done.result().serialize_json())
+                except Exception as exc:  # noqa: BLE001 (the request gets the message)
+                    future.set_exception(GrammarCompileError(f"cannot serialize the grammar: {exc}", kind))
+
+            self._pool.submit(run)
+
+        self._compiled_future(kind, value).add_done_callback(serialize)
+        return future
 
     def get_future(self, key: GrammarKey) -> Future[Grammar]:
         kind, value = key

@@ -10,32 +10,35 @@ after the next forward is launched, while the GPU computes: `accept` only record
 are the only tokens that can terminate a grammar, and termination decides whether the request
 finishes this step.
 
-That work is split across a small thread pool when a step has enough of it: xgrammar releases
-the GIL inside `accept_token` and `fill_next_token_bitmask`, and some states cost 100-300 µs a
-row (a length-bounded JSON string is one), so 16 constrained rows on one thread can take longer
-than the forward they hide behind. Cheap steps stay on the scheduler thread, where a hand-off
-would cost more than it saves.
+With `--grammar-workers N` the matchers live in N worker processes instead
+(edgelm/constrained/grammar_workers.py): `accept` queues the token at once, `dispatch` (right after
+sampling) sends each worker its requests' tokens, and the workers advance and fill while this
+process emits outputs and prepares and launches the next forward; `apply_mask` gathers the rows.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from edgelm.constrained import ReasoningGatedGrammar, allocate_vocab_mask, apply_vocab_mask
+from edgelm.constrained.grammar_workers import GrammarWorkerPool, WorkerGrammar
 
 logger = logging.getLogger(__name__)
 
-# a step whose rows are expected to cost less than this on one thread is not handed to the pool
-_THREADED_MIN_S = 80e-6
+
+def _worker_handle(grammar) -> WorkerGrammar | None:
+    if isinstance(grammar, WorkerGrammar):
+        return grammar
+    inner = getattr(grammar, "inner", None)  # a reasoning gate around one
+    return inner if isinstance(inner, WorkerGrammar) else None
 
 
 class GrammarHooks:
     def __init__(self, backend, vocab_size: int, device: str, think_end_ids: list[int] | None = None,
-                 fill_threads: int = 0):
+                 workers: int = 0, max_matchers: int = 256):
         self.backend = backend
         self.vocab_size = vocab_size
         self.device = device
@@ -44,21 +47,21 @@ class GrammarHooks:
         # tokens that can end a grammar: accepted at once (None: the backend's default, so never deferred)
         eos = getattr(backend, "eos_token_ids", None)
         self.stop_ids: frozenset[int] | None = frozenset(eos) if eos else None
-        self.fill_threads = fill_threads if backend is not None and fill_threads > 1 else 0
-        self._pool = (ThreadPoolExecutor(self.fill_threads, thread_name_prefix="grammar-fill")
-                      if self.fill_threads else None)
-        self._row_cost_s = 0.0  # running estimate of one row's advance + fill on one thread
+        self.pool: GrammarWorkerPool | None = None
+        if backend is not None and workers > 0:
+            self.pool = GrammarWorkerPool(workers, backend.tokenizer_info, backend.vocab_size,
+                                          backend.eos_token_ids, max_matchers)
         # host time in apply_mask, for benchmarks: advance + fill as the scheduler waited for it,
-        # the same work summed over threads, and the mask's copy + apply
-        self.fill_s = self.fill_work_s = self.apply_s = 0.0
-        self.threaded_steps = 0
+        # and the mask's copy + apply
+        self.fill_s = self.apply_s = 0.0
 
     @classmethod
-    def create(cls, server_args, tokenizer, vocab_size: int, eos_token_ids, device: str) -> GrammarHooks:
+    def create(cls, server_args, tokenizer, vocab_size: int, eos_token_ids, device: str,
+               max_running: int = 256) -> GrammarHooks:
         name = server_args.grammar_backend
         if name == "none":
             return cls(None, vocab_size, device)
-        threads = server_args.resolved_grammar_fill_threads()
+        workers = server_args.resolved_grammar_workers(device)
         from edgelm.constrained import create_grammar_backend
 
         try:
@@ -69,7 +72,10 @@ class GrammarHooks:
             logger.info("structured output off: xgrammar is not installed (pip install xgrammar)")
             return cls(None, vocab_size, device)
         think_end = tokenizer.encode("</think>", add_special_tokens=False) if server_args.reasoning_parser else []
-        return cls(backend, vocab_size, device, think_end, fill_threads=threads)
+        hooks = cls(backend, vocab_size, device, think_end, workers=workers, max_matchers=max_running + 8)
+        logger.info("structured output: xgrammar, matchers %s", f"in {workers} worker processes" if workers
+                    else "in the scheduler process")
+        return hooks
 
     @property
     def enabled(self) -> bool:
@@ -79,15 +85,27 @@ class GrammarHooks:
         """Begin compiling a request's grammar; returns an error message if it cannot be served."""
         if self.backend is None:
             return "structured output needs a grammar backend: start the server with --grammar-backend xgrammar"
-        req.grammar = self.backend.get_future(req.grammar_key)
+        if self.pool is not None:
+            req.grammar = self.backend.get_serialized_future(req.grammar_key)
+        else:
+            req.grammar = self.backend.get_future(req.grammar_key)
         return None
 
     def ready(self, req) -> bool:
         """True when the request can be scheduled (no grammar, or compiled). A failed compile
         finishes the request with a 400 and also returns True, so the caller sees it finished."""
         g = req.grammar
-        if g is None or not (hasattr(g, "done") and hasattr(g, "result")):
+        if g is None:
             return True
+        if not (hasattr(g, "done") and hasattr(g, "result")):
+            handle = _worker_handle(g)
+            if handle is None or handle.loaded:
+                return True
+            self.pool.poll()  # a worker still loading it (or filling its first mask)
+            if handle.rejected:
+                req.grammar = None
+                req.finished_reason = {"type": "abort", "error": (500, "the grammar worker could not load it")}
+            return handle.loaded or handle.rejected
         if not g.done():
             return False
         try:
@@ -96,10 +114,16 @@ class GrammarHooks:
             req.grammar = None
             req.finished_reason = {"type": "abort", "error": (400, f"invalid grammar: {exc}")}
             return True
+        if self.pool is not None:  # `grammar` is the serialized form: hand it to a worker
+            handle = self.pool.new_matcher(req.grammar_key, grammar)
+            if handle is None:  # every worker slot taken: this one matches in-process
+                grammar = self.backend.get_future(req.grammar_key).result()
+            else:
+                grammar = handle
         if req.grammar_after_think and self.think_end_ids:
             grammar = ReasoningGatedGrammar(grammar, self.think_end_ids, in_reasoning=True)
         req.grammar = grammar
-        return True
+        return self.ready(req) if _worker_handle(grammar) is not None else True
 
     def apply_mask(self, reqs, logits: torch.Tensor) -> None:
         """Advance the matchers by their deferred tokens, then mask the logits rows of constrained
@@ -111,38 +135,42 @@ class GrammarHooks:
             self.bitmask = allocate_vocab_mask(self.backend.vocab_size, max(len(reqs), 64))
         work = [(i, r) for i, r in enumerate(reqs) if r.grammar is not None]
         start = time.perf_counter()
-        threads = min(self.fill_threads, len(work))
-        if threads > 1 and len(work) * self._row_cost_s >= _THREADED_MIN_S:
-            futures = [self._pool.submit(self._advance_and_fill, work[k::threads]) for k in range(threads)]
-            spent = sum(f.result() for f in futures)
-            self.threaded_steps += 1
-        else:
-            spent = self._advance_and_fill(work)
+        if self.pool is not None:
+            handles = [h for h in (_worker_handle(r.grammar) for _, r in work) if h is not None]
+            if handles:
+                self.pool.wait(handles)
+        for i, req in work:
+            self.flush(req)
+            if not req.finished():
+                handle = _worker_handle(req.grammar)
+                if handle is not None and handle.rejected:
+                    self._reject(req)
+                    continue
+                req.grammar.fill_vocab_mask(self.bitmask, i)
         now = time.perf_counter()
         self.fill_s += now - start
-        self.fill_work_s += spent
-        cost = spent / len(work)
-        self._row_cost_s = cost if self._row_cost_s == 0.0 else 0.7 * self._row_cost_s + 0.3 * cost
         rows = [i for i, r in work if not r.finished()]
         # every row constrained: no row list to send (cheaper launch)
         apply_vocab_mask(logits, self.bitmask[:len(reqs)], None if len(rows) == len(reqs) else rows)
         self.apply_s += time.perf_counter() - now
 
-    def _advance_and_fill(self, work) -> float:
-        """Advance each request's matcher by its deferred token, then fill its bitmask row; the
-        seconds it took. Runs on a pool thread for part of a step's rows (each request is touched
-        by one thread only)."""
-        start = time.perf_counter()
-        for i, req in work:
-            self.flush(req)
-            if not req.finished():
-                req.grammar.fill_vocab_mask(self.bitmask, i)
-        return time.perf_counter() - start
+    def dispatch(self, reqs) -> None:
+        """After sampling: send the workers the tokens just accepted, so they advance and fill
+        while this process gets on with the step."""
+        if self.pool is None:
+            return
+        handles = [h for h in (_worker_handle(r.grammar) for r in reqs if not r.finished()) if h is not None]
+        if handles:
+            self.pool.step(handles)
 
     def accept(self, req, token_id: int) -> None:
         """Record a sampled token. Tokens that cannot end the grammar are applied to the matcher at
         the next `apply_mask` (off the critical path); stop tokens at once."""
         if req.grammar is None:
+            return
+        if _worker_handle(req.grammar) is not None:  # queuing is all it costs here
+            self.flush(req)
+            self._advance(req, token_id)
             return
         if self.stop_ids is not None and token_id not in self.stop_ids:
             req.grammar_pending = token_id
@@ -160,12 +188,19 @@ class GrammarHooks:
     def _advance(self, req, token_id: int) -> None:
         if not req.grammar.is_terminated() and not req.grammar.accept_token(token_id):
             logger.warning("request %s: grammar rejected token %d", req.rid, token_id)
-            req.finished_reason = {"type": "abort", "error": (500, "the grammar rejected a sampled token")}
+            self._reject(req)
+
+    @staticmethod
+    def _reject(req) -> None:
+        req.finished_reason = {"type": "abort", "error": (500, "the grammar rejected a sampled token")}
 
     def release(self, req) -> None:
+        handle = _worker_handle(req.grammar)
+        if handle is not None:
+            handle.release()
         req.grammar = None
         req.grammar_pending = None
 
     def shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown()

@@ -67,7 +67,8 @@ class Scheduler:
         self.reqs: dict[str, Req] = {}
         self.new_token_ratio = _INIT_NEW_TOKEN_RATIO
         self.rng = random.Random(server_args.random_seed)
-        self.grammar = GrammarHooks.create(server_args, tokenizer, self.vocab_size, self.eos_token_ids, self.device)
+        self.grammar = GrammarHooks.create(server_args, tokenizer, self.vocab_size, self.eos_token_ids, self.device,
+                                           max_running=self.max_running)
         # statistics
         self.step = 0
         self.decode_steps = 0
@@ -396,6 +397,7 @@ class Scheduler:
                     self.running.remove(req)
                 self.release(req, kv_len=req.computed_len)
             self.emit(req)
+        self.grammar.dispatch(reqs)
 
     def _stop_string_matched(self, req: Req) -> str | None:
         stops = req.sampling_params.stop

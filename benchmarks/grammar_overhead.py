@@ -133,8 +133,8 @@ def main(argv=None) -> dict:
     server_args = ServerArgs(model_path=args.model_path, load_format=args.load_format, max_total_tokens=16384,
                              context_length=2048, cuda_graph_max_bs=32, grammar_workers=0)
     # constrained runs on the scheduler thread, and (when there is more than one core to spare) threaded
-    workers = args.grammar_workers if args.grammar_workers is not None else server_args.resolved_grammar_workers(
-        server_args.resolved_device())
+    workers = args.grammar_workers if args.grammar_workers is not None else ServerArgs(
+        model_path=args.model_path).resolved_grammar_workers(server_args.resolved_device())
     variants = [0] + ([workers] if workers > 0 else [])
     device = server_args.resolved_device()
     resolved = resolve_model(args.model_path)

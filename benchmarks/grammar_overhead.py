@@ -84,20 +84,84 @@ class _OverlapProbe:
         return out
 
 
+_SENTENCES = [
+    "The robot rolled across the shop floor at dawn.", "A cold wind came down from the hills.",
+    "Nobody had oiled the old conveyor in years.", "She counted the crates twice before signing.",
+    "The camera blinked once, then twice, then stayed dark.", "Rain tapped on the tin roof all night.",
+    "He kept the spare parts in a biscuit tin.", "The forklift beeped as it backed into the bay.",
+    "Every morning the lights came on one row at a time.", "The map on the wall was older than the building.",
+    "A small drone hovered by the loading door.", "The coffee machine had its own opinions.",
+    "They found the missing bolt under the bench.", "The night shift left a note about the noise.",
+    "Somewhere a motor hummed a little out of tune.", "By noon the whole line was running again.",
+]
+
+
+def replay_documents(schema: str, count: int) -> list[str]:
+    """Valid JSON documents for `schema`, different per row: what a trained model would write."""
+    docs = []
+    for r in range(count):
+        sents = _SENTENCES[r % len(_SENTENCES):] + _SENTENCES[:r % len(_SENTENCES)]
+        title = f"Shop floor story number {r}"
+        if schema == "min_length":
+            docs.append(json.dumps({"title": title, "story": " ".join(sents * 2)}))
+        else:
+            docs.append(json.dumps({"title": title, "genre": ["fable", "mystery", "science fiction"][r % 3],
+                                    "year": 1900 + r, "paragraphs": [" ".join(sents[i:i + 2]) for i in range(12)]}))
+    return docs
+
+
+class _Replay:
+    """Random weights pick random allowed tokens, which put xgrammar in states no trained model
+    reaches (long runs of rare multi-byte pieces: milliseconds a row). With --replay, each row's
+    logits get a large bonus on the next token of a valid JSON document before the mask and the
+    sampler run, so the grammar sees text like a trained model's; the forward is untouched, and the
+    free runs replay the same documents."""
+
+    def __init__(self, scheduler: Scheduler, tokenizer, batch: int):
+        self.tokens = {name: [tokenizer.encode(d, add_special_tokens=False) for d in replay_documents(name, batch)]
+                       for name in SCHEMAS}
+        self.schema = "typical"
+        self.followed = self.total = 0  # sampled tokens, and how many were the document's
+        self.pinned = torch.empty(max(batch, 1), dtype=torch.int64, pin_memory=torch.cuda.is_available())
+        original = scheduler.sample_and_update
+
+        def sample_and_update(reqs, logits):
+            docs = self.tokens[self.schema]
+            forced = [docs[int(r.rid.rsplit("-", 1)[1]) % len(docs)][min(len(r.output_ids),
+                                                                     len(docs[0]) - 1)] for r in reqs]
+            n = len(forced)
+            self.pinned[:n].copy_(torch.tensor(forced, dtype=torch.int64))
+            cols = self.pinned[:n].to(logits.device, non_blocking=True)
+            logits[torch.arange(n, device=logits.device), cols] += 1e4
+            before = [len(r.output_ids) for r in reqs]
+            original(reqs, logits)
+            for r, b, f in zip(reqs, before, forced):
+                if len(r.output_ids) > b:
+                    self.total += 1
+                    self.followed += r.output_ids[b] == f
+
+        scheduler.sample_and_update = sample_and_update
+
+
+REPLAY: _Replay | None = None
 HOOKS: dict[int, GrammarHooks] = {}  # grammar workers -> the scheduler's grammar hooks for runs with them
 
 
 def run(scheduler: Scheduler, sink: zmq.Socket, prompt_ids: list[int], batch: int, new_tokens: int,
         constrained: bool, tag: str, workers: int = 0, schema: str = "typical") -> dict:
     hooks = scheduler.grammar = HOOKS[workers]
+    if REPLAY is not None:
+        REPLAY.schema = schema
     key = ("json", json.dumps(SCHEMAS[schema])) if constrained else None
     for i in range(batch):
         params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
         scheduler.add_request(io.TokenizedGenerateReq(f"{tag}-{i}", list(prompt_ids), params, grammar_key=key))
     while scheduler.waiting or scheduler.chunked_req:  # prefill (and grammar readiness) not timed
         scheduler.step_once()
+    replay0 = (REPLAY.followed, REPLAY.total) if REPLAY is not None else (0, 0)
     start, steps = time.perf_counter(), 0
-    fill0, apply0 = hooks.fill_s, hooks.apply_s
+    fill0, apply0, wait0 = hooks.fill_s, hooks.apply_s, hooks.wait_s
+    busy0 = hooks.pool.worker_busy_s if hooks.pool is not None else 0.0
     while scheduler.running:
         scheduler.step_once()
         steps += 1
@@ -111,7 +175,12 @@ def run(scheduler: Scheduler, sink: zmq.Socket, prompt_ids: list[int], batch: in
             "step_ms": 1e3 * elapsed / max(steps, 1), "tokens": tokens,
             # a request that finished early would shrink the batch and flatter the constrained run
             "every_request_ran_to_the_end": tokens == batch * new_tokens,
+            "replay_followed": ((REPLAY.followed - replay0[0]) / max(REPLAY.total - replay0[1], 1)
+                                if REPLAY is not None else None),
             "fill_ms_per_step": 1e3 * (hooks.fill_s - fill0) / max(steps, 1),
+            "wait_ms_per_step": 1e3 * (hooks.wait_s - wait0) / max(steps, 1),
+            "worker_busy_ms_per_step": 1e3 * ((hooks.pool.worker_busy_s if hooks.pool is not None else 0.0) - busy0)
+            / max(steps, 1),
             "apply_ms_per_step": 1e3 * (hooks.apply_s - apply0) / max(steps, 1)}
 
 
@@ -123,6 +192,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--model-path", default=None, help="default: the embedded SmolLM2 GGUF")
     ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--replay", action="store_true", help="steer every row along a valid JSON document (default "
+                    "with --load-format dummy; see _Replay)")
     ap.add_argument("--schemas", nargs="+", default=list(SCHEMAS), choices=list(SCHEMAS))
     ap.add_argument("--grammar-workers", type=int, default=None, help="default: the server's on this device")
     ap.add_argument("--diagnose", action="store_true", help="CUDA: report whether the grammar work overlapped the "
@@ -149,6 +220,9 @@ def main(argv=None) -> dict:
     sink.bind("inproc://out")
     scheduler = Scheduler(server_args, runner, tokenizer, recv, send)
     HOOKS[0] = scheduler.grammar
+    global REPLAY
+    replay = args.replay or args.load_format == "dummy"
+    REPLAY = _Replay(scheduler, tokenizer, max(args.batch_sizes)) if replay else None
     if workers:  # the same scheduler, its grammar hooks swapped per run
         HOOKS[workers] = GrammarHooks.create(dataclasses.replace(server_args, grammar_workers=workers), tokenizer,
                                              scheduler.vocab_size, scheduler.eos_token_ids, device,
@@ -194,18 +268,23 @@ def main(argv=None) -> dict:
                 summary.append({"batch": bs, "schema": name, "grammar_workers": t, "free_step_ms": free,
                                 "constrained_step_ms": best["step_ms"], "overhead": best["step_ms"] / free - 1,
                                 "fill_ms_per_step": best["fill_ms_per_step"],
+                                "wait_ms_per_step": best["wait_ms_per_step"],
+                                "worker_busy_ms_per_step": best["worker_busy_ms_per_step"],
                                 "apply_ms_per_step": best["apply_ms_per_step"],
                                 "every_request_ran_to_the_end": all(x["every_request_ran_to_the_end"] for x in mine)})
     result = {"benchmark": "decode step time with a JSON-schema grammar vs without (best of rounds)",
               "command": "python " + " ".join([os.path.relpath(__file__, os.getcwd())] + sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-              "load_average": os.getloadavg(), "model": resolved.display_name, "summary": summary, "rows": rows}
+              "load_average": os.getloadavg(), "model": resolved.display_name,
+              "token_source": "replayed valid JSON documents (see _Replay)" if replay else "sampled",
+              "summary": summary, "rows": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     for s in summary:
         print(f"batch {s['batch']} {s['schema']} ({s['grammar_workers']} grammar workers): free {s['free_step_ms']:.1f} ms/step, json-schema {s['constrained_step_ms']:.1f} "
-              f"ms/step, overhead {100 * s['overhead']:+.1f}% (host: fill {s['fill_ms_per_step']:.3f} ms, "
+              f"ms/step, overhead {100 * s['overhead']:+.1f}% (host: fill {s['fill_ms_per_step']:.3f} ms "
+              f"[waiting {s['wait_ms_per_step']:.3f}; workers busy {s['worker_busy_ms_per_step']:.3f}], "
               f"apply {s['apply_ms_per_step']:.3f} ms per step)")
     for hooks in HOOKS.values():
         hooks.shutdown()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import threading
+import time
 from collections import OrderedDict
 from multiprocessing.shared_memory import SharedMemory
 
@@ -99,6 +100,7 @@ class GrammarWorkerPool:
         self._load = [0] * num_workers  # live matchers per worker
         self._keys: list[OrderedDict] = [OrderedDict() for _ in range(num_workers)]  # keys each worker holds
         self._ops: list[list] = [[] for _ in range(num_workers)]
+        self.worker_busy_s = 0.0  # summed over workers: time spent on ops (for benchmarks)
         self._lock = threading.Lock()  # new_matcher may run on a compile thread's callback
         ctx = mp.get_context("spawn")  # the scheduler holds a CUDA context: never fork it
         self._conns, self._procs = [], []
@@ -212,7 +214,9 @@ class GrammarWorkerPool:
             if conn.poll(1.0):
                 self._take(conn.recv())
 
-    def _take(self, replies) -> None:
+    def _take(self, message) -> None:
+        replies, busy_s = message
+        self.worker_busy_s += busy_s
         for mid, ok, error in replies:
             h = self._live.get(mid)
             if h is None:
@@ -330,9 +334,10 @@ def _worker_main(conn, shm_name: str, rows: int, words: int, stop_ids: list[int]
         if waiting:
             if not conn.poll(0.002):
                 replies: list = []
+                start = time.perf_counter()
                 waiting = _retry(waiting, run, replies)
                 if replies:
-                    conn.send(replies)
+                    conn.send((replies, time.perf_counter() - start))
                 continue
         try:
             ops = conn.recv()
@@ -340,6 +345,7 @@ def _worker_main(conn, shm_name: str, rows: int, words: int, stop_ids: list[int]
             break
         if ops is None:
             break
+        start = time.perf_counter()
         replies = []
         if waiting:
             waiting = _retry(waiting, run, replies)
@@ -348,7 +354,7 @@ def _worker_main(conn, shm_name: str, rows: int, words: int, stop_ids: list[int]
             if any(w[1] == op[1] for w in waiting if len(op) > 1) or not run(op, replies):
                 waiting.append(op)
         if replies:
-            conn.send(replies)
+            conn.send((replies, time.perf_counter() - start))
     loader.shutdown(wait=False, cancel_futures=True)
     # the mapping goes with the process (the bitmask tensor still exports it: no close())
 

@@ -54,6 +54,7 @@ class GrammarHooks:
         # host time in apply_mask, for benchmarks: advance + fill as the scheduler waited for it,
         # and the mask's copy + apply
         self.fill_s = self.apply_s = 0.0
+        self.wait_s = 0.0  # of fill_s: waiting for the workers' replies
 
     @classmethod
     def create(cls, server_args, tokenizer, vocab_size: int, eos_token_ids, device: str,
@@ -135,18 +136,30 @@ class GrammarHooks:
             self.bitmask = allocate_vocab_mask(self.backend.vocab_size, max(len(reqs), 64))
         work = [(i, r) for i, r in enumerate(reqs) if r.grammar is not None]
         start = time.perf_counter()
+        gather_rows, gather_slots = [], []
         if self.pool is not None:
             handles = [h for h in (_worker_handle(r.grammar) for _, r in work) if h is not None]
             if handles:
                 self.pool.wait(handles)
+            self.wait_s += time.perf_counter() - start
         for i, req in work:
             self.flush(req)
             if not req.finished():
-                handle = _worker_handle(req.grammar)
+                if isinstance(req.grammar, WorkerGrammar):  # its row is in the workers' shared bitmask
+                    if req.grammar.rejected:
+                        self._reject(req)
+                    else:
+                        gather_rows.append(i)
+                        gather_slots.append(req.grammar.slot)
+                    continue
+                handle = _worker_handle(req.grammar)  # a reasoning gate: fills -1 itself while thinking
                 if handle is not None and handle.rejected:
                     self._reject(req)
                     continue
                 req.grammar.fill_vocab_mask(self.bitmask, i)
+        if gather_rows:  # one gather for every worker-filled row; numpy: single-threaded, where torch
+            # would spread 100 KB over its intra-op threads and wait for cores the workers are using
+            self.bitmask.numpy()[gather_rows] = self.pool.shared_mask.numpy()[gather_slots]
         now = time.perf_counter()
         self.fill_s += now - start
         rows = [i for i, r in work if not r.finished()]

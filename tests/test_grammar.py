@@ -331,7 +331,7 @@ def test_hooks_grammar_workers_equal_in_process(backend, tokenizer):
     ids = _ids(tokenizer, '{"title": "A small robot", "n": 42}') + [tokenizer.eos_token_id]
     keys = [("json", schema), ("regex", "(yes|no)"), None, ("json", schema), ("json", schema)]
     local = GrammarHooks(backend, backend.vocab_size, "cpu")
-    pooled = GrammarHooks(backend, backend.vocab_size, "cpu", workers=2, max_matchers=6)
+    pooled = GrammarHooks(backend, backend.vocab_size, "cpu", workers=2, max_matchers=6, in_process_first=0)
     try:
         a, b = _admit(local, keys), _admit(pooled, keys)
         assert all(isinstance(r.grammar, WorkerGrammar) for r in b if r.grammar_key is not None)
@@ -365,6 +365,16 @@ def test_hooks_grammar_workers_equal_in_process(backend, tokenizer):
         # a seventh does not fit in the workers' slots: it matches in-process
         d = _admit(pooled, [("regex", "(yes|no)")])
         assert d[0].grammar is not None and not isinstance(d[0].grammar, WorkerGrammar)
+        assert pooled.in_process_live == 1
+        pooled.release(d[0])
+        assert pooled.in_process_live == 0
+        # by default the first constrained request matches in-process, the next ones in workers
+        pooled.in_process_first = 1
+        for req in c:
+            pooled.release(req)
+        e = _admit(pooled, [("regex", "(yes|no)")])
+        f = _admit(pooled, [("regex", "(yes|no)")])
+        assert not isinstance(e[0].grammar, WorkerGrammar) and isinstance(f[0].grammar, WorkerGrammar)
     finally:
         pooled.shutdown()
         local.shutdown()

@@ -38,7 +38,7 @@ def _worker_handle(grammar) -> WorkerGrammar | None:
 
 class GrammarHooks:
     def __init__(self, backend, vocab_size: int, device: str, think_end_ids: list[int] | None = None,
-                 workers: int = 0, max_matchers: int = 256):
+                 workers: int = 0, max_matchers: int = 256, in_process_first: int = 1):
         self.backend = backend
         self.vocab_size = vocab_size
         self.device = device
@@ -48,6 +48,10 @@ class GrammarHooks:
         eos = getattr(backend, "eos_token_ids", None)
         self.stop_ids: frozenset[int] | None = frozenset(eos) if eos else None
         self.pool: GrammarWorkerPool | None = None
+        # with workers, this many constrained requests still match in-process (a lone request pays a
+        # worker round trip and saves nothing); in_process_live counts those running now
+        self.in_process_first = in_process_first
+        self.in_process_live = 0
         if backend is not None and workers > 0:
             self.pool = GrammarWorkerPool(workers, backend.tokenizer_info, backend.vocab_size,
                                           backend.eos_token_ids, max_matchers)
@@ -115,10 +119,15 @@ class GrammarHooks:
             req.grammar = None
             req.finished_reason = {"type": "abort", "error": (400, f"invalid grammar: {exc}")}
             return True
-        if self.pool is not None:  # `grammar` is the serialized form: hand it to a worker
-            handle = self.pool.new_matcher(req.grammar_key, grammar)
-            if handle is None:  # every worker slot taken: this one matches in-process
+        if self.pool is not None:  # `grammar` is the serialized form: hand it to a worker...
+            handle = None
+            if self.in_process_live >= self.in_process_first:
+                handle = self.pool.new_matcher(req.grammar_key, grammar)
+            if handle is None:  # ...unless it is the only one (a round trip would cost more than the
+                # work saved), or every worker slot is taken: then it matches in-process
                 grammar = self.backend.get_future(req.grammar_key).result()
+                self.in_process_live += 1
+                req.grammar_in_process = True
             else:
                 grammar = handle
         if req.grammar_after_think and self.think_end_ids:
@@ -211,6 +220,9 @@ class GrammarHooks:
         handle = _worker_handle(req.grammar)
         if handle is not None:
             handle.release()
+        if getattr(req, "grammar_in_process", False):
+            req.grammar_in_process = False
+            self.in_process_live -= 1
         req.grammar = None
         req.grammar_pending = None
 

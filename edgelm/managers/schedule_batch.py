@@ -22,6 +22,7 @@ class Req:
         self.penalizer = None
         self.grammar = None  # a Grammar matcher, or a Future of one while it compiles
         self.grammar_pending: int | None = None  # a sampled token the matcher has not advanced by yet
+        self.grammar_in_process = False  # with grammar workers: this one matches in the scheduler process
         self.grammar_key: tuple[str, str] | None = None
         self.grammar_after_think = False
         # KV state: tokens [0, len(prefix_indices)) come from the radix cache; fill_ids are all

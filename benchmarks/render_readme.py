@@ -205,7 +205,8 @@ def grammar() -> list[str]:
         for r in d["summary"]:
             host = (f"{r['fill_ms_per_step']:.2f} / {r['apply_ms_per_step']:.2f}" if "fill_ms_per_step" in r else "")
             model = os.path.basename(d["model"]).removesuffix("-config")
-            model += " (random weights)" if "dummy" in d.get("command", "") else " (real weights)"
+            model += " (random weights" if "dummy" in d.get("command", "") else " (real weights"
+            model += ", tokens replayed from JSON documents)" if "replayed" in d.get("token_source", "") else ")"
             lines.append(f"| {d.get('device', '?')} | {model} | {r['batch']} | {r.get('schema', 'min_length')} | "
                          f"{r.get('grammar_workers', 0)} | {r['free_step_ms']:.2f} | {r['constrained_step_ms']:.2f} | "
                          f"{100 * r['overhead']:+.0f}% | {host} |")

@@ -18,7 +18,7 @@ if [ -n "${GGUF:-}" ]; then
       --out "$OUT/grammar_overhead_smollm2-135m-gguf_h100.json" > "$OUT/grammar_gguf.log" 2>&1
   grep -E "^batch" "$OUT/grammar_gguf.log" || tail -20 "$OUT/grammar_gguf.log"
 fi
-for m in ${MODELS:-llama-3.1-8b-body-smollm2-vocab smollm2-1.7b-config smollm2-135m-config}; do
+for m in ${MODELS:-llama-3.1-8b-body-smollm2-vocab smollm2-135m-config}; do
   timeout 170 python benchmarks/grammar_overhead.py --model-path $WHL/$m --load-format dummy \
       --out "$OUT/grammar_overhead_${m%-config}-dummy_h100.json" > "$OUT/grammar_$m.log" 2>&1
   grep -E "^batch" "$OUT/grammar_$m.log" || tail -20 "$OUT/grammar_$m.log"

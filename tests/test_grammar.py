@@ -378,3 +378,38 @@ def test_hooks_grammar_workers_equal_in_process(backend, tokenizer):
     finally:
         pooled.shutdown()
         local.shutdown()
+
+
+def test_grammar_worker_exit_fails_only_its_requests(backend, tokenizer):
+    """A worker that dies (killed, out of memory) fails the requests whose matchers it held, with a
+    500 that says so; free and in-process rows of the same batch go on, and new requests are
+    admitted on the other worker."""
+    from edgelm.constrained.grammar_workers import WorkerGrammar
+    from edgelm.managers.grammar_hooks import GrammarHooks
+
+    hooks = GrammarHooks(backend, backend.vocab_size, "cpu", workers=2, max_matchers=8)
+    try:
+        reqs = _admit(hooks, [("regex", "(yes|no)")] * 3 + [None])
+        assert not isinstance(reqs[0].grammar, WorkerGrammar)  # the first matches in-process
+        on = {r.grammar.worker: r for r in reqs[1:3]}
+        assert set(on) == {0, 1}
+        hooks.pool._procs[0].kill()
+        hooks.pool._procs[0].join(10)
+        yes = _ids(tokenizer, "yes")[0]
+        for r in reqs[:3]:  # the step's sampled tokens, sent to the workers
+            hooks.accept(r, yes)
+        hooks.dispatch(reqs)
+        logits = torch.zeros(4, backend.vocab_size)
+        hooks.apply_mask(reqs, logits)
+        victim = on[0]
+        assert victim.finished() and "exited" in victim.finished_reason["error"][1]
+        assert torch.isfinite(logits[reqs.index(victim)]).all()  # its row is left unmasked
+        for r in (reqs[0], on[1]):  # after "yes" only the end is allowed
+            row = logits[reqs.index(r)]
+            assert not r.finished() and torch.isinf(row[yes]) and torch.isfinite(row[tokenizer.eos_token_id])
+        assert torch.isfinite(logits[3]).all()  # the free row
+        hooks.release(victim)
+        late = _admit(hooks, [("regex", "(yes|no)")])[0]
+        assert isinstance(late.grammar, WorkerGrammar) and late.grammar.worker == 1
+    finally:
+        hooks.shutdown()

@@ -101,6 +101,7 @@ class GrammarWorkerPool:
         self._keys: list[OrderedDict] = [OrderedDict() for _ in range(num_workers)]  # keys each worker holds
         self._ops: list[list] = [[] for _ in range(num_workers)]
         self.worker_busy_s = 0.0  # summed over workers: time spent on ops (for benchmarks)
+        self.dead: set[int] = set()  # workers that exited
         self._lock = threading.Lock()  # new_matcher may run on a compile thread's callback
         ctx = mp.get_context("spawn")  # the scheduler holds a CUDA context: never fork it
         self._conns, self._procs = [], []
@@ -137,9 +138,10 @@ class GrammarWorkerPool:
         """A matcher at the start state on the least-loaded worker, its first mask being filled;
         None when every slot is taken (the caller keeps the matcher in-process)."""
         with self._lock:
-            if not self._free_slots:
+            alive = [w for w in range(self.num_workers) if w not in self.dead]
+            if not self._free_slots or not alive:
                 return None
-            worker = min(range(self.num_workers), key=lambda w: self._load[w])
+            worker = min(alive, key=lambda w: self._load[w])
             slot = self._free_slots.pop()
             mid = self._next_mid
             self._next_mid += 1
@@ -186,13 +188,35 @@ class GrammarWorkerPool:
             for w, ops in enumerate(self._ops):
                 if ops:
                     self._ops[w] = []
-                    self._conns[w].send(ops)
+                    if w in self.dead:
+                        continue
+                    try:
+                        self._conns[w].send(ops)
+                    except OSError:
+                        self._lost(w)
 
     def poll(self) -> None:
         """Take every reply already there, without blocking."""
-        for conn in self._conns:
-            while conn.poll():
-                self._take(conn.recv())
+        for w, conn in enumerate(self._conns):
+            try:
+                while w not in self.dead and conn.poll():
+                    self._take(conn.recv())
+            except (EOFError, OSError):
+                self._lost(w)
+
+    def _lost(self, w: int) -> None:
+        """A worker exited (killed, out of memory): its requests fail (their masks are gone), new ones
+        go to the other workers, or in-process when none is left."""
+        if w in self.dead:
+            return
+        self.dead.add(w)
+        logger.error("grammar worker %d exited (code %s): its requests fail; new ones avoid it", w,
+                     self._procs[w].exitcode if w < len(self._procs) else None)
+        for h in list(self._live.values()):
+            if h.worker == w:
+                h.in_flight = False
+                h.rejected = True
+                h.loaded = True  # nothing more will come: ready() and wait() stop waiting
 
     def wait(self, handles) -> None:
         """Block until every handle's mask is filled with all its tokens accepted."""
@@ -208,11 +232,13 @@ class GrammarWorkerPool:
     def _wait_one(self, h: WorkerGrammar) -> None:
         conn = self._conns[h.worker]
         while h.in_flight:
-            if not self._procs[h.worker].is_alive() and not conn.poll():
-                self.alive = False
-                raise RuntimeError(f"grammar worker {h.worker} exited (code {self._procs[h.worker].exitcode})")
-            if conn.poll(1.0):
-                self._take(conn.recv())
+            try:
+                if not self._procs[h.worker].is_alive() and not conn.poll():
+                    raise EOFError
+                if conn.poll(1.0):
+                    self._take(conn.recv())
+            except (EOFError, OSError):
+                self._lost(h.worker)
 
     def _take(self, message) -> None:
         replies, busy_s = message

@@ -97,20 +97,22 @@ class GrammarHooks:
         return None
 
     def ready(self, req) -> bool:
-        """True when the request can be scheduled (no grammar, or compiled). A failed compile
-        finishes the request with a 400 and also returns True, so the caller sees it finished."""
+        """True when the request can be scheduled (no grammar, or compiled, and with workers: its
+        first mask filled). A failed compile finishes the request with a 400 and also returns True,
+        so the caller sees it finished."""
         g = req.grammar
         if g is None:
             return True
         if not (hasattr(g, "done") and hasattr(g, "result")):
             handle = _worker_handle(g)
-            if handle is None or handle.loaded:
+            if handle is None or (handle.loaded and not handle.rejected):
                 return True
             self.pool.poll()  # a worker still loading it (or filling its first mask)
-            if handle.rejected:
-                req.grammar = None
-                req.finished_reason = {"type": "abort", "error": (500, "the grammar worker could not load it")}
-            return handle.loaded or handle.rejected
+            if handle.rejected:  # the worker failed to load it, or exited: match in-process instead
+                handle.release()
+                self._install(req, self._in_process(req))
+                return True
+            return handle.loaded
         if not g.done():
             return False
         try:
@@ -123,17 +125,23 @@ class GrammarHooks:
             handle = None
             if self.in_process_live >= self.in_process_first:
                 handle = self.pool.new_matcher(req.grammar_key, grammar)
-            if handle is None:  # ...unless it is the only one (a round trip would cost more than the
-                # work saved), or every worker slot is taken: then it matches in-process
-                grammar = self.backend.get_future(req.grammar_key).result()
-                self.in_process_live += 1
-                req.grammar_in_process = True
-            else:
-                grammar = handle
+            # ...unless it is the only one (a round trip would cost more than the work saved), or
+            # every worker slot is taken: then it matches in-process
+            grammar = handle if handle is not None else self._in_process(req)
+        self._install(req, grammar)
+        return self.ready(req) if _worker_handle(grammar) is not None else True
+
+    def _in_process(self, req):
+        """A matcher in this process (the key is compiled already: the future is done)."""
+        if self.pool is not None:
+            self.in_process_live += 1
+            req.grammar_in_process = True
+        return self.backend.get_future(req.grammar_key).result()
+
+    def _install(self, req, grammar) -> None:
         if req.grammar_after_think and self.think_end_ids:
             grammar = ReasoningGatedGrammar(grammar, self.think_end_ids, in_reasoning=True)
         req.grammar = grammar
-        return self.ready(req) if _worker_handle(grammar) is not None else True
 
     def apply_mask(self, reqs, logits: torch.Tensor) -> None:
         """Advance the matchers by their deferred tokens, then mask the logits rows of constrained
@@ -156,14 +164,14 @@ class GrammarHooks:
             if not req.finished():
                 if isinstance(req.grammar, WorkerGrammar):  # its row is in the workers' shared bitmask
                     if req.grammar.rejected:
-                        self._reject(req)
+                        self._reject(req, self._why(req.grammar))
                     else:
                         gather_rows.append(i)
                         gather_slots.append(req.grammar.slot)
                     continue
                 handle = _worker_handle(req.grammar)  # a reasoning gate: fills -1 itself while thinking
                 if handle is not None and handle.rejected:
-                    self._reject(req)
+                    self._reject(req, self._why(handle))
                     continue
                 req.grammar.fill_vocab_mask(self.bitmask, i)
         if gather_rows:  # one gather for every worker-filled row; numpy: single-threaded, where torch
@@ -212,9 +220,14 @@ class GrammarHooks:
             logger.warning("request %s: grammar rejected token %d", req.rid, token_id)
             self._reject(req)
 
+    def _why(self, handle: WorkerGrammar) -> str:
+        if handle.worker in self.pool.dead:
+            return "the grammar worker holding this request's matcher exited"
+        return "the grammar rejected a sampled token"
+
     @staticmethod
-    def _reject(req) -> None:
-        req.finished_reason = {"type": "abort", "error": (500, "the grammar rejected a sampled token")}
+    def _reject(req, why: str = "the grammar rejected a sampled token") -> None:
+        req.finished_reason = {"type": "abort", "error": (500, why)}
 
     def release(self, req) -> None:
         handle = _worker_handle(req.grammar)

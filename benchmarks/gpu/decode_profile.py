@@ -148,18 +148,28 @@ def kernel_table(trace_path: str, num_layers: int) -> dict:
             "one_layer_window": layer}
 
 
-def main() -> None:
-    argv = sys.argv[1:]
-    out_path = None
-    if "--out" in argv:
-        i = argv.index("--out")
-        out_path = argv[i + 1]
-        del argv[i:i + 2]
+def pop_option(argv: list[str], name: str) -> str | None:
+    """Remove `name VALUE` from argv (the rest goes to bench_one_batch's parser); VALUE or None."""
+    if name not in argv:
+        return None
+    i = argv.index(name)
+    value = argv[i + 1]
+    del argv[i:i + 2]
+    return value
+
+
+def load_runner(argv: list[str]):
+    """A CUDA model runner from bench_one_batch's arguments: (runner, config, batch size, input len)."""
     server_args, bench, _ = prepare_args(argv)
     config = ModelConfig.load(resolve_model(server_args.model_path), server_args.dtype, "cuda",
                               server_args.context_length, server_args.trust_remote_code)
-    runner = ModelRunner(server_args, config, "cuda")
-    bs, input_len = bench.batch_size[0], bench.input_len[0]
+    return ModelRunner(server_args, config, "cuda"), config, bench.batch_size[0], bench.input_len[0]
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    out_path = pop_option(argv, "--out")
+    runner, config, bs, input_len = load_runner(argv)
     summary = {}
     for server_like in (False, True):
         decode_steps(runner, bs, input_len, 8, server_like)  # warm-up

@@ -21,25 +21,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode_profile import _TimedGraph  # noqa: E402
+from decode_profile import _TimedGraph, load_runner, pop_option  # noqa: E402
 
-from edgelm.bench_one_batch import prefill_batch, prepare_args  # noqa: E402
-from edgelm.model_config import ModelConfig  # noqa: E402
+from edgelm.bench_one_batch import prefill_batch  # noqa: E402
 from edgelm.model_executor.forward_batch import ForwardBatch  # noqa: E402
-from edgelm.model_executor.model_runner import ModelRunner  # noqa: E402
-from edgelm.model_loader.resolve import resolve_model  # noqa: E402
 
 
 def main() -> None:
     argv = sys.argv[1:]
-    i = argv.index("--tokenizer")
-    tok_path = argv[i + 1]
-    del argv[i:i + 2]
-    server_args, bench, _ = prepare_args(argv)
-    config = ModelConfig.load(resolve_model(server_args.model_path), server_args.dtype, "cuda",
-                              server_args.context_length, server_args.trust_remote_code)
-    runner = ModelRunner(server_args, config, "cuda")
-    bs, input_len = bench.batch_size[0], bench.input_len[0]
+    tok_path = pop_option(argv, "--tokenizer")
+    runner, _, bs, input_len = load_runner(argv)
 
     import xgrammar as xgr
     from transformers import AutoTokenizer

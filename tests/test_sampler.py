@@ -43,6 +43,8 @@ def test_greedy():
     assert out.next_token_ids.tolist() == [1, 1]
     info = SamplingBatchInfo.from_reqs([_req(temperature=0.0)], V, "cpu")
     assert info.is_all_greedy and not info.need_top_p_top_k
+    assert info.temperatures is None and info.seeds is None  # nothing built that argmax does not read
+    assert SamplingBatchInfo.from_reqs([_req(temperature=0.0), _req(temperature=0.7)], V, "cpu").temperatures.shape == (2, 1)
 
 
 def test_mixed_greedy_and_sampled_rows():

@@ -13,12 +13,14 @@ if TYPE_CHECKING:
 
 @dataclass
 class SamplingBatchInfo:
-    temperatures: torch.Tensor  # [B, 1] float32; 0 = greedy
-    top_ps: torch.Tensor  # [B]
-    top_ks: torch.Tensor  # [B] int64; vocab size = off
-    min_ps: torch.Tensor  # [B]
-    seeds: torch.Tensor  # [B] int64
-    steps: torch.Tensor  # [B] int64: index of the token being sampled in the request's output
+    # the six per-request tensors are None when every request is greedy (the sampler's argmax path
+    # reads none of them, and building them is six host-to-device copies a step)
+    temperatures: torch.Tensor | None  # [B, 1] float32; 0 = greedy
+    top_ps: torch.Tensor | None  # [B]
+    top_ks: torch.Tensor | None  # [B] int64; vocab size = off
+    min_ps: torch.Tensor | None  # [B]
+    seeds: torch.Tensor | None  # [B] int64
+    steps: torch.Tensor | None  # [B] int64: index of the token being sampled in the request's output
     is_all_greedy: bool
     need_top_p_top_k: bool
     need_min_p: bool
@@ -38,15 +40,24 @@ class SamplingBatchInfo:
     def from_reqs(cls, reqs: list[Req], vocab_size: int, device: str) -> SamplingBatchInfo:
         params = [r.sampling_params for r in reqs]
         greedy = [p.is_greedy for p in params]
-        temps = [0.0 if g else p.temperature for g, p in zip(greedy, params)]
         top_ks = [vocab_size if p.top_k in (-1, None) else min(p.top_k, vocab_size) for p in params]
+
+        def dev(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        if all(greedy):
+            per_request = dict.fromkeys(("temperatures", "top_ps", "top_ks", "min_ps", "seeds", "steps"))
+        else:
+            per_request = dict(
+                temperatures=dev([0.0 if g else p.temperature for g, p in zip(greedy, params)],
+                                 torch.float32).view(-1, 1),
+                top_ps=dev([p.top_p for p in params], torch.float32),
+                top_ks=dev(top_ks, torch.int64),
+                min_ps=dev([p.min_p for p in params], torch.float32),
+                seeds=dev([r.seed for r in reqs], torch.int64),
+                steps=dev([len(r.output_ids) for r in reqs], torch.int64))
         info = cls(
-            temperatures=torch.tensor(temps, dtype=torch.float32).view(-1, 1).to(device, non_blocking=True),
-            top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device, non_blocking=True),
-            top_ks=torch.tensor(top_ks, dtype=torch.int64).to(device, non_blocking=True),
-            min_ps=torch.tensor([p.min_p for p in params], dtype=torch.float32).to(device, non_blocking=True),
-            seeds=torch.tensor([r.seed for r in reqs], dtype=torch.int64).to(device, non_blocking=True),
-            steps=torch.tensor([len(r.output_ids) for r in reqs], dtype=torch.int64).to(device, non_blocking=True),
+            **per_request,
             is_all_greedy=all(greedy),
             need_top_p_top_k=any(not g and (p.top_p < 1 or k < vocab_size) for g, p, k in zip(greedy, params, top_ks)),
             need_min_p=any(not g and p.min_p > 0 for g, p in zip(greedy, params)),

@@ -198,8 +198,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--grammar-workers", type=int, default=None, help="default: the server's on this device")
     ap.add_argument("--diagnose", action="store_true", help="CUDA: report whether the grammar work overlapped the "
                     "forward (not part of the results)")
-    ap.add_argument("--profile", action="store_true", help="print a cProfile of one more constrained run at the "
-                    "largest batch (not part of the results)")
+    ap.add_argument("--profile", choices=("constrained", "free"), default=None,
+                    help="print a cProfile of one more run at the largest batch (not part of the results)")
     args = ap.parse_args(argv)
     server_args = ServerArgs(model_path=args.model_path, load_format=args.load_format, max_total_tokens=16384,
                              context_length=2048, cuda_graph_max_bs=32, grammar_workers=0)
@@ -254,10 +254,11 @@ def main(argv=None) -> dict:
 
         prof = cProfile.Profile()
         prof.enable()
-        run(scheduler, sink, prompt_ids, max(args.batch_sizes), args.new_tokens, True, "profile", variants[-1],
-            args.schemas[0])
+        run(scheduler, sink, prompt_ids, max(args.batch_sizes), args.new_tokens, args.profile == "constrained",
+            "profile", variants[-1], args.schemas[0])
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
     summary = []
     for bs in args.batch_sizes:
         free = min(x["step_ms"] for x in rows if x["batch"] == bs and not x["constrained"])

@@ -122,10 +122,11 @@ class _Replay:
                        for name in SCHEMAS}
         self.schema = "typical"
         self.followed = self.total = 0  # sampled tokens, and how many were the document's
+        self.forced: dict[int, list[int]] = {}  # id(batch list) -> the tokens steered to, until processed
         self.pinned = torch.empty(max(batch, 1), dtype=torch.int64, pin_memory=torch.cuda.is_available())
-        original = scheduler.sample_and_update
+        launch, process = scheduler.launch_sample, scheduler.process_sample
 
-        def sample_and_update(reqs, logits):
+        def launch_sample(reqs, logits):
             docs = self.tokens[self.schema]
             forced = [docs[int(r.rid.rsplit("-", 1)[1]) % len(docs)][min(len(r.output_ids),
                                                                      len(docs[0]) - 1)] for r in reqs]
@@ -133,14 +134,19 @@ class _Replay:
             self.pinned[:n].copy_(torch.tensor(forced, dtype=torch.int64))
             cols = self.pinned[:n].to(logits.device, non_blocking=True)
             logits[torch.arange(n, device=logits.device), cols] += 1e4
+            self.forced[id(reqs)] = forced
+            return launch(reqs, logits)
+
+        def process_sample(reqs, out):
+            forced = self.forced.pop(id(reqs), None)
             before = [len(r.output_ids) for r in reqs]
-            original(reqs, logits)
-            for r, b, f in zip(reqs, before, forced):
+            process(reqs, out)
+            for r, b, f in zip(reqs, before, forced or []):
                 if len(r.output_ids) > b:
                     self.total += 1
                     self.followed += r.output_ids[b] == f
 
-        scheduler.sample_and_update = sample_and_update
+        scheduler.launch_sample, scheduler.process_sample = launch_sample, process_sample
 
 
 REPLAY: _Replay | None = None

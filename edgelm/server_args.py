@@ -72,6 +72,9 @@ class ServerArgs:
     disable_radix_cache: bool = _flag(False, "Do not reuse KV of shared prefixes across requests.")
     cuda_graph_max_bs: int | None = _flag(None, "Largest decode batch captured in a CUDA graph.")
     disable_cuda_graph: bool = _flag(False, "Run decode eagerly (no CUDA graphs).")
+    disable_overlap_schedule: bool = _flag(
+        False, "Process each decode step's results after its GPU work, not while the next step's forward runs "
+        "(overlap is on by default on CUDA).")
     # Structured output and parsing
     grammar_backend: str | None = _flag(
         None, "Constrained decoding backend (default: xgrammar when installed, else none).",
@@ -144,6 +147,16 @@ class ServerArgs:
             raise ServerArgsError(
                 f"--quantization {self.quantization} is not supported yet; use --torchao-config to quantize "
                 "an unquantized checkpoint at load time")
+
+    def resolved_overlap_schedule(self, device: str) -> bool:
+        """On a CPU device the forward runs on the scheduler's thread: there is nothing to overlap.
+        EDGELM_OVERLAP_SCHEDULE=1 forces it on anyway (tests run the overlapped path on the CPU)."""
+        if self.disable_overlap_schedule:
+            return False
+        forced = os.environ.get("EDGELM_OVERLAP_SCHEDULE")
+        if forced in ("0", "1"):
+            return forced == "1"
+        return device == "cuda"
 
     def resolved_grammar_workers(self, device: str) -> int:
         """On a CPU device the forward already uses every core and runs on the scheduler's thread:

@@ -69,6 +69,11 @@ class Scheduler:
         self.rng = random.Random(server_args.random_seed)
         self.grammar = GrammarHooks.create(server_args, tokenizer, self.vocab_size, self.eos_token_ids, self.device,
                                            max_running=self.max_running)
+        # overlap scheduling: a decode step's sampled tokens stay on the device and feed the next
+        # forward, launched before this process reads them; `pending` is that step (reqs, samples)
+        self.overlap = server_args.resolved_overlap_schedule(self.device)
+        self.pending: tuple[list[Req], object] | None = None
+        self.overlapped_steps = 0  # decode steps launched before the previous step was read
         # statistics
         self.step = 0
         self.decode_steps = 0
@@ -111,7 +116,7 @@ class Scheduler:
         return not self.has_work() or time.monotonic() - self.stop_requested > _DRAIN_TIMEOUT_S
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked_req)
+        return bool(self.waiting or self.running or self.chunked_req or self.pending)
 
     def step_once(self) -> None:
         self.handle_aborts()
@@ -121,6 +126,8 @@ class Scheduler:
                 return
         if self.running:
             self.run_decode()
+        elif self.pending is not None:  # every request of the in-flight step finished before it
+            self.finish_pending()
         self.flush_outputs()
 
     # ================================================================== input
@@ -281,6 +288,7 @@ class Scheduler:
         return self.runner.allocator.available_size() >= n
 
     def forward_extend(self, batch: list[tuple[Req, int, int]]) -> None:
+        self.finish_pending()  # the next decode batch then starts from tokens on the host
         reqs = [r for r, _, _ in batch]
         total = sum(take for _, _, take in batch)
         out_cache_loc = None
@@ -324,27 +332,48 @@ class Scheduler:
 
     # ================================================================== decode
     def run_decode(self) -> None:
+        """One decode step. With overlap scheduling, the step's forward is launched with the previous
+        step's samples still on the device; the previous step's results are then read and processed
+        while the GPU computes (outputs, stops, grammar), and this step's sampling is launched last.
+        A request that finished in the previous step has one extra row in this step, dropped."""
+        if self.pending is not None and not self._ensure_free(len(self.running)):
+            self.finish_pending()  # retraction below needs every request's tokens on the host
         self._make_room_for_decode()
         reqs = list(self.running)
         if not reqs:
+            self.finish_pending()
             return
+        pending, self.pending = self.pending, None
+        self.overlapped_steps += pending is not None
         loc = None
         try:
             loc = self.runner.allocator.alloc(len(reqs))
             pool_idx = [r.req_pool_idx for r in reqs]
-            seq_lens = [r.seqlen for r in reqs]
+            if pending is None:
+                ids = [r.output_ids[-1] for r in reqs]
+                seq_lens = [r.seqlen for r in reqs]
+            else:  # the in-flight tokens are not in output_ids yet: one more position each
+                ids = self._inflight_ids(pending, reqs)
+                seq_lens = [r.seqlen + 1 for r in reqs]
             # the model runner records `loc` in req_to_token as part of the forward
-            fb = ForwardBatch.for_decode([r.output_ids[-1] for r in reqs], pool_idx, seq_lens, loc, self.device,
-                                          lazy=True)
+            fb = ForwardBatch.for_decode(ids, pool_idx, seq_lens, loc, self.device, lazy=True)
             self._inject_fault(reqs)
             logits = self.runner.forward(fb)
         except Exception as exc:
+            if pending is not None:
+                self._process_pending(pending)
+            reqs = [r for r in reqs if not r.finished()]
             self.fail_batch(reqs, exc, kv_lens=[r.computed_len for r in reqs], new_slots=loc)
             return
         for r in reqs:
             r.computed_len += 1
+        if pending is not None:
+            self._process_pending(pending)  # the GPU is busy with this step's forward meanwhile
         try:
-            self.sample_and_update(reqs, logits)
+            if self.overlap:
+                self.pending = (reqs, self.launch_sample(reqs, logits))
+            else:
+                self.process_sample(reqs, self.launch_sample(reqs, logits))
         except Exception as exc:
             self.fail_batch([r for r in reqs if not r.finished()], exc)
         self.decode_steps += 1
@@ -352,6 +381,28 @@ class Scheduler:
         self.new_token_ratio = max(self.new_token_ratio - _NEW_TOKEN_RATIO_DECAY, _MIN_NEW_TOKEN_RATIO)
         if self.decode_steps % self.args.decode_log_interval == 0:
             self.log_decode()
+
+    def _inflight_ids(self, pending, reqs: list[Req]) -> torch.Tensor:
+        """The device token ids of `reqs` (all in the pending step) from its samples."""
+        pend_reqs, out = pending
+        ids = out.next_token_ids
+        if len(pend_reqs) == len(reqs) and all(a is b for a, b in zip(pend_reqs, reqs)):
+            return ids
+        row = {id(r): i for i, r in enumerate(pend_reqs)}
+        return ids.index_select(0, torch.tensor([row[id(r)] for r in reqs], device=ids.device))
+
+    def _process_pending(self, pending) -> None:
+        try:
+            self.process_sample(*pending)
+        except Exception as exc:
+            self.fail_batch([r for r in pending[0] if not r.finished()], exc)
+
+    def finish_pending(self) -> None:
+        """Read and process the in-flight step's samples now (before anything that needs every
+        request's tokens on the host: a prefill, a retraction, an idle wait)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            self._process_pending(pending)
 
     def _make_room_for_decode(self) -> None:
         while self.running and not self._ensure_free(len(self.running)):
@@ -373,31 +424,50 @@ class Scheduler:
 
     # ================================================================== sampling
     def sample_and_update(self, reqs: list[Req], logits: torch.Tensor) -> None:
+        self.process_sample(reqs, self.launch_sample(reqs, logits))
+
+    def launch_sample(self, reqs: list[Req], logits: torch.Tensor):
+        """Mask (grammar) and sample on the device; nothing is read back. Requests the grammar fails
+        here (a rejected token) are finished and released at once."""
+        before = [r.finished() for r in reqs]
         info = SamplingBatchInfo.from_reqs(reqs, self.vocab_size, self.device)
         self.grammar.apply_mask(reqs, logits)
         out = self.runner.sample(logits, info)
+        for req, was in zip(reqs, before):
+            if req.finished() and not was:
+                self._finish(req)
+                self.emit(req)
+        return out
+
+    def process_sample(self, reqs: list[Req], out) -> None:
+        """Read a step's samples back and apply them: outputs, stops, grammar, release of finished
+        requests. Rows of requests already finished (an earlier step, an abort) are dropped."""
         next_ids = out.next_token_ids.tolist()
         logprobs = out.logprobs.tolist() if out.logprobs is not None else None
         top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
         for i, (req, tok) in enumerate(zip(reqs, next_ids)):
-            if not req.finished():  # finished already: failed while its grammar advanced; sample dropped
-                req.output_ids.append(tok)
-                if req.penalizer is not None:
-                    req.penalizer.add(tok)
-                if req.return_logprob and logprobs is not None:
-                    req.pending_logprobs.append(logprobs[i])
-                    if req.top_logprobs_num and top_lp is not None:
-                        k = req.top_logprobs_num
-                        req.pending_top_logprobs.append(list(zip(top_ids[i][:k], top_lp[i][:k])))
-                self.grammar.accept(req, tok)
-                req.check_finished(self.eos_token_ids, self.context_len, self._stop_string_matched)
             if req.finished():
-                if req in self.running:
-                    self.running.remove(req)
-                self.release(req, kv_len=req.computed_len)
+                continue
+            req.output_ids.append(tok)
+            if req.penalizer is not None:
+                req.penalizer.add(tok)
+            if req.return_logprob and logprobs is not None:
+                req.pending_logprobs.append(logprobs[i])
+                if req.top_logprobs_num and top_lp is not None:
+                    k = req.top_logprobs_num
+                    req.pending_top_logprobs.append(list(zip(top_ids[i][:k], top_lp[i][:k])))
+            self.grammar.accept(req, tok)
+            req.check_finished(self.eos_token_ids, self.context_len, self._stop_string_matched)
+            if req.finished():
+                self._finish(req)
             self.emit(req)
         self.grammar.dispatch(reqs)
+
+    def _finish(self, req: Req) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        self.release(req, kv_len=req.computed_len)
 
     def _stop_string_matched(self, req: Req) -> str | None:
         stops = req.sampling_params.stop

@@ -161,6 +161,8 @@ class CudaGraphRunner:
                 self.staging[3, raw_bs:bs].fill_(1)
             self.block.copy_(self.staging, non_blocking=True)
             self.staging_free.record()
+            if fb.input_ids_device is not None:  # the in-flight step's samples, in stream order
+                self.block[0, :raw_bs].copy_(fb.input_ids_device)
         else:  # device tensors (tests, tools)
             for row, src in enumerate((fb.input_ids, fb.positions, fb.req_pool_indices, fb.seq_lens)):
                 self.block[row, :raw_bs].copy_(src)

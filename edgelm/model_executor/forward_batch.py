@@ -39,6 +39,9 @@ class ForwardBatch:
     seq_lens_cpu: torch.Tensor  # [batch], on the host
     # decode only (for_decode): int64 [4, batch] on the host: input_ids, positions, req_pool_indices, seq_lens
     decode_host: torch.Tensor | None = None
+    # decode only: the token ids already on the device (the samples of the step still in flight, with
+    # overlap scheduling); they replace decode_host's first row, which then holds placeholders
+    input_ids_device: torch.Tensor | None = None
     # extend only
     extend_prefix_lens_cpu: list[int] = field(default_factory=list)
     extend_seq_lens_cpu: list[int] = field(default_factory=list)
@@ -80,13 +83,15 @@ class ForwardBatch:
         )
 
     @classmethod
-    def for_decode(cls, input_ids: list[int], req_pool_indices: list[int], seq_lens: list[int],
+    def for_decode(cls, input_ids: list[int] | torch.Tensor, req_pool_indices: list[int], seq_lens: list[int],
                    out_cache_loc: torch.Tensor, device: str, lazy: bool = False) -> ForwardBatch:
         """A decode batch. Its inputs are one int64 block on the host; `lazy` leaves them there
         until needed (the model runner's CUDA-graph path moves the block in one copy, its eager
         path calls `materialize`). Recording `out_cache_loc` in req_to_token is the model runner's
         job: it does so for every decode forward."""
-        host = torch.tensor([input_ids, [n - 1 for n in seq_lens], req_pool_indices, seq_lens], dtype=torch.int64)
+        on_device = isinstance(input_ids, torch.Tensor)  # a device tensor: the in-flight step's samples
+        ids = [0] * len(seq_lens) if on_device else input_ids
+        host = torch.tensor([ids, [n - 1 for n in seq_lens], req_pool_indices, seq_lens], dtype=torch.int64)
         batch = cls(
             forward_mode=ForwardMode.DECODE,
             batch_size=len(req_pool_indices),
@@ -95,6 +100,7 @@ class ForwardBatch:
             req_pool_indices_cpu=list(req_pool_indices),
             seq_lens_cpu=host[3].to(torch.int32),
             decode_host=host,
+            input_ids_device=input_ids if on_device else None,
         )
         if not lazy:
             batch.materialize(device)
@@ -106,4 +112,6 @@ class ForwardBatch:
             return
         block = self.decode_host.to(device, non_blocking=True)
         self.input_ids, self.positions, self.req_pool_indices = block[0], block[1], block[2]
+        if self.input_ids_device is not None:
+            self.input_ids = self.input_ids_device.to(torch.int64)
         self.seq_lens = block[3].to(torch.int32)

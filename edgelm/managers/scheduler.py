@@ -367,15 +367,27 @@ class Scheduler:
             return
         for r in reqs:
             r.computed_len += 1
-        if pending is not None:
-            self._process_pending(pending)  # the GPU is busy with this step's forward meanwhile
+        if pending is not None and any(r.grammar is not None or r.penalizer is not None for r in reqs):
+            # a grammar mask or penalties need the in-flight tokens applied before this step samples
+            self._process_pending(pending)
+            pending = None
         try:
-            if self.overlap:
-                self.pending = (reqs, self.launch_sample(reqs, logits))
-            else:
-                self.process_sample(reqs, self.launch_sample(reqs, logits))
+            # sampling goes right behind the forward on the GPU; the in-flight tokens are not in
+            # output_ids yet, hence the step offset (seeded sampling counts positions)
+            out = self.launch_sample(reqs, logits, step_offset=0 if pending is None else 1)
         except Exception as exc:
+            out = None
+            if pending is not None:
+                self._process_pending(pending)
+                pending = None
             self.fail_batch([r for r in reqs if not r.finished()], exc)
+        if pending is not None:
+            self._process_pending(pending)  # the GPU is busy with this step meanwhile
+        if out is not None:
+            if self.overlap:
+                self.pending = (reqs, out)
+            else:
+                self._process_pending((reqs, out))
         self.decode_steps += 1
         self.gen_tokens_since_log += len(reqs)
         self.new_token_ratio = max(self.new_token_ratio - _NEW_TOKEN_RATIO_DECAY, _MIN_NEW_TOKEN_RATIO)
@@ -426,11 +438,11 @@ class Scheduler:
     def sample_and_update(self, reqs: list[Req], logits: torch.Tensor) -> None:
         self.process_sample(reqs, self.launch_sample(reqs, logits))
 
-    def launch_sample(self, reqs: list[Req], logits: torch.Tensor):
+    def launch_sample(self, reqs: list[Req], logits: torch.Tensor, step_offset: int = 0):
         """Mask (grammar) and sample on the device; nothing is read back. Requests the grammar fails
         here (a rejected token) are finished and released at once."""
         before = [r.finished() for r in reqs]
-        info = SamplingBatchInfo.from_reqs(reqs, self.vocab_size, self.device)
+        info = SamplingBatchInfo.from_reqs(reqs, self.vocab_size, self.device, step_offset)
         self.grammar.apply_mask(reqs, logits)
         out = self.runner.sample(logits, info)
         for req, was in zip(reqs, before):

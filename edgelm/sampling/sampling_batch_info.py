@@ -37,7 +37,9 @@ class SamplingBatchInfo:
     top_logprobs_num: int = 0
 
     @classmethod
-    def from_reqs(cls, reqs: list[Req], vocab_size: int, device: str) -> SamplingBatchInfo:
+    def from_reqs(cls, reqs: list[Req], vocab_size: int, device: str, step_offset: int = 0) -> SamplingBatchInfo:
+        """`step_offset`: tokens each request has sampled beyond its output_ids (overlap scheduling:
+        the step in flight)."""
         params = [r.sampling_params for r in reqs]
         greedy = [p.is_greedy for p in params]
         top_ks = [vocab_size if p.top_k in (-1, None) else min(p.top_k, vocab_size) for p in params]
@@ -55,7 +57,7 @@ class SamplingBatchInfo:
                 top_ks=dev(top_ks, torch.int64),
                 min_ps=dev([p.min_p for p in params], torch.float32),
                 seeds=dev([r.seed for r in reqs], torch.int64),
-                steps=dev([len(r.output_ids) for r in reqs], torch.int64))
+                steps=dev([len(r.output_ids) + step_offset for r in reqs], torch.int64))
         info = cls(
             **per_request,
             is_all_greedy=all(greedy),

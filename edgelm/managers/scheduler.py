@@ -37,6 +37,29 @@ _DRAIN_TIMEOUT_S = 60.0
 _MAX_FAILED_STEPS = 3
 
 
+class _HostCopy:
+    """A step's samples on their way to the host: copied without blocking right behind the
+    sampler, so reading them waits for that step only, not for whatever was queued after it (a
+    plain .tolist() would also wait for the next step's forward, launched meanwhile). `device` keeps
+    the samples on the GPU for the next forward's input ids."""
+
+    def __init__(self, out):
+        self.device = out
+        self.event = None
+        if out.next_token_ids.is_cuda:
+            self.host = type(out)(*(None if t is None else t.to("cpu", non_blocking=True) for t in (
+                out.next_token_ids, out.logprobs, out.top_logprobs, out.top_ids)))
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = out
+
+    def wait(self):
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host
+
+
 class Scheduler:
     def __init__(self, server_args, model_runner, tokenizer, recv_sock: zmq.Socket, send_sock: zmq.Socket):
         self.args = server_args
@@ -397,7 +420,7 @@ class Scheduler:
     def _inflight_ids(self, pending, reqs: list[Req]) -> torch.Tensor:
         """The device token ids of `reqs` (all in the pending step) from its samples."""
         pend_reqs, out = pending
-        ids = out.next_token_ids
+        ids = out.device.next_token_ids
         if len(pend_reqs) == len(reqs) and all(a is b for a, b in zip(pend_reqs, reqs)):
             return ids
         row = {id(r): i for i, r in enumerate(pend_reqs)}
@@ -449,11 +472,12 @@ class Scheduler:
             if req.finished() and not was:
                 self._finish(req)
                 self.emit(req)
-        return out
+        return _HostCopy(out)
 
     def process_sample(self, reqs: list[Req], out) -> None:
         """Read a step's samples back and apply them: outputs, stops, grammar, release of finished
         requests. Rows of requests already finished (an earlier step, an abort) are dropped."""
+        out = out.wait()
         next_ids = out.next_token_ids.tolist()
         logprobs = out.logprobs.tolist() if out.logprobs is not None else None
         top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None

@@ -47,6 +47,21 @@ def gpu_latency() -> list[str]:
     return lines
 
 
+def scheduler_loop() -> list[str]:
+    lines = []
+    for name, d in _load("scheduler_loop_*.json"):
+        peaks = d.get("peaks") or {}
+        lines += [f"**Decode through the server's scheduler loop, overlap scheduling off / on** — {d['model']} "
+                  f"(random weights), input {d['input_len']}, {d['new_tokens']} new tokens, greedy; bandwidth "
+                  f"measured in the same run: {peaks.get('bandwidth_gbps', 0):.0f} GB/s", "",
+                  "| batch | overlap | ms/step | tok/s | roofline ratio |", "| ---: | --- | ---: | ---: | ---: |"]
+        for r in d["summary"]:
+            lines.append(f"| {r['batch']} | {'on' if r['overlap'] else 'off'} | {r['step_ms']:.3f} | "
+                         f"{r['tok_s']:.1f} | {r.get('roofline_ratio', 0):.3f} |")
+        lines += ["", _source(name, d), ""]
+    return lines
+
+
 def attention_backends() -> list[str]:
     """Attention backends side by side: each file is one bench_one_batch process that ran every case
     with each backend in turn (--attention-backends) over the same weights and KV pool."""
@@ -236,7 +251,7 @@ def decode_profile() -> list[str]:
 
 
 def render() -> str:
-    parts = gpu_latency() + decode_profile() + attention_backends() + flashinfer_overhead() + int4_vs_bf16() + int4_kernels() + quality() + grammar() + cpu_decode() + serving()
+    parts = gpu_latency() + scheduler_loop() + decode_profile() + attention_backends() + flashinfer_overhead() + int4_vs_bf16() + int4_kernels() + quality() + grammar() + cpu_decode() + serving()
     return "\n".join(parts).rstrip() + "\n"
 
 

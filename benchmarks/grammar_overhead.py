@@ -126,16 +126,16 @@ class _Replay:
         self.pinned = torch.empty(max(batch, 1), dtype=torch.int64, pin_memory=torch.cuda.is_available())
         launch, process = scheduler.launch_sample, scheduler.process_sample
 
-        def launch_sample(reqs, logits):
+        def launch_sample(reqs, logits, step_offset=0):
             docs = self.tokens[self.schema]
-            forced = [docs[int(r.rid.rsplit("-", 1)[1]) % len(docs)][min(len(r.output_ids),
+            forced = [docs[int(r.rid.rsplit("-", 1)[1]) % len(docs)][min(len(r.output_ids) + step_offset,
                                                                      len(docs[0]) - 1)] for r in reqs]
             n = len(forced)
             self.pinned[:n].copy_(torch.tensor(forced, dtype=torch.int64))
             cols = self.pinned[:n].to(logits.device, non_blocking=True)
             logits[torch.arange(n, device=logits.device), cols] += 1e4
             self.forced[id(reqs)] = forced
-            return launch(reqs, logits)
+            return launch(reqs, logits, step_offset)
 
         def process_sample(reqs, out):
             forced = self.forced.pop(id(reqs), None)
@@ -285,6 +285,7 @@ def main(argv=None) -> dict:
               "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
               "load_average": os.getloadavg(), "model": resolved.display_name,
               "token_source": "replayed valid JSON documents (see _Replay)" if replay else "sampled",
+              "overlap_schedule": scheduler.overlap,
               "summary": summary, "rows": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -51,7 +51,8 @@ def scheduler_loop() -> list[str]:
     lines = []
     for name, d in _load("scheduler_loop_*.json"):
         peaks = d.get("peaks") or {}
-        lines += [f"**Decode through the server's scheduler loop, overlap scheduling off / on** — {d['model']} "
+        quant = f", {d['torchao_config']}" if d.get("torchao_config") else ""
+        lines += [f"**Decode through the server's scheduler loop, overlap scheduling off / on** — {d['model']}{quant} "
                   f"(random weights), input {d['input_len']}, {d['new_tokens']} new tokens, greedy; bandwidth "
                   f"measured in the same run: {peaks.get('bandwidth_gbps', 0):.0f} GB/s", "",
                   "| batch | overlap | ms/step | tok/s | roofline ratio |", "| ---: | --- | ---: | ---: | ---: |"]

@@ -57,6 +57,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-path", default=None)
     ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--tokenizer-path", default=None, help="a tokenizer for a config that ships none (the loop "
+                    "only needs one to exist: greedy, no stop strings, no grammar)")
+    ap.add_argument("--torchao-config", default=None)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--input-len", type=int, default=1024)
@@ -69,6 +72,7 @@ def main(argv=None) -> dict:
     peaks = measure_bandwidth(device) if device == "cuda" else None
     ctx_len = args.input_len + args.new_tokens + 16
     server_args = ServerArgs(model_path=model_path, load_format=args.load_format, dtype=args.dtype,
+                             tokenizer_path=args.tokenizer_path, torchao_config=args.torchao_config,
                              context_length=ctx_len, max_total_tokens=max(args.batch_sizes) * ctx_len + 256,
                              cuda_graph_max_bs=max(max(args.batch_sizes), 1), grammar_backend="none")
     resolved = resolve_model(model_path)
@@ -110,7 +114,7 @@ def main(argv=None) -> dict:
               "command": "python " + " ".join([os.path.relpath(__file__, os.getcwd())] + sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-              "model": resolved.display_name, "input_len": args.input_len, "new_tokens": args.new_tokens,
+              "model": resolved.display_name, "torchao_config": args.torchao_config, "input_len": args.input_len, "new_tokens": args.new_tokens,
               "peaks": peaks, "summary": summary, "rows": rows}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)

@@ -217,14 +217,7 @@ def main(argv=None) -> dict:
     resolved = resolve_model(args.model_path)
     runner = ModelRunner(server_args, ModelConfig.load(resolved, "auto", device, 2048), device)
     tokenizer = load_tokenizer(server_args, resolved)
-    ctx = zmq.Context()
-    recv = ctx.socket(zmq.PULL)
-    recv.bind("inproc://in")
-    send = ctx.socket(zmq.PUSH)
-    send.connect("inproc://out")
-    sink = ctx.socket(zmq.PULL)
-    sink.bind("inproc://out")
-    scheduler = Scheduler(server_args, runner, tokenizer, recv, send)
+    scheduler, sink, _ = Scheduler.in_process(server_args, runner, tokenizer)
     HOOKS[0] = scheduler.grammar
     global REPLAY
     replay = args.replay or args.load_format == "dummy"

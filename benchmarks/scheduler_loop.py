@@ -20,7 +20,6 @@ import sys
 import time
 
 import torch
-import zmq
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -78,14 +77,7 @@ def main(argv=None) -> dict:
     resolved = resolve_model(model_path)
     config = ModelConfig.load(resolved, args.dtype, device, ctx_len)
     runner = ModelRunner(server_args, config, device)
-    ctx = zmq.Context()
-    recv = ctx.socket(zmq.PULL)
-    recv.bind("inproc://in")
-    send = ctx.socket(zmq.PUSH)
-    send.connect("inproc://out")
-    sink = ctx.socket(zmq.PULL)
-    sink.bind("inproc://out")
-    scheduler = Scheduler(server_args, runner, load_tokenizer(server_args, resolved), recv, send)
+    scheduler, sink, ctx = Scheduler.in_process(server_args, runner, load_tokenizer(server_args, resolved))
     weights = decode_weight_bytes(runner.model)
     rows = []
     for r in range(args.rounds):

@@ -7,7 +7,6 @@ overlap with)."""
 from __future__ import annotations
 
 import pytest
-import zmq
 
 from edgelm.managers import io_struct as io
 from edgelm.managers.scheduler import Scheduler
@@ -27,25 +26,17 @@ def parts():
     return server_args, runner, load_tokenizer(server_args, resolved)
 
 
-def _scheduler(parts, overlap: bool, ctx: zmq.Context, tag: str):
-    server_args, runner, tokenizer = parts
-    recv = ctx.socket(zmq.PULL)
-    recv.bind(f"inproc://in-{tag}")
-    send = ctx.socket(zmq.PUSH)
-    send.connect(f"inproc://out-{tag}")
-    sink = ctx.socket(zmq.PULL)
-    sink.bind(f"inproc://out-{tag}")
-    scheduler = Scheduler(server_args, runner, tokenizer, recv, send)
+def _scheduler(parts, overlap: bool, tag: str):
+    scheduler, sink, ctx = Scheduler.in_process(*parts, name=tag)
     scheduler.overlap = overlap
-    return scheduler, sink
+    return scheduler, sink, ctx
 
 
 def _run(parts, overlap: bool, tag: str):
     _, runner, tokenizer = parts
     ids = tokenizer.encode("The robot on the shop floor said", add_special_tokens=False)
     other = tokenizer.encode("Three facts about rain:", add_special_tokens=False)
-    ctx = zmq.Context()
-    scheduler, sink = _scheduler(parts, overlap, ctx, tag)
+    scheduler, sink, ctx = _scheduler(parts, overlap, tag)
     free_before = runner.allocator.available_size() + scheduler.tree_cache.evictable_size()
     stop_id = tokenizer.encode(" the", add_special_tokens=False)[0]
     reqs = [

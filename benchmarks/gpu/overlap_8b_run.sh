@@ -3,9 +3,7 @@
 # SmolLM2 tokenizer stands in: the loop only needs one to exist), bf16 and int4wo-128. Carry .whl.
 set -u
 OUT=${OUT:-/tmp/out}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    > "$OUT/setup.log" 2>&1 || { tail -5 "$OUT/setup.log"; exit 1; }
-export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1
+source benchmarks/gpu/site_setup.sh
 for q in none int4wo-128; do
   tq=""; name=bf16
   [ "$q" != none ] && { tq="--torchao-config $q"; name=$q; }

@@ -5,11 +5,7 @@
 # Usage on the device: bash benchmarks/gpu/overlap_run.sh   (results and logs under $OUT)
 set -u
 OUT=${OUT:-/tmp/out}
-site=/tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
-    .whl/*.whl .fi/wheels/*.whl > "$OUT/setup.log" 2>&1 || { tail -5 "$OUT/setup.log"; exit 1; }
-tar -xJf .fi/flashinfer_site.tar.xz -C "$site" >> "$OUT/setup.log" 2>&1 || exit 1
-export PYTHONPATH=$site:. PYTHONUNBUFFERED=1 FLASHINFER_WORKSPACE_BASE=/tmp/fiws FLASHINFER_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
+source benchmarks/gpu/site_setup.sh
 timeout 200 python3 benchmarks/scheduler_loop.py --model-path ${WHL8B:-.gw}/llama-3.1-8b-body-smollm2-vocab \
     --load-format dummy --dtype bfloat16 \
     --batch-sizes 1 16 64 --input-len 1024 --new-tokens 64 --rounds 2 \

@@ -114,6 +114,19 @@ class Scheduler:
         self.failed_steps = 0
         self.fault_inject = os.environ.get("EDGELM_FAULT_INJECT") == "1"
 
+    @classmethod
+    def in_process(cls, server_args, model_runner, tokenizer, name: str = "local"):
+        """A scheduler driven by the caller (step_once), its outputs on a local socket: (scheduler,
+        sink, context). For benchmarks and tests; destroy the context when done."""
+        ctx = zmq.Context()
+        recv = ctx.socket(zmq.PULL)
+        recv.bind(f"inproc://{name}-in")
+        send = ctx.socket(zmq.PUSH)
+        send.connect(f"inproc://{name}-out")
+        sink = ctx.socket(zmq.PULL)
+        sink.bind(f"inproc://{name}-out")
+        return cls(server_args, model_runner, tokenizer, recv, send), sink, ctx
+
     # ================================================================== loop
     def event_loop(self) -> None:
         while not self._should_stop():

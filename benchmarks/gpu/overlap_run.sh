@@ -9,7 +9,7 @@ source benchmarks/gpu/site_setup.sh
 timeout 200 python3 benchmarks/scheduler_loop.py --model-path ${WHL8B:-.gw}/llama-3.1-8b-body-smollm2-vocab \
     --load-format dummy --dtype bfloat16 \
     --batch-sizes 1 16 64 --input-len 1024 --new-tokens 64 --rounds 2 \
-    --out "$OUT/scheduler_loop_llama-3.1-8b_bf16_h100.json" 2>&1 | grep -E "^batch|Error|error" | head -20
+    --out "$OUT/scheduler_loop_llama-3.1-8b-body-smollm2-vocab_bf16_h100.json" 2>&1 | grep -E "^batch|Error|error" | head -20
 timeout 120 python3 benchmarks/scheduler_loop.py --model-path .whl/smollm2-135m-config --load-format dummy \
     --dtype bfloat16 --batch-sizes 1 16 --input-len 256 --new-tokens 64 --rounds 2 \
     --out "$OUT/scheduler_loop_smollm2-135m_bf16_h100.json" 2>&1 | grep -E "^batch|Error|error" | head -20

@@ -369,9 +369,10 @@ class Scheduler:
     # ================================================================== decode
     def run_decode(self) -> None:
         """One decode step. With overlap scheduling, the step's forward is launched with the previous
-        step's samples still on the device; the previous step's results are then read and processed
-        while the GPU computes (outputs, stops, grammar), and this step's sampling is launched last.
-        A request that finished in the previous step has one extra row in this step, dropped."""
+        step's samples still on the device, its sampling right behind it (after the previous step is
+        processed when a grammar or penalties need those tokens); the previous step's results are read
+        and processed while the GPU computes. A request that finished in the previous step has one
+        extra row in this step, dropped."""
         if self.pending is not None and not self._ensure_free(len(self.running)):
             self.finish_pending()  # retraction below needs every request's tokens on the host
         self._make_room_for_decode()

@@ -413,3 +413,25 @@ def test_grammar_worker_exit_fails_only_its_requests(backend, tokenizer):
         assert isinstance(late.grammar, WorkerGrammar) and late.grammar.worker == 1
     finally:
         hooks.shutdown()
+
+
+def test_grammar_worker_rollback_refills_the_mask(backend, tokenizer):
+    from edgelm.constrained.grammar_workers import WorkerGrammar
+    from edgelm.managers.grammar_hooks import GrammarHooks
+
+    hooks = GrammarHooks(backend, backend.vocab_size, "cpu", workers=1, max_matchers=4, in_process_first=0)
+    try:
+        (req,) = _admit(hooks, [("regex", "(yes|no)")])
+        assert isinstance(req.grammar, WorkerGrammar)
+        yes = _ids(tokenizer, "yes")[0]
+        hooks.accept(req, yes)
+        hooks.dispatch([req])
+        logits = torch.zeros(1, backend.vocab_size)
+        hooks.apply_mask([req], logits)
+        assert torch.isinf(logits[0, yes]) and torch.isfinite(logits[0, tokenizer.eos_token_id])
+        req.grammar.rollback(1)  # the token already sent: the worker rolls back and refills
+        logits = torch.zeros(1, backend.vocab_size)
+        hooks.apply_mask([req], logits)
+        assert torch.isfinite(logits[0, yes]) and torch.isinf(logits[0, tokenizer.eos_token_id])
+    finally:
+        hooks.shutdown()

@@ -78,6 +78,7 @@ class WorkerGrammar(Grammar):
         del self.pending[:]
         self.pool.queue(self.worker, ("rollback", self.mid, -keep))
         self.terminated = False
+        self.pool.step([self])  # refill the row for the state rolled back to
 
     def release(self) -> None:
         self.pool.release(self)

@@ -33,8 +33,14 @@ install-dev: $(VENV)/.installed-dev
 serve: install
 	$(BIN)/python -m edgelm.launch_server $(ARGS)
 
+# the HTTP tests again with overlap scheduling forced on (the CUDA default; off on a CPU device)
+OVERLAP_TESTS = tests/test_server_openai.py tests/test_server_structured.py tests/test_robustness.py
+
 test: install-dev
 	$(BIN)/python -m pytest -q -x $(ARGS)
+ifeq ($(ARGS),)
+	EDGELM_OVERLAP_SCHEDULE=1 $(BIN)/python -m pytest -q -x $(OVERLAP_TESTS)
+endif
 
 lint: install-dev
 	$(BIN)/ruff check edgelm tests benchmarks

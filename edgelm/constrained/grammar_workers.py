@@ -86,7 +86,7 @@ class WorkerGrammar(Grammar):
 
 class GrammarWorkerPool:
     """`num_workers` processes holding matchers; a shared int32 bitmask `[max_matchers, words]`,
-    one row (slot) per live matcher."""
+    one row (slot) per live matcher. Used from the scheduler's thread only."""
 
     def __init__(self, num_workers: int, tokenizer_info, vocab_size: int, stop_ids, max_matchers: int):
         self.num_workers = num_workers
@@ -103,7 +103,6 @@ class GrammarWorkerPool:
         self._ops: list[list] = [[] for _ in range(num_workers)]
         self.worker_busy_s = 0.0  # summed over workers: time spent on ops (for benchmarks)
         self.dead: set[int] = set()  # workers that exited
-        self._lock = threading.Lock()  # new_matcher may run on a compile thread's callback
         ctx = mp.get_context("spawn")  # the scheduler holds a CUDA context: never fork it
         self._conns, self._procs = [], []
         # the engine runs as a daemon process, which multiprocessing does not let start children (they
@@ -121,7 +120,6 @@ class GrammarWorkerPool:
         self._started = threading.Thread(target=lambda: [c.send(info_json) for c in self._conns],
                                          name="grammar-workers-start", daemon=True)
         self._started.start()
-        self.alive = True
 
     def _start_workers(self, ctx, num_workers: int, max_matchers: int) -> None:
         for w in range(num_workers):
@@ -138,63 +136,59 @@ class GrammarWorkerPool:
     def new_matcher(self, key, serialized: str | None = None) -> WorkerGrammar | None:
         """A matcher at the start state on the least-loaded worker, its first mask being filled;
         None when every slot is taken (the caller keeps the matcher in-process)."""
-        with self._lock:
-            alive = [w for w in range(self.num_workers) if w not in self.dead]
-            if not self._free_slots or not alive:
-                return None
-            worker = min(alive, key=lambda w: self._load[w])
-            slot = self._free_slots.pop()
-            mid = self._next_mid
-            self._next_mid += 1
-            handle = WorkerGrammar(self, key, worker, mid, slot)
-            self._live[mid] = handle
-            self._load[worker] += 1
-            keys = self._keys[worker]
-            send = None
-            if key in keys:
-                keys.move_to_end(key)
-            else:
-                if serialized is None:
-                    raise ValueError("the worker does not hold this grammar: pass its serialized form")
-                send = serialized
-                keys[key] = True
-                while len(keys) > _MAX_KEYS_PER_WORKER:
-                    old, _ = keys.popitem(last=False)
-                    self._ops[worker].append(("forget", old))
-            self._ops[worker].append(("new", mid, key, send, slot))
-            handle.in_flight = True
+        alive = [w for w in range(self.num_workers) if w not in self.dead]
+        if not self._free_slots or not alive:
+            return None
+        worker = min(alive, key=lambda w: self._load[w])
+        slot = self._free_slots.pop()
+        mid = self._next_mid
+        self._next_mid += 1
+        handle = WorkerGrammar(self, key, worker, mid, slot)
+        self._live[mid] = handle
+        self._load[worker] += 1
+        keys = self._keys[worker]
+        send = None
+        if key in keys:
+            keys.move_to_end(key)
+        else:
+            if serialized is None:
+                raise ValueError("the worker does not hold this grammar: pass its serialized form")
+            send = serialized
+            keys[key] = True
+            while len(keys) > _MAX_KEYS_PER_WORKER:
+                old, _ = keys.popitem(last=False)
+                self._ops[worker].append(("forget", old))
+        self._ops[worker].append(("new", mid, key, send, slot))
+        handle.in_flight = True
         self.send()
         return handle
 
     def queue(self, worker: int, op) -> None:
-        with self._lock:
-            self._ops[worker].append(op)
+        self._ops[worker].append(op)
 
     def step(self, handles) -> None:
         """Send each handle's queued tokens, to be accepted and its row refilled (one message per
         worker)."""
-        with self._lock:
-            for h in handles:
-                if h.released or h.rejected or h.in_flight:  # in flight: `wait` sends the rest later
-                    continue
-                self._ops[h.worker].append(("step", h.mid, h.pending, h.slot))
-                h.pending = []
-                h.in_flight = True
+        for h in handles:
+            if h.released or h.rejected or h.in_flight:  # in flight: `wait` sends the rest later
+                continue
+            self._ops[h.worker].append(("step", h.mid, h.pending, h.slot))
+            h.pending = []
+            h.in_flight = True
         self.send()
 
     def send(self) -> None:
         if self._started.is_alive():  # the vocabulary must go down each pipe before any op
             self._started.join()
-        with self._lock:
-            for w, ops in enumerate(self._ops):
-                if ops:
-                    self._ops[w] = []
-                    if w in self.dead:
-                        continue
-                    try:
-                        self._conns[w].send(ops)
-                    except OSError:
-                        self._lost(w)
+        for w, ops in enumerate(self._ops):
+            if ops:
+                self._ops[w] = []
+                if w in self.dead:
+                    continue
+                try:
+                    self._conns[w].send(ops)
+                except OSError:
+                    self._lost(w)
 
     def poll(self) -> None:
         """Take every reply already there, without blocking."""
@@ -259,21 +253,20 @@ class GrammarWorkerPool:
                     logger.warning("grammar worker: matcher %d: %s", mid, error)
 
     def release(self, h: WorkerGrammar) -> None:
-        with self._lock:
-            if h.released:
-                return
-            h.released = True
-            self._ops[h.worker].append(("free", h.mid))
-            self._load[h.worker] -= 1
-            if not h.in_flight:  # else the slot waits for the reply: the worker may still write it
-                self._drop(h)
+        if h.released:
+            return
+        h.released = True
+        self._ops[h.worker].append(("free", h.mid))
+        self._load[h.worker] -= 1
+        if not h.in_flight:  # else the slot waits for the reply: the worker may still write it
+            self._drop(h)
 
     def _drop(self, h: WorkerGrammar) -> None:
         self._live.pop(h.mid, None)
         self._free_slots.append(h.slot)
 
     def shutdown(self) -> None:
-        if not self.alive and not self._procs:
+        if not self._procs:
             return
         for conn in self._conns:
             try:
@@ -285,7 +278,6 @@ class GrammarWorkerPool:
             if proc.is_alive():
                 proc.kill()
         self._procs = []
-        self.alive = False
         del self.shared_mask
         try:
             self._shm.close()
@@ -378,7 +370,7 @@ def _worker_main(conn, shm_name: str, rows: int, words: int, stop_ids: list[int]
             waiting = _retry(waiting, run, replies)
         for op in ops:
             # ops behind a waiting op for the same matcher keep their order
-            if any(w[1] == op[1] for w in waiting if len(op) > 1) or not run(op, replies):
+            if any(w[1] == op[1] for w in waiting) or not run(op, replies):
                 waiting.append(op)
         if replies:
             conn.send((replies, time.perf_counter() - start))

@@ -85,21 +85,16 @@ class XGrammarBackend(GrammarBackend):
         """A future of the compiled grammar in xgrammar's serialized form (for a worker process),
         made once per key on the compile threads; raises GrammarCompileError as get_future does."""
         kind, value = key
-        with self._lock:
-            future = self._serialized.get(key)
-            if future is not None:
-                self._serialized.move_to_end(key)
-                return future
-            future = Future()
-            self._serialized[key] = future
-            while len(self._serialized) > self._max_cache_entries:
-                self._serialized.popitem(last=False)
+        future, cached = self._cached(self._serialized, key, Future)
+        if cached:
+            return future
 
         def serialize(done: Future) -> None:
             exc = done.exception()
             if exc is not None:
                 future.set_exception(GrammarCompileError(str(exc), kind))
                 return
+
             def run() -> None:  # a big grammar takes a fraction of a second (the GIL is released)
                 try:
                     future.set_result(done.result().serialize_json())
@@ -110,6 +105,19 @@ class XGrammarBackend(GrammarBackend):
 
         self._compiled_future(kind, value).add_done_callback(serialize)
         return future
+
+    def _cached(self, cache: OrderedDict, key: GrammarKey, make) -> tuple[Future, bool]:
+        """cache[key], made by `make()` on a miss (least recently used entries leave beyond the
+        limit); and whether it was there."""
+        with self._lock:
+            future = cache.get(key)
+            if future is not None:
+                cache.move_to_end(key)
+                return future, True
+            future = cache[key] = make()
+            while len(cache) > self._max_cache_entries:
+                cache.popitem(last=False)
+            return future, False
 
     def get_future(self, key: GrammarKey) -> Future[Grammar]:
         kind, value = key
@@ -131,19 +139,13 @@ class XGrammarBackend(GrammarBackend):
             failed: Future = Future()
             failed.set_exception(GrammarCompileError(f"unknown grammar kind {kind!r}; use one of {GRAMMAR_KINDS}"))
             return failed
-        key = (kind, value)
-        with self._lock:
-            future = self._cache.get(key)
-            if future is not None:
-                self._cache.move_to_end(key)
-                self.num_cache_hits += 1
-                return future
-            future = self._pool.submit(self._compile, kind, value)
-            self._cache[key] = future
+        future, cached = self._cached(self._cache, (kind, value),
+                                      lambda: self._pool.submit(self._compile, kind, value))
+        if cached:
+            self.num_cache_hits += 1
+        else:
             self.num_compiles += 1
-            while len(self._cache) > self._max_cache_entries:
-                self._cache.popitem(last=False)
-            return future
+        return future
 
     def _compile(self, kind: str, value: str):
         try:

@@ -199,7 +199,6 @@ class GrammarHooks:
         if req.grammar is None:
             return
         if _worker_handle(req.grammar) is not None:  # queuing is all it costs here
-            self.flush(req)
             self._advance(req, token_id)
             return
         if self.stop_ids is not None and token_id not in self.stop_ids:

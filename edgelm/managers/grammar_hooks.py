@@ -11,9 +11,9 @@ are the only tokens that can terminate a grammar, and termination decides whethe
 finishes this step.
 
 With `--grammar-workers N` the matchers live in N worker processes instead
-(edgelm/constrained/grammar_workers.py): `accept` queues the token at once, `dispatch` (right after
-sampling) sends each worker its requests' tokens, and the workers advance and fill while this
-process emits outputs and prepares and launches the next forward; `apply_mask` gathers the rows.
+(edgelm/constrained/grammar_workers.py): `accept` queues the token at once, `dispatch` (once a
+step's tokens are read back) sends each worker its requests' tokens, and the workers advance and
+fill in parallel while the GPU computes; `apply_mask` gathers the rows.
 """
 
 from __future__ import annotations

@@ -21,9 +21,10 @@ import zmq
 from edgelm.managers import io_struct as io
 from edgelm.managers.grammar_hooks import GrammarHooks
 from edgelm.managers.schedule_batch import Req
+from edgelm.managers.scheduler_output import SchedulerOutputMixin
 from edgelm.mem_cache.radix_cache import ChunkCache, RadixCache
 from edgelm.model_executor.forward_batch import ForwardBatch
-from edgelm.sampling.sampling_batch_info import Penalizer, SamplingBatchInfo
+from edgelm.sampling.sampling_batch_info import Penalizer
 
 logger = logging.getLogger(__name__)
 
@@ -37,30 +38,7 @@ _DRAIN_TIMEOUT_S = 60.0
 _MAX_FAILED_STEPS = 3
 
 
-class _HostCopy:
-    """A step's samples on their way to the host: copied without blocking right behind the
-    sampler, so reading them waits for that step only, not for whatever was queued after it (a
-    plain .tolist() would also wait for the next step's forward, launched meanwhile). `device` keeps
-    the samples on the GPU for the next forward's input ids."""
-
-    def __init__(self, out):
-        self.device = out
-        self.event = None
-        if out.next_token_ids.is_cuda:
-            self.host = type(out)(*(None if t is None else t.to("cpu", non_blocking=True) for t in (
-                out.next_token_ids, out.logprobs, out.top_logprobs, out.top_ids)))
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.host = out
-
-    def wait(self):
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host
-
-
-class Scheduler:
+class Scheduler(SchedulerOutputMixin):
     def __init__(self, server_args, model_runner, tokenizer, recv_sock: zmq.Socket, send_sock: zmq.Socket):
         self.args = server_args
         self.runner = model_runner
@@ -408,50 +386,26 @@ class Scheduler:
             # a grammar mask or penalties need the in-flight tokens applied before this step samples
             self._process_pending(pending)
             pending = None
+        out = failure = None
         try:
             # sampling goes right behind the forward on the GPU; the in-flight tokens are not in
             # output_ids yet, hence the step offset (seeded sampling counts positions)
             out = self.launch_sample(reqs, logits, step_offset=0 if pending is None else 1)
         except Exception as exc:
-            out = None
-            if pending is not None:
-                self._process_pending(pending)
-                pending = None
-            self.fail_batch([r for r in reqs if not r.finished()], exc)
+            failure = exc
         if pending is not None:
             self._process_pending(pending)  # the GPU is busy with this step meanwhile
-        if out is not None:
-            if self.overlap:
-                self.pending = (reqs, out)
-            else:
-                self._process_pending((reqs, out))
+        if failure is not None:
+            self.fail_batch([r for r in reqs if not r.finished()], failure)
+        elif self.overlap:
+            self.pending = (reqs, out)
+        else:
+            self._process_pending((reqs, out))
         self.decode_steps += 1
         self.gen_tokens_since_log += len(reqs)
         self.new_token_ratio = max(self.new_token_ratio - _NEW_TOKEN_RATIO_DECAY, _MIN_NEW_TOKEN_RATIO)
         if self.decode_steps % self.args.decode_log_interval == 0:
             self.log_decode()
-
-    def _inflight_ids(self, pending, reqs: list[Req]) -> torch.Tensor:
-        """The device token ids of `reqs` (all in the pending step) from its samples."""
-        pend_reqs, out = pending
-        ids = out.device.next_token_ids
-        if len(pend_reqs) == len(reqs) and all(a is b for a, b in zip(pend_reqs, reqs)):
-            return ids
-        row = {id(r): i for i, r in enumerate(pend_reqs)}
-        return ids.index_select(0, torch.tensor([row[id(r)] for r in reqs], device=ids.device))
-
-    def _process_pending(self, pending) -> None:
-        try:
-            self.process_sample(*pending)
-        except Exception as exc:
-            self.fail_batch([r for r in pending[0] if not r.finished()], exc)
-
-    def finish_pending(self) -> None:
-        """Read and process the in-flight step's samples now (before anything that needs every
-        request's tokens on the host: a prefill, a retraction, an idle wait)."""
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            self._process_pending(pending)
 
     def _make_room_for_decode(self) -> None:
         while self.running and not self._ensure_free(len(self.running)):
@@ -470,64 +424,6 @@ class Scheduler:
         req.last_node = None
         req.computed_len = 0
         self.waiting.appendleft(req)
-
-    # ================================================================== sampling
-    def sample_and_update(self, reqs: list[Req], logits: torch.Tensor) -> None:
-        self.process_sample(reqs, self.launch_sample(reqs, logits))
-
-    def launch_sample(self, reqs: list[Req], logits: torch.Tensor, step_offset: int = 0):
-        """Mask (grammar) and sample on the device; nothing is read back. Requests the grammar fails
-        here (a rejected token) are finished and released at once."""
-        before = [r.finished() for r in reqs]
-        info = SamplingBatchInfo.from_reqs(reqs, self.vocab_size, self.device, step_offset)
-        self.grammar.apply_mask(reqs, logits)
-        out = self.runner.sample(logits, info)
-        for req, was in zip(reqs, before):
-            if req.finished() and not was:
-                self._finish(req)
-                self.emit(req)
-        return _HostCopy(out)
-
-    def process_sample(self, reqs: list[Req], out) -> None:
-        """Read a step's samples back and apply them: outputs, stops, grammar, release of finished
-        requests. Rows of requests already finished (an earlier step, an abort) are dropped."""
-        out = out.wait()
-        next_ids = out.next_token_ids.tolist()
-        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
-        top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-        for i, (req, tok) in enumerate(zip(reqs, next_ids)):
-            if req.finished():
-                continue
-            req.output_ids.append(tok)
-            if req.penalizer is not None:
-                req.penalizer.add(tok)
-            if req.return_logprob and logprobs is not None:
-                req.pending_logprobs.append(logprobs[i])
-                if req.top_logprobs_num and top_lp is not None:
-                    k = req.top_logprobs_num
-                    req.pending_top_logprobs.append(list(zip(top_ids[i][:k], top_lp[i][:k])))
-            self.grammar.accept(req, tok)
-            req.check_finished(self.eos_token_ids, self.context_len, self._stop_string_matched)
-            if req.finished():
-                self._finish(req)
-            self.emit(req)
-        self.grammar.dispatch(reqs)
-
-    def _finish(self, req: Req) -> None:
-        if req in self.running:
-            self.running.remove(req)
-        self.release(req, kv_len=req.computed_len)
-
-    def _stop_string_matched(self, req: Req) -> str | None:
-        stops = req.sampling_params.stop
-        window = max(len(s) for s in stops) + 4
-        tail = self.tokenizer.decode(req.output_ids[-window:],
-                                     skip_special_tokens=req.sampling_params.skip_special_tokens)
-        for s in stops:
-            if s in tail:
-                return s
-        return None
 
     # ================================================================== faults
     def fail_batch(self, reqs: list[Req], exc: Exception, kv_lens: list[int] | None = None,

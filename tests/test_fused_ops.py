@@ -93,6 +93,33 @@ def test_rotary_in_place_on_qkv_views(dtype):
     assert torch.equal(v, v0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_store_kv_into_pool(dtype):
+    """The fused rotary + KV write: q rotated in place, rotated k and v in the pool rows, k untouched."""
+    from edgelm.layers.triton_ops.rotary import rotary_store_kv_, supports_store
+
+    head_dim, hq, hk, tokens = 16, 6, 2, 3
+    rope = RotaryEmbedding(head_dim, 64, 10000.0, dtype=dtype, device=DEVICE)
+    qkv = torch.randn(tokens, (hq + 2 * hk) * head_dim, dtype=dtype, device=DEVICE)
+    q, k, v = qkv.split([hq * head_dim, hk * head_dim, hk * head_dim], dim=-1)
+    positions = torch.tensor([3, 0, 40], device=DEVICE)
+    slots = torch.tensor([7, 2, 5], device=DEVICE)
+    k_buf = torch.zeros(9, hk, head_dim, dtype=dtype, device=DEVICE)
+    v_buf = torch.zeros_like(k_buf)
+    ref_q, ref_k = rope.forward_native(positions, q.clone(), k.clone())
+    k0 = k.clone()
+    assert supports_store(q, k, v, head_dim, k_buf, v_buf)
+    assert not supports_store(q, k, v, head_dim, k_buf.float() if dtype != torch.float32 else k_buf.half(), v_buf)
+    rotary_store_kv_(positions, q, k, v, rope.cos_sin_cache, head_dim, k_buf, v_buf, slots)
+    torch.testing.assert_close(q, ref_q, **_tol(dtype))
+    assert torch.equal(k, k0)
+    torch.testing.assert_close(k_buf[slots].view(tokens, -1), ref_k, **_tol(dtype))
+    assert torch.equal(v_buf[slots].view(tokens, -1), v)
+    untouched = torch.ones(9, dtype=torch.bool)
+    untouched[slots.cpu()] = False
+    assert not k_buf[untouched.to(DEVICE)].any() and not v_buf[untouched.to(DEVICE)].any()
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("m", [1, 2, 5])
 def test_skinny_gemm(name, m):

@@ -90,15 +90,16 @@ SMALL_SHAPES = [(4, 2, 32, torch.float32), (6, 2, 24, torch.float16), (2, 2, 16,
 
 
 @pytest.mark.parametrize("shape", SMALL_SHAPES)
-@pytest.mark.parametrize("forced_splits", [False, True])
-def test_decode_matches_torch_native(shape, forced_splits):
+@pytest.mark.parametrize("forced_splits,merge_in_kernel", [(False, True), (True, True), (True, False)])
+def test_decode_matches_torch_native(shape, forced_splits, merge_in_kernel):
     h, hkv, d, dtype = shape
     s = Setup(h, hkv, d, dtype, pool_size=300, max_ctx=128)
     # forced: many programs per SM, so long requests run in several splits and short ones in one
     s.tri.decode_config = DecodeConfig(block_n=16, num_warps=1, num_stages=1, min_split_len=16, max_splits=4,
-                                       programs_per_sm=64 if forced_splits else 1)
+                                       programs_per_sm=64 if forced_splits else 1, merge_in_kernel=merge_in_kernel)
     fb = decode_batch(s, [5, 0, 2, 7], [1, 37, 70, 16])
     s.compare(fb, *s.qkv(4))
+    assert s.tri.counters.numel() >= 4 and not s.tri.counters.any()  # the merge leaves its counters at zero
 
 
 @pytest.mark.parametrize("shape", SMALL_SHAPES[:2])
@@ -157,6 +158,41 @@ def test_decode_gpu_one_split():
     s.tri.init_forward_metadata(fb)
     assert s.tri.forward_metadata.mid_o.shape[2] == 1
     s.compare(fb, *s.qkv(48))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["decode", "extend"])
+def test_fused_rope_kv_write_gpu(dtype, mode):
+    """The model hands its rotary to the backend: Triton fuses it with the KV write (one launch);
+    torch_native applies it first. Same output, same pool contents (up to the rotation's rounding)."""
+    from edgelm.layers.rotary import RotaryEmbedding
+
+    h, hkv, d = LLAMA8B
+    s = Setup(h, hkv, d, dtype, pool_size=12_000, max_ctx=3000)
+    rope = RotaryEmbedding(d, 4096, 500000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                           device=DEVICE)
+    if mode == "decode":
+        seq_lens = [1, 70, 1500, 2900]
+        fb = decode_batch(s, [0, 1, 2, 3], seq_lens)
+        positions = torch.tensor(seq_lens, device=DEVICE) - 1
+    else:
+        prefix_lens, extend_lens = [0, 500, 63], [300, 129, 1]
+        fb = extend_batch(s, [0, 1, 2], prefix_lens, extend_lens)
+        positions = torch.cat([torch.arange(p, p + e) for p, e in zip(prefix_lens, extend_lens)]).to(DEVICE)
+    q, k, v = s.qkv(positions.numel())
+    outs = []
+    for backend, pool in ((s.ref, s.ref_pool), (s.tri, s.tri_pool)):
+        fb.token_to_kv_pool, fb.req_to_token_pool = pool, s.req_pool
+        backend.init_forward_metadata(fb)
+        qc, kc, vc = (t.clone() for t in (q, k, v))
+        outs.append(backend.forward(qc, kc, vc, s.layer, fb, rope=(positions, rope)))
+    err = (outs[1].float() - outs[0].float()).norm() / outs[0].float().norm()
+    assert err < TOL[dtype], f"relative error {err:.2e}"
+    slots = fb.out_cache_loc
+    torch.testing.assert_close(s.tri_pool.k_buffer[0][slots], s.ref_pool.k_buffer[0][slots], atol=2e-2, rtol=1.6e-2)
+    assert torch.equal(s.tri_pool.v_buffer[0][slots], s.ref_pool.v_buffer[0][slots])
 
 
 @pytest.mark.gpu

@@ -56,6 +56,20 @@ class RotaryEmbedding(nn.Module):
                 return rotary_embedding_(positions, q, k, self.cos_sin_cache, self.head_dim)
         return self.forward_native(positions, q, k)
 
+    def rotate_and_store(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         k_buf: torch.Tensor, v_buf: torch.Tensor, kv_slots: torch.Tensor) -> bool:
+        """q rotated in place, and the rotated k and v written to the KV pool rows kv_slots, in one
+        Triton launch (the Triton attention backend's path). Returns False, having done nothing,
+        where that path does not apply (CPU tensors, Triton switched off, other layouts)."""
+        if not (q.is_cuda and triton_ops.enabled("rotary") and triton_ops.enabled("rope_kv")):
+            return False
+        from edgelm.layers.triton_ops.rotary import rotary_store_kv_, supports_store
+
+        if not supports_store(q, k, v, self.head_dim, k_buf, v_buf):
+            return False
+        rotary_store_kv_(positions, q, k, v, self.cos_sin_cache, self.head_dim, k_buf, v_buf, kv_slots)
+        return True
+
     def forward_native(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         cos_sin = self.cos_sin_cache.index_select(0, positions)
         cos, sin = cos_sin.chunk(2, dim=-1)  # [T, head_dim / 2]

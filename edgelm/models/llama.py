@@ -59,8 +59,8 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.attn(q, k, v, forward_batch)
+        # the rotary goes with q, k and v to the backend: the Triton backend fuses it with its KV write
+        return self.attn(q, k, v, forward_batch, rope=(positions, self.rotary_emb))
 
 
 class LlamaDecoderLayer(nn.Module):

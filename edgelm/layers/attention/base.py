@@ -30,8 +30,12 @@ class AttentionBackend(ABC):
     def forward_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: RadixAttention,
                        forward_batch: ForwardBatch) -> torch.Tensor: ...
 
-    def forward(self, q, k, v, layer, forward_batch):
-        """q [T, H * D], k/v [T, Hkv * D] → [T, H * D]."""
+    def forward(self, q, k, v, layer, forward_batch, rope=None):
+        """q [T, H * D], k/v [T, Hkv * D] → [T, H * D]. rope: (positions, RotaryEmbedding) to apply
+        to q and k first (a backend may fuse it with its KV write), or None."""
+        if rope is not None:
+            positions, rotary = rope
+            q, k = rotary(positions, q, k)
         if forward_batch.forward_mode.is_decode():
             return self.forward_decode(q, k, v, layer, forward_batch)
         return self.forward_extend(q, k, v, layer, forward_batch)

@@ -14,5 +14,5 @@ class RadixAttention(nn.Module):
         self.scaling = scaling
         self.layer_id = layer_id
 
-    def forward(self, q, k, v, forward_batch):
-        return forward_batch.attn_backend.forward(q, k, v, self, forward_batch)
+    def forward(self, q, k, v, forward_batch, rope=None):
+        return forward_batch.attn_backend.forward(q, k, v, self, forward_batch, rope)

@@ -1,7 +1,8 @@
 """edgelm's own Triton attention backend (`--attention-backend triton`), for CUDA GPUs of SM 8.0+.
 
-Decode: a fused K/V write, then split-KV flash-decoding over the token-paged pool with all q heads
-of a kv head in one program. Extend: one launch for all requests, prefix and new tokens read from
+Decode: one launch rotates q and k and writes k and v into the pool (the model hands its rotary to
+the backend), then one launch of split-KV flash-decoding over the token-paged pool with all q heads
+of a kv head in one program, the last split of each head group merging the others. Extend: one launch for all requests, prefix and new tokens read from
 the pool through req_to_token, causal within the new tokens. Decode runs under CUDA graphs: its
 scratch buffers are preallocated and its split count is fixed per captured batch size.
 """
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edgelm.layers import triton_ops as switches
 from edgelm.layers.attention.base import AttentionBackend
 
 _FALLBACK = "use --attention-backend torch_native"
@@ -21,6 +23,7 @@ _FALLBACK = "use --attention-backend torch_native"
 class DecodeMetadata:
     mid_o: torch.Tensor  # [bs, H, splits, D] float32 partial outputs
     mid_lse: torch.Tensor  # [bs, H, splits] float32 partial log-sum-exps (log2 domain)
+    counters: torch.Tensor  # int32 zeros: the in-kernel merge's arrival counters (left zero)
 
 
 @dataclass
@@ -61,6 +64,8 @@ class TritonAttnBackend(AttentionBackend):
         kind = "cuda" if self.device.startswith("cuda") else "cpu"
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if kind == "cuda" else 4
         self.decode_config = triton_ops.default_decode_config(self.head_dim, dtype, kind)
+        # off through EDGELM_TRITON_OPS (without attn_merge): the separate merge kernel
+        self.merge_in_kernel = kind != "cuda" or switches.enabled("attn_merge")
         self.extend_config = triton_ops.default_extend_config(self.head_dim, dtype, kind)
         self.forward_metadata: DecodeMetadata | ExtendMetadata | None = None
         # CUDA-graph state (init_cuda_graph_state)
@@ -68,8 +73,16 @@ class TritonAttnBackend(AttentionBackend):
         self.graph_mid_o: torch.Tensor | None = None
         self.graph_mid_lse: torch.Tensor | None = None
         self.graph_metadata: dict[int, DecodeMetadata] = {}
+        self.graph_counters: torch.Tensor | None = None
+        self.counters = torch.zeros(0, dtype=torch.int32, device=self.device)  # eager steps; grows
 
     # ---- metadata ----
+    def _eager_counters(self, bs: int) -> torch.Tensor:
+        need = self.ops.decode_counters(bs, self.num_heads, self.num_kv_heads)
+        if self.counters.numel() < need:
+            self.counters = torch.zeros(max(need, 2 * self.counters.numel()), dtype=torch.int32, device=self.device)
+        return self.counters
+
     def _num_kv_splits(self, bs: int, max_seq_len: int) -> int:
         return self.ops.num_kv_splits(bs, self.num_heads, self.num_kv_heads, max_seq_len, self.num_sms, self.decode_config)
 
@@ -81,7 +94,8 @@ class TritonAttnBackend(AttentionBackend):
             self.forward_metadata = DecodeMetadata(
                 mid_o=torch.empty((bs, self.num_heads, splits, self.head_dim), dtype=torch.float32,
                                   device=self.device),
-                mid_lse=torch.empty((bs, self.num_heads, splits), dtype=torch.float32, device=self.device))
+                mid_lse=torch.empty((bs, self.num_heads, splits), dtype=torch.float32, device=self.device),
+                counters=self._eager_counters(bs))
             return
         fb = forward_batch
         if fb.extend_prefix_lens is not None and fb.extend_seq_lens is not None and fb.extend_start_loc is not None:
@@ -103,6 +117,9 @@ class TritonAttnBackend(AttentionBackend):
         self.graph_mid_o = torch.empty(rows * self.num_heads * self.head_dim, dtype=torch.float32,
                                        device=self.device)
         self.graph_mid_lse = torch.empty(rows * self.num_heads, dtype=torch.float32, device=self.device)
+        # the graphs' own counters: never reallocated while graphs that captured them live
+        self.graph_counters = torch.zeros(self.ops.decode_counters(max_bs, self.num_heads, self.num_kv_heads),
+                                          dtype=torch.int32, device=self.device)
         self.graph_metadata = {}
 
     def init_forward_metadata_capture_cuda_graph(self, bs: int, forward_batch) -> None:
@@ -111,7 +128,8 @@ class TritonAttnBackend(AttentionBackend):
         splits = self._num_kv_splits(bs, self.graph_max_context_len)
         h, d = self.num_heads, self.head_dim
         meta = DecodeMetadata(mid_o=self.graph_mid_o[: bs * h * splits * d].view(bs, h, splits, d),
-                              mid_lse=self.graph_mid_lse[: bs * h * splits].view(bs, h, splits))
+                              mid_lse=self.graph_mid_lse[: bs * h * splits].view(bs, h, splits),
+                              counters=self.graph_counters)
         self.graph_metadata[bs] = meta
         self.forward_metadata = meta
 
@@ -122,20 +140,36 @@ class TritonAttnBackend(AttentionBackend):
         self.forward_metadata = self.graph_metadata[bs]
 
     # ---- forward ----
+    def forward(self, q, k, v, layer, forward_batch, rope=None):
+        if rope is not None:  # one launch for the rotary and the KV write where the layouts allow
+            positions, rotary = rope
+            k_buf, v_buf = forward_batch.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+            if rotary.rotate_and_store(positions, q, k, v, k_buf, v_buf, forward_batch.out_cache_loc):
+                if forward_batch.forward_mode.is_decode():
+                    return self._decode(q, layer, forward_batch, k_buf, v_buf)
+                return self._extend(q, layer, forward_batch, k_buf, v_buf)
+        return super().forward(q, k, v, layer, forward_batch, rope)
+
     def forward_decode(self, q, k, v, layer, forward_batch):
         k_buf, v_buf = forward_batch.token_to_kv_pool.get_kv_buffer(layer.layer_id)
         self.ops.store_kv(k, v, k_buf, v_buf, forward_batch.out_cache_loc)
+        return self._decode(q, layer, forward_batch, k_buf, v_buf)
+
+    def _decode(self, q, layer, forward_batch, k_buf, v_buf):
         bs, h, d = q.shape[0], layer.tp_q_head_num, layer.head_dim
         o = torch.empty((bs, h * d), dtype=q.dtype, device=q.device)
         meta = self.forward_metadata
         self.ops.decode_attention(q.reshape(bs, h, d), k_buf, v_buf, o.view(bs, h, d), self.req_to_token,
                          forward_batch.req_pool_indices, forward_batch.seq_lens, meta.mid_o[:bs], meta.mid_lse[:bs],
-                         layer.scaling, self.decode_config)
+                         layer.scaling, self.decode_config, meta.counters if self.merge_in_kernel else None)
         return o
 
     def forward_extend(self, q, k, v, layer, forward_batch):
         k_buf, v_buf = forward_batch.token_to_kv_pool.get_kv_buffer(layer.layer_id)
         self.ops.store_kv(k, v, k_buf, v_buf, forward_batch.out_cache_loc)
+        return self._extend(q, layer, forward_batch, k_buf, v_buf)
+
+    def _extend(self, q, layer, forward_batch, k_buf, v_buf):
         t, h, d = q.shape[0], layer.tp_q_head_num, layer.head_dim
         o = torch.empty((t, h * d), dtype=q.dtype, device=q.device)
         meta = self.forward_metadata

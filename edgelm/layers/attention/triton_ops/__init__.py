@@ -3,6 +3,7 @@
 from edgelm.layers.attention.triton_ops.decode_attention import (
     DecodeConfig,
     decode_attention,
+    decode_counters,
     default_decode_config,
     num_kv_splits,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "DecodeConfig",
     "ExtendConfig",
     "decode_attention",
+    "decode_counters",
     "default_decode_config",
     "default_extend_config",
     "extend_attention",

@@ -1,8 +1,10 @@
 """Decode attention over the token-paged KV pool, split along the context (flash-decoding).
 
 Stage 1: one program per (request, group of q heads sharing one kv head, kv split) attends its
-split of the context and writes a partial output with its log-sum-exp. Stage 2: one program per
-(request, q head) merges the partials. The grid's split count is fixed by the caller (so a CUDA
+split of the context and writes a partial output with its log-sum-exp. Stage 2 merges the partials:
+by default inside the same launch, in whichever split program of a (request, head group) finishes
+last (an atomic counter per group says which; it resets the counter for the next step); otherwise
+one program per (request, q head) of a second kernel. The grid's split count is fixed by the caller (so a CUDA
 graph can replay it); each request's split length is derived on the device from its seq_len, so
 short requests use few splits and idle programs exit at once.
 """
@@ -26,6 +28,9 @@ class DecodeConfig:
     min_split_len: int = 64  # a split covers at least this many tokens (a multiple of block_n)
     max_splits: int = 64
     programs_per_sm: int = 2  # aim for this many stage-1 programs per SM when choosing splits
+    # the last split of each (request, head group) to finish merges all of them (an atomic counter
+    # tells it that it is last): no second launch. False: the separate merge kernel.
+    merge_in_kernel: bool = True
 
 
 def default_decode_config(head_dim: int, dtype: torch.dtype, device: str) -> DecodeConfig:
@@ -61,18 +66,20 @@ def _split_len(seq_len, num_splits, MIN_SPLIT: tl.constexpr, ALIGN: tl.constexpr
 
 @triton.jit
 def _decode_partial_kernel(
-    Q, K_buf, V_buf, req_to_token, req_pool_indices, seq_lens, Mid_O, Mid_LSE, Out,
+    Q, K_buf, V_buf, req_to_token, req_pool_indices, seq_lens, Mid_O, Mid_LSE, Out, Counter,
     qk_scale,  # softmax scale * log2(e)
     num_splits,
     stride_qb, stride_qh, stride_kbs, stride_kbh, stride_vbs, stride_vbh, stride_r2t,
     stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-    DIRECT: tl.constexpr,
+    DIRECT: tl.constexpr, MERGE: tl.constexpr,
 ):
     """Q [B, H, D]; K_buf, V_buf [S, Hkv, D]; req_to_token [R, L]; Mid_O [B, H, splits, D] and
     Mid_LSE [B, H, splits] (float32, log2 domain) receive this split's normalised output.
-    DIRECT (one split): write the final output to Out [B, H, D] instead."""
+    DIRECT (one split): write the final output to Out [B, H, D] instead.
+    MERGE: Counter [B, programs along axis 1] int32, zero on entry and left zero; the last split
+    program of each (request, head group) to arrive merges the splits into Out."""
     b = tl.program_id(0)
     head0 = tl.program_id(1) * HEADS
     split = tl.program_id(2)
@@ -120,6 +127,30 @@ def _decode_partial_kernel(
             tl.store(Mid_O + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + offs_d[None, :],
                      out, mask=mask_hd)
             tl.store(Mid_LSE + b * stride_mlb + heads * stride_mlh + split, m_i + tl.log2(l_i), mask=mask_h)
+            if MERGE:
+                active = tl.cdiv(seq_len, split_len)
+                counter = Counter + b * tl.num_programs(1) + tl.program_id(1)
+                # acq_rel: this program's partials are visible before its arrival counts, and the
+                # last one sees every other program's partials after it reads the count
+                arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+                if arrived == active - 1:
+                    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+                    total = tl.zeros([BLOCK_H], dtype=tl.float32)
+                    merged = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+                    for s in range(0, active):  # .cg: read from L2, where the other SMs' writes are
+                        lse = tl.load(Mid_LSE + b * stride_mlb + heads * stride_mlh + s, mask=mask_h, other=0.0,
+                                      cache_modifier=".cg")
+                        part = tl.load(Mid_O + b * stride_mob + heads[:, None] * stride_moh + s * stride_mos
+                                       + offs_d[None, :], mask=mask_hd, other=0.0, cache_modifier=".cg")
+                        m_new = tl.maximum(m, lse)
+                        alpha = tl.exp2(m - m_new)
+                        w = tl.exp2(lse - m_new)
+                        merged = merged * alpha[:, None] + w[:, None] * part
+                        total = total * alpha + w
+                        m = m_new
+                    tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                             (merged / total[:, None]).to(Out.dtype.element_ty), mask=mask_hd)
+                    tl.atomic_xchg(counter, 0)
 
 
 @triton.jit
@@ -159,11 +190,13 @@ def _precision(dtype: torch.dtype) -> str:
 
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, o: torch.Tensor,
                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
-                     mid_o: torch.Tensor, mid_lse: torch.Tensor, scaling: float, cfg: DecodeConfig) -> None:
+                     mid_o: torch.Tensor, mid_lse: torch.Tensor, scaling: float, cfg: DecodeConfig,
+                     counters: torch.Tensor | None = None) -> None:
     """q, o [B, H, D] (last dim contiguous); k_buf, v_buf [S, Hkv, D]; req_to_token [R, L];
     req_pool_indices, seq_lens [B]; mid_o [B, H, splits, D] and mid_lse [B, H, splits] float32
-    scratch, whose split count sets the grid (one split: stage 1 writes o, no merge launch).
-    Writes o; no host synchronisation. Every request needs seq_len >= 1."""
+    scratch, whose split count sets the grid (one split: stage 1 writes o, no merge). counters:
+    int32 zeros, at least decode_counters(B, H, Hkv) of them, for the in-kernel merge (left zero);
+    None: the separate merge kernel. Writes o; no host synchronisation. Every request needs seq_len >= 1."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_buf.shape[1]
     splits = mid_o.shape[2]
@@ -173,18 +206,22 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     heads = heads_per_program(group)
     block_d = max(16, triton.next_power_of_2(head_dim))
     min_split = triton.cdiv(cfg.min_split_len, cfg.block_n) * cfg.block_n
+    merge = splits > 1 and cfg.merge_in_kernel and counters is not None
+    if merge and counters.numel() < decode_counters(batch, num_heads, num_kv_heads):
+        raise ValueError("decode_attention: too few merge counters for this batch")
     _decode_partial_kernel[(batch, num_heads // heads, splits)](
         q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse, o,
-        scaling * LOG2E, splits,
+        counters if merge else seq_lens, scaling * LOG2E, splits,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         o.stride(0), o.stride(1),
         GROUP=group, HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_N=cfg.block_n, MIN_SPLIT=min_split,
-        PRECISION=_precision(q.dtype), DIRECT=splits == 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PRECISION=_precision(q.dtype), DIRECT=splits == 1, MERGE=merge, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
-    if splits == 1:
+    if splits == 1 or merge:
         return
     _decode_merge_kernel[(batch, num_heads)](
         mid_o, mid_lse, o, seq_lens, splits,
@@ -193,3 +230,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         HEAD_DIM=head_dim, BLOCK_D=block_d, MIN_SPLIT=min_split, ALIGN=cfg.block_n,
         num_warps=1 if block_d <= 128 else 2,
     )
+
+
+def decode_counters(batch: int, num_heads: int, num_kv_heads: int) -> int:
+    """How many int32 merge counters decode_attention needs for `batch` requests."""
+    return batch * (num_heads // heads_per_program(num_heads // num_kv_heads))

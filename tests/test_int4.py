@@ -126,6 +126,26 @@ def test_gemv_unit_kernel_small(group, config):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("group,m,config,dtype", [(128, 1, (16, 1, 4), torch.float16),
+                                                  (128, 3, (16, 3, 4), torch.bfloat16),
+                                                  (256, 17, (32, 2, 4), torch.float16)])
+def test_tc_kernel_small(group, m, config, dtype):
+    """The tensor-core kernel on 16-bit codes (the interpreter takes its plain-op code path), split-K
+    partials summed by the last program; twice, so the arrival counters must have been reset."""
+    from edgelm.quantization import int4_kernels as kern
+
+    w = _random_int4(40, 520, group, DEVICE)
+    x = torch.randn(m, 520, device=DEVICE).to(dtype)
+    bias = torch.randn(40, device=DEVICE).to(dtype)
+    for _ in range(2):
+        y = kern.gemm_tc(x, w, bias, config)
+        assert y.shape == (m, 40) and y.dtype == dtype
+        assert rel_err(y, reference(x, w, bias)) < 1e-2
+    with pytest.raises(ValueError):
+        kern.gemm_tc(x, _random_int4(40, 520, 64, DEVICE), None, config)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_dequant_kernel_small():
     from edgelm.quantization import int4_kernels as kern
 
@@ -165,6 +185,24 @@ def test_kernel_configs_gpu(kernel, config, dtype):
     x = torch.randn(1 if kernel.startswith("gemv") else 24, 14336, device="cuda", dtype=dtype)
     bias = torch.randn(4096, device="cuda", dtype=dtype)
     assert rel_err(kern.KERNELS[kernel](x, w, bias, config), reference(x, w, bias)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [(16, 1, 4), (32, 4, 4), (64, 2, 8)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [128, 256])
+def test_tc_kernel_gpu(config, dtype, group):
+    """The inline-PTX code path of the tensor-core kernel against dequantize-then-matmul."""
+    from edgelm.quantization import int4_kernels as kern
+
+    torch.manual_seed(group)
+    w = quantize_int4(torch.randn(4096, 14336, device="cuda") * 0.02, group, "search")
+    bias = torch.randn(4096, device="cuda", dtype=dtype)
+    for m in (1, 5, 16, 33, 64):
+        x = torch.randn(m, 14336, device="cuda", dtype=dtype)
+        y = kern.gemm_tc(x, w, bias if m % 2 else None, config)
+        assert rel_err(y, reference(x, w, bias if m % 2 else None)) < 1e-2, m
+        assert torch.equal(y, kern.gemm_tc(x, w, bias if m % 2 else None, config))  # deterministic split-K
 
 
 @pytest.mark.gpu

@@ -102,15 +102,16 @@ def run_path(ws, x, kernel: str, config) -> float:
 
 
 def candidates(m: int) -> list[tuple[str, tuple]]:
-    """(kernel, config) pairs swept for batch m (the kernels kept after the H100 sweep of
-    benchmarks/results/int4_tune_h100.json, which also tried a tensor-core GEMM on 16-bit codes)."""
+    """(kernel, config) pairs swept for batch m: the tensor-core kernel on 16-bit codes made by
+    inline PTX ("tc", group >= 128), then the kernels kept after the H100 sweep of
+    benchmarks/results/int4_tune_h100.json."""
+    tc = [("tc", (bn, sk, nw)) for bn, sk, nw in itertools.product((16, 32, 64), (1, 2, 4, 8), (4,))]
+    tc += [("tc", (bn, sk, 8)) for bn, sk in itertools.product((64, 128), (1, 2, 4))]
     if m == 1:
-        out = [("gemv_unit", (bn, bb, sk, 4, pf)) for bn, bb, sk, pf in
-               itertools.product((8, 16, 32), (2, 4, 8), (1, 2), (0, 1))]
-        return out + [("gemv_unit", (32, bb, sk, 8, 1)) for bb, sk in itertools.product((4, 8), (1, 2))]
+        return tc + [("gemv_unit", c) for c in ((8, 4, 1, 4, 1), (8, 2, 1, 4, 1), (16, 4, 1, 4, 1), (8, 8, 1, 4, 1))]
     bms = (16,) if m <= 16 else (16, 32)
-    return [("dequant", None)] + [("gemm", (bm, bn, sk, 4)) for bm, bn, sk in
-                                  itertools.product(bms, (32, 64, 128), (1, 2, 4))]
+    return tc + [("dequant", None)] + [("gemm", (bm, bn, sk, 4)) for bm, bn, sk in
+                                       itertools.product(bms, (32, 64), (2, 4))]
 
 
 def correct(ws, x, ref, kernel, config) -> bool:

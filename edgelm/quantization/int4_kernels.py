@@ -12,6 +12,8 @@ Hopper-only features: runs on SM 8.0+ (Ampere, Jetson Orin SM 8.7, Ada, Hopper).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -19,6 +21,7 @@ import triton.language as tl
 from edgelm.quantization.int4_pack import WORDS_PER_BLOCK, Int4Weight
 
 MAX_M_DOT = 64
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -165,6 +168,129 @@ def _gemv_unit_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, N, K, KW, NG
         tl.atomic_add(y_ptr + rn, y, mask=n_ok)
 
 
+# The 4-bit code → 16-bit float step of `_tc_kernel`. A half-precision float whose exponent field
+# says 2^7 (bf16 bits 0x4300) or 2^10 (fp16 bits 0x6400) and whose low mantissa bits hold q is
+# exactly 128 + q or 1024 + q: one and-or (a single LOP3) makes a pair of them from a register
+# holding two 16-bit halves of packed words. On the GPU this is inline PTX (prmt pairs the halves
+# of two words, lop3 masks and sets the exponent: ~1 integer instruction per weight, against 3 for
+# the shift/and/or of the float32 path); the interpreter computes the same values with plain ops.
+_NIBBLE_ASM = """
+{
+.reg .b32 lo, hi, t;
+prmt.b32 lo, $8, $9, 0x5410;
+prmt.b32 hi, $8, $9, 0x7632;
+lop3.b32 $0, lo, 0x000F000F, BASE, 0xEA;
+shr.u32 t, lo, 4;
+lop3.b32 $1, t, 0x000F000F, BASE, 0xEA;
+shr.u32 t, lo, 8;
+lop3.b32 $2, t, 0x000F000F, BASE, 0xEA;
+shr.u32 t, lo, 12;
+lop3.b32 $3, t, 0x000F000F, BASE, 0xEA;
+lop3.b32 $4, hi, 0x000F000F, BASE, 0xEA;
+shr.u32 t, hi, 4;
+lop3.b32 $5, t, 0x000F000F, BASE, 0xEA;
+shr.u32 t, hi, 8;
+lop3.b32 $6, t, 0x000F000F, BASE, 0xEA;
+shr.u32 t, hi, 12;
+lop3.b32 $7, t, 0x000F000F, BASE, 0xEA;
+}
+"""
+_NIBBLE_ASM_BF16 = _NIBBLE_ASM.replace("BASE", "0x43004300")
+_NIBBLE_ASM_FP16 = _NIBBLE_ASM.replace("BASE", "0x64006400")
+
+
+@triton.jit
+def _nibble_tile(words, BF16: tl.constexpr, USE_ASM: tl.constexpr):
+    """int32 words [R, 16] (one packing block per row) → [R, 128] in bf16 (BF16) or fp16, element
+    8·i + j = BASE + nibble j of word i (BASE 128 or 1024), i.e. input 16·j + i of the block."""
+    if USE_ASM:
+        if BF16:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                _NIBBLE_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words], dtype=(tl.bfloat16,) * 8, is_pure=True,
+                pack=2)
+        else:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                _NIBBLE_ASM_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words], dtype=(tl.float16,) * 8, is_pure=True,
+                pack=2)
+    else:
+        base: tl.constexpr = 128.0 if BF16 else 1024.0
+        dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+        o0 = ((words & 0xF).to(tl.float32) + base).to(dt)
+        o1 = (((words >> 4) & 0xF).to(tl.float32) + base).to(dt)
+        o2 = (((words >> 8) & 0xF).to(tl.float32) + base).to(dt)
+        o3 = (((words >> 12) & 0xF).to(tl.float32) + base).to(dt)
+        o4 = (((words >> 16) & 0xF).to(tl.float32) + base).to(dt)
+        o5 = (((words >> 20) & 0xF).to(tl.float32) + base).to(dt)
+        o6 = (((words >> 24) & 0xF).to(tl.float32) + base).to(dt)
+        o7 = (((words >> 28) & 0xF).to(tl.float32) + base).to(dt)
+    # nested joins put nibble j = g + 2f + 4e at [.., i, e, f, g]: flattened, position 8·i + j
+    w = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
+    return tl.reshape(w, [words.shape[0], 128])
+
+
+@triton.jit
+def _tc_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, KW, NG, stride_xm,
+               stride_ym, blocks_per_split, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr):
+    """y [M, N] = x [M, K] · dequant(W)ᵀ on the tensor cores, M <= BLOCK_M (M = 1 included: the MMA
+    pads it for free, what matters is the weight bytes). Per 128-input block: acc = W' · xᵀ with W' the
+    16-bit codes 128 + q (1024 + q in fp16; exact), xsum = 1 · xᵀ (a second MMA), then per output row
+    y += s·acc + (m − BASE·s)·xsum, which is Σ x·(q·s + m). GROUP >= 128.
+
+    SPLIT_K > 1: each program writes its partial [BLOCK_N, M] to ws[split] (float32), and the last of
+    the N tile's programs to arrive (counter cnt[tile], left at zero) sums the splits in order:
+    deterministic, no zeroed output, one launch."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    kk = tl.arange(0, 128)
+    ri = tl.arange(0, 16)
+    n_ok = rn < N
+    m_ok = rm < M
+    x_col = 16 * (kk % 8) + kk // 8  # position 8·i + j of the code tile holds input 16·j + i
+    base: tl.constexpr = 128.0 if BF16 else 1024.0
+    dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+    ones = tl.full([BLOCK_N, 128], 1.0, dtype=dt)
+    out = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    b_start = pid_k * blocks_per_split
+    b_end = tl.minimum(KW // 16, b_start + blocks_per_split)
+    w_rows = qw_ptr + rn[:, None] * KW + ri[None, :]
+    for b in range(b_start, b_end):
+        words = tl.load(w_rows + b * 16, mask=n_ok[:, None], other=0)
+        k = b * 128 + x_col
+        xt = tl.load(x_ptr + rm[None, :] * stride_xm + k[:, None], mask=m_ok[None, :] & (k < K)[:, None],
+                     other=0.0).to(dt)  # [128, BLOCK_M]
+        g = (b * 128) // GROUP
+        sc = tl.load(s_ptr + rn * NG + g, mask=n_ok, other=0.0).to(tl.float32)
+        off = tl.load(m_ptr + rn * NG + g, mask=n_ok, other=0.0).to(tl.float32)
+        codes = _nibble_tile(words, BF16, USE_ASM)
+        if USE_ASM:
+            acc = tl.dot(codes, xt)
+            xsum = tl.dot(ones, xt)
+        else:  # Triton's CPU interpreter gets 16-bit dots wrong: give it float32
+            acc = tl.dot(codes.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+            xsum = tl.dot(ones.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+        out += sc[:, None] * acc + (off - base * sc)[:, None] * xsum
+    if HAS_BIAS:
+        if pid_k == 0:
+            out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    y_off = rm[None, :] * stride_ym + rn[:, None]
+    y_ok = m_ok[None, :] & n_ok[:, None]
+    if SPLIT_K == 1:
+        tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=y_ok)
+    else:
+        part = rm[None, :] * N + rn[:, None]  # ws [SPLIT_K, M, N]
+        tl.store(ws_ptr + pid_k * M * N + part, out, mask=y_ok)
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for sk in range(SPLIT_K):  # in split order: the same sum on every run
+                total += tl.load(ws_ptr + sk * M * N + part, mask=y_ok, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=y_ok)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
 # ---------------------------------------------------------------- launch configuration
 # Fastest on the H100 of the 81 swept (benchmarks/results/int4_tune_h100.json; geometric mean over the
 # Llama-3.1-8B shapes). gemv_unit: (BLOCK_N, BLOCK_B, SPLIT_K, num_warps, PREFETCH);
@@ -172,6 +298,7 @@ def _gemv_unit_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, N, K, KW, NG
 GEMV_UNIT_CONFIG = (8, 4, 1, 4, 1)
 GEMM_CONFIG = (16, 64, 4, 4)
 GEMM_CONFIG_M64 = (32, 64, 4, 4)
+TC_CONFIG = (16, 1, 4)  # (BLOCK_N, SPLIT_K, num_warps): not yet measured
 
 
 def _split_tiles(total: int, split: int) -> tuple[int, int]:
@@ -223,12 +350,47 @@ def gemv_unit(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=
     return y if split_k == 1 else y.to(x.dtype)
 
 
+# per device: the split-K partials (float32) and the N tiles' arrival counters of _tc_kernel, shared
+# by every call (one stream runs them one after another). Grown by appending, never freed: a CUDA
+# graph that captured an older buffer keeps using it.
+_scratch: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+
+
+def _scratch_buffer(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    held = _scratch.setdefault((device, dtype), [])
+    if not held or held[-1].numel() < numel:
+        held.append(torch.zeros(max(numel, 2 * held[-1].numel() if held else 0), dtype=dtype, device=device))
+    return held[-1]
+
+
+def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
+    """x [M, K] (M <= 64; fp16 or bf16) → y [M, N]; config (BLOCK_N, SPLIT_K, num_warps). The MMA's M
+    side is the weight rows; x's rows pad to a power of two >= 16 on the other side."""
+    block_n, split_k, num_warps = config or TC_CONFIG
+    m = x.shape[0]
+    n, kw = w.qweight.shape
+    block_m = max(16, triton.next_power_of_2(m))
+    if m > MAX_M_DOT or w.group_size < 128 or x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError("gemm_tc: needs M <= 64, group size >= 128 and fp16/bf16 activations")
+    split_k, per = _split_tiles(kw // WORDS_PER_BLOCK, split_k)
+    tiles = triton.cdiv(n, block_n)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    ws = _scratch_buffer(x.device, torch.float32, split_k * m * n) if split_k > 1 else y
+    cnt = _scratch_buffer(x.device, torch.int32, tiles) if split_k > 1 else y
+    _tc_kernel[(tiles, split_k)](
+        x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, m, n, w.in_features, kw,
+        w.scales.shape[1], x.stride(0), y.stride(0), per, GROUP=w.group_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET,
+        num_warps=num_warps)
+    return y
+
+
 def dequant_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
     """x [M, K] → y [M, N]: the dense weight, then cuBLAS."""
     return torch.nn.functional.linear(x, dequantize(w, x.dtype), bias)
 
 
-KERNELS = {"gemv_unit": gemv_unit, "gemm": gemm, "dequant": dequant_matmul}
+KERNELS = {"gemv_unit": gemv_unit, "gemm": gemm, "dequant": dequant_matmul, "tc": gemm_tc}
 # largest M of each bucket → (kernel, launch config); M above the last bucket: dequantize, then cuBLAS.
 # Chosen from the H100 sweep in benchmarks/gpu/int4_bench.py --tune (benchmarks/results/int4_tune_h100.json).
 DISPATCH: dict[int, tuple[str, tuple]] = {

@@ -400,6 +400,14 @@ DISPATCH: dict[int, tuple[str, tuple]] = {
 }
 
 
+# groups of 32 or 64 inputs, where DISPATCH names "tc"
+SMALL_GROUP_DISPATCH: dict[int, tuple[str, tuple]] = {
+    1: ("gemv_unit", GEMV_UNIT_CONFIG),
+    16: ("gemm", GEMM_CONFIG),
+    MAX_M_DOT: ("gemm", GEMM_CONFIG_M64),
+}
+
+
 def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x · dequant(W)ᵀ (+ bias) for x [..., K] on a CUDA device; y [..., N] in x's dtype."""
     shape = x.shape
@@ -411,6 +419,8 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None
     if x.dtype in (torch.float16, torch.bfloat16):
         for m_max, (kernel, config) in DISPATCH.items():
             if m <= m_max:
+                if kernel == "tc" and w.group_size < 128:  # its scales are per 128-input block
+                    kernel, config = SMALL_GROUP_DISPATCH[m_max]
                 y = KERNELS[kernel](x2, w, bias, config)
                 break
     if y is None:

@@ -195,14 +195,14 @@ shr.u32 t, hi, 12;
 lop3.b32 $7, t, 0x000F000F, BASE, 0xEA;
 }
 """
-_NIBBLE_ASM_BF16 = _NIBBLE_ASM.replace("BASE", "0x43004300")
-_NIBBLE_ASM_FP16 = _NIBBLE_ASM.replace("BASE", "0x64006400")
+_NIBBLE_ASM_BF16 = tl.constexpr(_NIBBLE_ASM.replace("BASE", "0x43004300"))
+_NIBBLE_ASM_FP16 = tl.constexpr(_NIBBLE_ASM.replace("BASE", "0x64006400"))
 
 
 @triton.jit
 def _nibble_tile(words, BF16: tl.constexpr, USE_ASM: tl.constexpr):
     """int32 words [R, 16] (one packing block per row) → [R, 128] in bf16 (BF16) or fp16, element
-    8·i + j = BASE + nibble j of word i (BASE 128 or 1024), i.e. input 16·j + i of the block."""
+    16·j + i = BASE + nibble j of word i (BASE 128 or 1024): the code of the block's input 16·j + i."""
     if USE_ASM:
         if BF16:
             o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
@@ -223,15 +223,17 @@ def _nibble_tile(words, BF16: tl.constexpr, USE_ASM: tl.constexpr):
         o5 = (((words >> 20) & 0xF).to(tl.float32) + base).to(dt)
         o6 = (((words >> 24) & 0xF).to(tl.float32) + base).to(dt)
         o7 = (((words >> 28) & 0xF).to(tl.float32) + base).to(dt)
-    # nested joins put nibble j = g + 2f + 4e at [.., i, e, f, g]: flattened, position 8·i + j
+    # nested joins put nibble j = g + 2f + 4e at [r, i, e, f, g]; moving i last and flattening puts it
+    # at 16·(4e + 2f + g) + i = 16·j + i: the block's inputs in order
     w = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
-    return tl.reshape(w, [words.shape[0], 128])
+    return tl.reshape(tl.permute(w, (0, 2, 3, 4, 1)), [words.shape[0], 128])
 
 
 @triton.jit
 def _tc_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, KW, NG, stride_xm,
                stride_ym, blocks_per_split, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr):
+               SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr,
+               EVEN_K: tl.constexpr):
     """y [M, N] = x [M, K] · dequant(W)ᵀ on the tensor cores, M <= BLOCK_M (M = 1 included: the MMA
     pads it for free, what matters is the weight bytes). Per 128-input block: acc = W' · xᵀ with W' the
     16-bit codes 128 + q (1024 + q in fp16; exact), xsum = 1 · xᵀ (a second MMA), then per output row
@@ -248,7 +250,7 @@ def _tc_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
     ri = tl.arange(0, 16)
     n_ok = rn < N
     m_ok = rm < M
-    x_col = 16 * (kk % 8) + kk // 8  # position 8·i + j of the code tile holds input 16·j + i
+    rm_in = tl.minimum(rm, M - 1)  # padding rows re-read the last row: unmasked loads, dropped at the store
     base: tl.constexpr = 128.0 if BF16 else 1024.0
     dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
     ones = tl.full([BLOCK_N, 128], 1.0, dtype=dt)
@@ -258,9 +260,12 @@ def _tc_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
     w_rows = qw_ptr + rn[:, None] * KW + ri[None, :]
     for b in range(b_start, b_end):
         words = tl.load(w_rows + b * 16, mask=n_ok[:, None], other=0)
-        k = b * 128 + x_col
-        xt = tl.load(x_ptr + rm[None, :] * stride_xm + k[:, None], mask=m_ok[None, :] & (k < K)[:, None],
-                     other=0.0).to(dt)  # [128, BLOCK_M]
+        k = b * 128 + kk
+        if EVEN_K:
+            xr = tl.load(x_ptr + rm_in[:, None] * stride_xm + k[None, :])
+        else:
+            xr = tl.load(x_ptr + rm_in[:, None] * stride_xm + k[None, :], mask=(k < K)[None, :], other=0.0)
+        xt = tl.trans(xr.to(dt))  # [128, BLOCK_M]
         g = (b * 128) // GROUP
         sc = tl.load(s_ptr + rn * NG + g, mask=n_ok, other=0.0).to(tl.float32)
         off = tl.load(m_ptr + rn * NG + g, mask=n_ok, other=0.0).to(tl.float32)
@@ -381,7 +386,7 @@ def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, m, n, w.in_features, kw,
         w.scales.shape[1], x.stride(0), y.stride(0), per, GROUP=w.group_size, BLOCK_M=block_m, BLOCK_N=block_n,
         SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET,
-        num_warps=num_warps)
+        EVEN_K=w.in_features % 128 == 0, num_warps=num_warps)
     return y
 
 
@@ -398,6 +403,22 @@ DISPATCH: dict[int, tuple[str, tuple]] = {
     16: ("gemm", GEMM_CONFIG),
     MAX_M_DOT: ("gemm", GEMM_CONFIG_M64),
 }
+
+
+def load_dispatch(path: str) -> dict[int, tuple[str, tuple]]:
+    """Replace DISPATCH with the "dispatch" table of a tuning run's JSON (int4_bench.py --tune-out):
+    how to use launch configs measured on this GPU (EDGELM_INT4_DISPATCH=path does it at import)."""
+    import json
+
+    with open(path) as f:
+        table = json.load(f)["dispatch"]
+    new = {int(m): (kernel, tuple(config) if config is not None else None) for m, (kernel, config) in table.items()}
+    for kernel, _ in new.values():
+        if kernel not in KERNELS:
+            raise ValueError(f"{path}: unknown int4 kernel {kernel!r}")
+    DISPATCH.clear()
+    DISPATCH.update(sorted(new.items()))
+    return DISPATCH
 
 
 # groups of 32 or 64 inputs, where DISPATCH names "tc"
@@ -426,3 +447,7 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None
     if y is None:
         y = torch.nn.functional.linear(x2, dequantize(w, x.dtype), bias)
     return y.view(*shape[:-1], w.out_features)
+
+
+if os.environ.get("EDGELM_INT4_DISPATCH"):
+    load_dispatch(os.environ["EDGELM_INT4_DISPATCH"])

@@ -73,7 +73,7 @@ def _decode_partial_kernel(
     stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-    DIRECT: tl.constexpr, MERGE: tl.constexpr,
+    DIRECT: tl.constexpr, MERGE: tl.constexpr, MAX_SPLITS: tl.constexpr,
 ):
     """Q [B, H, D]; K_buf, V_buf [S, Hkv, D]; req_to_token [R, L]; Mid_O [B, H, splits, D] and
     Mid_LSE [B, H, splits] (float32, log2 domain) receive this split's normalised output.
@@ -134,22 +134,20 @@ def _decode_partial_kernel(
                 # last one sees every other program's partials after it reads the count
                 arrived = tl.atomic_add(counter, 1, sem="acq_rel")
                 if arrived == active - 1:
-                    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-                    total = tl.zeros([BLOCK_H], dtype=tl.float32)
-                    merged = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-                    for s in range(0, active):  # .cg: read from L2, where the other SMs' writes are
-                        lse = tl.load(Mid_LSE + b * stride_mlb + heads * stride_mlh + s, mask=mask_h, other=0.0,
-                                      cache_modifier=".cg")
-                        part = tl.load(Mid_O + b * stride_mob + heads[:, None] * stride_moh + s * stride_mos
-                                       + offs_d[None, :], mask=mask_hd, other=0.0, cache_modifier=".cg")
-                        m_new = tl.maximum(m, lse)
-                        alpha = tl.exp2(m - m_new)
-                        w = tl.exp2(lse - m_new)
-                        merged = merged * alpha[:, None] + w[:, None] * part
-                        total = total * alpha + w
-                        m = m_new
-                    tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                             (merged / total[:, None]).to(Out.dtype.element_ty), mask=mask_hd)
+                    offs_s = tl.arange(0, MAX_SPLITS)
+                    mask_s = offs_s < active
+                    for hh in tl.static_range(HEADS):  # every split of a head in one load: no serial chain
+                        h = head0 + hh
+                        # .cg: read from L2, where the other SMs' writes are
+                        lse = tl.load(Mid_LSE + b * stride_mlb + h * stride_mlh + offs_s, mask=mask_s,
+                                      other=float("-inf"), cache_modifier=".cg")
+                        part = tl.load(Mid_O + b * stride_mob + h * stride_moh + offs_s[:, None] * stride_mos
+                                       + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0,
+                                       cache_modifier=".cg")
+                        w = tl.exp2(lse - tl.max(lse, 0))
+                        merged = tl.sum(w[:, None] * part, 0) / tl.sum(w, 0)
+                        tl.store(Out + b * stride_ob + h * stride_oh + offs_d, merged.to(Out.dtype.element_ty),
+                                 mask=mask_d)
                     tl.atomic_xchg(counter, 0)
 
 
@@ -218,7 +216,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         o.stride(0), o.stride(1),
         GROUP=group, HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_N=cfg.block_n, MIN_SPLIT=min_split,
-        PRECISION=_precision(q.dtype), DIRECT=splits == 1, MERGE=merge, num_warps=cfg.num_warps,
+        PRECISION=_precision(q.dtype), DIRECT=splits == 1, MERGE=merge,
+        MAX_SPLITS=max(2, triton.next_power_of_2(splits)), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     if splits == 1 or merge:

@@ -94,9 +94,9 @@ def test_gptq_beats_rounding_on_its_inputs(act_order):
 
 
 # ---------------------------------------------------------------- kernels under the interpreter
-def _random_int4(n, k, group, device):
+def _random_int4(n, k, group, device, meta=torch.float16):
     w = torch.randn(n, k, device=device) * 0.05
-    return quantize_int4(w, group, "minmax")
+    return quantize_int4(w, group, "minmax", meta_precision=meta)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
@@ -129,20 +129,24 @@ def test_gemv_unit_kernel_small(group, config):
 @pytest.mark.parametrize("group,m,config,dtype", [(128, 1, (16, 1, 4), torch.float16),
                                                   (128, 3, (16, 3, 4), torch.bfloat16),
                                                   (256, 17, (32, 2, 4), torch.float16)])
-def test_tc_kernel_small(group, m, config, dtype):
-    """The tensor-core kernel on 16-bit codes (the interpreter takes its plain-op code path), split-K
-    partials summed by the last program; twice, so the arrival counters must have been reset."""
+@pytest.mark.parametrize("kernel", ["tc", "tcw"])
+def test_tc_kernel_small(group, m, config, dtype, kernel):
+    """The tensor-core kernels on 16-bit codes / dequantized weights (the interpreter takes their
+    plain-op code path), split-K partials summed by the last program; twice, so the arrival counters
+    must have been reset."""
     from edgelm.quantization import int4_kernels as kern
 
-    w = _random_int4(40, 520, group, DEVICE)
+    fn = kern.KERNELS[kernel]
+    w = _random_int4(40, 520, group, DEVICE, meta=dtype)  # as Int4Linear quantizes for a bf16 model
     x = torch.randn(m, 520, device=DEVICE).to(dtype)
     bias = torch.randn(40, device=DEVICE).to(dtype)
     for _ in range(2):
-        y = kern.gemm_tc(x, w, bias, config)
+        y = fn(x, w, bias, config)
         assert y.shape == (m, 40) and y.dtype == dtype
+        # tcw rounds each weight to x's 16-bit type, as a dense checkpoint would be
         assert rel_err(y, reference(x, w, bias)) < 1e-2
     with pytest.raises(ValueError):
-        kern.gemm_tc(x, _random_int4(40, 520, 64, DEVICE), None, config)
+        fn(x, _random_int4(40, 520, 64, DEVICE), None, config)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
@@ -191,18 +195,20 @@ def test_kernel_configs_gpu(kernel, config, dtype):
 @pytest.mark.parametrize("config", [(16, 1, 4), (32, 4, 4), (64, 2, 8)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group", [128, 256])
-def test_tc_kernel_gpu(config, dtype, group):
-    """The inline-PTX code path of the tensor-core kernel against dequantize-then-matmul."""
+@pytest.mark.parametrize("kernel", ["tc", "tcw"])
+def test_tc_kernel_gpu(config, dtype, group, kernel):
+    """The inline-PTX code paths of the tensor-core kernels against dequantize-then-matmul."""
     from edgelm.quantization import int4_kernels as kern
 
+    fn = kern.KERNELS[kernel]
     torch.manual_seed(group)
-    w = quantize_int4(torch.randn(4096, 14336, device="cuda") * 0.02, group, "search")
+    w = quantize_int4(torch.randn(4096, 14336, device="cuda") * 0.02, group, "search", meta_precision=dtype)
     bias = torch.randn(4096, device="cuda", dtype=dtype)
     for m in (1, 5, 16, 33, 64):
         x = torch.randn(m, 14336, device="cuda", dtype=dtype)
-        y = kern.gemm_tc(x, w, bias if m % 2 else None, config)
+        y = fn(x, w, bias if m % 2 else None, config)
         assert rel_err(y, reference(x, w, bias if m % 2 else None)) < 1e-2, m
-        assert torch.equal(y, kern.gemm_tc(x, w, bias if m % 2 else None, config))  # deterministic split-K
+        assert torch.equal(y, fn(x, w, bias if m % 2 else None, config))  # deterministic split-K
 
 
 @pytest.mark.gpu

@@ -80,7 +80,8 @@ def time_calls(calls: list, min_calls: int = 48, replays: int = 15) -> float:
 
 
 def int4_copies(n: int, k: int, group: int) -> list[Int4Weight]:
-    w0 = quantize_int4(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, group, "minmax")
+    w0 = quantize_int4(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, group, "minmax",
+                       meta_precision=torch.bfloat16)
     count = max(2, math.ceil(L2_DEFEAT_BYTES / w0.nbytes()))
     return [w0] + [Int4Weight(w0.qweight.clone(), w0.scales.clone(), w0.offsets.clone(), k, group)
                    for _ in range(count - 1)]
@@ -102,11 +103,12 @@ def run_path(ws, x, kernel: str, config) -> float:
 
 
 def candidates(m: int) -> list[tuple[str, tuple]]:
-    """(kernel, config) pairs swept for batch m: the tensor-core kernel on 16-bit codes made by
-    inline PTX ("tc", group >= 128), then the kernels kept after the H100 sweep of
+    """(kernel, config) pairs swept for batch m: the tensor-core kernels fed by inline PTX ("tcw":
+    weights dequantized in registers; "tc": 16-bit codes, the best four of the H200 sweep in
+    benchmarks/results/int4_tune_h200.json), then the kernels kept after the H100 sweep of
     benchmarks/results/int4_tune_h100.json."""
-    tc = [("tc", (bn, sk, nw)) for bn, sk, nw in itertools.product((16, 32, 64), (1, 2, 4, 8), (4,))]
-    tc += [("tc", (bn, sk, 8)) for bn, sk in itertools.product((64, 128), (1, 2, 4))]
+    tc = [("tcw", (bn, sk, nw)) for bn, sk, nw in itertools.product((64, 128), (1, 2, 4, 8), (4, 8))]
+    tc += [("tc", c) for c in ((128, 4, 8), (64, 4, 4), (64, 8, 4), (128, 2, 8))]
     if m == 1:
         return tc + [("gemv_unit", c) for c in ((8, 4, 1, 4, 1), (8, 2, 1, 4, 1), (16, 4, 1, 4, 1), (8, 8, 1, 4, 1))]
     bms = (16,) if m <= 16 else (16, 32)

@@ -229,6 +229,146 @@ def _nibble_tile(words, BF16: tl.constexpr, USE_ASM: tl.constexpr):
     return tl.reshape(tl.permute(w, (0, 2, 3, 4, 1)), [words.shape[0], 128])
 
 
+# The weights themselves, for `_tcw_kernel`: the codes as above (BASE + q), then per pair c·1 − BASE
+# (exact: q in 16 bits; an FMA, as sub.bf16x2 needs SM 9.0) and q·s + m (one rounding, to the
+# activations' 16-bit type, as a dense checkpoint stores its weights). $10 and $11 hold the scale and
+# the offset of the two words' row, each as a pair of 16-bit values (pack=2 packs 16-bit inputs).
+_WEIGHT_ASM = """
+{
+.reg .b32 lo, hi, t, c, one, nbase;
+mov.b32 one, ONE;
+mov.b32 nbase, NBASE;
+prmt.b32 lo, $8, $9, 0x5410;
+prmt.b32 hi, $8, $9, 0x7632;
+lop3.b32 c, lo, 0x000F000F, BASE, 0xEA;
+fma.rn.TYPE c, c, one, nbase;
+fma.rn.TYPE $0, c, $10, $11;
+shr.u32 t, lo, 4;
+lop3.b32 c, t, 0x000F000F, BASE, 0xEA;
+fma.rn.TYPE c, c, one, nbase;
+fma.rn.TYPE $1, c, $10, $11;
+shr.u32 t, lo, 8;
+lop3.b32 c, t, 0x000F000F, BASE, 0xEA;
+fma.rn.TYPE c, c, one, nbase;
+fma.rn.TYPE $2, c, $10, $11;
+shr.u32 t, lo, 12;
+lop3.b32 c, t, 0x000F000F, BASE, 0xEA;
+fma.rn.TYPE c, c, one, nbase;
+fma.rn.TYPE $3, c, $10, $11;
+lop3.b32 c, hi, 0x000F000F, BASE, 0xEA;
+fma.rn.TYPE c, c, one, nbase;
+fma.rn.TYPE $4, c, $10, $11;
+shr.u32 t, hi, 4;
+lop3.b32 c, t, 0x000F000F, BASE, 0xEA;
+fma.rn.TYPE c, c, one, nbase;
+fma.rn.TYPE $5, c, $10, $11;
+shr.u32 t, hi, 8;
+lop3.b32 c, t, 0x000F000F, BASE, 0xEA;
+fma.rn.TYPE c, c, one, nbase;
+fma.rn.TYPE $6, c, $10, $11;
+shr.u32 t, hi, 12;
+lop3.b32 c, t, 0x000F000F, BASE, 0xEA;
+fma.rn.TYPE c, c, one, nbase;
+fma.rn.TYPE $7, c, $10, $11;
+}
+"""
+_WEIGHT_ASM_BF16 = tl.constexpr(_WEIGHT_ASM.replace("NBASE", "0xC300C300").replace("BASE", "0x43004300")
+                                .replace("ONE", "0x3F803F80").replace("TYPE", "bf16x2"))
+_WEIGHT_ASM_FP16 = tl.constexpr(_WEIGHT_ASM.replace("NBASE", "0xE400E400").replace("BASE", "0x64006400")
+                                .replace("ONE", "0x3C003C00").replace("TYPE", "f16x2"))
+
+
+@triton.jit
+def _weight_tile(words, s, m, BF16: tl.constexpr, USE_ASM: tl.constexpr):
+    """int32 words [R, 16] (one packing block per row), scale and offset [R] → the dequantized block
+    [R, 128] in bf16 (BF16) or fp16, inputs in order (element 16·j + i = q·s + m of nibble j, word i)."""
+    dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+    s16 = tl.broadcast_to(s.to(dt)[:, None], words.shape)
+    m16 = tl.broadcast_to(m.to(dt)[:, None], words.shape)
+    if USE_ASM:
+        if BF16:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                _WEIGHT_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, s16, m16], dtype=(tl.bfloat16,) * 8,
+                is_pure=True, pack=2)
+        else:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                _WEIGHT_ASM_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, s16, m16], dtype=(tl.float16,) * 8,
+                is_pure=True, pack=2)
+    else:
+        sf = s16.to(tl.float32)
+        mf = m16.to(tl.float32)
+        o0 = ((words & 0xF).to(tl.float32) * sf + mf).to(dt)
+        o1 = (((words >> 4) & 0xF).to(tl.float32) * sf + mf).to(dt)
+        o2 = (((words >> 8) & 0xF).to(tl.float32) * sf + mf).to(dt)
+        o3 = (((words >> 12) & 0xF).to(tl.float32) * sf + mf).to(dt)
+        o4 = (((words >> 16) & 0xF).to(tl.float32) * sf + mf).to(dt)
+        o5 = (((words >> 20) & 0xF).to(tl.float32) * sf + mf).to(dt)
+        o6 = (((words >> 24) & 0xF).to(tl.float32) * sf + mf).to(dt)
+        o7 = (((words >> 28) & 0xF).to(tl.float32) * sf + mf).to(dt)
+    w = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
+    return tl.reshape(tl.permute(w, (0, 2, 3, 4, 1)), [words.shape[0], 128])
+
+
+@triton.jit
+def _tcw_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, KW, NG, stride_xm,
+                stride_ym, blocks_per_split, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr,
+                EVEN_K: tl.constexpr):
+    """As _tc_kernel, but each block's codes become the weights themselves in registers (q·s + m in
+    x's 16-bit type, one rounding) and one accumulator runs through the whole K range: no per-block
+    scaling of the MMA result, no second MMA for the sums of x. Any GROUP (32..256)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    kk = tl.arange(0, 128)
+    ri = tl.arange(0, 16)
+    n_ok = rn < N
+    m_ok = rm < M
+    rm_in = tl.minimum(rm, M - 1)
+    dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    b_start = pid_k * blocks_per_split
+    b_end = tl.minimum(KW // 16, b_start + blocks_per_split)
+    w_rows = qw_ptr + rn[:, None] * KW + ri[None, :]
+    for b in range(b_start, b_end):
+        words = tl.load(w_rows + b * 16, mask=n_ok[:, None], other=0)
+        k = b * 128 + kk
+        if EVEN_K:
+            xr = tl.load(x_ptr + rm_in[:, None] * stride_xm + k[None, :])
+        else:
+            xr = tl.load(x_ptr + rm_in[:, None] * stride_xm + k[None, :], mask=(k < K)[None, :], other=0.0)
+        xt = tl.trans(xr.to(dt))  # [128, BLOCK_M]
+        if GROUP >= 128:
+            g = (b * 128) // GROUP
+            sc = tl.load(s_ptr + rn * NG + g, mask=n_ok, other=0.0)
+            off = tl.load(m_ptr + rn * NG + g, mask=n_ok, other=0.0)
+            w = _weight_tile(words, sc, off, BF16, USE_ASM)
+        else:  # several groups in the block: per-word scales (word i's nibble j is input 16·j + i)
+            tl.static_assert(False, "_tcw_kernel: groups under 128 are not wired yet")
+        if USE_ASM:
+            acc = tl.dot(w, xt, acc)
+        else:  # Triton's CPU interpreter gets 16-bit dots wrong: give it float32
+            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    y_off = rm[None, :] * stride_ym + rn[:, None]
+    y_ok = m_ok[None, :] & n_ok[:, None]
+    if SPLIT_K == 1:
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
+    else:
+        part = rm[None, :] * N + rn[:, None]  # ws [SPLIT_K, M, N]
+        tl.store(ws_ptr + pid_k * M * N + part, acc, mask=y_ok)
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for sk in range(SPLIT_K):  # in split order: the same sum on every run
+                total += tl.load(ws_ptr + sk * M * N + part, mask=y_ok, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=y_ok)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
 @triton.jit
 def _tc_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, KW, NG, stride_xm,
                stride_ym, blocks_per_split, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -368,7 +508,12 @@ def _scratch_buffer(device: torch.device, dtype: torch.dtype, numel: int) -> tor
     return held[-1]
 
 
-def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
+def gemm_tcw(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
+    """As gemm_tc with _tcw_kernel: the weights dequantized in registers, one accumulator."""
+    return gemm_tc(x, w, bias, config, _tcw_kernel)
+
+
+def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None, kernel=None) -> torch.Tensor:
     """x [M, K] (M <= 64; fp16 or bf16) → y [M, N]; config (BLOCK_N, SPLIT_K, num_warps). The MMA's M
     side is the weight rows; x's rows pad to a power of two >= 16 on the other side."""
     block_n, split_k, num_warps = config or TC_CONFIG
@@ -382,7 +527,7 @@ def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws = _scratch_buffer(x.device, torch.float32, split_k * m * n) if split_k > 1 else y
     cnt = _scratch_buffer(x.device, torch.int32, tiles) if split_k > 1 else y
-    _tc_kernel[(tiles, split_k)](
+    (kernel or _tc_kernel)[(tiles, split_k)](
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, m, n, w.in_features, kw,
         w.scales.shape[1], x.stride(0), y.stride(0), per, GROUP=w.group_size, BLOCK_M=block_m, BLOCK_N=block_n,
         SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET,
@@ -395,7 +540,7 @@ def dequant_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, co
     return torch.nn.functional.linear(x, dequantize(w, x.dtype), bias)
 
 
-KERNELS = {"gemv_unit": gemv_unit, "gemm": gemm, "dequant": dequant_matmul, "tc": gemm_tc}
+KERNELS = {"gemv_unit": gemv_unit, "gemm": gemm, "dequant": dequant_matmul, "tc": gemm_tc, "tcw": gemm_tcw}
 # largest M of each bucket → (kernel, launch config); M above the last bucket: dequantize, then cuBLAS.
 # Chosen from the H100 sweep in benchmarks/gpu/int4_bench.py --tune (benchmarks/results/int4_tune_h100.json).
 DISPATCH: dict[int, tuple[str, tuple]] = {
@@ -421,7 +566,7 @@ def load_dispatch(path: str) -> dict[int, tuple[str, tuple]]:
     return DISPATCH
 
 
-# groups of 32 or 64 inputs, where DISPATCH names "tc"
+# groups of 32 or 64 inputs, where DISPATCH names "tc" or "tcw"
 SMALL_GROUP_DISPATCH: dict[int, tuple[str, tuple]] = {
     1: ("gemv_unit", GEMV_UNIT_CONFIG),
     16: ("gemm", GEMM_CONFIG),
@@ -440,7 +585,7 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None
     if x.dtype in (torch.float16, torch.bfloat16):
         for m_max, (kernel, config) in DISPATCH.items():
             if m <= m_max:
-                if kernel == "tc" and w.group_size < 128:  # its scales are per 128-input block
+                if kernel in ("tc", "tcw") and w.group_size < 128:  # their scales are per 128-input block
                     kernel, config = SMALL_GROUP_DISPATCH[m_max]
                 y = KERNELS[kernel](x2, w, bias, config)
                 break

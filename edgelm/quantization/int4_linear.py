@@ -36,7 +36,9 @@ class Int4Linear(nn.Module):
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, group_size: int, method: str = "search") -> Int4Linear:
         weight = linear.weight.data
-        packed = quantize_int4(weight, group_size, method)
+        # a bf16 model's kernels apply the scales in bf16: choose the codes against those values
+        meta = torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float16
+        packed = quantize_int4(weight, group_size, method, meta_precision=meta)
         return cls(packed, linear.bias, weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

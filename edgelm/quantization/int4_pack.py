@@ -121,13 +121,16 @@ def _search_chunk(w, valid, method: str, shrink_steps: int, refit_iters: int):
 
 @torch.no_grad()
 def quantize_int4(weight: torch.Tensor, group_size: int = 128, method: str = "search",
-                  shrink_steps: int = 8, refit_iters: int = 4, rows_per_chunk: int = 4096) -> Int4Weight:
+                  shrink_steps: int = 8, refit_iters: int = 4, rows_per_chunk: int = 4096,
+                  meta_precision: torch.dtype = torch.float16) -> Int4Weight:
     """Quantize a [N, K] weight groupwise to int4 and pack it.
 
     method "minmax": each group's min and max map to codes 0 and 15.
     method "search": also tries ranges clipped at either end, then alternates code assignment and a
     least-squares refit of (scale, offset); per group the candidate with the smallest squared
     reconstruction error wins. Data-free; runs where the weight is (chunks of rows bound memory).
+    meta_precision torch.bfloat16: scales and offsets are rounded to bf16 values (still stored as
+    fp16, which holds them exactly) so that a bf16 kernel's q·s + m uses them as stored.
     """
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group size must be one of {GROUP_SIZES}, got {group_size}")
@@ -139,6 +142,8 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 128, method: str = "se
         w, valid = _groups(weight[start : start + rows_per_chunk], group_size)
         s, m = _search_chunk(w, valid, method, shrink_steps, refit_iters)
         # codes are chosen against the scale and offset as stored (fp16)
+        if meta_precision == torch.bfloat16:
+            s, m = s.to(torch.bfloat16).float(), m.to(torch.bfloat16).float()
         s, m = s.half().float(), m.half().float()
         s = torch.where(s > 0, s, torch.full_like(s, 2.0**-24))
         q = _assign(w, s, m) * valid

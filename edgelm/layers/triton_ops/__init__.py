@@ -25,8 +25,10 @@ ALL_OPS = ("rmsnorm", "add_rmsnorm", "silu_and_mul", "rotary", "gemv", "argmax",
 # with the Triton attention backend's KV write; "attn_merge" merges that backend's decode splits
 # inside its attention launch instead of a second kernel
 # "fused_decode" is off: on the H100 its prologues made the GEMVs slower than the kernels they
-# replace saved (graph step 6042 vs 5918 us, Llama-3.1-8B shape bs1, benchmarks/gpu/dev_check.sh)
-DEFAULT_ON = frozenset(ALL_OPS) - {"fused_decode"}
+# replace saved (graph step 6042 vs 5918 us, Llama-3.1-8B shape bs1, benchmarks/gpu/dev_check.sh).
+# "attn_merge" is off: on an H200 the attention launch with the merge inside took 11.2 us a layer
+# against 5.0 + 2.9 us for the two launches (benchmarks/results/decode_profile_*_h200.json).
+DEFAULT_ON = frozenset(ALL_OPS) - {"fused_decode", "attn_merge"}
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 

@@ -133,13 +133,43 @@ def int4_vs_bf16() -> list[str]:
 
 def int4_kernels() -> list[str]:
     lines = []
-    for name, d in _load("int4_h100.json"):
+    for name, d in _load("int4_h[0-9]*.json"):
         lines += [f"**int4 W4A16 group-{d.get('group_size')} kernels vs bf16 cuBLAS, Llama-3.1-8B layer shapes**", "",
                   "| layer | M | bf16 (µs) | int4 (µs) | speedup | share of int4 roofline |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for r in d["rows"]:
             lines.append(f"| {r['shape']} ({r['K']}→{r['N']}) | {r['M']} | {r['bf16_us']:.1f} | {r['int4_us']:.1f} | "
                          f"{r['speedup']:.2f}× | {r['int4_fraction_of_roofline']:.2f} |")
+        lines += ["", _source(name, d), ""]
+    return lines
+
+
+def int4_speedup() -> list[str]:
+    lines = []
+    for name, d in _load("int4_speedup_*.json"):
+        lines += [f"**{d['model']} decode through the scheduler loop: int4 against unquantized in one run** — random "
+                  f"weights, input {d['input_len']}, {d['new_tokens']} new tokens, overlap scheduling on; roofline "
+                  "ratio against each run's own bytes per step (int4: packed weights, scales and offsets, the bf16 "
+                  "lm-head, KV)", "", "| config | batch | tok/s | ms/step | speedup | roofline ratio |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        key = next(k for k in d["table"][0] if k.startswith("speedup_vs_"))
+        for r in d["table"]:
+            lines.append(f"| {r['config']} | {r['batch']} | {r['tok_s']:.1f} | {r['step_ms']:.3f} | {r[key]:.2f}× | "
+                         f"{r['roofline_ratio']:.3f} |")
+        lines += ["", _source(name, d), ""]
+    return lines
+
+
+def gemlite_eval() -> list[str]:
+    lines = []
+    for name, d in _load("gemlite_eval_*.json"):
+        lines += [f"**gemlite {d['gemlite']} against edgelm's int4 kernels** (the same group-{d['group_size']} codes, "
+                  "Llama-3.1-8B layer shapes, bf16 activations; relative error against dequantize-then-matmul in fp32)",
+                  "", "| layer | M | bf16 (µs) | edgelm (µs) | gemlite (µs) | edgelm error | gemlite error |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in d["rows"]:
+            lines.append(f"| {r['shape']} | {r['M']} | {r['bf16_us']:.1f} | {r['edgelm_us']:.1f} | {r['gemlite_us']:.1f} | "
+                         f"{r['rel_err_edgelm']:.4f} | {r['rel_err_gemlite']:.4f} |")
         lines += ["", _source(name, d), ""]
     return lines
 
@@ -236,9 +266,10 @@ def decode_profile() -> list[str]:
     for name, d in _load("decode_profile_*.json"):
         step = d["median_per_step"]["server_like"]
         g = d["profiled_graph"]
+        note = f" — {d['note']}" if d.get("note") else ""
         lines += [f"**Where a batch-{d['batch_size']} decode step goes** (Llama-3.1-8B shape, bf16, context "
                   f"{d['input_len']}; medians of 60 steps prepared as the scheduler does; kernels from one profiled "
-                  "CUDA-graph replay)", "",
+                  f"CUDA-graph replay){note}", "",
                   "| part | µs per step |", "| --- | ---: |",
                   f"| whole step, host clock (as `bench_one_batch` times it) | {step['step_us']:.0f} |",
                   f"| host work before the graph launch (GPU idle) | {step['host_before_replay_us']:.0f} |",
@@ -252,7 +283,7 @@ def decode_profile() -> list[str]:
 
 
 def render() -> str:
-    parts = gpu_latency() + scheduler_loop() + decode_profile() + attention_backends() + flashinfer_overhead() + int4_vs_bf16() + int4_kernels() + quality() + grammar() + cpu_decode() + serving()
+    parts = gpu_latency() + scheduler_loop() + decode_profile() + attention_backends() + flashinfer_overhead() + int4_vs_bf16() + int4_speedup() + int4_kernels() + gemlite_eval() + quality() + grammar() + cpu_decode() + serving()
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -150,6 +150,33 @@ def test_tc_kernel_small(group, m, config, dtype, kernel):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_dispatch_choice_and_tuned_table(tmp_path, monkeypatch):
+    """Per-shape picks override the batch buckets; groups under 128 never reach the tensor-core
+    kernels; a tuning run's JSON replaces both tables."""
+    import json
+
+    from edgelm.quantization import int4_kernels as kern
+
+    monkeypatch.setattr(kern, "DISPATCH", {1: ("tcw", (128, 8, 4)), 64: ("tcw", (64, 4, 4))})
+    monkeypatch.setattr(kern, "SHAPE_DISPATCH", {(40, 256): {64: ("tc", (16, 2, 4))}})
+    w128 = _random_int4(40, 256, 128, DEVICE)
+    w64 = _random_int4(40, 256, 64, DEVICE)
+    assert kern.choose_kernel(1, w128) == ("tcw", (128, 8, 4))
+    assert kern.choose_kernel(9, w128) == ("tc", (16, 2, 4))
+    assert kern.choose_kernel(1, w64)[0] == "gemv_unit" and kern.choose_kernel(9, w64)[0] == "gemm"
+    assert kern.choose_kernel(65, w128) is None
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"dispatch": {"1": ["gemv_unit", [8, 4, 1, 4, 1]], "64": ["gemm", [32, 64, 4, 4]]},
+                                "dispatch_by_shape": {"40x256": {"1": ["tcw", [64, 4, 4]]}}}))
+    kern.load_dispatch(str(path))
+    assert kern.choose_kernel(1, w128) == ("tcw", (64, 4, 4))
+    assert kern.choose_kernel(30, w128) == ("gemm", (32, 64, 4, 4))
+    path.write_text(json.dumps({"dispatch": {"1": ["nope", None]}}))
+    with pytest.raises(ValueError):
+        kern.load_dispatch(str(path))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_dequant_kernel_small():
     from edgelm.quantization import int4_kernels as kern
 

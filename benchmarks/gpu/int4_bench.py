@@ -174,10 +174,27 @@ def tune(group: int, ms: list[int], out: str | None, budget_s: float) -> dict:
     for m, (_, kernel, config) in best.items():
         if m in buckets:
             kern.DISPATCH[buckets[m]] = (kernel, config)
+    # per shape: the fastest config where it beats the bucket's choice by more than 2 %
+    kern.SHAPE_DISPATCH.clear()
+    for name, (n, k) in SHAPES.items():
+        for m, bucket in buckets.items():
+            if m not in best:
+                continue
+            chosen = table.get(f"M{m} {best[m][1]} {best[m][2]}", {}).get(name)
+            timed = [(v[name], key) for key, v in table.items()
+                     if key.startswith(f"M{m} ") and isinstance(v.get(name), float)]
+            if timed and isinstance(chosen, float):
+                t_best, key = min(timed)
+                if t_best < 0.98 * chosen:
+                    kernel, config = next((kc, c) for kc, c in candidates(m) if f"M{m} {kc} {c}" == key)
+                    kern.SHAPE_DISPATCH.setdefault((n, k), {})[bucket] = (kernel, config)
     print("DISPATCH =", kern.DISPATCH)
+    print("SHAPE_DISPATCH =", kern.SHAPE_DISPATCH)
     if out:
         with open(out, "w") as f:
             json.dump({"group_size": group, "dispatch": {str(k): v for k, v in kern.DISPATCH.items()},
+                       "dispatch_by_shape": {f"{n}x{k}": {str(b): v for b, v in t.items()}
+                                             for (n, k), t in kern.SHAPE_DISPATCH.items()},
                        "seconds": round(time.time() - t0, 1), "table_us": table}, f, indent=1)
     return table
 

@@ -542,27 +542,46 @@ def dequant_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, co
 
 KERNELS = {"gemv_unit": gemv_unit, "gemm": gemm, "dequant": dequant_matmul, "tc": gemm_tc, "tcw": gemm_tcw}
 # largest M of each bucket → (kernel, launch config); M above the last bucket: dequantize, then cuBLAS.
-# Chosen from the H100 sweep in benchmarks/gpu/int4_bench.py --tune (benchmarks/results/int4_tune_h100.json).
+# The geometric-mean winners over the Llama-3.1-8B shapes of the H200 sweep in
+# benchmarks/gpu/int4_bench.py --tune (benchmarks/results/int4_tune_h200.json; an H100 sweep before the
+# tensor-core kernels existed chose gemv_unit / gemm: int4_tune_h100.json).
 DISPATCH: dict[int, tuple[str, tuple]] = {
-    1: ("gemv_unit", GEMV_UNIT_CONFIG),
-    16: ("gemm", GEMM_CONFIG),
-    MAX_M_DOT: ("gemm", GEMM_CONFIG_M64),
+    1: ("tcw", (128, 8, 4)),
+    16: ("tcw", (128, 8, 4)),
+    MAX_M_DOT: ("tcw", (64, 4, 4)),
+}
+# (N, K) → buckets as in DISPATCH, for the shapes where the same sweep found another config faster
+# than DISPATCH's by more than 2 % (per shape, single timings).
+SHAPE_DISPATCH: dict[tuple[int, int], dict[int, tuple[str, tuple]]] = {
+    (28672, 4096): {1: ("tcw", (128, 4, 4)), 16: ("tcw", (128, 1, 8)), MAX_M_DOT: ("tcw", (128, 1, 4))},
+    (4096, 4096): {16: ("tcw", (64, 8, 4))},
+    (4096, 14336): {1: ("tcw", (128, 8, 8)), MAX_M_DOT: ("tcw", (128, 8, 8))},
 }
 
 
 def load_dispatch(path: str) -> dict[int, tuple[str, tuple]]:
-    """Replace DISPATCH with the "dispatch" table of a tuning run's JSON (int4_bench.py --tune-out):
-    how to use launch configs measured on this GPU (EDGELM_INT4_DISPATCH=path does it at import)."""
+    """Replace DISPATCH (and SHAPE_DISPATCH) with the "dispatch" (and "dispatch_by_shape") tables of a
+    tuning run's JSON (int4_bench.py --tune-out): how to use launch configs measured on this GPU
+    (EDGELM_INT4_DISPATCH=path does it at import)."""
     import json
 
     with open(path) as f:
-        table = json.load(f)["dispatch"]
-    new = {int(m): (kernel, tuple(config) if config is not None else None) for m, (kernel, config) in table.items()}
-    for kernel, _ in new.values():
-        if kernel not in KERNELS:
-            raise ValueError(f"{path}: unknown int4 kernel {kernel!r}")
+        tuned = json.load(f)
+
+    def parse(table: dict) -> dict[int, tuple[str, tuple]]:
+        out = {int(m): (kernel, tuple(config) if config is not None else None) for m, (kernel, config) in table.items()}
+        for kernel, _ in out.values():
+            if kernel not in KERNELS:
+                raise ValueError(f"{path}: unknown int4 kernel {kernel!r}")
+        return dict(sorted(out.items()))
+
+    buckets = parse(tuned["dispatch"])
+    shapes = {tuple(int(v) for v in shape.split("x")): parse(table)
+              for shape, table in tuned.get("dispatch_by_shape", {}).items()}
     DISPATCH.clear()
-    DISPATCH.update(sorted(new.items()))
+    DISPATCH.update(buckets)
+    SHAPE_DISPATCH.clear()  # the built-in per-shape picks were measured on another GPU
+    SHAPE_DISPATCH.update(shapes)
     return DISPATCH
 
 
@@ -580,18 +599,24 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:  # rows may be strided (gemm takes the row stride), elements not
         x2 = x2.contiguous()
-    m = x2.shape[0]
-    y = None
-    if x.dtype in (torch.float16, torch.bfloat16):
-        for m_max, (kernel, config) in DISPATCH.items():
-            if m <= m_max:
-                if kernel in ("tc", "tcw") and w.group_size < 128:  # their scales are per 128-input block
-                    kernel, config = SMALL_GROUP_DISPATCH[m_max]
-                y = KERNELS[kernel](x2, w, bias, config)
-                break
-    if y is None:
+    choice = choose_kernel(x2.shape[0], w) if x.dtype in (torch.float16, torch.bfloat16) else None
+    if choice is None:
         y = torch.nn.functional.linear(x2, dequantize(w, x.dtype), bias)
+    else:
+        y = KERNELS[choice[0]](x2, w, bias, choice[1])
     return y.view(*shape[:-1], w.out_features)
+
+
+def choose_kernel(m: int, w: Int4Weight) -> tuple[str, tuple] | None:
+    """(kernel, launch config) for m rows of x against w, or None: dequantize, then cuBLAS."""
+    by_shape = SHAPE_DISPATCH.get((w.out_features, w.in_features), {})
+    for m_max, choice in DISPATCH.items():
+        if m <= m_max:
+            kernel, config = by_shape.get(m_max, choice)
+            if kernel in ("tc", "tcw") and w.group_size < 128:  # their scales are per 128-input block
+                kernel, config = next(c for b, c in SMALL_GROUP_DISPATCH.items() if m <= b)
+            return kernel, config
+    return None
 
 
 if os.environ.get("EDGELM_INT4_DISPATCH"):

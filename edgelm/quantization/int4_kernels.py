@@ -168,35 +168,79 @@ def _gemv_unit_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, N, K, KW, NG
         tl.atomic_add(y_ptr + rn, y, mask=n_ok)
 
 
+@triton.jit
+def _store_split(y_ptr, ws_ptr, cnt_ptr, tile, rm, rn, m_ok, n_ok, M, N, stride_ym, pid_n, pid_k,
+                 SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Write a [BLOCK_N, BLOCK_M] float32 tile of yᵀ. SPLIT_K > 1: the partial goes to ws[pid_k]
+    ([SPLIT_K, M, N]); the N tile's last program to arrive (counter cnt[pid_n], left at zero) sums
+    the partials in split order (the same sum every run) and writes y."""
+    y_off = rm[None, :] * stride_ym + rn[:, None]
+    y_ok = m_ok[None, :] & n_ok[:, None]
+    if SPLIT_K == 1:
+        tl.store(y_ptr + y_off, tile.to(y_ptr.dtype.element_ty), mask=y_ok)
+    else:
+        part = rm[None, :] * N + rn[:, None]
+        tl.store(ws_ptr + pid_k * M * N + part, tile, mask=y_ok)
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for sk in range(SPLIT_K):
+                total += tl.load(ws_ptr + sk * M * N + part, mask=y_ok, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=y_ok)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
+@triton.jit
+def _nibbles_plain(words, scale, offset, BF16: tl.constexpr):
+    """The interpreter's path: nibble j of each word as q·scale + offset in float32, rounded to 16 bits."""
+    dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+    return (((words & 0xF).to(tl.float32) * scale + offset).to(dt),
+            (((words >> 4) & 0xF).to(tl.float32) * scale + offset).to(dt),
+            (((words >> 8) & 0xF).to(tl.float32) * scale + offset).to(dt),
+            (((words >> 12) & 0xF).to(tl.float32) * scale + offset).to(dt),
+            (((words >> 16) & 0xF).to(tl.float32) * scale + offset).to(dt),
+            (((words >> 20) & 0xF).to(tl.float32) * scale + offset).to(dt),
+            (((words >> 24) & 0xF).to(tl.float32) * scale + offset).to(dt),
+            (((words >> 28) & 0xF).to(tl.float32) * scale + offset).to(dt))
+
+
+@triton.jit
+def _input_order(o0, o1, o2, o3, o4, o5, o6, o7):
+    """Nibble tiles [R, 16] (tile j: nibble j of word i at column i) → [R, 128] with nibble j of word i
+    at 16·j + i, the block's input order. Nested joins put nibble j = g + 2f + 4e at [r, i, e, f, g];
+    moving i last and flattening puts it at 16·(4e + 2f + g) + i."""
+    w = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
+    return tl.reshape(tl.permute(w, (0, 2, 3, 4, 1)), [o0.shape[0], 128])
+
+
 # The 4-bit code → 16-bit float step of `_tc_kernel`. A half-precision float whose exponent field
 # says 2^7 (bf16 bits 0x4300) or 2^10 (fp16 bits 0x6400) and whose low mantissa bits hold q is
 # exactly 128 + q or 1024 + q: one and-or (a single LOP3) makes a pair of them from a register
 # holding two 16-bit halves of packed words. On the GPU this is inline PTX (prmt pairs the halves
 # of two words, lop3 masks and sets the exponent: ~1 integer instruction per weight, against 3 for
 # the shift/and/or of the float32 path); the interpreter computes the same values with plain ops.
-_NIBBLE_ASM = """
-{
-.reg .b32 lo, hi, t;
-prmt.b32 lo, $8, $9, 0x5410;
-prmt.b32 hi, $8, $9, 0x7632;
-lop3.b32 $0, lo, 0x000F000F, BASE, 0xEA;
-shr.u32 t, lo, 4;
-lop3.b32 $1, t, 0x000F000F, BASE, 0xEA;
-shr.u32 t, lo, 8;
-lop3.b32 $2, t, 0x000F000F, BASE, 0xEA;
-shr.u32 t, lo, 12;
-lop3.b32 $3, t, 0x000F000F, BASE, 0xEA;
-lop3.b32 $4, hi, 0x000F000F, BASE, 0xEA;
-shr.u32 t, hi, 4;
-lop3.b32 $5, t, 0x000F000F, BASE, 0xEA;
-shr.u32 t, hi, 8;
-lop3.b32 $6, t, 0x000F000F, BASE, 0xEA;
-shr.u32 t, hi, 12;
-lop3.b32 $7, t, 0x000F000F, BASE, 0xEA;
-}
-"""
-_NIBBLE_ASM_BF16 = tl.constexpr(_NIBBLE_ASM.replace("BASE", "0x43004300"))
-_NIBBLE_ASM_FP16 = tl.constexpr(_NIBBLE_ASM.replace("BASE", "0x64006400"))
+def _unpack_asm(base: str, fma: str | None = None, one: str = "", nbase: str = "") -> str:
+    """PTX for `inline_asm_elementwise(pack=2)`: words $8, $9 → eight 16-bit pairs $0..$7, pair j the
+    nibble j of both words: prmt puts the two words' low (high) halves side by side, a shift brings
+    nibble j to the bottom of each half and lop3 (a & b) | c masks it and sets the exponent bits
+    `base`. With `fma` (bf16x2 / f16x2), each pair then becomes (code - BASE)·$10 + $11."""
+    lines = ["{", ".reg .b32 lo, hi, t, c, one, nbase;", f"mov.b32 one, {one or 0};", f"mov.b32 nbase, {nbase or 0};",
+             "prmt.b32 lo, $8, $9, 0x5410;", "prmt.b32 hi, $8, $9, 0x7632;"]
+    for j in range(8):
+        half = "lo" if j < 4 else "hi"
+        if j % 4:
+            lines.append(f"shr.u32 t, {half}, {4 * (j % 4)};")
+        src = "t" if j % 4 else half
+        if fma is None:
+            lines.append(f"lop3.b32 ${j}, {src}, 0x000F000F, {base}, 0xEA;")
+        else:
+            lines += [f"lop3.b32 c, {src}, 0x000F000F, {base}, 0xEA;", f"fma.rn.{fma} c, c, one, nbase;",
+                      f"fma.rn.{fma} ${j}, c, $10, $11;"]
+    return "\n".join(lines + ["}"])
+
+
+_NIBBLE_ASM_BF16 = tl.constexpr(_unpack_asm("0x43004300"))
+_NIBBLE_ASM_FP16 = tl.constexpr(_unpack_asm("0x64006400"))
 
 
 @triton.jit
@@ -214,68 +258,16 @@ def _nibble_tile(words, BF16: tl.constexpr, USE_ASM: tl.constexpr):
                 pack=2)
     else:
         base: tl.constexpr = 128.0 if BF16 else 1024.0
-        dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
-        o0 = ((words & 0xF).to(tl.float32) + base).to(dt)
-        o1 = (((words >> 4) & 0xF).to(tl.float32) + base).to(dt)
-        o2 = (((words >> 8) & 0xF).to(tl.float32) + base).to(dt)
-        o3 = (((words >> 12) & 0xF).to(tl.float32) + base).to(dt)
-        o4 = (((words >> 16) & 0xF).to(tl.float32) + base).to(dt)
-        o5 = (((words >> 20) & 0xF).to(tl.float32) + base).to(dt)
-        o6 = (((words >> 24) & 0xF).to(tl.float32) + base).to(dt)
-        o7 = (((words >> 28) & 0xF).to(tl.float32) + base).to(dt)
-    # nested joins put nibble j = g + 2f + 4e at [r, i, e, f, g]; moving i last and flattening puts it
-    # at 16·(4e + 2f + g) + i = 16·j + i: the block's inputs in order
-    w = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
-    return tl.reshape(tl.permute(w, (0, 2, 3, 4, 1)), [words.shape[0], 128])
+        o0, o1, o2, o3, o4, o5, o6, o7 = _nibbles_plain(words, 1.0, base, BF16)
+    return _input_order(o0, o1, o2, o3, o4, o5, o6, o7)
 
 
-# The weights themselves, for `_tcw_kernel`: the codes as above (BASE + q), then per pair c·1 − BASE
+# The weights themselves, for `_tc_kernel` WEIGHTS ("tcw"): the codes as above (BASE + q), then per pair c·1 − BASE
 # (exact: q in 16 bits; an FMA, as sub.bf16x2 needs SM 9.0) and q·s + m (one rounding, to the
 # activations' 16-bit type, as a dense checkpoint stores its weights). $10 and $11 hold the scale and
 # the offset of the two words' row, each as a pair of 16-bit values (pack=2 packs 16-bit inputs).
-_WEIGHT_ASM = """
-{
-.reg .b32 lo, hi, t, c, one, nbase;
-mov.b32 one, ONE;
-mov.b32 nbase, NBASE;
-prmt.b32 lo, $8, $9, 0x5410;
-prmt.b32 hi, $8, $9, 0x7632;
-lop3.b32 c, lo, 0x000F000F, BASE, 0xEA;
-fma.rn.TYPE c, c, one, nbase;
-fma.rn.TYPE $0, c, $10, $11;
-shr.u32 t, lo, 4;
-lop3.b32 c, t, 0x000F000F, BASE, 0xEA;
-fma.rn.TYPE c, c, one, nbase;
-fma.rn.TYPE $1, c, $10, $11;
-shr.u32 t, lo, 8;
-lop3.b32 c, t, 0x000F000F, BASE, 0xEA;
-fma.rn.TYPE c, c, one, nbase;
-fma.rn.TYPE $2, c, $10, $11;
-shr.u32 t, lo, 12;
-lop3.b32 c, t, 0x000F000F, BASE, 0xEA;
-fma.rn.TYPE c, c, one, nbase;
-fma.rn.TYPE $3, c, $10, $11;
-lop3.b32 c, hi, 0x000F000F, BASE, 0xEA;
-fma.rn.TYPE c, c, one, nbase;
-fma.rn.TYPE $4, c, $10, $11;
-shr.u32 t, hi, 4;
-lop3.b32 c, t, 0x000F000F, BASE, 0xEA;
-fma.rn.TYPE c, c, one, nbase;
-fma.rn.TYPE $5, c, $10, $11;
-shr.u32 t, hi, 8;
-lop3.b32 c, t, 0x000F000F, BASE, 0xEA;
-fma.rn.TYPE c, c, one, nbase;
-fma.rn.TYPE $6, c, $10, $11;
-shr.u32 t, hi, 12;
-lop3.b32 c, t, 0x000F000F, BASE, 0xEA;
-fma.rn.TYPE c, c, one, nbase;
-fma.rn.TYPE $7, c, $10, $11;
-}
-"""
-_WEIGHT_ASM_BF16 = tl.constexpr(_WEIGHT_ASM.replace("NBASE", "0xC300C300").replace("BASE", "0x43004300")
-                                .replace("ONE", "0x3F803F80").replace("TYPE", "bf16x2"))
-_WEIGHT_ASM_FP16 = tl.constexpr(_WEIGHT_ASM.replace("NBASE", "0xE400E400").replace("BASE", "0x64006400")
-                                .replace("ONE", "0x3C003C00").replace("TYPE", "f16x2"))
+_WEIGHT_ASM_BF16 = tl.constexpr(_unpack_asm("0x43004300", "bf16x2", one="0x3F803F80", nbase="0xC300C300"))
+_WEIGHT_ASM_FP16 = tl.constexpr(_unpack_asm("0x64006400", "f16x2", one="0x3C003C00", nbase="0xE400E400"))
 
 
 @triton.jit
@@ -295,93 +287,23 @@ def _weight_tile(words, s, m, BF16: tl.constexpr, USE_ASM: tl.constexpr):
                 _WEIGHT_ASM_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, s16, m16], dtype=(tl.float16,) * 8,
                 is_pure=True, pack=2)
     else:
-        sf = s16.to(tl.float32)
-        mf = m16.to(tl.float32)
-        o0 = ((words & 0xF).to(tl.float32) * sf + mf).to(dt)
-        o1 = (((words >> 4) & 0xF).to(tl.float32) * sf + mf).to(dt)
-        o2 = (((words >> 8) & 0xF).to(tl.float32) * sf + mf).to(dt)
-        o3 = (((words >> 12) & 0xF).to(tl.float32) * sf + mf).to(dt)
-        o4 = (((words >> 16) & 0xF).to(tl.float32) * sf + mf).to(dt)
-        o5 = (((words >> 20) & 0xF).to(tl.float32) * sf + mf).to(dt)
-        o6 = (((words >> 24) & 0xF).to(tl.float32) * sf + mf).to(dt)
-        o7 = (((words >> 28) & 0xF).to(tl.float32) * sf + mf).to(dt)
-    w = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
-    return tl.reshape(tl.permute(w, (0, 2, 3, 4, 1)), [words.shape[0], 128])
-
-
-@triton.jit
-def _tcw_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, KW, NG, stride_xm,
-                stride_ym, blocks_per_split, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr,
-                EVEN_K: tl.constexpr):
-    """As _tc_kernel, but each block's codes become the weights themselves in registers (q·s + m in
-    x's 16-bit type, one rounding) and one accumulator runs through the whole K range: no per-block
-    scaling of the MMA result, no second MMA for the sums of x. Any GROUP (32..256)."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, BLOCK_M)
-    kk = tl.arange(0, 128)
-    ri = tl.arange(0, 16)
-    n_ok = rn < N
-    m_ok = rm < M
-    rm_in = tl.minimum(rm, M - 1)
-    dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    b_start = pid_k * blocks_per_split
-    b_end = tl.minimum(KW // 16, b_start + blocks_per_split)
-    w_rows = qw_ptr + rn[:, None] * KW + ri[None, :]
-    for b in range(b_start, b_end):
-        words = tl.load(w_rows + b * 16, mask=n_ok[:, None], other=0)
-        k = b * 128 + kk
-        if EVEN_K:
-            xr = tl.load(x_ptr + rm_in[:, None] * stride_xm + k[None, :])
-        else:
-            xr = tl.load(x_ptr + rm_in[:, None] * stride_xm + k[None, :], mask=(k < K)[None, :], other=0.0)
-        xt = tl.trans(xr.to(dt))  # [128, BLOCK_M]
-        if GROUP >= 128:
-            g = (b * 128) // GROUP
-            sc = tl.load(s_ptr + rn * NG + g, mask=n_ok, other=0.0)
-            off = tl.load(m_ptr + rn * NG + g, mask=n_ok, other=0.0)
-            w = _weight_tile(words, sc, off, BF16, USE_ASM)
-        else:  # several groups in the block: per-word scales (word i's nibble j is input 16·j + i)
-            tl.static_assert(False, "_tcw_kernel: groups under 128 are not wired yet")
-        if USE_ASM:
-            acc = tl.dot(w, xt, acc)
-        else:  # Triton's CPU interpreter gets 16-bit dots wrong: give it float32
-            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    y_off = rm[None, :] * stride_ym + rn[:, None]
-    y_ok = m_ok[None, :] & n_ok[:, None]
-    if SPLIT_K == 1:
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
-    else:
-        part = rm[None, :] * N + rn[:, None]  # ws [SPLIT_K, M, N]
-        tl.store(ws_ptr + pid_k * M * N + part, acc, mask=y_ok)
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for sk in range(SPLIT_K):  # in split order: the same sum on every run
-                total += tl.load(ws_ptr + sk * M * N + part, mask=y_ok, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=y_ok)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+        o0, o1, o2, o3, o4, o5, o6, o7 = _nibbles_plain(words, s16.to(tl.float32), m16.to(tl.float32), BF16)
+    return _input_order(o0, o1, o2, o3, o4, o5, o6, o7)
 
 
 @triton.jit
 def _tc_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, KW, NG, stride_xm,
                stride_ym, blocks_per_split, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr,
-               EVEN_K: tl.constexpr):
+               EVEN_K: tl.constexpr, WEIGHTS: tl.constexpr):
     """y [M, N] = x [M, K] · dequant(W)ᵀ on the tensor cores, M <= BLOCK_M (M = 1 included: the MMA
-    pads it for free, what matters is the weight bytes). Per 128-input block: acc = W' · xᵀ with W' the
-    16-bit codes 128 + q (1024 + q in fp16; exact), xsum = 1 · xᵀ (a second MMA), then per output row
-    y += s·acc + (m − BASE·s)·xsum, which is Σ x·(q·s + m). GROUP >= 128.
+    pads it for free, what matters is the weight bytes); the MMA's M side is the weight rows. GROUP >= 128.
 
-    SPLIT_K > 1: each program writes its partial [BLOCK_N, M] to ws[split] (float32), and the last of
-    the N tile's programs to arrive (counter cnt[tile], left at zero) sums the splits in order:
-    deterministic, no zeroed output, one launch."""
+    WEIGHTS ("tcw"): each 128-input block's codes become the weights themselves in registers (q·s + m
+    in x's 16-bit type, one rounding) and one accumulator runs through the K range.
+    Otherwise ("tc"): acc = W' · xᵀ with W' the 16-bit codes 128 + q (1024 + q in fp16; exact),
+    xsum = 1 · xᵀ (a second MMA), then per output row y += s·acc + (m − BASE·s)·xsum = Σ x·(q·s + m).
+    SPLIT_K > 1: partials summed by the last program of each N tile (_store_split)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -393,7 +315,8 @@ def _tc_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
     rm_in = tl.minimum(rm, M - 1)  # padding rows re-read the last row: unmasked loads, dropped at the store
     base: tl.constexpr = 128.0 if BF16 else 1024.0
     dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
-    ones = tl.full([BLOCK_N, 128], 1.0, dtype=dt)
+    if not WEIGHTS:
+        ones = tl.full([BLOCK_N, 128], 1.0, dtype=dt)
     out = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     b_start = pid_k * blocks_per_split
     b_end = tl.minimum(KW // 16, b_start + blocks_per_split)
@@ -407,33 +330,29 @@ def _tc_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
             xr = tl.load(x_ptr + rm_in[:, None] * stride_xm + k[None, :], mask=(k < K)[None, :], other=0.0)
         xt = tl.trans(xr.to(dt))  # [128, BLOCK_M]
         g = (b * 128) // GROUP
-        sc = tl.load(s_ptr + rn * NG + g, mask=n_ok, other=0.0).to(tl.float32)
-        off = tl.load(m_ptr + rn * NG + g, mask=n_ok, other=0.0).to(tl.float32)
-        codes = _nibble_tile(words, BF16, USE_ASM)
-        if USE_ASM:
-            acc = tl.dot(codes, xt)
-            xsum = tl.dot(ones, xt)
-        else:  # Triton's CPU interpreter gets 16-bit dots wrong: give it float32
-            acc = tl.dot(codes.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-            xsum = tl.dot(ones.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-        out += sc[:, None] * acc + (off - base * sc)[:, None] * xsum
+        sc = tl.load(s_ptr + rn * NG + g, mask=n_ok, other=0.0)
+        off = tl.load(m_ptr + rn * NG + g, mask=n_ok, other=0.0)
+        if WEIGHTS:
+            w = _weight_tile(words, sc, off, BF16, USE_ASM)
+            if USE_ASM:
+                out = tl.dot(w, xt, out)
+            else:  # Triton's CPU interpreter gets 16-bit dots wrong: give it float32
+                out = tl.dot(w.to(tl.float32), xt.to(tl.float32), out, input_precision="ieee")
+        else:
+            codes = _nibble_tile(words, BF16, USE_ASM)
+            if USE_ASM:
+                acc = tl.dot(codes, xt)
+                xsum = tl.dot(ones, xt)
+            else:
+                acc = tl.dot(codes.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+                xsum = tl.dot(ones.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+            sc = sc.to(tl.float32)
+            out += sc[:, None] * acc + (off.to(tl.float32) - base * sc)[:, None] * xsum
     if HAS_BIAS:
         if pid_k == 0:
             out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    y_off = rm[None, :] * stride_ym + rn[:, None]
-    y_ok = m_ok[None, :] & n_ok[:, None]
-    if SPLIT_K == 1:
-        tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=y_ok)
-    else:
-        part = rm[None, :] * N + rn[:, None]  # ws [SPLIT_K, M, N]
-        tl.store(ws_ptr + pid_k * M * N + part, out, mask=y_ok)
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for sk in range(SPLIT_K):  # in split order: the same sum on every run
-                total += tl.load(ws_ptr + sk * M * N + part, mask=y_ok, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=y_ok)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+    _store_split(y_ptr, ws_ptr, cnt_ptr, out, rm, rn, m_ok, n_ok, M, N, stride_ym, pid_n, pid_k, SPLIT_K,
+                 BLOCK_M, BLOCK_N)
 
 
 # ---------------------------------------------------------------- launch configuration
@@ -509,11 +428,12 @@ def _scratch_buffer(device: torch.device, dtype: torch.dtype, numel: int) -> tor
 
 
 def gemm_tcw(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
-    """As gemm_tc with _tcw_kernel: the weights dequantized in registers, one accumulator."""
-    return gemm_tc(x, w, bias, config, _tcw_kernel)
+    """As gemm_tc, the weights dequantized in registers and one accumulator (_tc_kernel WEIGHTS)."""
+    return gemm_tc(x, w, bias, config, weights=True)
 
 
-def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None, kernel=None) -> torch.Tensor:
+def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None, weights: bool = False
+            ) -> torch.Tensor:
     """x [M, K] (M <= 64; fp16 or bf16) → y [M, N]; config (BLOCK_N, SPLIT_K, num_warps). The MMA's M
     side is the weight rows; x's rows pad to a power of two >= 16 on the other side."""
     block_n, split_k, num_warps = config or TC_CONFIG
@@ -527,11 +447,11 @@ def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws = _scratch_buffer(x.device, torch.float32, split_k * m * n) if split_k > 1 else y
     cnt = _scratch_buffer(x.device, torch.int32, tiles) if split_k > 1 else y
-    (kernel or _tc_kernel)[(tiles, split_k)](
+    _tc_kernel[(tiles, split_k)](
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, m, n, w.in_features, kw,
         w.scales.shape[1], x.stride(0), y.stride(0), per, GROUP=w.group_size, BLOCK_M=block_m, BLOCK_N=block_n,
         SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET,
-        EVEN_K=w.in_features % 128 == 0, num_warps=num_warps)
+        EVEN_K=w.in_features % 128 == 0, WEIGHTS=weights, num_warps=num_warps)
     return y
 
 

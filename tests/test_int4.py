@@ -127,6 +127,7 @@ def test_gemv_unit_kernel_small(group, config):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 @pytest.mark.parametrize("group,m,config,dtype", [(128, 1, (16, 1, 4), torch.float16),
+                                                  (128, 1, (16, 2, 4, 1), torch.bfloat16),
                                                   (128, 3, (16, 3, 4), torch.bfloat16),
                                                   (256, 17, (32, 2, 4), torch.float16)])
 @pytest.mark.parametrize("kernel", ["tc", "tcw"])

@@ -17,12 +17,14 @@ import pytest
 pytest.importorskip("triton")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASES = [  # (capability, WEIGHTS, bf16, BLOCK_N, SPLIT_K)
+CASES = [  # (capability, WEIGHTS, bf16, BLOCK_N, SPLIT_K[, ONE_ROW])
     (87, True, False, 64, 4),  # Jetson Orin, --dtype half: tcw
     (87, False, True, 64, 1),
     (80, True, True, 128, 8),
     (90, True, True, 128, 8),  # Hopper: wgmma with the weights from registers
     (90, False, False, 64, 4),
+    (90, True, True, 128, 8, True),  # ONE_ROW: M = 1 reads x once per block
+    (87, True, False, 64, 4, True),
 ]
 CHILD = r"""
 import json, sys
@@ -35,11 +37,11 @@ ARGS = ["x_ptr", "qw_ptr", "s_ptr", "m_ptr", "bias_ptr", "y_ptr", "ws_ptr", "cnt
         "stride_xm", "stride_ym", "blocks_per_split"]
 TYPES = {"qw_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
 out = []
-for cap, weights, bf16, block_n, split_k in json.loads(sys.argv[1]):
+for cap, weights, bf16, block_n, split_k, *one_row in json.loads(sys.argv[1]):
     act = "*bf16" if bf16 else "*fp16"
     sig = {a: TYPES.get(a, act if a.endswith("_ptr") else "i32") for a in ARGS}
     const = {"GROUP": 128, "BLOCK_M": 16, "BLOCK_N": block_n, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
-             "USE_ASM": True, "EVEN_K": True, "WEIGHTS": weights}
+             "USE_ASM": True, "EVEN_K": True, "WEIGHTS": weights, "ONE_ROW": bool(one_row and one_row[0])}
     sig.update({k: "constexpr" for k in const})
     names = list(sig)
     src = ASTSource(fn=kern._tc_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})

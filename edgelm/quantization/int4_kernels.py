@@ -295,7 +295,7 @@ def _weight_tile(words, s, m, BF16: tl.constexpr, USE_ASM: tl.constexpr):
 def _tc_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, KW, NG, stride_xm,
                stride_ym, blocks_per_split, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr,
-               EVEN_K: tl.constexpr, WEIGHTS: tl.constexpr):
+               EVEN_K: tl.constexpr, WEIGHTS: tl.constexpr, ONE_ROW: tl.constexpr):
     """y [M, N] = x [M, K] · dequant(W)ᵀ on the tensor cores, M <= BLOCK_M (M = 1 included: the MMA
     pads it for free, what matters is the weight bytes); the MMA's M side is the weight rows. GROUP >= 128.
 
@@ -303,7 +303,8 @@ def _tc_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
     in x's 16-bit type, one rounding) and one accumulator runs through the K range.
     Otherwise ("tc"): acc = W' · xᵀ with W' the 16-bit codes 128 + q (1024 + q in fp16; exact),
     xsum = 1 · xᵀ (a second MMA), then per output row y += s·acc + (m − BASE·s)·xsum = Σ x·(q·s + m).
-    SPLIT_K > 1: partials summed by the last program of each N tile (_store_split)."""
+    SPLIT_K > 1: partials summed by the last program of each N tile (_store_split).
+    ONE_ROW (M = 1): x is read once per block, not once per padded MMA row."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -324,7 +325,10 @@ def _tc_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
     for b in range(b_start, b_end):
         words = tl.load(w_rows + b * 16, mask=n_ok[:, None], other=0)
         k = b * 128 + kk
-        if EVEN_K:
+        if ONE_ROW:  # M = 1: one row from memory, repeated in registers for the MMA's padding rows
+            x1 = tl.load(x_ptr + k) if EVEN_K else tl.load(x_ptr + k, mask=k < K, other=0.0)
+            xr = tl.broadcast_to(x1[None, :], [BLOCK_M, 128])
+        elif EVEN_K:
             xr = tl.load(x_ptr + rm_in[:, None] * stride_xm + k[None, :])
         else:
             xr = tl.load(x_ptr + rm_in[:, None] * stride_xm + k[None, :], mask=(k < K)[None, :], other=0.0)
@@ -434,9 +438,10 @@ def gemm_tcw(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=N
 
 def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None, weights: bool = False
             ) -> torch.Tensor:
-    """x [M, K] (M <= 64; fp16 or bf16) → y [M, N]; config (BLOCK_N, SPLIT_K, num_warps). The MMA's M
-    side is the weight rows; x's rows pad to a power of two >= 16 on the other side."""
-    block_n, split_k, num_warps = config or TC_CONFIG
+    """x [M, K] (M <= 64; fp16 or bf16) → y [M, N]; config (BLOCK_N, SPLIT_K, num_warps[, ONE_ROW]).
+    The MMA's M side is the weight rows; x's rows pad to a power of two >= 16 on the other side."""
+    block_n, split_k, num_warps, *rest = config or TC_CONFIG
+    one_row = bool(rest and rest[0]) and x.shape[0] == 1  # config[3]: the ONE_ROW x load at M = 1
     m = x.shape[0]
     n, kw = w.qweight.shape
     block_m = max(16, triton.next_power_of_2(m))
@@ -451,7 +456,7 @@ def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, m, n, w.in_features, kw,
         w.scales.shape[1], x.stride(0), y.stride(0), per, GROUP=w.group_size, BLOCK_M=block_m, BLOCK_N=block_n,
         SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET,
-        EVEN_K=w.in_features % 128 == 0, WEIGHTS=weights, num_warps=num_warps)
+        EVEN_K=w.in_features % 128 == 0, WEIGHTS=weights, ONE_ROW=one_row, num_warps=num_warps)
     return y
 
 

@@ -232,7 +232,7 @@ def bench(group: int, ms: list[int], out: str | None) -> dict:
     torch.cuda.synchronize()
     search_s = time.time() - t0
     del w
-    result = {"device": props.name, "quantize_search_seconds_gate_up": round(search_s, 3), "sm": f"{props.major}.{props.minor}", "torch": torch.__version__,
+    result = {"device": props.name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quantize_search_seconds_gate_up": round(search_s, 3), "sm": f"{props.major}.{props.minor}", "torch": torch.__version__,
               "triton": __import__("triton").__version__, "group_size": group,
               "copy_bandwidth_GBps": round(bw / 1e9, 1),
               "dispatch": {str(k): v for k, v in kern.DISPATCH.items()}, "timing": "median of 15 CUDA-graph replays; each replay "

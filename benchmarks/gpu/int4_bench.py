@@ -109,6 +109,8 @@ def candidates(m: int) -> list[tuple[str, tuple]]:
     benchmarks/results/int4_tune_h100.json."""
     tc = [("tcw", (bn, sk, nw)) for bn, sk, nw in itertools.product((64, 128), (1, 2, 4, 8), (4, 8))]
     tc += [("tc", c) for c in ((128, 4, 8), (64, 4, 4), (64, 8, 4), (128, 2, 8))]
+    # deeper software pipelines for the H200's best tcw configs (not yet timed on a GPU)
+    tc += [("tcw", (bn, sk, nw, 0, st)) for (bn, sk, nw), st in itertools.product(((128, 8, 4), (128, 4, 4)), (4, 5))]
     if m == 1:  # and the tcw configs again with x read once per block (ONE_ROW; not yet timed on a GPU)
         tc += [("tcw", (bn, sk, nw, 1)) for bn, sk, nw in ((128, 8, 4), (128, 8, 8), (128, 4, 4), (64, 8, 4))]
         return tc + [("gemv_unit", c) for c in ((8, 4, 1, 4, 1), (8, 2, 1, 4, 1), (16, 4, 1, 4, 1), (8, 8, 1, 4, 1))]

@@ -438,10 +438,11 @@ def gemm_tcw(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=N
 
 def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None, weights: bool = False
             ) -> torch.Tensor:
-    """x [M, K] (M <= 64; fp16 or bf16) → y [M, N]; config (BLOCK_N, SPLIT_K, num_warps[, ONE_ROW]).
+    """x [M, K] (M <= 64; fp16 or bf16) → y [M, N]; config (BLOCK_N, SPLIT_K, num_warps[, ONE_ROW[, num_stages]]).
     The MMA's M side is the weight rows; x's rows pad to a power of two >= 16 on the other side."""
     block_n, split_k, num_warps, *rest = config or TC_CONFIG
     one_row = bool(rest and rest[0]) and x.shape[0] == 1  # config[3]: the ONE_ROW x load at M = 1
+    stages = {"num_stages": rest[1]} if len(rest) > 1 and rest[1] else {}  # config[4]: software pipeline depth
     m = x.shape[0]
     n, kw = w.qweight.shape
     block_m = max(16, triton.next_power_of_2(m))
@@ -456,7 +457,7 @@ def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, m, n, w.in_features, kw,
         w.scales.shape[1], x.stride(0), y.stride(0), per, GROUP=w.group_size, BLOCK_M=block_m, BLOCK_N=block_n,
         SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET,
-        EVEN_K=w.in_features % 128 == 0, WEIGHTS=weights, ONE_ROW=one_row, num_warps=num_warps)
+        EVEN_K=w.in_features % 128 == 0, WEIGHTS=weights, ONE_ROW=one_row, num_warps=num_warps, **stages)
     return y
 
 

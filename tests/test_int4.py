@@ -151,6 +151,23 @@ def test_tc_kernel_small(group, m, config, dtype, kernel):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("group,k,config,dtype", [(128, 300, (8, 2, 1, 4), torch.float16),
+                                                  (128, 520, (16, 1, 3, 4), torch.bfloat16),
+                                                  (256, 512, (8, 4, 2, 4), torch.float16)])
+def test_gemv_h2_kernel_small(group, k, config, dtype):
+    """The packed-16-bit CUDA-core GEMV (its plain-op path here), split-K included, twice."""
+    from edgelm.quantization import int4_kernels as kern
+
+    w = _random_int4(40, k, group, DEVICE, meta=dtype)
+    x = torch.randn(1, k, device=DEVICE).to(dtype)
+    bias = torch.randn(40, device=DEVICE).to(dtype)
+    for _ in range(2):
+        assert rel_err(kern.gemv_h2(x, w, bias, config), reference(x, w, bias)) < 1e-2
+    with pytest.raises(ValueError):
+        kern.gemv_h2(torch.cat([x, x]), w, bias, config)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_dispatch_choice_and_tuned_table(tmp_path, monkeypatch):
     """Per-shape picks override the batch buckets; groups under 128 never reach the tensor-core
     kernels; a tuning run's JSON replaces both tables."""
@@ -208,6 +225,7 @@ def test_int4_linear_gpu(n, k, group):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel,config", [("gemv_unit", (16, 8, 2, 4, 1)), ("gemv_unit", (32, 2, 1, 8, 0)),
+                                           ("gemv_h2", (8, 4, 1, 4)), ("gemv_h2", (16, 4, 2, 8)),
                                            ("gemm", (16, 64, 4, 4)), ("gemm", (32, 32, 1, 4))])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kernel_configs_gpu(kernel, config, dtype):

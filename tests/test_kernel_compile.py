@@ -1,4 +1,5 @@
-"""The int4 tensor-core kernels' inline-PTX path compiled for real GPUs, here without one.
+"""The int4 kernels' inline-PTX paths (tensor-core tc/tcw, packed-16-bit gemv_h2) compiled for real
+GPUs, here without one.
 
 The interpreter runs the kernels' plain-op path only; Triton's wheel ships ptxas, so the PTX path can
 still be compiled (to SASS) for Ampere (SM 8.0), Jetson Orin (SM 8.7) and Hopper (SM 9.0) in CI:
@@ -26,6 +27,7 @@ CASES = [  # (capability, WEIGHTS, bf16, BLOCK_N, SPLIT_K[, ONE_ROW])
     (90, True, True, 128, 8, True),  # ONE_ROW: M = 1 reads x once per block
     (87, True, False, 64, 4, True),
 ]
+H2_CASES = [(87, False, 1), (90, True, 4), (80, True, 1)]  # gemv_h2: (capability, bf16, SPLIT_K)
 CHILD = r"""
 import json, sys
 import triton
@@ -52,21 +54,42 @@ for cap, weights, bf16, block_n, split_k, *one_row in json.loads(sys.argv[1]):
                     "fma2": "fma.rn.bf16x2" in ptx or "fma.rn.f16x2" in ptx, "cubin": len(c.asm["cubin"])})
     except Exception as exc:
         out.append({"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+H2 = ["x_ptr", "qw_ptr", "s_ptr", "m_ptr", "bias_ptr", "y_ptr", "ws_ptr", "cnt_ptr", "N", "K", "KW", "NG",
+      "blocks_per_split"]
+for cap, bf16, split_k in json.loads(sys.argv[2]):  # the packed-16-bit GEMV
+    act = "*bf16" if bf16 else "*fp16"
+    sig = {a: TYPES.get(a, act if a.endswith("_ptr") else "i32") for a in H2}
+    const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
+             "USE_ASM": True}
+    sig.update({k: "constexpr" for k in const})
+    names = list(sig)
+    src = ASTSource(fn=kern._gemv_h2_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    try:
+        c = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 4})
+        ptx = c.asm["ptx"]
+        out.append({"ok": True, "lop3": "lop3.b32" in ptx, "fma2": "fma.rn.bf16x2" in ptx or "fma.rn.f16x2" in ptx,
+                    "cubin": len(c.asm["cubin"])})
+    except Exception as exc:
+        out.append({"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]})
 print("RESULT " + json.dumps(out))
 """
 
 
-def test_tc_kernel_compiles_for_sm80_sm87_sm90():
+def test_int4_kernels_compile_for_sm80_sm87_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(CASES)], capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(CASES), json.dumps(H2_CASES)],
+                          capture_output=True, text=True, env=env, timeout=600)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, proc.stderr[-3000:]
     results = json.loads(line[len("RESULT "):])
     if all(not r["ok"] and "ptxas" in r["error"] for r in results):
         pytest.skip("this triton has no ptxas to compile with")
+    assert len(results) == len(CASES) + len(H2_CASES)
     for case, r in zip(CASES, results):
         assert r["ok"], (case, r.get("error"))
         assert r["lop3"] and r["cubin"] > 0, case  # the inline PTX made it into the kernel
         assert r["fma2"] == case[1], case  # packed FMAs only on the dequantize-to-weights path
+    for case, r in zip(H2_CASES, results[len(CASES):]):
+        assert r["ok"], (case, r.get("error"))
+        assert r["lop3"] and r["fma2"] and r["cubin"] > 0, case

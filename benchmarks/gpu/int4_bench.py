@@ -111,8 +111,11 @@ def candidates(m: int) -> list[tuple[str, tuple]]:
     tc += [("tc", c) for c in ((128, 4, 8), (64, 4, 4), (64, 8, 4), (128, 2, 8))]
     # deeper software pipelines for the H200's best tcw configs (not yet timed on a GPU)
     tc += [("tcw", (bn, sk, nw, 0, st)) for (bn, sk, nw), st in itertools.product(((128, 8, 4), (128, 4, 4)), (4, 5))]
-    if m == 1:  # and the tcw configs again with x read once per block (ONE_ROW; not yet timed on a GPU)
+    if m == 1:  # and the tcw configs again with x read once per block (ONE_ROW), and the packed-16-bit
+        # CUDA-core GEMV (gemv_h2): neither timed on a GPU yet
         tc += [("tcw", (bn, sk, nw, 1)) for bn, sk, nw in ((128, 8, 4), (128, 8, 8), (128, 4, 4), (64, 8, 4))]
+        tc += [("gemv_h2", c) for c in ((8, 4, 1, 4), (8, 8, 1, 4), (16, 4, 1, 4), (8, 4, 2, 4), (16, 8, 1, 8),
+                                        (4, 8, 1, 4))]
         return tc + [("gemv_unit", c) for c in ((8, 4, 1, 4, 1), (8, 2, 1, 4, 1), (16, 4, 1, 4, 1), (8, 8, 1, 4, 1))]
     bms = (16,) if m <= 16 else (16, 32)
     return tc + [("dequant", None)] + [("gemm", (bm, bn, sk, 4)) for bm, bn, sk in

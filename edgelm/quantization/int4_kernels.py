@@ -359,6 +359,118 @@ def _tc_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
                  BLOCK_M, BLOCK_N)
 
 
+def _dot_pairs_asm(fp16: bool) -> str:
+    """PTX for `_gemv_h2_kernel` (pack=1): word $1 and the four x pairs $2..$5 → $0, the float32 sum of
+    the word's 8 products q·x. lop3 on the word shifted by 4j makes the codes of nibbles j and j + 4
+    as a 16-bit pair (BASE + q), one FMA subtracts BASE (exact), one multiplies by the x pair
+    (x[16j + i], x[64 + 16j + i]) and accumulates; the pair's halves are then added in float32."""
+    kind, base, one, nbase = (("f16x2", "0x64006400", "0x3C003C00", "0xE400E400") if fp16 else
+                              ("bf16x2", "0x43004300", "0x3F803F80", "0xC300C300"))
+    lines = ["{", ".reg .b32 t, c, acc, one, nbase;", ".reg .f32 lo, hi;", f"mov.b32 one, {one};",
+             f"mov.b32 nbase, {nbase};", "mov.b32 acc, 0;"]
+    for j in range(4):
+        src = "$1"
+        if j:
+            lines.append(f"shr.u32 t, $1, {4 * j};")
+            src = "t"
+        lines += [f"lop3.b32 c, {src}, 0x000F000F, {base}, 0xEA;", f"fma.rn.{kind} c, c, one, nbase;",
+                  f"fma.rn.{kind} acc, c, ${2 + j}, acc;"]
+    if fp16:
+        lines += ["{", ".reg .f16 a, b;", "mov.b32 {a, b}, acc;", "cvt.f32.f16 lo, a;", "cvt.f32.f16 hi, b;", "}"]
+    else:  # a bf16 is the top half of the float32 it stands for
+        lines += ["shl.b32 t, acc, 16;", "mov.b32 lo, t;", "and.b32 t, acc, 0xFFFF0000;", "mov.b32 hi, t;"]
+    lines += ["add.f32 $0, lo, hi;", "}"]
+    return "\n".join(lines)
+
+
+_DOT_PAIRS_FP16 = tl.constexpr(_dot_pairs_asm(True))
+_DOT_PAIRS_BF16 = tl.constexpr(_dot_pairs_asm(False))
+_PAIR_ASM = tl.constexpr("mov.b32 $0, {$1, $2};")
+
+
+@triton.jit
+def _x_pair(x_ptr, k_lo, K, BITS: tl.constexpr):
+    """x[k_lo] and x[k_lo + 64] (0 past K: blocks past the last one included) and their float32 sum.
+    BITS: the pair as one int32 holding the two 16-bit values (for the PTX); else as two float32."""
+    lo = tl.load(x_ptr + k_lo, mask=k_lo < K, other=0.0)
+    hi = tl.load(x_ptr + k_lo + 64, mask=k_lo + 64 < K, other=0.0)
+    total = lo.to(tl.float32) + hi.to(tl.float32)
+    if BITS:
+        pair = tl.inline_asm_elementwise(_PAIR_ASM, "=r,h,h", [lo, hi], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        pair = tl.join(lo.to(tl.float32), hi.to(tl.float32))  # [.., 2]
+    return pair, total
+
+
+@triton.jit
+def _word_dot(words, p0, p1, p2, p3, BF16: tl.constexpr, USE_ASM: tl.constexpr):
+    """Σ over each word's 8 nibbles of q·x in float32: words [R, B, 16] against the x pairs p_j of
+    _x_pair ([B, 16] int32 with USE_ASM, else [B, 16, 2] float32)."""
+    if USE_ASM:
+        if BF16:
+            total = tl.inline_asm_elementwise(_DOT_PAIRS_BF16, "=r,r,r,r,r,r", [words, p0[None, :, :], p1[None, :, :],
+                                              p2[None, :, :], p3[None, :, :]], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            total = tl.inline_asm_elementwise(_DOT_PAIRS_FP16, "=r,r,r,r,r,r", [words, p0[None, :, :], p1[None, :, :],
+                                              p2[None, :, :], p3[None, :, :]], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        total = (_nibble_pair_dot(words, 0, p0) + _nibble_pair_dot(words, 4, p1) + _nibble_pair_dot(words, 8, p2)
+                 + _nibble_pair_dot(words, 12, p3))
+    return total
+
+
+@triton.jit
+def _nibble_pair_dot(words, shift: tl.constexpr, pair):
+    """The interpreter's path: q of the nibbles at bits shift and shift + 16 times x pair [B, 16, 2]."""
+    lo, hi = tl.split(pair)
+    return (((words >> shift) & 0xF).to(tl.float32) * lo[None, :, :]
+            + ((words >> (shift + 16)) & 0xF).to(tl.float32) * hi[None, :, :])
+
+
+@triton.jit
+def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, KW, NG, blocks_per_split,
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr):
+    """y [1, N] = x [1, K] · dequant(W)ᵀ on the CUDA cores in packed 16-bit arithmetic (GROUP >= 128).
+
+    Tile [BLOCK_N rows, BLOCK_B blocks, 16 words]. Per word one inline-PTX call (_dot_pairs_asm) forms
+    Σ q·x over its 8 nibbles with 16-bit-pair FMAs, about 2 instructions a weight; the 16 words of a
+    block are summed in float32, then y += s·Σ q·x + m·Σ x per block."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rb = tl.arange(0, BLOCK_B)
+    ri = tl.arange(0, 16)
+    n_ok = rn < N
+    b_start = pid_k * blocks_per_split
+    b_end = tl.minimum(KW // 16, b_start + blocks_per_split)
+    w_rows = qw_ptr + rn[:, None, None] * KW + ri[None, None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
+    for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
+        b = b0 + rb
+        b_ok = b < b_end
+        words = tl.load(w_rows + (b * 16)[None, :, None], mask=n_ok[:, None, None] & b_ok[None, :, None], other=0)
+        k0 = (b * 128)[:, None] + ri[None, :]  # [BLOCK_B, 16]: input 128·b + i, then + 16·j
+        p0, x0 = _x_pair(x_ptr, k0, K, USE_ASM)
+        p1, x1 = _x_pair(x_ptr, k0 + 16, K, USE_ASM)
+        p2, x2 = _x_pair(x_ptr, k0 + 32, K, USE_ASM)
+        p3, x3 = _x_pair(x_ptr, k0 + 48, K, USE_ASM)
+        xsum = tl.sum(x0 + x1 + x2 + x3, axis=1)  # [BLOCK_B]: Σ x over each block
+        qx = tl.sum(_word_dot(words, p0, p1, p2, p3, BF16, USE_ASM), axis=2)
+        g = (b * 128) // GROUP
+        sm_ok = n_ok[:, None] & b_ok[None, :]
+        sc = tl.load(s_ptr + rn[:, None] * NG + g[None, :], mask=sm_ok, other=0.0).to(tl.float32)
+        off = tl.load(m_ptr + rn[:, None] * NG + g[None, :], mask=sm_ok, other=0.0).to(tl.float32)
+        acc += sc * qx + off * tl.where(b_ok, xsum, 0.0)[None, :]
+    out = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        if pid_k == 0:
+            out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    rm = tl.arange(0, 1)
+    _store_split(y_ptr, ws_ptr, cnt_ptr, out[:, None], rm, rn, rm < 1, n_ok, 1, N, N, pid_n, pid_k, SPLIT_K, 1,
+                 BLOCK_N)
+
+
 # ---------------------------------------------------------------- launch configuration
 # Fastest on the H100 of the 81 swept (benchmarks/results/int4_tune_h100.json; geometric mean over the
 # Llama-3.1-8B shapes). gemv_unit: (BLOCK_N, BLOCK_B, SPLIT_K, num_warps, PREFETCH);
@@ -461,12 +573,31 @@ def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     return y
 
 
+def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
+    """x [1, K] → y [1, N] with _gemv_h2_kernel; config (BLOCK_N, BLOCK_B, SPLIT_K, num_warps)."""
+    block_n, block_b, split_k, num_warps = config or (8, 4, 1, 4)
+    n, kw = w.qweight.shape
+    if x.shape[0] != 1 or w.group_size < 128 or x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError("gemv_h2: needs one row, group size >= 128 and fp16/bf16 activations")
+    split_k, per = _split_tiles(-(-(kw // WORDS_PER_BLOCK) // block_b), split_k)
+    tiles = triton.cdiv(n, block_n)
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    ws = _scratch_buffer(x.device, torch.float32, split_k * n) if split_k > 1 else y
+    cnt = _scratch_buffer(x.device, torch.int32, tiles) if split_k > 1 else y
+    _gemv_h2_kernel[(tiles, split_k)](
+        x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,
+        w.scales.shape[1], per * block_b, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b, SPLIT_K=split_k,
+        HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, num_warps=num_warps)
+    return y
+
+
 def dequant_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
     """x [M, K] → y [M, N]: the dense weight, then cuBLAS."""
     return torch.nn.functional.linear(x, dequantize(w, x.dtype), bias)
 
 
-KERNELS = {"gemv_unit": gemv_unit, "gemm": gemm, "dequant": dequant_matmul, "tc": gemm_tc, "tcw": gemm_tcw}
+KERNELS = {"gemv_unit": gemv_unit, "gemm": gemm, "dequant": dequant_matmul, "tc": gemm_tc, "tcw": gemm_tcw,
+           "gemv_h2": gemv_h2}
 # largest M of each bucket → (kernel, launch config); M above the last bucket: dequantize, then cuBLAS.
 # The geometric-mean winners over the Llama-3.1-8B shapes of the H200 sweep in
 # benchmarks/gpu/int4_bench.py --tune (benchmarks/results/int4_tune_h200.json; an H100 sweep before the
@@ -539,7 +670,7 @@ def choose_kernel(m: int, w: Int4Weight) -> tuple[str, tuple] | None:
     for m_max, choice in DISPATCH.items():
         if m <= m_max:
             kernel, config = by_shape.get(m_max, choice)
-            if kernel in ("tc", "tcw") and w.group_size < 128:  # their scales are per 128-input block
+            if kernel in ("tc", "tcw", "gemv_h2") and w.group_size < 128:  # their scales are per 128-input block
                 kernel, config = next(c for b, c in SMALL_GROUP_DISPATCH.items() if m <= b)
             return kernel, config
     return None

@@ -1,13 +1,20 @@
 """edgelm's W4A16 kernels (Triton): y = x · dequant(W)ᵀ for the packed layout of int4_pack.
 
-- M == 1 (decode, batch 1): `_gemv_unit_kernel`, CUDA-core FMAs on [rows, 128-input blocks, 16 words]
-  tiles. A code becomes the float 1 + q/16 by one shift and one and-or (no conversion instruction),
-  and each group's scale and offset are applied once per word after its 8 products.
-- 1 < M <= MAX_M_DOT (small batches): `_gemm_kernel`, dequantizes a [16, BLOCK_N] slice per nibble
+- M <= MAX_M_DOT, groups >= 128 (the default, table DISPATCH): `_tc_kernel` on the tensor cores, fed
+  by inline PTX that turns packed words into 16-bit values (~1 integer op a weight). "tcw" dequantizes
+  to the weights themselves in registers and runs one MMA accumulator over K; "tc" multiplies the
+  codes and scales per block. The MMA's M side is the weight rows, so M = 1 costs what M = 16 does.
+  Deterministic split-K: the last program of each tile sums the partials.
+- M == 1: `_gemv_unit_kernel`, CUDA-core FMAs on [rows, 128-input blocks, 16 words] tiles (a code
+  becomes the float 1 + q/16 by one shift and one and-or), and `_gemv_h2_kernel`, CUDA-core FMAs in
+  packed 16-bit pairs (inline PTX).
+- 1 < M <= MAX_M_DOT, groups of 32/64: `_gemm_kernel`, dequantizes a [16, BLOCK_N] slice per nibble
   in registers and feeds the tensor cores (tl.dot, fp32 accumulate); split-K with fp32 atomics.
 - larger M (prefill): `_dequant_kernel` writes the dense weight, then cuBLAS.
 Launch configuration depends on shapes only (never on data): CUDA-graph capturable. No
-Hopper-only features: runs on SM 8.0+ (Ampere, Jetson Orin SM 8.7, Ada, Hopper).
+Hopper-only features: runs on SM 8.0+ (Ampere, Jetson Orin SM 8.7, Ada, Hopper); Triton's CPU
+interpreter runs the plain-op twin of every inline-PTX step (tests/test_int4.py), and
+tests/test_kernel_compile.py compiles the PTX paths for SM 8.0, 8.7 and 9.0.
 """
 
 from __future__ import annotations

@@ -33,44 +33,38 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from edgelm.quantization import int4_kernels as kern
+from edgelm.quantization import int4_ptx
 
-ARGS = ["x_ptr", "qw_ptr", "s_ptr", "m_ptr", "bias_ptr", "y_ptr", "ws_ptr", "cnt_ptr", "M", "N", "K", "KW", "NG",
-        "stride_xm", "stride_ym", "blocks_per_split"]
+TC = ["x_ptr", "qw_ptr", "s_ptr", "m_ptr", "bias_ptr", "y_ptr", "ws_ptr", "cnt_ptr", "M", "N", "K", "KW", "NG",
+      "stride_xm", "stride_ym", "blocks_per_split"]
+H2 = [a for a in TC if a not in ("M", "stride_xm", "stride_ym")]
 TYPES = {"qw_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+
+
+def compile_case(fn, args, bf16, cap, const, need_prmt):
+    act = "*bf16" if bf16 else "*fp16"
+    sig = {a: TYPES.get(a, act if a.endswith("_ptr") else "i32") for a in args}
+    sig.update({k: "constexpr" for k in const})
+    names = list(sig)
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    try:
+        c = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 4})
+    except Exception as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+    ptx = c.asm["ptx"]
+    return {"ok": True, "lop3": "lop3.b32" in ptx and ("prmt.b32" in ptx or not need_prmt),
+            "fma2": "fma.rn.bf16x2" in ptx or "fma.rn.f16x2" in ptx, "cubin": len(c.asm["cubin"])}
+
+
 out = []
 for cap, weights, bf16, block_n, split_k, *one_row in json.loads(sys.argv[1]):
-    act = "*bf16" if bf16 else "*fp16"
-    sig = {a: TYPES.get(a, act if a.endswith("_ptr") else "i32") for a in ARGS}
     const = {"GROUP": 128, "BLOCK_M": 16, "BLOCK_N": block_n, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
              "USE_ASM": True, "EVEN_K": True, "WEIGHTS": weights, "ONE_ROW": bool(one_row and one_row[0])}
-    sig.update({k: "constexpr" for k in const})
-    names = list(sig)
-    src = ASTSource(fn=kern._tc_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
-    try:
-        c = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 4})
-        ptx = c.asm["ptx"]
-        out.append({"ok": True, "lop3": "lop3.b32" in ptx and "prmt.b32" in ptx,
-                    "fma2": "fma.rn.bf16x2" in ptx or "fma.rn.f16x2" in ptx, "cubin": len(c.asm["cubin"])})
-    except Exception as exc:
-        out.append({"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]})
-H2 = ["x_ptr", "qw_ptr", "s_ptr", "m_ptr", "bias_ptr", "y_ptr", "ws_ptr", "cnt_ptr", "N", "K", "KW", "NG",
-      "blocks_per_split"]
+    out.append(compile_case(int4_ptx._tc_kernel, TC, bf16, cap, const, True))
 for cap, bf16, split_k in json.loads(sys.argv[2]):  # the packed-16-bit GEMV
-    act = "*bf16" if bf16 else "*fp16"
-    sig = {a: TYPES.get(a, act if a.endswith("_ptr") else "i32") for a in H2}
     const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
              "USE_ASM": True}
-    sig.update({k: "constexpr" for k in const})
-    names = list(sig)
-    src = ASTSource(fn=kern._gemv_h2_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
-    try:
-        c = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 4})
-        ptx = c.asm["ptx"]
-        out.append({"ok": True, "lop3": "lop3.b32" in ptx, "fma2": "fma.rn.bf16x2" in ptx or "fma.rn.f16x2" in ptx,
-                    "cubin": len(c.asm["cubin"])})
-    except Exception as exc:
-        out.append({"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+    out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False))
 print("RESULT " + json.dumps(out))
 """
 

@@ -1,20 +1,14 @@
-"""edgelm's W4A16 kernels (Triton): y = x · dequant(W)ᵀ for the packed layout of int4_pack.
+"""edgelm's W4A16 kernels (Triton): y = x · dequant(W)ᵀ for the packed layout of int4_pack, and which
+one runs for a given batch (DISPATCH, SHAPE_DISPATCH, `int4_linear`).
 
-- M <= MAX_M_DOT, groups >= 128 (the default, table DISPATCH): `_tc_kernel` on the tensor cores, fed
-  by inline PTX that turns packed words into 16-bit values (~1 integer op a weight). "tcw" dequantizes
-  to the weights themselves in registers and runs one MMA accumulator over K; "tc" multiplies the
-  codes and scales per block. The MMA's M side is the weight rows, so M = 1 costs what M = 16 does.
-  Deterministic split-K: the last program of each tile sums the partials.
-- M == 1: `_gemv_unit_kernel`, CUDA-core FMAs on [rows, 128-input blocks, 16 words] tiles (a code
-  becomes the float 1 + q/16 by one shift and one and-or), and `_gemv_h2_kernel`, CUDA-core FMAs in
-  packed 16-bit pairs (inline PTX).
+- M <= MAX_M_DOT, groups >= 128 (the default): the tensor-core kernels of int4_ptx ("tcw", "tc").
+- M == 1: `_gemv_unit_kernel` here, CUDA-core FMAs on [rows, 128-input blocks, 16 words] tiles (a
+  code becomes the float 1 + q/16 by one shift and one and-or); int4_ptx's "gemv_h2".
 - 1 < M <= MAX_M_DOT, groups of 32/64: `_gemm_kernel`, dequantizes a [16, BLOCK_N] slice per nibble
   in registers and feeds the tensor cores (tl.dot, fp32 accumulate); split-K with fp32 atomics.
 - larger M (prefill): `_dequant_kernel` writes the dense weight, then cuBLAS.
 Launch configuration depends on shapes only (never on data): CUDA-graph capturable. No
-Hopper-only features: runs on SM 8.0+ (Ampere, Jetson Orin SM 8.7, Ada, Hopper); Triton's CPU
-interpreter runs the plain-op twin of every inline-PTX step (tests/test_int4.py), and
-tests/test_kernel_compile.py compiles the PTX paths for SM 8.0, 8.7 and 9.0.
+Hopper-only features: runs on SM 8.0+ (Ampere, Jetson Orin SM 8.7, Ada, Hopper).
 """
 
 from __future__ import annotations
@@ -26,9 +20,7 @@ import triton
 import triton.language as tl
 
 from edgelm.quantization.int4_pack import WORDS_PER_BLOCK, Int4Weight
-
-MAX_M_DOT = 64
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from edgelm.quantization.int4_ptx import MAX_M_DOT, gemm_tc, gemm_tcw, gemv_h2, split_tiles
 
 
 @triton.jit
@@ -175,309 +167,6 @@ def _gemv_unit_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, N, K, KW, NG
         tl.atomic_add(y_ptr + rn, y, mask=n_ok)
 
 
-@triton.jit
-def _store_split(y_ptr, ws_ptr, cnt_ptr, tile, rm, rn, m_ok, n_ok, M, N, stride_ym, pid_n, pid_k,
-                 SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Write a [BLOCK_N, BLOCK_M] float32 tile of yᵀ. SPLIT_K > 1: the partial goes to ws[pid_k]
-    ([SPLIT_K, M, N]); the N tile's last program to arrive (counter cnt[pid_n], left at zero) sums
-    the partials in split order (the same sum every run) and writes y."""
-    y_off = rm[None, :] * stride_ym + rn[:, None]
-    y_ok = m_ok[None, :] & n_ok[:, None]
-    if SPLIT_K == 1:
-        tl.store(y_ptr + y_off, tile.to(y_ptr.dtype.element_ty), mask=y_ok)
-    else:
-        part = rm[None, :] * N + rn[:, None]
-        tl.store(ws_ptr + pid_k * M * N + part, tile, mask=y_ok)
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for sk in range(SPLIT_K):
-                total += tl.load(ws_ptr + sk * M * N + part, mask=y_ok, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=y_ok)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
-
-
-@triton.jit
-def _nibbles_plain(words, scale, offset, BF16: tl.constexpr):
-    """The interpreter's path: nibble j of each word as q·scale + offset in float32, rounded to 16 bits."""
-    dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
-    return (((words & 0xF).to(tl.float32) * scale + offset).to(dt),
-            (((words >> 4) & 0xF).to(tl.float32) * scale + offset).to(dt),
-            (((words >> 8) & 0xF).to(tl.float32) * scale + offset).to(dt),
-            (((words >> 12) & 0xF).to(tl.float32) * scale + offset).to(dt),
-            (((words >> 16) & 0xF).to(tl.float32) * scale + offset).to(dt),
-            (((words >> 20) & 0xF).to(tl.float32) * scale + offset).to(dt),
-            (((words >> 24) & 0xF).to(tl.float32) * scale + offset).to(dt),
-            (((words >> 28) & 0xF).to(tl.float32) * scale + offset).to(dt))
-
-
-@triton.jit
-def _input_order(o0, o1, o2, o3, o4, o5, o6, o7):
-    """Nibble tiles [R, 16] (tile j: nibble j of word i at column i) → [R, 128] with nibble j of word i
-    at 16·j + i, the block's input order. Nested joins put nibble j = g + 2f + 4e at [r, i, e, f, g];
-    moving i last and flattening puts it at 16·(4e + 2f + g) + i."""
-    w = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
-    return tl.reshape(tl.permute(w, (0, 2, 3, 4, 1)), [o0.shape[0], 128])
-
-
-# The 4-bit code → 16-bit float step of `_tc_kernel`. A half-precision float whose exponent field
-# says 2^7 (bf16 bits 0x4300) or 2^10 (fp16 bits 0x6400) and whose low mantissa bits hold q is
-# exactly 128 + q or 1024 + q: one and-or (a single LOP3) makes a pair of them from a register
-# holding two 16-bit halves of packed words. On the GPU this is inline PTX (prmt pairs the halves
-# of two words, lop3 masks and sets the exponent: ~1 integer instruction per weight, against 3 for
-# the shift/and/or of the float32 path); the interpreter computes the same values with plain ops.
-def _unpack_asm(base: str, fma: str | None = None, one: str = "", nbase: str = "") -> str:
-    """PTX for `inline_asm_elementwise(pack=2)`: words $8, $9 → eight 16-bit pairs $0..$7, pair j the
-    nibble j of both words: prmt puts the two words' low (high) halves side by side, a shift brings
-    nibble j to the bottom of each half and lop3 (a & b) | c masks it and sets the exponent bits
-    `base`. With `fma` (bf16x2 / f16x2), each pair then becomes (code - BASE)·$10 + $11."""
-    lines = ["{", ".reg .b32 lo, hi, t, c, one, nbase;", f"mov.b32 one, {one or 0};", f"mov.b32 nbase, {nbase or 0};",
-             "prmt.b32 lo, $8, $9, 0x5410;", "prmt.b32 hi, $8, $9, 0x7632;"]
-    for j in range(8):
-        half = "lo" if j < 4 else "hi"
-        if j % 4:
-            lines.append(f"shr.u32 t, {half}, {4 * (j % 4)};")
-        src = "t" if j % 4 else half
-        if fma is None:
-            lines.append(f"lop3.b32 ${j}, {src}, 0x000F000F, {base}, 0xEA;")
-        else:
-            lines += [f"lop3.b32 c, {src}, 0x000F000F, {base}, 0xEA;", f"fma.rn.{fma} c, c, one, nbase;",
-                      f"fma.rn.{fma} ${j}, c, $10, $11;"]
-    return "\n".join(lines + ["}"])
-
-
-_NIBBLE_ASM_BF16 = tl.constexpr(_unpack_asm("0x43004300"))
-_NIBBLE_ASM_FP16 = tl.constexpr(_unpack_asm("0x64006400"))
-
-
-@triton.jit
-def _nibble_tile(words, BF16: tl.constexpr, USE_ASM: tl.constexpr):
-    """int32 words [R, 16] (one packing block per row) → [R, 128] in bf16 (BF16) or fp16, element
-    16·j + i = BASE + nibble j of word i (BASE 128 or 1024): the code of the block's input 16·j + i."""
-    if USE_ASM:
-        if BF16:
-            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-                _NIBBLE_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words], dtype=(tl.bfloat16,) * 8, is_pure=True,
-                pack=2)
-        else:
-            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-                _NIBBLE_ASM_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words], dtype=(tl.float16,) * 8, is_pure=True,
-                pack=2)
-    else:
-        base: tl.constexpr = 128.0 if BF16 else 1024.0
-        o0, o1, o2, o3, o4, o5, o6, o7 = _nibbles_plain(words, 1.0, base, BF16)
-    return _input_order(o0, o1, o2, o3, o4, o5, o6, o7)
-
-
-# The weights themselves, for `_tc_kernel` WEIGHTS ("tcw"): the codes as above (BASE + q), then per pair c·1 − BASE
-# (exact: q in 16 bits; an FMA, as sub.bf16x2 needs SM 9.0) and q·s + m (one rounding, to the
-# activations' 16-bit type, as a dense checkpoint stores its weights). $10 and $11 hold the scale and
-# the offset of the two words' row, each as a pair of 16-bit values (pack=2 packs 16-bit inputs).
-_WEIGHT_ASM_BF16 = tl.constexpr(_unpack_asm("0x43004300", "bf16x2", one="0x3F803F80", nbase="0xC300C300"))
-_WEIGHT_ASM_FP16 = tl.constexpr(_unpack_asm("0x64006400", "f16x2", one="0x3C003C00", nbase="0xE400E400"))
-
-
-@triton.jit
-def _weight_tile(words, s, m, BF16: tl.constexpr, USE_ASM: tl.constexpr):
-    """int32 words [R, 16] (one packing block per row), scale and offset [R] → the dequantized block
-    [R, 128] in bf16 (BF16) or fp16, inputs in order (element 16·j + i = q·s + m of nibble j, word i)."""
-    dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
-    s16 = tl.broadcast_to(s.to(dt)[:, None], words.shape)
-    m16 = tl.broadcast_to(m.to(dt)[:, None], words.shape)
-    if USE_ASM:
-        if BF16:
-            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-                _WEIGHT_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, s16, m16], dtype=(tl.bfloat16,) * 8,
-                is_pure=True, pack=2)
-        else:
-            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-                _WEIGHT_ASM_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, s16, m16], dtype=(tl.float16,) * 8,
-                is_pure=True, pack=2)
-    else:
-        o0, o1, o2, o3, o4, o5, o6, o7 = _nibbles_plain(words, s16.to(tl.float32), m16.to(tl.float32), BF16)
-    return _input_order(o0, o1, o2, o3, o4, o5, o6, o7)
-
-
-@triton.jit
-def _tc_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, KW, NG, stride_xm,
-               stride_ym, blocks_per_split, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr,
-               EVEN_K: tl.constexpr, WEIGHTS: tl.constexpr, ONE_ROW: tl.constexpr):
-    """y [M, N] = x [M, K] · dequant(W)ᵀ on the tensor cores, M <= BLOCK_M (M = 1 included: the MMA
-    pads it for free, what matters is the weight bytes); the MMA's M side is the weight rows. GROUP >= 128.
-
-    WEIGHTS ("tcw"): each 128-input block's codes become the weights themselves in registers (q·s + m
-    in x's 16-bit type, one rounding) and one accumulator runs through the K range.
-    Otherwise ("tc"): acc = W' · xᵀ with W' the 16-bit codes 128 + q (1024 + q in fp16; exact),
-    xsum = 1 · xᵀ (a second MMA), then per output row y += s·acc + (m − BASE·s)·xsum = Σ x·(q·s + m).
-    SPLIT_K > 1: partials summed by the last program of each N tile (_store_split).
-    ONE_ROW (M = 1): x is read once per block, not once per padded MMA row."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = tl.arange(0, BLOCK_M)
-    kk = tl.arange(0, 128)
-    ri = tl.arange(0, 16)
-    n_ok = rn < N
-    m_ok = rm < M
-    rm_in = tl.minimum(rm, M - 1)  # padding rows re-read the last row: unmasked loads, dropped at the store
-    base: tl.constexpr = 128.0 if BF16 else 1024.0
-    dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
-    if not WEIGHTS:
-        ones = tl.full([BLOCK_N, 128], 1.0, dtype=dt)
-    out = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    b_start = pid_k * blocks_per_split
-    b_end = tl.minimum(KW // 16, b_start + blocks_per_split)
-    w_rows = qw_ptr + rn[:, None] * KW + ri[None, :]
-    for b in range(b_start, b_end):
-        words = tl.load(w_rows + b * 16, mask=n_ok[:, None], other=0)
-        k = b * 128 + kk
-        if ONE_ROW:  # M = 1: one row from memory, repeated in registers for the MMA's padding rows
-            x1 = tl.load(x_ptr + k) if EVEN_K else tl.load(x_ptr + k, mask=k < K, other=0.0)
-            xr = tl.broadcast_to(x1[None, :], [BLOCK_M, 128])
-        elif EVEN_K:
-            xr = tl.load(x_ptr + rm_in[:, None] * stride_xm + k[None, :])
-        else:
-            xr = tl.load(x_ptr + rm_in[:, None] * stride_xm + k[None, :], mask=(k < K)[None, :], other=0.0)
-        xt = tl.trans(xr.to(dt))  # [128, BLOCK_M]
-        g = (b * 128) // GROUP
-        sc = tl.load(s_ptr + rn * NG + g, mask=n_ok, other=0.0)
-        off = tl.load(m_ptr + rn * NG + g, mask=n_ok, other=0.0)
-        if WEIGHTS:
-            w = _weight_tile(words, sc, off, BF16, USE_ASM)
-            if USE_ASM:
-                out = tl.dot(w, xt, out)
-            else:  # Triton's CPU interpreter gets 16-bit dots wrong: give it float32
-                out = tl.dot(w.to(tl.float32), xt.to(tl.float32), out, input_precision="ieee")
-        else:
-            codes = _nibble_tile(words, BF16, USE_ASM)
-            if USE_ASM:
-                acc = tl.dot(codes, xt)
-                xsum = tl.dot(ones, xt)
-            else:
-                acc = tl.dot(codes.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-                xsum = tl.dot(ones.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-            sc = sc.to(tl.float32)
-            out += sc[:, None] * acc + (off.to(tl.float32) - base * sc)[:, None] * xsum
-    if HAS_BIAS:
-        if pid_k == 0:
-            out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    _store_split(y_ptr, ws_ptr, cnt_ptr, out, rm, rn, m_ok, n_ok, M, N, stride_ym, pid_n, pid_k, SPLIT_K,
-                 BLOCK_M, BLOCK_N)
-
-
-def _dot_pairs_asm(fp16: bool) -> str:
-    """PTX for `_gemv_h2_kernel` (pack=1): word $1 and the four x pairs $2..$5 → $0, the float32 sum of
-    the word's 8 products q·x. lop3 on the word shifted by 4j makes the codes of nibbles j and j + 4
-    as a 16-bit pair (BASE + q), one FMA subtracts BASE (exact), one multiplies by the x pair
-    (x[16j + i], x[64 + 16j + i]) and accumulates; the pair's halves are then added in float32."""
-    kind, base, one, nbase = (("f16x2", "0x64006400", "0x3C003C00", "0xE400E400") if fp16 else
-                              ("bf16x2", "0x43004300", "0x3F803F80", "0xC300C300"))
-    lines = ["{", ".reg .b32 t, c, acc, one, nbase;", ".reg .f32 lo, hi;", f"mov.b32 one, {one};",
-             f"mov.b32 nbase, {nbase};", "mov.b32 acc, 0;"]
-    for j in range(4):
-        src = "$1"
-        if j:
-            lines.append(f"shr.u32 t, $1, {4 * j};")
-            src = "t"
-        lines += [f"lop3.b32 c, {src}, 0x000F000F, {base}, 0xEA;", f"fma.rn.{kind} c, c, one, nbase;",
-                  f"fma.rn.{kind} acc, c, ${2 + j}, acc;"]
-    if fp16:
-        lines += ["{", ".reg .f16 a, b;", "mov.b32 {a, b}, acc;", "cvt.f32.f16 lo, a;", "cvt.f32.f16 hi, b;", "}"]
-    else:  # a bf16 is the top half of the float32 it stands for
-        lines += ["shl.b32 t, acc, 16;", "mov.b32 lo, t;", "and.b32 t, acc, 0xFFFF0000;", "mov.b32 hi, t;"]
-    lines += ["add.f32 $0, lo, hi;", "}"]
-    return "\n".join(lines)
-
-
-_DOT_PAIRS_FP16 = tl.constexpr(_dot_pairs_asm(True))
-_DOT_PAIRS_BF16 = tl.constexpr(_dot_pairs_asm(False))
-_PAIR_ASM = tl.constexpr("mov.b32 $0, {$1, $2};")
-
-
-@triton.jit
-def _x_pair(x_ptr, k_lo, K, BITS: tl.constexpr):
-    """x[k_lo] and x[k_lo + 64] (0 past K: blocks past the last one included) and their float32 sum.
-    BITS: the pair as one int32 holding the two 16-bit values (for the PTX); else as two float32."""
-    lo = tl.load(x_ptr + k_lo, mask=k_lo < K, other=0.0)
-    hi = tl.load(x_ptr + k_lo + 64, mask=k_lo + 64 < K, other=0.0)
-    total = lo.to(tl.float32) + hi.to(tl.float32)
-    if BITS:
-        pair = tl.inline_asm_elementwise(_PAIR_ASM, "=r,h,h", [lo, hi], dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        pair = tl.join(lo.to(tl.float32), hi.to(tl.float32))  # [.., 2]
-    return pair, total
-
-
-@triton.jit
-def _word_dot(words, p0, p1, p2, p3, BF16: tl.constexpr, USE_ASM: tl.constexpr):
-    """Σ over each word's 8 nibbles of q·x in float32: words [R, B, 16] against the x pairs p_j of
-    _x_pair ([B, 16] int32 with USE_ASM, else [B, 16, 2] float32)."""
-    if USE_ASM:
-        if BF16:
-            total = tl.inline_asm_elementwise(_DOT_PAIRS_BF16, "=r,r,r,r,r,r", [words, p0[None, :, :], p1[None, :, :],
-                                              p2[None, :, :], p3[None, :, :]], dtype=tl.float32, is_pure=True, pack=1)
-        else:
-            total = tl.inline_asm_elementwise(_DOT_PAIRS_FP16, "=r,r,r,r,r,r", [words, p0[None, :, :], p1[None, :, :],
-                                              p2[None, :, :], p3[None, :, :]], dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        total = (_nibble_pair_dot(words, 0, p0) + _nibble_pair_dot(words, 4, p1) + _nibble_pair_dot(words, 8, p2)
-                 + _nibble_pair_dot(words, 12, p3))
-    return total
-
-
-@triton.jit
-def _nibble_pair_dot(words, shift: tl.constexpr, pair):
-    """The interpreter's path: q of the nibbles at bits shift and shift + 16 times x pair [B, 16, 2]."""
-    lo, hi = tl.split(pair)
-    return (((words >> shift) & 0xF).to(tl.float32) * lo[None, :, :]
-            + ((words >> (shift + 16)) & 0xF).to(tl.float32) * hi[None, :, :])
-
-
-@triton.jit
-def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, KW, NG, blocks_per_split,
-                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr):
-    """y [1, N] = x [1, K] · dequant(W)ᵀ on the CUDA cores in packed 16-bit arithmetic (GROUP >= 128).
-
-    Tile [BLOCK_N rows, BLOCK_B blocks, 16 words]. Per word one inline-PTX call (_dot_pairs_asm) forms
-    Σ q·x over its 8 nibbles with 16-bit-pair FMAs, about 2 instructions a weight; the 16 words of a
-    block are summed in float32, then y += s·Σ q·x + m·Σ x per block."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rb = tl.arange(0, BLOCK_B)
-    ri = tl.arange(0, 16)
-    n_ok = rn < N
-    b_start = pid_k * blocks_per_split
-    b_end = tl.minimum(KW // 16, b_start + blocks_per_split)
-    w_rows = qw_ptr + rn[:, None, None] * KW + ri[None, None, :]
-    acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
-    for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
-        b = b0 + rb
-        b_ok = b < b_end
-        words = tl.load(w_rows + (b * 16)[None, :, None], mask=n_ok[:, None, None] & b_ok[None, :, None], other=0)
-        k0 = (b * 128)[:, None] + ri[None, :]  # [BLOCK_B, 16]: input 128·b + i, then + 16·j
-        p0, x0 = _x_pair(x_ptr, k0, K, USE_ASM)
-        p1, x1 = _x_pair(x_ptr, k0 + 16, K, USE_ASM)
-        p2, x2 = _x_pair(x_ptr, k0 + 32, K, USE_ASM)
-        p3, x3 = _x_pair(x_ptr, k0 + 48, K, USE_ASM)
-        xsum = tl.sum(x0 + x1 + x2 + x3, axis=1)  # [BLOCK_B]: Σ x over each block
-        qx = tl.sum(_word_dot(words, p0, p1, p2, p3, BF16, USE_ASM), axis=2)
-        g = (b * 128) // GROUP
-        sm_ok = n_ok[:, None] & b_ok[None, :]
-        sc = tl.load(s_ptr + rn[:, None] * NG + g[None, :], mask=sm_ok, other=0.0).to(tl.float32)
-        off = tl.load(m_ptr + rn[:, None] * NG + g[None, :], mask=sm_ok, other=0.0).to(tl.float32)
-        acc += sc * qx + off * tl.where(b_ok, xsum, 0.0)[None, :]
-    out = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        if pid_k == 0:
-            out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-    rm = tl.arange(0, 1)
-    _store_split(y_ptr, ws_ptr, cnt_ptr, out[:, None], rm, rn, rm < 1, n_ok, 1, N, N, pid_n, pid_k, SPLIT_K, 1,
-                 BLOCK_N)
-
-
 # ---------------------------------------------------------------- launch configuration
 # Fastest on the H100 of the 81 swept (benchmarks/results/int4_tune_h100.json; geometric mean over the
 # Llama-3.1-8B shapes). gemv_unit: (BLOCK_N, BLOCK_B, SPLIT_K, num_warps, PREFETCH);
@@ -485,13 +174,6 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
 GEMV_UNIT_CONFIG = (8, 4, 1, 4, 1)
 GEMM_CONFIG = (16, 64, 4, 4)
 GEMM_CONFIG_M64 = (32, 64, 4, 4)
-TC_CONFIG = (16, 1, 4)  # (BLOCK_N, SPLIT_K, num_warps): not yet measured
-
-
-def _split_tiles(total: int, split: int) -> tuple[int, int]:
-    split = max(1, min(split, total))
-    per = -(-total // split)
-    return -(-total // per), per
 
 
 def gemm(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
@@ -499,7 +181,7 @@ def gemm(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None)
     block_m, block_n, split_k, num_warps = config or GEMM_CONFIG
     m = x.shape[0]
     n, kw = w.qweight.shape
-    split_k, blocks_per_split = _split_tiles(kw // WORDS_PER_BLOCK, split_k)
+    split_k, blocks_per_split = split_tiles(kw // WORDS_PER_BLOCK, split_k)
     if split_k == 1:
         y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     else:
@@ -527,7 +209,7 @@ def gemv_unit(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=
     block_n, block_b, split_k, num_warps, prefetch = config or GEMV_UNIT_CONFIG
     n, kw = w.qweight.shape
     blocks = kw // WORDS_PER_BLOCK
-    split_k, per = _split_tiles(-(-blocks // block_b), split_k)
+    split_k, per = split_tiles(-(-blocks // block_b), split_k)
     y = torch.empty(1, n, dtype=x.dtype, device=x.device) if split_k == 1 else \
         torch.zeros(1, n, dtype=torch.float32, device=x.device)
     _gemv_unit_kernel[(triton.cdiv(n, block_n), split_k)](
@@ -535,67 +217,6 @@ def gemv_unit(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=
         w.scales.shape[1], per * block_b, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b,
         SPLIT_K=split_k, HAS_BIAS=bias is not None, PREFETCH=bool(prefetch), num_warps=num_warps)
     return y if split_k == 1 else y.to(x.dtype)
-
-
-# per device: the split-K partials (float32) and the N tiles' arrival counters of _tc_kernel, shared
-# by every call (one stream runs them one after another). Grown by appending, never freed: a CUDA
-# graph that captured an older buffer keeps using it.
-_scratch: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-
-
-def _scratch_buffer(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    held = _scratch.setdefault((device, dtype), [])
-    if not held or held[-1].numel() < numel:
-        held.append(torch.zeros(max(numel, 2 * held[-1].numel() if held else 0), dtype=dtype, device=device))
-    return held[-1]
-
-
-def gemm_tcw(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
-    """As gemm_tc, the weights dequantized in registers and one accumulator (_tc_kernel WEIGHTS)."""
-    return gemm_tc(x, w, bias, config, weights=True)
-
-
-def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None, weights: bool = False
-            ) -> torch.Tensor:
-    """x [M, K] (M <= 64; fp16 or bf16) → y [M, N]; config (BLOCK_N, SPLIT_K, num_warps[, ONE_ROW[, num_stages]]).
-    The MMA's M side is the weight rows; x's rows pad to a power of two >= 16 on the other side."""
-    block_n, split_k, num_warps, *rest = config or TC_CONFIG
-    one_row = bool(rest and rest[0]) and x.shape[0] == 1  # config[3]: the ONE_ROW x load at M = 1
-    stages = {"num_stages": rest[1]} if len(rest) > 1 and rest[1] else {}  # config[4]: software pipeline depth
-    m = x.shape[0]
-    n, kw = w.qweight.shape
-    block_m = max(16, triton.next_power_of_2(m))
-    if m > MAX_M_DOT or w.group_size < 128 or x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError("gemm_tc: needs M <= 64, group size >= 128 and fp16/bf16 activations")
-    split_k, per = _split_tiles(kw // WORDS_PER_BLOCK, split_k)
-    tiles = triton.cdiv(n, block_n)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    ws = _scratch_buffer(x.device, torch.float32, split_k * m * n) if split_k > 1 else y
-    cnt = _scratch_buffer(x.device, torch.int32, tiles) if split_k > 1 else y
-    _tc_kernel[(tiles, split_k)](
-        x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, m, n, w.in_features, kw,
-        w.scales.shape[1], x.stride(0), y.stride(0), per, GROUP=w.group_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET,
-        EVEN_K=w.in_features % 128 == 0, WEIGHTS=weights, ONE_ROW=one_row, num_warps=num_warps, **stages)
-    return y
-
-
-def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
-    """x [1, K] → y [1, N] with _gemv_h2_kernel; config (BLOCK_N, BLOCK_B, SPLIT_K, num_warps)."""
-    block_n, block_b, split_k, num_warps = config or (8, 4, 1, 4)
-    n, kw = w.qweight.shape
-    if x.shape[0] != 1 or w.group_size < 128 or x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError("gemv_h2: needs one row, group size >= 128 and fp16/bf16 activations")
-    split_k, per = _split_tiles(-(-(kw // WORDS_PER_BLOCK) // block_b), split_k)
-    tiles = triton.cdiv(n, block_n)
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    ws = _scratch_buffer(x.device, torch.float32, split_k * n) if split_k > 1 else y
-    cnt = _scratch_buffer(x.device, torch.int32, tiles) if split_k > 1 else y
-    _gemv_h2_kernel[(tiles, split_k)](
-        x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,
-        w.scales.shape[1], per * block_b, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b, SPLIT_K=split_k,
-        HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, num_warps=num_warps)
-    return y
 
 
 def dequant_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from edgelm.layers import triton_ops as switches
 from edgelm.layers.attention.base import AttentionBackend
 
 _FALLBACK = "use --attention-backend torch_native"
@@ -64,8 +63,6 @@ class TritonAttnBackend(AttentionBackend):
         kind = "cuda" if self.device.startswith("cuda") else "cpu"
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if kind == "cuda" else 4
         self.decode_config = triton_ops.default_decode_config(self.head_dim, dtype, kind)
-        # off through EDGELM_TRITON_OPS (without attn_merge): the separate merge kernel
-        self.merge_in_kernel = kind != "cuda" or switches.enabled("attn_merge")
         self.extend_config = triton_ops.default_extend_config(self.head_dim, dtype, kind)
         self.forward_metadata: DecodeMetadata | ExtendMetadata | None = None
         # CUDA-graph state (init_cuda_graph_state)
@@ -161,7 +158,7 @@ class TritonAttnBackend(AttentionBackend):
         meta = self.forward_metadata
         self.ops.decode_attention(q.reshape(bs, h, d), k_buf, v_buf, o.view(bs, h, d), self.req_to_token,
                          forward_batch.req_pool_indices, forward_batch.seq_lens, meta.mid_o[:bs], meta.mid_lse[:bs],
-                         layer.scaling, self.decode_config, meta.counters if self.merge_in_kernel else None)
+                         layer.scaling, self.decode_config, meta.counters)
         return o
 
     def forward_extend(self, q, k, v, layer, forward_batch):

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from edgelm.layers import triton_ops as switches
+
 LOG2E = 1.4426950408889634
 
 
@@ -29,16 +31,19 @@ class DecodeConfig:
     max_splits: int = 64
     programs_per_sm: int = 2  # aim for this many stage-1 programs per SM when choosing splits
     # the last split of each (request, head group) to finish merges all of them (an atomic counter
-    # tells it that it is last): no second launch. False: the separate merge kernel.
-    merge_in_kernel: bool = True
+    # tells it that it is last): no second launch. False: the separate merge kernel (on CUDA unless
+    # EDGELM_TRITON_OPS names attn_merge: the one launch measured slower on an H200).
+    merge_in_kernel: bool = False
 
 
 def default_decode_config(head_dim: int, dtype: torch.dtype, device: str) -> DecodeConfig:
-    if device != "cuda":  # the interpreter: few, small steps
-        return DecodeConfig(block_n=16, num_warps=1, num_stages=1, min_split_len=16, max_splits=4)
+    if device != "cuda":  # the interpreter: few, small steps; both merges tested there
+        return DecodeConfig(block_n=16, num_warps=1, num_stages=1, min_split_len=16, max_splits=4,
+                            merge_in_kernel=True)
+    merge = switches.enabled("attn_merge")
     if head_dim > 128 or dtype == torch.float32:
-        return DecodeConfig(block_n=32, min_split_len=64)
-    return DecodeConfig()
+        return DecodeConfig(block_n=32, min_split_len=64, merge_in_kernel=merge)
+    return DecodeConfig(merge_in_kernel=merge)
 
 
 def heads_per_program(group: int) -> int:
@@ -193,8 +198,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     """q, o [B, H, D] (last dim contiguous); k_buf, v_buf [S, Hkv, D]; req_to_token [R, L];
     req_pool_indices, seq_lens [B]; mid_o [B, H, splits, D] and mid_lse [B, H, splits] float32
     scratch, whose split count sets the grid (one split: stage 1 writes o, no merge). counters:
-    int32 zeros, at least decode_counters(B, H, Hkv) of them, for the in-kernel merge (left zero);
-    None: the separate merge kernel. Writes o; no host synchronisation. Every request needs seq_len >= 1."""
+    int32 zeros, at least decode_counters(B, H, Hkv) of them, for the in-kernel merge of
+    cfg.merge_in_kernel (left zero); None: the separate merge kernel. Writes o; no host synchronisation. Every request needs seq_len >= 1."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_buf.shape[1]
     splits = mid_o.shape[2]

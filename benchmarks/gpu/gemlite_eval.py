@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -19,10 +18,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from int4_bench import L2_DEFEAT_BYTES, SHAPES, bf16_copies, copy_bandwidth, int4_bytes, time_calls  # noqa: E402
+from int4_bench import SHAPES, bf16_copies, copy_bandwidth, int4_bytes, int4_copies, time_calls  # noqa: E402
 
 from edgelm.quantization import int4_kernels as kern  # noqa: E402
-from edgelm.quantization.int4_pack import dequantize_int4, quantize_int4, unpack_int4  # noqa: E402
+from edgelm.quantization.int4_pack import dequantize_int4, unpack_int4  # noqa: E402
 
 
 def gemlite_layer(w, dtype):
@@ -51,15 +50,10 @@ def main() -> None:
     bw = copy_bandwidth()
     rows = []
     for name, (n, k) in SHAPES.items():
-        w0 = quantize_int4(torch.randn(n, k, device="cuda", dtype=dtype) * 0.02, args.group, "minmax")
-        count = max(2, math.ceil(L2_DEFEAT_BYTES / w0.nbytes()))
-        g0 = gemlite_layer(w0, dtype)
-        ours = [w0] * 1
-        gl = [g0]
-        for _ in range(count - 1):
-            from edgelm.quantization.int4_pack import Int4Weight
-            ours.append(Int4Weight(w0.qweight.clone(), w0.scales.clone(), w0.offsets.clone(), k, args.group))
-            gl.append(gemlite_layer(w0, dtype))
+        ours = int4_copies(n, k, args.group)  # the same codes in every copy
+        w0 = ours[0]
+        gl = [gemlite_layer(w, dtype) for w in ours]
+        g0 = gl[0]
         wb = bf16_copies(n, k)
         ref_w = dequantize_int4(w0, torch.float32)
         for m in args.batch:

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from edgelm.layers.triton_ops.scratch import scratch
 from edgelm.quantization.int4_pack import WORDS_PER_BLOCK, Int4Weight
 
 MAX_M_DOT = 64
@@ -333,19 +334,6 @@ def split_tiles(total: int, split: int) -> tuple[int, int]:
     return -(-total // per), per
 
 
-# per device: the split-K partials (float32) and the N tiles' arrival counters of _tc_kernel, shared
-# by every call (one stream runs them one after another). Grown by appending, never freed: a CUDA
-# graph that captured an older buffer keeps using it.
-_scratch: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-
-
-def _scratch_buffer(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    held = _scratch.setdefault((device, dtype), [])
-    if not held or held[-1].numel() < numel:
-        held.append(torch.zeros(max(numel, 2 * held[-1].numel() if held else 0), dtype=dtype, device=device))
-    return held[-1]
-
-
 def gemm_tcw(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
     """As gemm_tc, the weights dequantized in registers and one accumulator (_tc_kernel WEIGHTS)."""
     return gemm_tc(x, w, bias, config, weights=True)
@@ -366,8 +354,8 @@ def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     split_k, per = split_tiles(kw // WORDS_PER_BLOCK, split_k)
     tiles = triton.cdiv(n, block_n)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    ws = _scratch_buffer(x.device, torch.float32, split_k * m * n) if split_k > 1 else y
-    cnt = _scratch_buffer(x.device, torch.int32, tiles) if split_k > 1 else y
+    ws = scratch(x.device, "int4", torch.float32, split_k * m * n) if split_k > 1 else y
+    cnt = scratch(x.device, "int4", torch.int32, tiles) if split_k > 1 else y
     _tc_kernel[(tiles, split_k)](
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, m, n, w.in_features, kw,
         w.scales.shape[1], x.stride(0), y.stride(0), per, GROUP=w.group_size, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -385,8 +373,8 @@ def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     split_k, per = split_tiles(-(-(kw // WORDS_PER_BLOCK) // block_b), split_k)
     tiles = triton.cdiv(n, block_n)
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    ws = _scratch_buffer(x.device, torch.float32, split_k * n) if split_k > 1 else y
-    cnt = _scratch_buffer(x.device, torch.int32, tiles) if split_k > 1 else y
+    ws = scratch(x.device, "int4", torch.float32, split_k * n) if split_k > 1 else y
+    cnt = scratch(x.device, "int4", torch.int32, tiles) if split_k > 1 else y
     _gemv_h2_kernel[(tiles, split_k)](
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,
         w.scales.shape[1], per * block_b, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b, SPLIT_K=split_k,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from edgelm.layers.attention.base import AttentionBackend
+from edgelm.layers.triton_ops.scratch import scratch
 
 _FALLBACK = "use --attention-backend torch_native"
 
@@ -70,15 +71,12 @@ class TritonAttnBackend(AttentionBackend):
         self.graph_mid_o: torch.Tensor | None = None
         self.graph_mid_lse: torch.Tensor | None = None
         self.graph_metadata: dict[int, DecodeMetadata] = {}
-        self.graph_counters: torch.Tensor | None = None
-        self.counters = torch.zeros(0, dtype=torch.int32, device=self.device)  # eager steps; grows
 
     # ---- metadata ----
-    def _eager_counters(self, bs: int) -> torch.Tensor:
-        need = self.ops.decode_counters(bs, self.num_heads, self.num_kv_heads)
-        if self.counters.numel() < need:
-            self.counters = torch.zeros(max(need, 2 * self.counters.numel()), dtype=torch.int32, device=self.device)
-        return self.counters
+    def _counters(self, bs: int) -> torch.Tensor:
+        """The in-kernel merge's arrival counters for bs requests (zero; the kernel leaves them so)."""
+        return scratch(self.device, "attn_merge", torch.int32,
+                       self.ops.decode_counters(bs, self.num_heads, self.num_kv_heads))
 
     def _num_kv_splits(self, bs: int, max_seq_len: int) -> int:
         return self.ops.num_kv_splits(bs, self.num_heads, self.num_kv_heads, max_seq_len, self.num_sms, self.decode_config)
@@ -92,7 +90,7 @@ class TritonAttnBackend(AttentionBackend):
                 mid_o=torch.empty((bs, self.num_heads, splits, self.head_dim), dtype=torch.float32,
                                   device=self.device),
                 mid_lse=torch.empty((bs, self.num_heads, splits), dtype=torch.float32, device=self.device),
-                counters=self._eager_counters(bs))
+                counters=self._counters(bs))
             return
         fb = forward_batch
         if fb.extend_prefix_lens is not None and fb.extend_seq_lens is not None and fb.extend_start_loc is not None:
@@ -114,9 +112,7 @@ class TritonAttnBackend(AttentionBackend):
         self.graph_mid_o = torch.empty(rows * self.num_heads * self.head_dim, dtype=torch.float32,
                                        device=self.device)
         self.graph_mid_lse = torch.empty(rows * self.num_heads, dtype=torch.float32, device=self.device)
-        # the graphs' own counters: never reallocated while graphs that captured them live
-        self.graph_counters = torch.zeros(self.ops.decode_counters(max_bs, self.num_heads, self.num_kv_heads),
-                                          dtype=torch.int32, device=self.device)
+        self._counters(max_bs)  # sized before any capture: none allocates
         self.graph_metadata = {}
 
     def init_forward_metadata_capture_cuda_graph(self, bs: int, forward_batch) -> None:
@@ -126,7 +122,7 @@ class TritonAttnBackend(AttentionBackend):
         h, d = self.num_heads, self.head_dim
         meta = DecodeMetadata(mid_o=self.graph_mid_o[: bs * h * splits * d].view(bs, h, splits, d),
                               mid_lse=self.graph_mid_lse[: bs * h * splits].view(bs, h, splits),
-                              counters=self.graph_counters)
+                              counters=self._counters(bs))
         self.graph_metadata[bs] = meta
         self.forward_metadata = meta
 

@@ -12,11 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 4096
+from edgelm.layers.triton_ops.scratch import scratch
 
-# per device: int32 arrival counters, zero between launches (the last program of a row resets its
-# own). Grown by appending: a CUDA graph that captured an older buffer keeps using it.
-_counters: dict[torch.device, list[torch.Tensor]] = {}
+BLOCK = 4096
 
 
 @triton.jit
@@ -44,14 +42,6 @@ def _argmax_kernel(x_ptr, x_stride, out_ptr, n_cols, best_ptr, idx_ptr, counter_
         tl.atomic_xchg(counter_ptr + row, 0)
 
 
-def _row_counters(rows: int, device: torch.device) -> torch.Tensor:
-    held = _counters.setdefault(device, [])
-    if not held or held[-1].numel() < rows:
-        held.append(torch.zeros(max(rows, 64, 2 * held[-1].numel() if held else 0), dtype=torch.int32,
-                                device=device))
-    return held[-1]
-
-
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """logits [B, V] (last dim contiguous) → [B] int64, as torch.argmax(dim=-1) for finite values."""
     rows, n = logits.shape
@@ -62,6 +52,7 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     width = max(triton.next_power_of_2(chunks), 2)
     best = torch.empty(rows, width, dtype=torch.float32, device=logits.device)
     idx = torch.empty(rows, width, dtype=torch.int32, device=logits.device)
-    _argmax_kernel[(rows, chunks)](logits, logits.stride(0), out, n, best, idx, _row_counters(rows, logits.device),
-                                   BLOCK=BLOCK, CHUNKS=width, num_warps=4)
+    counters = scratch(logits.device, "argmax", torch.int32, rows)
+    _argmax_kernel[(rows, chunks)](logits, logits.stride(0), out, n, best, idx, counters, BLOCK=BLOCK, CHUNKS=width,
+                                   num_warps=4)
     return out

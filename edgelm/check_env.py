@@ -116,6 +116,8 @@ def torchao_configs(facts: PlatformFacts, versions: dict[str, str]) -> dict:
         else:
             runnable.append(name)
     notes = []
+    if "int4wo-128" in runnable:
+        notes.append("AWQ and GPTQ 4-bit checkpoints load onto the same int4 kernels (detected from config.json)")
     if not cuda and any(n.startswith("int4wo") for n in runnable):
         notes.append("on the CPU int4wo-* keeps a dense copy of each weight: no memory saving")
     return {"runnable": runnable, "refused": refused, "notes": notes}

@@ -55,7 +55,9 @@ class ServerArgs:
         None, "Attention kernels. Unset: the best one available on this device.", choices=ATTENTION_BACKENDS)
     torchao_config: str = _flag("", "TorchAO weight quantization, e.g. int4wo-128.",
                                 choices=("",) + TORCHAO_CONFIGS)
-    quantization: str | None = _flag(None, "Pre-quantized checkpoint format (awq, gptq).")
+    quantization: str | None = _flag(
+        None, "Pre-quantized 4-bit checkpoint format; detected from config.json when unset.",
+        choices=("awq", "gptq", "awq_marlin", "gptq_marlin"))
     random_seed: int | None = _flag(None, "Seed for requests that bring none (default: random).")
     # Memory and scheduling
     mem_fraction_static: float | None = _flag(
@@ -143,10 +145,9 @@ class ServerArgs:
             raise ServerArgsError("--decode-log-interval must be positive")
         if self.grammar_workers is not None and self.grammar_workers < 0:
             raise ServerArgsError(f"--grammar-workers must be 0 or more, got {self.grammar_workers}")
-        if self.quantization is not None:
-            raise ServerArgsError(
-                f"--quantization {self.quantization} is not supported yet; use --torchao-config to quantize "
-                "an unquantized checkpoint at load time")
+        if self.quantization is not None and self.torchao_config:
+            raise ServerArgsError(f"--quantization {self.quantization} loads an already quantized checkpoint: "
+                                  f"drop --torchao-config {self.torchao_config}")
 
     def resolved_overlap_schedule(self, device: str) -> bool:
         """On a CPU device the forward runs on the scheduler's thread: there is nothing to overlap.

@@ -72,7 +72,8 @@ def test_sglang_jetson_commands_parse():
 
 
 @pytest.mark.parametrize("argv, words", [
-    (("--quantization", "awq"), "--torchao-config"),
+    (("--quantization", "awq", "--torchao-config", "int4wo-128"), "drop --torchao-config"),
+    (("--quantization", "bnb"), "invalid choice"),
     (("--mem-fraction-static", "1.5"), "mem-fraction-static"),
     (("--mem-fraction-static", "0"), "mem-fraction-static"),
     (("--port", "0"), "--port"),
@@ -92,8 +93,8 @@ def test_refused_with_a_message(capsys, argv, words):
 
 
 def test_refused_in_python_too():
-    with pytest.raises(ServerArgsError, match="not supported"):
-        ServerArgs(quantization="gptq")
+    with pytest.raises(ServerArgsError, match="already quantized"):
+        ServerArgs(quantization="gptq", torchao_config="int4wo-128")
     with pytest.raises(ServerArgsError):
         ServerArgs(max_running_requests=0)
 

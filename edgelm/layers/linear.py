@@ -6,6 +6,9 @@ kernels) recognise and replace them after loading, like any other linear layer.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +16,18 @@ from torch import nn
 from edgelm.layers import triton_ops
 
 _PLAIN = (torch.Tensor, nn.Parameter)
+_WEIGHTS_ON_META = contextvars.ContextVar("edgelm_linear_weights_on_meta", default=False)
+
+
+@contextlib.contextmanager
+def linear_weights_on_meta():
+    """Linear layers built inside put their weight and bias on the meta device (no memory): the
+    caller replaces them before loading (pre-quantized checkpoints) or calls `materialize`."""
+    token = _WEIGHTS_ON_META.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_ON_META.reset(token)
 _HALF = (torch.bfloat16, torch.float16)
 
 
@@ -40,10 +55,22 @@ class Linear(nn.Linear):
     """y = x Wᵀ (+ b); weight [out_features, in_features]."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None, device=None):
+        if _WEIGHTS_ON_META.get():
+            device = "meta"
         super().__init__(in_features, out_features, bias=bias, dtype=dtype, device=device)
+        self._set_loaders()
+
+    def _set_loaders(self) -> None:
         self.weight.weight_loader = default_weight_loader
-        if bias:
+        if self.bias is not None:
             self.bias.weight_loader = default_weight_loader
+
+    def materialize(self, device, dtype: torch.dtype) -> None:
+        """Real (uninitialized) weight and bias for a layer built under `linear_weights_on_meta`."""
+        self.weight = nn.Parameter(torch.empty(self.weight.shape, dtype=dtype, device=device), requires_grad=False)
+        if self.bias is not None:
+            self.bias = nn.Parameter(torch.empty(self.bias.shape, dtype=dtype, device=device), requires_grad=False)
+        self._set_loaders()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
@@ -65,8 +92,10 @@ class MergedLinear(Linear):
         for name, size in output_sizes.items():
             self.shard_offsets[name] = (offset, size)
             offset += size
+
+    def _set_loaders(self) -> None:
         self.weight.weight_loader = self._load_shard
-        if bias:
+        if self.bias is not None:
             self.bias.weight_loader = self._load_shard
 
     def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:

@@ -78,6 +78,21 @@ class ModelRunner:
         if device == "cuda":
             torch.cuda.set_device(0)
         torchao_config = server_args.torchao_config or None
+        self.prequant = None
+        if not model_config.source.gguf_file:
+            from edgelm.quantization.prequantized import prequant_config
+
+            self.prequant = prequant_config(model_config.hf_config, server_args.quantization)
+        elif server_args.quantization:
+            raise ValueError(f"--quantization {server_args.quantization} is for AWQ/GPTQ safetensors checkpoints, "
+                             "not a GGUF file")
+        if self.prequant and torchao_config:
+            raise ValueError(f"the checkpoint is already {self.prequant.method.upper()}-quantized: drop "
+                             f"--torchao-config {torchao_config}")
+        if self.prequant:
+            from edgelm.quantization.prequantized import check_device
+
+            check_device(self.prequant, device)
         if torchao_config:
             check_torchao, apply_torchao = _load_torchao()
             check_torchao(torchao_config, device)
@@ -89,7 +104,7 @@ class ModelRunner:
         if server_args.load_format != "dummy" or device == "cuda":
             self._preflight(available_before, total, kv_per_token, graph_bytes, activation_bytes)
         start = time.perf_counter()
-        self.model = load_model(model_config, device, server_args.load_format)
+        self.model = load_model(model_config, device, server_args.load_format, self.prequant)
         if torchao_config:
             apply_torchao(self.model, torchao_config, device)
         logger.info("loaded weights (%s) in %.1f s", server_args.load_format, time.perf_counter() - start)
@@ -217,6 +232,8 @@ class ModelRunner:
             graphs = (f"bs 1..{g.max_bs} ({len(g.capture_bs)} graphs, {self.graph_memory_bytes / GB:.2f} GB, "
                       f"{g.capture_seconds:.1f} s)")
         quant = f", torchao {self.server_args.torchao_config}" if self.server_args.torchao_config else ""
+        if self.prequant:
+            quant = f", {self.prequant.method} int4 (group {self.prequant.group_size})"
         return (f"model {cfg.source.display_name} ({cfg.architecture}), dtype {str(self.dtype).replace('torch.', '')}"
                 f"{quant}, device {device}, attention {self.attention_backend_name}, "
                 f"weights {self.weight_bytes / GB:.2f} GB, KV pool {self.max_total_tokens} tokens "

@@ -150,8 +150,9 @@ def quantized_linear_bytes(shape: LinearShape, torchao_config: str, weight_dtype
     raise ValueError(f"unknown torchao config {torchao_config!r}")
 
 
-def _prequantized_bytes(shape: LinearShape, qcfg) -> int | None:
-    """AWQ/GPTQ checkpoints: `bits` per weight + a 16-bit scale and packed zero per group."""
+def _prequantized_bytes(shape: LinearShape, qcfg, weight_dtype_bytes: int, device: str) -> int | None:
+    """AWQ/GPTQ checkpoints: `bits` per weight + a 16-bit scale and packed zero per group (loaded into
+    edgelm's int4 layout: the same within a few percent). On the CPU the dense weight is kept too."""
     bits = _get(qcfg, "bits", None) or _get(qcfg, "w_bit", None)
     if not bits:
         return None
@@ -159,7 +160,7 @@ def _prequantized_bytes(shape: LinearShape, qcfg) -> int | None:
     group = shape.in_features if group in (-1, 0) else int(group)
     groups = math.ceil(shape.in_features / group)
     per_out = shape.in_features * bits / 8 + groups * (2 + bits / 8)
-    return int(shape.count * shape.out_features * per_out)
+    return int(shape.count * shape.out_features * per_out) + (shape.numel * weight_dtype_bytes if device == "cpu" else 0)
 
 
 @dataclass
@@ -181,7 +182,7 @@ def weight_breakdown(config, dtype="auto", torchao_config: str = "", device: str
     qcfg = _get(config, "quantization_config", None)
     linear = 0
     for shape in counts.linears:
-        pre = _prequantized_bytes(shape, qcfg) if qcfg is not None and not torchao_config else None
+        pre = _prequantized_bytes(shape, qcfg, wbytes, device) if qcfg is not None and not torchao_config else None
         linear += pre if pre is not None else quantized_linear_bytes(shape, torchao_config, wbytes, device)
     return WeightBytes(linear=linear, embedding=counts.embedding * wbytes, lm_head=counts.lm_head * wbytes,
                        rest=(counts.bias + counts.norm + counts.other) * wbytes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from edgelm.layers.linear import linear_weights_on_meta
 from edgelm.model_config import ModelConfig
 from edgelm.models.registry import resolve_model_class
 
@@ -46,17 +48,27 @@ def _fill_dummy(model: nn.Module, seed: int = 0) -> None:
             param.data[start : start + step].copy_(block)
 
 
-def load_model(config: ModelConfig, device: str, load_format: str = "auto") -> nn.Module:
+def load_model(config: ModelConfig, device: str, load_format: str = "auto", prequant=None) -> nn.Module:
+    """`prequant`: the checkpoint's AWQ/GPTQ format (edgelm.quantization.prequantized.PrequantConfig):
+    the linear layers are built empty in edgelm's int4 layout and filled from the packed checkpoint."""
     cls = resolve_model_class(config.hf_config.architectures)
     old_dtype = torch.get_default_dtype()
     torch.set_default_dtype(config.dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), (linear_weights_on_meta() if prequant else contextlib.nullcontext()):
             model = cls(config.hf_config)
+        if prequant:
+            from edgelm.quantization import prequantized
+
+            count = prequantized.prepare_model(model, prequant, config.dtype, device)
+            logger.info("%s checkpoint (group %d): %d linear layers load as int4", prequant.method.upper(),
+                        prequant.group_size, count)
     finally:
         torch.set_default_dtype(old_dtype)
     if load_format == "dummy":
         _fill_dummy(model)
+        if prequant:
+            prequantized.fill_dummy(model)
     elif config.source.gguf_file:
         from edgelm.model_loader.gguf_loader import iterate_gguf_weights
 
@@ -64,5 +76,10 @@ def load_model(config: ModelConfig, device: str, load_format: str = "auto") -> n
     else:
         if load_format == "gguf":
             raise ValueError("--load-format gguf needs a .gguf --model-path")
-        model.load_weights(iterate_safetensors(config.source.directory))
+        weights = iterate_safetensors(config.source.directory)
+        if prequant:
+            weights = prequantized.convert_stream(weights, prequant, device)
+        model.load_weights(weights)
+    if prequant:
+        prequantized.finish_model(model)
     return model.eval()

@@ -14,9 +14,13 @@ class Int4Linear(nn.Module):
     On CUDA the Triton kernels of int4_kernels run on the packed codes. Elsewhere (CPU) the weight is
     dequantized once at conversion and kept dense: the same numbers as the kernels compute, without
     the memory saving.
+
+    input_perm (pre-quantized GPTQ with act-order, edgelm.quantization.prequantized): x's inputs are
+    taken in this order, the one the packed groups follow.
     """
 
-    def __init__(self, packed: Int4Weight, bias: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(self, packed: Int4Weight, bias: torch.Tensor | None, dtype: torch.dtype, dense: bool = True):
+        """dense=False: the packed buffers are to be filled (a checkpoint's loader); call finish_loading."""
         super().__init__()
         self.in_features = packed.in_features
         self.out_features = packed.out_features
@@ -25,8 +29,16 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", packed.scales)
         self.register_buffer("offsets", packed.offsets)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
-        dense = None if self.qweight.device.type == "cuda" else dequantize_int4(packed, dtype)
-        self.register_buffer("dense_weight", dense, persistent=False)
+        self.weight_dtype = dtype
+        self.register_buffer("input_perm", None)
+        self.perm_loaded = False
+        self.register_buffer("dense_weight", None, persistent=False)
+        if dense:
+            self.finish_loading()
+
+    def finish_loading(self) -> None:
+        if self.qweight.device.type != "cuda":
+            self.dense_weight = dequantize_int4(self.packed, self.weight_dtype)
 
     @property
     def packed(self) -> Int4Weight:
@@ -42,6 +54,8 @@ class Int4Linear(nn.Module):
         return cls(packed, linear.bias, weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_perm is not None:
+            x = x.index_select(-1, self.input_perm)
         if self.dense_weight is not None:
             return nn.functional.linear(x, self.dense_weight.to(x.dtype), self.bias)
         from edgelm.quantization.int4_kernels import int4_linear

@@ -6,7 +6,7 @@
 source benchmarks/gpu/site_setup.sh
 dev=${DEV:-h100}
 timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_int4.py tests/test_triton_attention.py \
-    tests/test_fused_ops.py tests/test_cuda_graph.py tests/test_overlap_schedule.py 2>&1 | tail -4
+    tests/test_fused_ops.py tests/test_cuda_graph.py tests/test_overlap_schedule.py tests/test_prequantized.py 2>&1 | tail -4
 timeout 200 python3 benchmarks/gpu/int4_bench.py --tune --tune-budget ${TUNE_BUDGET:-120} \
     --tune-out $OUT/int4_tune_$dev.json --out $OUT/int4_$dev.json 2>&1 | grep -v -i warn | tail -20
 export EDGELM_INT4_DISPATCH=$OUT/int4_tune_$dev.json

@@ -237,6 +237,7 @@ def test_config_detection_and_refusals():
     refused = [
         ({"quantization_config": {**base, "bits": 8}}, None, "4-bit"),
         ({"quantization_config": {**base, "lm_head": True}}, None, "lm head"),
+        ({"quantization_config": {**base, "is_marlin_format": True}}, None, "Marlin"),
         ({"quantization_config": {"quant_method": "awq", "bits": 4, "version": "gemv"}}, None, "gemm"),
         ({"quantization_config": {"quant_method": "bitsandbytes"}}, None, "cannot load"),
         ({"quantization_config": base}, "awq", "checkpoint is gptq"),

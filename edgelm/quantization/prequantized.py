@@ -112,6 +112,9 @@ def prequant_config(hf_config, requested: str | None = None) -> PrequantConfig |
         raise PrequantizedError("this GPTQ checkpoint quantizes the lm head, which edgelm keeps in 16 bits")
     if _get(qcfg, "dynamic", None):
         raise PrequantizedError("GPTQ checkpoints with per-module 'dynamic' settings are not supported")
+    if _get(qcfg, "is_marlin_format", False):
+        raise PrequantizedError("this GPTQ checkpoint is saved in Marlin's packing; edgelm loads the plain GPTQ "
+                                "packing (checkpoint_format gptq or gptq_v2)")
     fmt = str(_get(qcfg, "checkpoint_format", "gptq")).lower()
     if fmt not in ("gptq", "gptq_v2"):
         raise PrequantizedError(f"GPTQ checkpoint_format {fmt!r} is not supported (gptq or gptq_v2)")

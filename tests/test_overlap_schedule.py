@@ -130,6 +130,9 @@ def test_overlap_schedule_tiny_model(device, tmp_path):
                 for o in sink.recv_pyobj().outputs:
                     out.setdefault(o.rid, []).extend(o.new_token_ids)
         assert (scheduler.overlapped_steps > 3) if overlap else scheduler.overlapped_steps == 0
+        # every token but each request's first (its prefill's) came from a decode step; under overlap
+        # the row a finished request still has in the next step is not counted
+        assert scheduler.decode_tokens_total == sum(len(t) - 1 for t in out.values())
         results[overlap] = out
         ctx.destroy(linger=0)
     assert results[True] == results[False]

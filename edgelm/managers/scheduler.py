@@ -79,6 +79,7 @@ class Scheduler(SchedulerOutputMixin):
         self.step = 0
         self.decode_steps = 0
         self.gen_tokens_since_log = 0
+        self.decode_tokens_total = 0  # tokens decode steps added to requests (rows of finished ones not counted)
         self.last_log_time = time.perf_counter()
         self.last_gen_throughput = 0.0
         self.prompt_tokens_total = 0
@@ -402,7 +403,6 @@ class Scheduler(SchedulerOutputMixin):
         else:
             self._process_pending((reqs, out))
         self.decode_steps += 1
-        self.gen_tokens_since_log += len(reqs)
         self.new_token_ratio = max(self.new_token_ratio - _NEW_TOKEN_RATIO_DECAY, _MIN_NEW_TOKEN_RATIO)
         if self.decode_steps % self.args.decode_log_interval == 0:
             self.log_decode()

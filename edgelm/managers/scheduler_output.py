@@ -52,8 +52,11 @@ class SchedulerOutputMixin:
         return ids.index_select(0, torch.tensor([row[id(r)] for r in reqs], device=ids.device))
 
     def _process_pending(self, pending) -> None:
+        """A decode step's samples: applied, and counted for the throughput log."""
         try:
-            self.process_sample(*pending)
+            added = self.process_sample(*pending)
+            self.gen_tokens_since_log += added
+            self.decode_tokens_total += added
         except Exception as exc:
             self.fail_batch([r for r in pending[0] if not r.finished()], exc)
 
@@ -80,17 +83,21 @@ class SchedulerOutputMixin:
                 self.emit(req)
         return HostSamples(out)
 
-    def process_sample(self, reqs: list[Req], out) -> None:
+    def process_sample(self, reqs: list[Req], out) -> int:
         """Read a step's samples back and apply them: outputs, stops, grammar, release of finished
-        requests. Rows of requests already finished (an earlier step, an abort) are dropped."""
+        requests. Rows of requests already finished (an earlier step, an abort) are dropped: under
+        overlap a request that finished in the previous step still has a row here. Returns how many
+        tokens were added."""
         out = out.wait()
         next_ids = out.next_token_ids.tolist()
         logprobs = out.logprobs.tolist() if out.logprobs is not None else None
         top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        added = 0
         for i, (req, tok) in enumerate(zip(reqs, next_ids)):
             if req.finished():
                 continue
+            added += 1
             req.output_ids.append(tok)
             if req.penalizer is not None:
                 req.penalizer.add(tok)
@@ -105,6 +112,7 @@ class SchedulerOutputMixin:
                 self._finish(req)
             self.emit(req)
         self.grammar.dispatch(reqs)
+        return added
 
     def _finish(self, req: Req) -> None:
         if req in self.running:

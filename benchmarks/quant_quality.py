@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import platform
 import sys
@@ -236,6 +237,7 @@ def main(argv=None) -> dict:
     result = {"model": config_.source.display_name, "device": "cpu", "prompts": len(PROMPTS),
               "calibration_tokens": sum(len(tok(c)["input_ids"]) for c in CALIBRATION) if hessians else None,
               "results": results, "command": "PYTHONPATH=. python " + " ".join(sys.argv),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "torch": torch.__version__, "machine": platform.machine()}
     if args.out:
         with open(args.out, "w") as f:

@@ -354,3 +354,33 @@ def test_check_names_missing_torchao(monkeypatch):
     with pytest.raises(ValueError, match="torchao package"):
         tc.check_torchao_config("int8wo", "cpu")
     tc.check_torchao_config("int4wo-32", "cpu")
+
+
+@pytest.mark.parametrize("source", ["tiny-safetensors", "embedded-gguf"])
+def test_int4_quantized_while_loading_equals_after(tmp_path, source, request):
+    """--torchao-config int4wo-G quantizes each weight as the checkpoint stream delivers it (the dense
+    model is never built): the layers equal quantizing the loaded dense model afterwards."""
+    from edgelm.layers.linear import Linear
+    from edgelm.quantization.int4_linear import Int4Linear
+    from tests.tiny_models import make_checkpoint, make_runner
+
+    if source == "tiny-safetensors":
+        make_checkpoint("qwen2", tmp_path)  # q/k/v biases: merged shards with bias
+        path, cfg, ids = str(tmp_path), "int4wo-32", list(range(3, 40))
+    else:
+        path, cfg, ids = request.getfixturevalue("embedded_gguf"), "int4wo-128", list(range(100, 140))
+    streamed = make_runner(path, torchao_config=cfg)
+    after = make_runner(path)
+    tc.apply_torchao_config(after.model, cfg, "cpu")
+    layers = dict(streamed.model.named_modules())
+    assert not any(isinstance(m, Linear) for m in layers.values())
+    assert not any(t.is_meta for t in list(streamed.model.parameters()) + list(streamed.model.buffers()))
+    for name, module in after.model.named_modules():
+        if isinstance(module, Int4Linear):
+            got = layers[name]
+            for piece in ("qweight", "scales", "offsets", "dense_weight"):
+                assert torch.equal(getattr(got, piece), getattr(module, piece)), (name, piece)
+            assert (got.bias is None) == (module.bias is None)
+            if got.bias is not None:
+                assert torch.equal(got.bias, module.bias)
+    assert torch.equal(_logits(streamed, ids), _logits(after, ids))

@@ -104,8 +104,15 @@ class ModelRunner:
         if server_args.load_format != "dummy" or device == "cuda":
             self._preflight(available_before, total, kv_per_token, graph_bytes, activation_bytes)
         start = time.perf_counter()
-        self.model = load_model(model_config, device, server_args.load_format, self.prequant)
-        if torchao_config:
+        int4_load = self.prequant
+        if torchao_config and torchao_config.startswith("int4wo-"):
+            # quantized tensor by tensor as the checkpoint is read: the dense model never exists at once
+            # (an 8B model in int4 loads on a 16 GB Jetson)
+            from edgelm.quantization.prequantized import quantize_on_load
+
+            int4_load = quantize_on_load(int(torchao_config.split("-")[1]))
+        self.model = load_model(model_config, device, server_args.load_format, int4_load)
+        if torchao_config and int4_load is None:
             apply_torchao(self.model, torchao_config, device)
         logger.info("loaded weights (%s) in %.1f s", server_args.load_format, time.perf_counter() - start)
         if device == "cuda":

@@ -49,8 +49,9 @@ def _fill_dummy(model: nn.Module, seed: int = 0) -> None:
 
 
 def load_model(config: ModelConfig, device: str, load_format: str = "auto", prequant=None) -> nn.Module:
-    """`prequant`: the checkpoint's AWQ/GPTQ format (edgelm.quantization.prequantized.PrequantConfig):
-    the linear layers are built empty in edgelm's int4 layout and filled from the packed checkpoint."""
+    """`prequant` (edgelm.quantization.prequantized.PrequantConfig): the linear layers are built empty
+    in edgelm's int4 layout and filled from the checkpoint: repacked from an AWQ/GPTQ checkpoint, or
+    (method "int4wo", --torchao-config int4wo-G) quantized one tensor at a time as they are read."""
     cls = resolve_model_class(config.hf_config.architectures)
     old_dtype = torch.get_default_dtype()
     torch.set_default_dtype(config.dtype)
@@ -61,8 +62,12 @@ def load_model(config: ModelConfig, device: str, load_format: str = "auto", preq
             from edgelm.quantization import prequantized
 
             count = prequantized.prepare_model(model, prequant, config.dtype, device)
-            logger.info("%s checkpoint (group %d): %d linear layers load as int4", prequant.method.upper(),
-                        prequant.group_size, count)
+            if prequant.method == "int4wo":
+                logger.info("--torchao-config int4wo-%d: %d linear layers quantized to int4 as they load",
+                            prequant.group_size, count)
+            else:
+                logger.info("%s checkpoint (group %d): %d linear layers load as int4", prequant.method.upper(),
+                            prequant.group_size, count)
     finally:
         torch.set_default_dtype(old_dtype)
     if load_format == "dummy":
@@ -72,12 +77,17 @@ def load_model(config: ModelConfig, device: str, load_format: str = "auto", preq
     elif config.source.gguf_file:
         from edgelm.model_loader.gguf_loader import iterate_gguf_weights
 
-        model.load_weights(iterate_gguf_weights(config.source.gguf_path, config.num_heads, config.num_kv_heads))
+        weights = iterate_gguf_weights(config.source.gguf_path, config.num_heads, config.num_kv_heads)
+        if prequant:  # a GGUF is dequantized at load: only int4wo applies
+            weights = prequantized.quantize_stream(weights, model, prequant, config.dtype, device)
+        model.load_weights(weights)
     else:
         if load_format == "gguf":
             raise ValueError("--load-format gguf needs a .gguf --model-path")
         weights = iterate_safetensors(config.source.directory)
-        if prequant:
+        if prequant and prequant.method == "int4wo":
+            weights = prequantized.quantize_stream(weights, model, prequant, config.dtype, device)
+        elif prequant:
             weights = prequantized.convert_stream(weights, prequant, device)
         model.load_weights(weights)
     if prequant:

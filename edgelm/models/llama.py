@@ -188,6 +188,13 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.model(input_ids, positions, forward_batch)
         return self.logits_processor(hidden, self.lm_head_weight, forward_batch)
 
+    def param_name(self, name: str) -> str:
+        """Our parameter's name for a checkpoint tensor's name (q_proj → qkv_proj, ...)."""
+        for ckpt_piece, (our_piece, _) in self.packed_modules_mapping.items():
+            if f".{ckpt_piece}." in name:
+                return name.replace(f".{ckpt_piece}.", f".{our_piece}.")
+        return name
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         # parameters, and the buffers a loader fills (the int4 layers of pre-quantized checkpoints)
         params = {name: buf for name, buf in self.named_buffers() if hasattr(buf, "weight_loader")}
@@ -198,8 +205,7 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: the embedding is the head
-            if name.endswith(".bias") and _param_name(name, self.packed_modules_mapping) not in params \
-                    and not tensor.any():
+            if name.endswith(".bias") and self.param_name(name) not in params and not tensor.any():
                 continue  # AutoGPTQ saves a zero bias for every quantized linear, biased or not
             for ckpt_piece, (our_piece, shard) in self.packed_modules_mapping.items():
                 if f".{ckpt_piece}." in name:
@@ -217,14 +223,6 @@ class LlamaForCausalLM(nn.Module):
         missing = [n for n in params if n not in loaded and not any(k.startswith(n + ":") for k in loaded)]
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
-
-
-def _param_name(name: str, mapping: dict) -> str:
-    """Our parameter's name for a checkpoint tensor's name."""
-    for ckpt_piece, (our_piece, _) in mapping.items():
-        if f".{ckpt_piece}." in name:
-            return name.replace(f".{ckpt_piece}.", f".{our_piece}.")
-    return name
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -47,7 +47,7 @@ class PrequantizedError(ValueError):
 
 @dataclass(frozen=True)
 class PrequantConfig:
-    method: str  # "awq" or "gptq"
+    method: str  # "awq" or "gptq"; "int4wo": a 16-bit checkpoint quantized as it is read (--torchao-config)
     group_size: int  # the checkpoint's; -1: one group per output row (all K inputs)
     zero_offset: int  # added to the stored zero points: 1 for GPTQ v1, else 0
     desc_act: bool  # GPTQ act-order: inputs permuted
@@ -66,6 +66,12 @@ class PrequantConfig:
 
     def skips(self, module_name: str) -> bool:
         return any(s in module_name for s in self.skip_modules)
+
+
+def quantize_on_load(group_size: int) -> PrequantConfig:
+    """--torchao-config int4wo-G: each dense linear weight is quantized as the checkpoint stream
+    delivers it (quantize_stream), so the dense model never exists in memory at once."""
+    return PrequantConfig("int4wo", group_size, 0, False)
 
 
 def _get(obj, key, default=None):
@@ -322,6 +328,30 @@ def _convert_linear(prefix: str, parts: dict[str, torch.Tensor], pcfg: PrequantC
     yield f"{prefix}.offsets", packed.offsets
     if pcfg.desc_act:
         yield f"{prefix}.input_perm", perm if perm is not None else torch.arange(k, device=codes.device)
+
+
+@torch.no_grad()
+def quantize_stream(weights: Iterable[tuple[str, torch.Tensor]], model: nn.Module, pcfg: PrequantConfig,
+                    dtype: torch.dtype, device) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors with the weight of every linear that is an Int4Linear in `model`
+    replaced by its int4 form (qweight, scales, offsets), quantized on `device` one tensor at a time:
+    the numbers Int4Linear.from_linear gives (rows are quantized independently, so a q/k/v or
+    gate/up shard quantized alone equals its rows of the merged layer)."""
+    from edgelm.quantization.int4_linear import Int4Linear
+    from edgelm.quantization.int4_pack import quantize_int4
+
+    int4 = {name for name, module in model.named_modules() if isinstance(module, Int4Linear)}
+    # a bf16 model's kernels apply the scales in bf16: choose the codes against those values
+    meta = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+    for name, tensor in weights:
+        prefix, _, piece = name.rpartition(".")
+        if piece != "weight" or model.param_name(name).rpartition(".")[0] not in int4:
+            yield name, tensor
+            continue
+        packed = quantize_int4(tensor.to(device=device, dtype=dtype), pcfg.group_size, "search", meta_precision=meta)
+        yield f"{prefix}.qweight", packed.qweight
+        yield f"{prefix}.scales", packed.scales
+        yield f"{prefix}.offsets", packed.offsets
 
 
 @torch.no_grad()

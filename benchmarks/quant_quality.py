@@ -3,7 +3,8 @@
 For 50 fixed prompts (one batched prefill, the logits of every position), reports per run: top-1
 next-token agreement (every position, and each prompt's last position only) and the mean
 KL(unquantized || quantized) over all positions. Runs on the CPU, where int4 is emulated with the
-numbers the GPU kernels compute (dequantize, then matmul).
+numbers the GPU kernels compute (dequantize, then matmul: EDGELM_INT4_CPU=emulate, set here; the
+server's CPU int4 kernel rounds activations to bf16 on top).
 
 A run is CONFIG[:METHOD]. For int4wo-*, METHOD is how codes are chosen: search (the data-free
 range search that --torchao-config uses), minmax, gptq or gptq-actorder (GPTQ on CALIBRATION text,
@@ -20,11 +21,14 @@ import argparse
 import copy
 import datetime
 import json
+import os
 import platform
 import sys
 import time
 
 import torch
+
+os.environ.setdefault("EDGELM_INT4_CPU", "emulate")
 
 PROMPTS = [
     "The capital of France is",

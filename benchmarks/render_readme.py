@@ -177,14 +177,23 @@ def gemlite_eval() -> list[str]:
 def cpu_decode() -> list[str]:
     lines = []
     for name, d in _load("cpu_bench*.json"):
+        quant = d.get("torchao_config")
         lines += [f"**CPU batch-1 decode, {d['model']} ({d['dtype']}), edgelm vs HF transformers `generate` "
-                  "on the same GGUF weights, same run**", "",
-                  "| threads | edgelm tok/s | HF tok/s | edgelm / HF | same tokens | load average before |",
-                  "| ---: | ---: | ---: | ---: | --- | --- |"]
+                  "on the same GGUF weights, same run**"
+                  + (f"; edgelm with `--torchao-config {quant}` (torch's CPU int4 kernel) in the same rounds, "
+                     f"weights {d['weight_bytes'][quant] / 1e6:.0f} MB against {d['weight_bytes']['edgelm'] / 1e6:.0f} MB"
+                     if quant else ""), "",
+                  "| threads | edgelm tok/s | HF tok/s | edgelm / HF | same tokens | load average before |"
+                  + (f" {quant} tok/s | {quant} / edgelm |" if quant else ""),
+                  "| ---: | ---: | ---: | ---: | --- | --- |" + (" ---: | ---: |" if quant else "")]
         for r in d["runs"]:
             load = ", ".join(f"{x:.1f}" for x in r.get("load_average_before", [])[:1])
-            lines.append(f"| {r['threads']} | {r['edgelm']['decode_tok_s']:.1f} | {r['hf_transformers']['decode_tok_s']:.1f}"
-                         f" | {r['ratio_edgelm_over_hf']:.2f} | {r.get('tokens_equal')} | {load} |")
+            row = (f"| {r['threads']} | {r['edgelm']['decode_tok_s']:.1f} | {r['hf_transformers']['decode_tok_s']:.1f}"
+                   f" | {r['ratio_edgelm_over_hf']:.2f} | {r.get('tokens_equal')} | {load} |")
+            if quant:
+                q = r[f"edgelm_{quant}"]
+                row += f" {q['decode_tok_s']:.1f} | {q['ratio_over_edgelm']:.2f} |"
+            lines.append(row)
         lines += ["", _source(name, d), ""]
     return lines
 

@@ -119,7 +119,11 @@ def torchao_configs(facts: PlatformFacts, versions: dict[str, str]) -> dict:
     if "int4wo-128" in runnable:
         notes.append("AWQ and GPTQ 4-bit checkpoints load onto the same int4 kernels (detected from config.json)")
     if not cuda and any(n.startswith("int4wo") for n in runnable):
-        notes.append("on the CPU int4wo-* keeps a dense copy of each weight: no memory saving")
+        from edgelm.quantization.int4_linear import cpu_kernel_available
+
+        if not cpu_kernel_available():
+            notes.append("this torch has no CPU int4 kernel: int4wo-* keeps a dense copy of each weight "
+                         "(no memory saving, no speed-up)")
     return {"runnable": runnable, "refused": refused, "notes": notes}
 
 

@@ -378,9 +378,31 @@ def test_int4_quantized_while_loading_equals_after(tmp_path, source, request):
     for name, module in after.model.named_modules():
         if isinstance(module, Int4Linear):
             got = layers[name]
-            for piece in ("qweight", "scales", "offsets", "dense_weight"):
-                assert torch.equal(getattr(got, piece), getattr(module, piece)), (name, piece)
+            for piece in ("qweight", "scales", "offsets", "dense_weight", "cpu_weight", "cpu_scale_zero"):
+                if getattr(module, piece) is None:
+                    assert getattr(got, piece) is None, (name, piece)
+                else:
+                    assert torch.equal(getattr(got, piece), getattr(module, piece)), (name, piece)
             assert (got.bias is None) == (module.bias is None)
             if got.bias is not None:
                 assert torch.equal(got.bias, module.bias)
     assert torch.equal(_logits(streamed, ids), _logits(after, ids))
+
+
+@pytest.mark.parametrize("k, group", [(576, 128), (576, 256), (200, 32)])
+def test_cpu_kernel_matches_emulation(monkeypatch, k, group):
+    """torch's CPU int4 kernel (decode-sized rows) and the per-call dequantization (more rows) against
+    the dense emulation; inputs padded to whole groups (576 = 4.5 groups of 128), bias added."""
+    from edgelm.quantization import int4_linear as il
+
+    lin = torch.nn.Linear(k, 96, bias=True)
+    monkeypatch.setenv("EDGELM_INT4_CPU", "emulate")
+    emulated = il.Int4Linear.from_linear(lin, group)
+    monkeypatch.setenv("EDGELM_INT4_CPU", "kernel")
+    if not il.cpu_kernel_available():
+        pytest.skip("this torch has no CPU int4 kernel")
+    kernel = il.Int4Linear.from_linear(lin, group)
+    assert kernel.dense_weight is None and kernel.cpu_weight is not None
+    for rows in (1, il.CPU_KERNEL_MAX_ROWS, il.CPU_KERNEL_MAX_ROWS + 1, 40):
+        x = torch.randn(rows, k)
+        assert rel_err(kernel(x), emulated(x)) < (1e-2 if rows <= il.CPU_KERNEL_MAX_ROWS else 1e-5), rows

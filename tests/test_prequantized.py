@@ -20,6 +20,13 @@ from edgelm.server_args import ServerArgs
 from tests.tiny_models import Driver, make_runner, tiny_config
 
 AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+@pytest.fixture(autouse=True)
+def _emulated_int4(monkeypatch):
+    """The int4 layers as the dense emulation (float32) so that they can equal the dequantized model;
+    torch's CPU int4 kernel (bf16 activations) is compared in test_cpu_kernel_close_to_emulation."""
+    monkeypatch.setenv("EDGELM_INT4_CPU", "emulate")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -203,6 +210,24 @@ def test_conversion_reproduces_weights():
         bound = (z[g_idx].t().float() * s[g_idx].t().float()).abs() * 2.0**-11 + 1e-7
         bound = bound[:, perm] if perm is not None else bound
         assert bool(((got - deq).abs() <= bound).all()), method
+
+
+def test_cpu_kernel_close_to_emulation(tmp_path, monkeypatch):
+    """torch's CPU int4 kernel on an act-order GPTQ checkpoint (x permuted, then the kernel) against
+    the float32 emulation: the same tokens where the model is not at a near tie, logits within bf16."""
+    from edgelm.quantization.int4_linear import cpu_kernel_available
+
+    qpath, _ = write_pair("llama3", tmp_path, "gptq", 32, desc_act=True, seed=5)
+    prompts = [[5, 17, 200, 3, 99, 41]]
+    _, (_, emulated) = _greedy(qpath, prompts, 4)
+    monkeypatch.setenv("EDGELM_INT4_CPU", "kernel")
+    if not cpu_kernel_available():
+        pytest.skip("this torch has no CPU int4 kernel")
+    runner, (_, kernel) = _greedy(qpath, prompts, 4)
+    layer = runner.model.model.layers[0].self_attn.qkv_proj
+    assert layer.cpu_weight is not None and layer.dense_weight is None
+    for k, e in zip(kernel, emulated):
+        torch.testing.assert_close(k, e, rtol=0, atol=3e-2 * float(e.abs().max()))
 
 
 def test_gptq_v1_zero_of_zero_means_sixteen():

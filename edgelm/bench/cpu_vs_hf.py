@@ -11,6 +11,7 @@ rounds alternate ours / HF so that a change in machine load hits both alike.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -128,20 +129,35 @@ def hf_decode(model, prompt: list[int], new_tokens: int) -> tuple[list[int], flo
     return out[0, len(prompt):].tolist(), clock.times[-1] - clock.times[0]
 
 
-def compare(ours: EdgelmDecoder, hf, prompt: list[int], new_tokens: int, rounds: int) -> dict:
-    """Warm up both, then `rounds` alternating timed rounds at the current thread count."""
+def compare(ours: EdgelmDecoder, hf, prompt: list[int], new_tokens: int, rounds: int,
+            quantized: EdgelmDecoder | None = None, quant_name: str = "") -> dict:
+    """Warm up both, then `rounds` alternating timed rounds at the current thread count; with
+    `quantized`, an edgelm runner with --torchao-config `quant_name` takes its turn in each round."""
     ours.run(prompt, 4)
     hf_decode(hf, prompt, 4)
+    if quantized is not None:
+        quantized.run(prompt, 4)
     load_before = load_average()
-    ours_s, hf_s = [], []
+    ours_s, hf_s, quant_s = [], [], []
     for _ in range(rounds):
         ours_tokens, t = ours.run(prompt, new_tokens)
         ours_s.append(t)
         hf_tokens, t = hf_decode(hf, prompt, new_tokens)
         hf_s.append(t)
+        if quantized is not None:
+            quant_tokens, t = quantized.run(prompt, new_tokens)
+            quant_s.append(t)
     ours_tps = new_tokens / statistics.median(ours_s)
     hf_tps = new_tokens / statistics.median(hf_s)
-    return {
+    extra = {}
+    if quantized is not None:
+        q_tps = new_tokens / statistics.median(quant_s)
+        extra = {f"edgelm_{quant_name}": {
+            "decode_tok_s": q_tps, "ms_per_token": 1000 / q_tps, "decode_s_per_round": quant_s,
+            "ratio_over_edgelm": q_tps / ours_tps, "ratio_over_hf": q_tps / hf_tps,
+            "first_token_difference_from_edgelm": next(
+                (i for i, (a, b) in enumerate(zip(quant_tokens, ours_tokens)) if a != b), None)}}
+    return {**extra,
         "threads": torch.get_num_threads(),
         "load_average_before": load_before,
         "load_average_after": load_average(),
@@ -162,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=3, help="Timed rounds per side (alternating).")
     parser.add_argument("--threads", type=int, nargs="+", default=None,
                         help="torch thread counts to compare at, one run each (default: torch's choice).")
+    parser.add_argument("--torchao-config", default=None,
+                        help="Also time edgelm with this --torchao-config (e.g. int4wo-128) in the same rounds.")
     args = parser.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -180,12 +198,19 @@ def main(argv: list[str] | None = None) -> dict:
     prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
 
     ours = EdgelmDecoder(runner)
+    quantized = None
+    if args.torchao_config:
+        quant_args = dataclasses.replace(server_args, torchao_config=args.torchao_config)
+        quantized = EdgelmDecoder(ModelRunner(quant_args, config, args.device))
     runs = []
     for threads in args.threads or [torch.get_num_threads()]:
         torch.set_num_threads(threads)
-        runs.append(compare(ours, hf, prompt, args.new_tokens, args.rounds))
+        runs.append(compare(ours, hf, prompt, args.new_tokens, args.rounds, quantized, args.torchao_config or ""))
         print(f"{threads} threads: edgelm {runs[-1]['edgelm']['decode_tok_s']:.1f} tok/s, transformers "
               f"{runs[-1]['hf_transformers']['decode_tok_s']:.1f} tok/s, ratio {runs[-1]['ratio_edgelm_over_hf']:.2f}")
+        if quantized is not None:
+            q = runs[-1][f"edgelm_{args.torchao_config}"]
+            print(f"  edgelm {args.torchao_config}: {q['decode_tok_s']:.1f} tok/s ({q['ratio_over_edgelm']:.2f}x edgelm)")
     result = {
         "benchmark": "batch-1 greedy decode, edgelm ModelRunner vs transformers generate, same GGUF weights",
         "command": "python -m edgelm.bench " + shlex.join(sys.argv[1:] if argv is None else argv),
@@ -197,6 +222,10 @@ def main(argv: list[str] | None = None) -> dict:
         "model": source.display_name,
         "dtype": str(config.dtype).replace("torch.", ""),
         "attention_backend": runner.attention_backend_name,
+        "torchao_config": args.torchao_config,
+        "int4_cpu": os.environ.get("EDGELM_INT4_CPU", "kernel") if args.torchao_config else None,
+        "weight_bytes": {"edgelm": runner.weight_bytes,
+                         **({args.torchao_config: quantized.runner.weight_bytes} if quantized else {})},
         "prompt": PROMPT,
         "prompt_tokens": len(prompt),
         "new_tokens": args.new_tokens,

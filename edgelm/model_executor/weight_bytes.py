@@ -140,7 +140,7 @@ def quantized_linear_bytes(shape: LinearShape, torchao_config: str, weight_dtype
         group = int(torchao_config.split("-")[1])
         k_padded = math.ceil(k / 128) * 128
         packed = count * n * (k_padded // 2 + math.ceil(k_padded / group) * 2 * 2)  # int4 + fp16 scale, offset
-        return packed + (shape.numel * weight_dtype_bytes if device == "cpu" else 0)
+        return packed + (_int4_cpu_extra(shape, weight_dtype_bytes) if device == "cpu" else 0)
     if torchao_config in ("int8wo", "int8dq"):
         return count * (n * k + n * 2)
     if torchao_config in ("fp8wo", "fp8dq-per_row"):
@@ -148,6 +148,16 @@ def quantized_linear_bytes(shape: LinearShape, torchao_config: str, weight_dtype
     if torchao_config == "fp8dq-per_tensor":
         return count * (n * k + 4)
     raise ValueError(f"unknown torchao config {torchao_config!r}")
+
+
+def _int4_cpu_extra(shape: LinearShape, weight_dtype_bytes: int) -> int:
+    """What an int4 layer holds on the CPU beside its packed codes (Int4Linear.finish_loading): the
+    codes again in torch's CPU kernel layout (about the same size), or a dense copy without it."""
+    from edgelm.quantization.int4_linear import cpu_kernel_available
+
+    if cpu_kernel_available():
+        return shape.count * shape.out_features * (math.ceil(shape.in_features / 128) * 128 // 2)
+    return shape.numel * weight_dtype_bytes
 
 
 def _prequantized_bytes(shape: LinearShape, qcfg, weight_dtype_bytes: int, device: str) -> int | None:
@@ -160,7 +170,8 @@ def _prequantized_bytes(shape: LinearShape, qcfg, weight_dtype_bytes: int, devic
     group = shape.in_features if group in (-1, 0) else int(group)
     groups = math.ceil(shape.in_features / group)
     per_out = shape.in_features * bits / 8 + groups * (2 + bits / 8)
-    return int(shape.count * shape.out_features * per_out) + (shape.numel * weight_dtype_bytes if device == "cpu" else 0)
+    return int(shape.count * shape.out_features * per_out) + (_int4_cpu_extra(shape, weight_dtype_bytes)
+                                                              if device == "cpu" else 0)
 
 
 @dataclass

@@ -101,7 +101,10 @@ def apply_torchao_config(model: nn.Module, cfg: str | None, device: str) -> None
     check_torchao_config(cfg, device)
     if cfg in INT4_GROUP_SIZES:
         count = quantize_int4_model(model, INT4_GROUP_SIZES[cfg])
-        where = "Triton W4A16 kernels" if device == "cuda" else "emulated on the CPU (weights kept dense)"
+        from edgelm.quantization.int4_linear import cpu_kernel_available
+
+        where = ("Triton W4A16 kernels" if device == "cuda" else "torch's CPU int4 kernel" if cpu_kernel_available()
+                 else "emulated on the CPU (weights kept dense)")
         logger.info("--torchao-config %s: %d linear layers to int4 (group %d), %s", cfg, count,
                     INT4_GROUP_SIZES[cfg], where)
         return

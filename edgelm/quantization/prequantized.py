@@ -270,10 +270,38 @@ def prepare_model(model: nn.Module, pcfg: PrequantConfig, dtype: torch.dtype, de
     return count
 
 
-def finish_model(model: nn.Module) -> None:
-    """After loading: CPU layers dequantize once (see Int4Linear); an identity permutation is dropped."""
+def _fold_down_perm(model: nn.Module) -> None:
+    """down_proj reads silu(gate)·up, elementwise in its inputs: its act-order permutation P is the
+    same as taking gate_up's output rows (gate and up each) in the order P. Reorder those rows once
+    and down_proj needs no gather of x."""
     from edgelm.quantization.int4_linear import Int4Linear
 
+    modules = dict(model.named_modules())
+    for name, down in modules.items():
+        if not (name.endswith("mlp.down_proj") and isinstance(down, Int4Linear) and down.input_perm is not None):
+            continue
+        gate_up = modules.get(name[: -len("down_proj")] + "gate_up_proj")
+        offsets = getattr(gate_up, "shard_offsets", None) or {}
+        if not isinstance(gate_up, Int4Linear) or set(offsets) != {"gate", "up"}:
+            continue
+        (g0, gn), (u0, un) = offsets["gate"], offsets["up"]
+        perm = down.input_perm
+        if gn != un or gn != perm.numel():
+            continue
+        rows = torch.cat([g0 + perm, u0 + perm])
+        for buf in ("qweight", "scales", "offsets"):
+            setattr(gate_up, buf, getattr(gate_up, buf).index_select(0, rows).contiguous())
+        if gate_up.bias is not None:
+            gate_up.bias.data = gate_up.bias.data.index_select(0, rows)
+        down.input_perm = None
+
+
+def finish_model(model: nn.Module) -> None:
+    """After loading: down_proj's act-order permutation folded into gate_up's rows; an identity
+    permutation dropped; CPU layers prepare their kernel layout (see Int4Linear)."""
+    from edgelm.quantization.int4_linear import Int4Linear
+
+    _fold_down_perm(model)
     for module in model.modules():
         if isinstance(module, Int4Linear):
             perm = module.input_perm

@@ -10,9 +10,10 @@ from torch import nn
 
 from edgelm.quantization.int4_pack import Int4Weight, dequantize_int4, quantize_int4, unpack_int4
 
-# Above this many rows the CPU kernel loses to a float32 matmul of the weight dequantized for the call
-# (2-core Xeon, 3072 x 640: 108 vs 213 us at 1 row, 700 vs 828 at 16, 2760 vs 1782 at 64).
-CPU_KERNEL_MAX_ROWS = 16
+# Above this many rows the CPU kernel loses to dequantizing the weight for the call and a float32
+# matmul (2 cores of a Xeon, 3072 x 576: 745 vs 6184 us at 16 rows, 5781 vs 7325 at 128, 10428 vs
+# 10949 at 256; 576 x 1536: 2017 vs 2145 at 128, 4065 vs 3138 at 256).
+CPU_KERNEL_MAX_ROWS = 128
 
 
 def cpu_kernel_available() -> bool:
@@ -42,7 +43,7 @@ class Int4Linear(nn.Module):
     """y = x · dequant(W)ᵀ (+ b), W stored as packed int4 codes with fp16 per-group scale/offset.
 
     On CUDA the Triton kernels of int4_kernels run on the packed codes. On the CPU, torch's int4
-    kernel runs decode-sized batches (activations and scales rounded to bf16: ~0.3 % relative error
+    kernel runs batches up to 128 rows (activations and scales rounded to bf16: ~0.3 % relative error
     against the float32 emulation) and larger ones dequantize for the call; without that kernel (or
     with EDGELM_INT4_CPU=emulate) the weight is dequantized once and kept dense: the same numbers
     as the GPU kernels compute, without the memory saving.

@@ -246,6 +246,34 @@ def test_dummy_weights_with_a_prequantized_config(tmp_path):
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("legacy", ["quantize_config.json", "quant_config.json"])
+def test_legacy_settings_file(tmp_path, legacy):
+    """Older AutoGPTQ (quantize_config.json) and AutoAWQ (quant_config.json) checkpoints keep their
+    settings beside config.json, without quant_method."""
+    method = "gptq" if legacy == "quantize_config.json" else "awq"
+    qpath, _ = write_pair("llama3", tmp_path, method, 32)
+    with open(os.path.join(qpath, "config.json")) as f:
+        cfg = json.load(f)
+    qcfg = cfg.pop("quantization_config")
+    with open(os.path.join(qpath, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    legacy_cfg = ({"bits": 4, "group_size": 32, "desc_act": False, "sym": False} if method == "gptq" else
+                  {"w_bit": 4, "q_group_size": 32, "zero_point": True, "version": "GEMM"})
+    with open(os.path.join(qpath, legacy), "w") as f:
+        json.dump(legacy_cfg, f)
+    assert prequant_config({}, None, qpath).method == method
+    runner = make_runner(qpath)
+    assert runner.prequant is not None and runner.prequant.group_size == qcfg["group_size"]
+    from edgelm.model_executor.weight_bytes import estimate_weight_bytes
+
+    # the memory estimate reads the legacy file's settings: int4 weights, not float32 ones
+    hf = runner.model_config.hf_config
+    assert hf.quantization_config["quant_method"] == method
+    with_q = estimate_weight_bytes(hf, "float32", "", "cuda")
+    hf_plain = type(hf).from_dict({k: v for k, v in hf.to_dict().items() if k != "quantization_config"})
+    assert with_q < estimate_weight_bytes(hf_plain, "float32", "", "cuda")
+
+
 def test_config_detection_and_refusals():
     base = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True}
     cfg = prequant_config({"quantization_config": base})

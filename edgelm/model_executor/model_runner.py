@@ -80,9 +80,13 @@ class ModelRunner:
         torchao_config = server_args.torchao_config or None
         self.prequant = None
         if not model_config.source.gguf_file:
-            from edgelm.quantization.prequantized import prequant_config
+            from edgelm.quantization.prequantized import legacy_quantization_config, prequant_config
 
-            self.prequant = prequant_config(model_config.hf_config, server_args.quantization)
+            hf_config = model_config.hf_config
+            self.prequant = prequant_config(hf_config, server_args.quantization, model_config.source.directory)
+            if self.prequant and getattr(hf_config, "quantization_config", None) is None:
+                # older checkpoints keep it in a file of its own: the memory estimates read it here
+                hf_config.quantization_config = legacy_quantization_config(model_config.source.directory)
         elif server_args.quantization:
             raise ValueError(f"--quantization {server_args.quantization} is for AWQ/GPTQ safetensors checkpoints, "
                              "not a GGUF file")

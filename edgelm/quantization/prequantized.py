@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -78,8 +79,26 @@ def _get(obj, key, default=None):
     return obj.get(key, default) if isinstance(obj, dict) else getattr(obj, key, default)
 
 
-def prequant_config(hf_config, requested: str | None = None) -> PrequantConfig | None:
-    """The checkpoint's 4-bit format from its config.json, or None for an unquantized checkpoint.
+# the files older AutoGPTQ / AutoAWQ checkpoints keep their settings in (no quant_method inside)
+_LEGACY_FILES = {"quantize_config.json": "gptq", "quant_config.json": "awq"}
+
+
+def legacy_quantization_config(directory: str | None) -> dict | None:
+    """quantize_config.json (AutoGPTQ) or quant_config.json (AutoAWQ), with its quant_method added."""
+    import json
+
+    for name, method in _LEGACY_FILES.items():
+        path = os.path.join(directory, name) if directory else None
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                return {"quant_method": method, **json.load(f)}
+    return None
+
+
+def prequant_config(hf_config, requested: str | None = None, directory: str | None = None) -> PrequantConfig | None:
+    """The checkpoint's 4-bit format from its config.json (or, for older AutoGPTQ / AutoAWQ
+    checkpoints, quantize_config.json / quant_config.json in `directory`), or None for an
+    unquantized checkpoint.
 
     `requested` is --quantization: it must agree with the checkpoint. Formats edgelm cannot load
     (other bit widths, AWQ's gemv layout, a quantized lm head) are refused with the reason."""
@@ -87,7 +106,7 @@ def prequant_config(hf_config, requested: str | None = None) -> PrequantConfig |
     if requested is not None and requested not in METHODS:
         raise PrequantizedError(f"--quantization {requested!r} is not supported; edgelm loads "
                                 f"{' and '.join(METHODS)} checkpoints (and quantizes others with --torchao-config)")
-    qcfg = _get(hf_config, "quantization_config")
+    qcfg = _get(hf_config, "quantization_config") or legacy_quantization_config(directory)
     if qcfg is None:
         if requested is not None:
             raise PrequantizedError(f"--quantization {requested}: the checkpoint's config.json has no "

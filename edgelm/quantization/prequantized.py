@@ -358,6 +358,10 @@ def convert_stream(weights: Iterable[tuple[str, torch.Tensor]], pcfg: PrequantCo
 
 
 def _convert_linear(prefix: str, parts: dict[str, torch.Tensor], pcfg: PrequantConfig):
+    for piece in ("qweight", "qzeros"):
+        if parts[piece].dtype != torch.int32:
+            raise PrequantizedError(f"{prefix}.{piece} is {parts[piece].dtype}: edgelm reads codes packed in int32 "
+                                    "words (GPTQModel's pack_dtype int32, AutoAWQ's default)")
     if pcfg.method == "awq":
         codes, zeros = unpack_awq(parts["qweight"], parts["qzeros"])
     else:

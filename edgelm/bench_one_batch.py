@@ -108,7 +108,11 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
             total += tensor_bytes(p)
     for m in model.modules():  # quantized linears keep packed weights and scales as buffers
         if hasattr(m, "qweight"):
+            # what a decode step reads: the CPU kernel's own copy where it exists, else the packed buffers
+            on_cpu = getattr(m, "cpu_weight", None) is not None
             for name, b in m.named_buffers(recurse=False):
+                if on_cpu and name in ("qweight", "scales", "offsets"):
+                    continue
                 if b is not None and name != "dense_weight" and id(b) not in seen:
                     seen.add(id(b))
                     total += tensor_bytes(b)

@@ -231,6 +231,35 @@ def test_cpu_kernel_close_to_emulation(tmp_path, monkeypatch):
         torch.testing.assert_close(k, e, rtol=0, atol=3e-2 * float(e.abs().max()))
 
 
+@pytest.mark.parametrize("case", ["awq-g128", "gptq-act-order-g128"])
+def test_triton_kernel_path_on_the_interpreter(case, tmp_path, monkeypatch):
+    """The GPU path of a pre-quantized model without a GPU: fp16, the int4 layers through
+    int4_linear's dispatch (tcw for these shapes, its plain-op path under TRITON_INTERPRET), the
+    act-order gathers and the folded down_proj rows, against the dense emulation."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (the suite sets it)")
+    from transformers import LlamaConfig
+
+    from edgelm.quantization.int4_kernels import choose_kernel
+    from edgelm.quantization.int4_linear import Int4Linear
+
+    cfg = LlamaConfig(vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      initializer_range=0.05, tie_word_embeddings=True)
+    method = "awq" if case.startswith("awq") else "gptq"
+    qpath, _ = write_pair("llama3", tmp_path, method, 128, desc_act=method == "gptq", config=cfg)
+    prompts = [[5, 17, 200, 3, 99, 41]]
+    _, (_, emulated) = _greedy(qpath, prompts, 2, dtype="float16")
+    monkeypatch.setenv("EDGELM_INT4_CPU", "triton")
+    runner, (_, kernels) = _greedy(qpath, prompts, 2, dtype="float16")
+    layer = runner.model.model.layers[0].mlp.gate_up_proj
+    assert isinstance(layer, Int4Linear) and layer.dense_weight is None and layer.cpu_weight is None
+    assert choose_kernel(1, layer.packed)[0] == "tcw"
+    for k, e in zip(kernels, emulated):
+        torch.testing.assert_close(k.float(), e.float(), rtol=0, atol=2e-2 * float(e.float().abs().max()))
+
+
 def test_gptq_v1_zero_of_zero_means_sixteen():
     """AutoGPTQ v1 stores z - 1 in 4 bits: z = 0 is stored as 15 and read back as 16, as its kernels do."""
     qzeros = torch.tensor([[0x0000000F]], dtype=torch.int32)  # output 0: stored 15

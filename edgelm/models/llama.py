@@ -121,7 +121,8 @@ def fused_plan(layer: LlamaDecoderLayer, hidden: torch.Tensor) -> FusedPlan | No
     from edgelm.layers.triton_ops import gemv
 
     linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
-    if any(type(lin.weight) is not nn.Parameter or lin.weight.dtype != hidden.dtype for lin in linears):
+    if any(type(getattr(lin, "weight", None)) is not nn.Parameter or lin.weight.dtype != hidden.dtype
+           for lin in linears):  # int4 layers have no dense weight
         return None
     configs = [gemv.config_for(hidden.shape[0], hidden.device, lin.weight) for lin in linears]
     return None if None in configs else FusedPlan(*configs)

@@ -77,9 +77,13 @@ class Int4Linear(nn.Module):
         if self.qweight.device.type == "cuda" or os.environ.get("EDGELM_INT4_CPU") == "triton":
             return
         if cpu_kernel_available():
-            self.cpu_weight, self.cpu_scale_zero = _cpu_pack(self.packed)
-        else:
-            self.dense_weight = dequantize_int4(self.packed, self.weight_dtype)
+            try:
+                self.cpu_weight, self.cpu_scale_zero = _cpu_pack(self.packed)
+                self._cpu_forward(torch.zeros(1, self.in_features, dtype=self.weight_dtype))  # this CPU runs it
+                return
+            except (RuntimeError, NotImplementedError):  # a CPU or torch build without the kernel's support
+                self.cpu_weight = self.cpu_scale_zero = None
+        self.dense_weight = dequantize_int4(self.packed, self.weight_dtype)
 
     @property
     def packed(self) -> Int4Weight:

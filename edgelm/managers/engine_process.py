@@ -80,6 +80,7 @@ def run_engine_process(server_args, port_args: PortArgs, ready_conn, parent_pid:
         from edgelm.managers.scheduler import Scheduler
         from edgelm.managers.tokenizer_utils import load_tokenizer
         from edgelm.model_config import ModelConfig
+        from edgelm.model_executor.memory_planner import GB
         from edgelm.model_executor.model_runner import ModelRunner
         from edgelm.model_loader.resolve import resolve_model
 
@@ -107,7 +108,7 @@ def run_engine_process(server_args, port_args: PortArgs, ready_conn, parent_pid:
             max_running_requests=runner.max_running_requests,
             context_len=model_config.context_len,
             vocab_size=model_config.vocab_size,
-            weight_gb=runner.weight_bytes / 1e9,
+            weight_gb=runner.weight_bytes / GB,  # GiB, as the memory plan's lines
             grammar_backend="xgrammar" if scheduler.grammar.enabled else None,
         )
         logger.info("engine ready: model %s, dtype %s, device %s, attention %s, weights %.2f GB, "

@@ -98,6 +98,6 @@ class EngineInfo:
     max_running_requests: int
     context_len: int
     vocab_size: int
-    weight_gb: float
+    weight_gb: float  # GiB (2**30 bytes), as every start-up line
     grammar_backend: str | None
     extra: dict[str, Any] = field(default_factory=dict)

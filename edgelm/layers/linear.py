@@ -16,6 +16,7 @@ from torch import nn
 from edgelm.layers import triton_ops
 
 _PLAIN = (torch.Tensor, nn.Parameter)
+_HALF = (torch.bfloat16, torch.float16)
 _WEIGHTS_ON_META = contextvars.ContextVar("edgelm_linear_weights_on_meta", default=False)
 
 
@@ -28,7 +29,6 @@ def linear_weights_on_meta():
         yield
     finally:
         _WEIGHTS_ON_META.reset(token)
-_HALF = (torch.bfloat16, torch.float16)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

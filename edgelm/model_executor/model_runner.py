@@ -83,10 +83,12 @@ class ModelRunner:
             from edgelm.quantization.prequantized import legacy_quantization_config, prequant_config
 
             hf_config = model_config.hf_config
-            self.prequant = prequant_config(hf_config, server_args.quantization, model_config.source.directory)
-            if self.prequant and getattr(hf_config, "quantization_config", None) is None:
-                # older checkpoints keep it in a file of its own: the memory estimates read it here
-                hf_config.quantization_config = legacy_quantization_config(model_config.source.directory)
+            if getattr(hf_config, "quantization_config", None) is None:
+                # older checkpoints keep it in a file of its own: attached once, the memory estimates read it too
+                legacy = legacy_quantization_config(model_config.source.directory)
+                if legacy is not None:
+                    hf_config.quantization_config = legacy
+            self.prequant = prequant_config(hf_config, server_args.quantization)
         elif server_args.quantization:
             raise ValueError(f"--quantization {server_args.quantization} is for AWQ/GPTQ safetensors checkpoints, "
                              "not a GGUF file")

@@ -189,12 +189,15 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.model(input_ids, positions, forward_batch)
         return self.logits_processor(hidden, self.lm_head_weight, forward_batch)
 
-    def param_name(self, name: str) -> str:
-        """Our parameter's name for a checkpoint tensor's name (q_proj → qkv_proj, ...)."""
-        for ckpt_piece, (our_piece, _) in self.packed_modules_mapping.items():
+    def _route(self, name: str) -> tuple[str, str | None]:
+        """Our parameter's name for a checkpoint tensor's name (q_proj → qkv_proj, ...), and its shard."""
+        for ckpt_piece, (our_piece, shard) in self.packed_modules_mapping.items():
             if f".{ckpt_piece}." in name:
-                return name.replace(f".{ckpt_piece}.", f".{our_piece}.")
-        return name
+                return name.replace(f".{ckpt_piece}.", f".{our_piece}."), shard
+        return name, None
+
+    def param_name(self, name: str) -> str:
+        return self._route(name)[0]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         # parameters, and the buffers a loader fills (the int4 layers of pre-quantized checkpoints)
@@ -206,21 +209,18 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: the embedding is the head
-            if name.endswith(".bias") and self.param_name(name) not in params and not tensor.any():
+            target, shard = self._route(name)
+            if name.endswith(".bias") and target not in params and not tensor.any():
                 continue  # AutoGPTQ saves a zero bias for every quantized linear, biased or not
-            for ckpt_piece, (our_piece, shard) in self.packed_modules_mapping.items():
-                if f".{ckpt_piece}." in name:
-                    target = name.replace(f".{ckpt_piece}.", f".{our_piece}.")
-                    param = params[target]
-                    param.weight_loader(param, tensor, shard)
-                    loaded.add(f"{target}:{shard}")
-                    break
-            else:
-                if name not in params:
-                    raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-                param = params[name]
+            if target not in params:
+                raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            param = params[target]
+            if shard is None:
                 param.weight_loader(param, tensor)
-                loaded.add(name)
+                loaded.add(target)
+            else:
+                param.weight_loader(param, tensor, shard)
+                loaded.add(f"{target}:{shard}")
         missing = [n for n in params if n not in loaded and not any(k.startswith(n + ":") for k in loaded)]
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")

@@ -89,14 +89,18 @@ class Int4Linear(nn.Module):
     def packed(self) -> Int4Weight:
         return Int4Weight(self.qweight, self.scales, self.offsets, self.in_features, self.group_size)
 
-    @classmethod
+    @staticmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, group_size: int, method: str = "search") -> Int4Linear:
-        weight = linear.weight.data
+    def quantize(weight: torch.Tensor, group_size: int, method: str = "search") -> Int4Weight:
+        """`weight` (in the model's dtype) packed for this layer's kernels."""
         # a bf16 model's kernels apply the scales in bf16: choose the codes against those values
         meta = torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float16
-        packed = quantize_int4(weight, group_size, method, meta_precision=meta)
-        return cls(packed, linear.bias, weight.dtype)
+        return quantize_int4(weight, group_size, method, meta_precision=meta)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int, method: str = "search") -> Int4Linear:
+        weight = linear.weight.data
+        return cls(cls.quantize(weight, group_size, method), linear.bias, weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_perm is not None:

@@ -220,16 +220,9 @@ def to_int4_weight(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tenso
 
 # ---- the model side: empty int4 layers, the checkpoint stream, dummy weights ----
 
-def _shard_rows(module, shard):
-    if shard is None:
-        return None
-    return module.shard_offsets[shard]
-
-
 def _row_loader(module):
     def load(param, loaded: torch.Tensor, shard: str | None = None) -> None:
-        rows = _shard_rows(module, shard)
-        target = param.data if rows is None else param.data.narrow(0, *rows)
+        target = param.data if shard is None else param.data.narrow(0, *module.shard_offsets[shard])
         if target.shape != loaded.shape:
             raise ValueError(f"shard {shard}: {tuple(target.shape)} in the model vs {tuple(loaded.shape)} "
                              "in the checkpoint")
@@ -329,7 +322,7 @@ def finish_model(model: nn.Module) -> None:
             module.finish_loading()
 
 
-_PIECES = {"awq": ("qweight", "qzeros", "scales"), "gptq": ("qweight", "qzeros", "scales")}
+_PIECES = ("qweight", "qzeros", "scales")  # of every quantized linear, AWQ and GPTQ alike
 
 
 def convert_stream(weights: Iterable[tuple[str, torch.Tensor]], pcfg: PrequantConfig,
@@ -337,7 +330,7 @@ def convert_stream(weights: Iterable[tuple[str, torch.Tensor]], pcfg: PrequantCo
     """The checkpoint's tensors with every quantized linear's pieces (qweight, qzeros, scales, g_idx)
     replaced by edgelm's (qweight, scales, offsets[, input_perm]), converted on `device`. Pieces are
     held until a linear's last one arrives (safetensors keeps a layer's tensors together)."""
-    needed = _PIECES[pcfg.method] + (("g_idx",) if pcfg.desc_act else ())
+    needed = _PIECES + (("g_idx",) if pcfg.desc_act else ())
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in weights:
         prefix, _, piece = name.rpartition(".")
@@ -374,9 +367,7 @@ def _convert_linear(prefix: str, parts: dict[str, torch.Tensor], pcfg: PrequantC
                                 f"fit {n} outputs × {k} inputs in groups of {group}")
     packed, perm = to_int4_weight(codes, zeros[:, :n], scales, pcfg.group_size, pcfg.kernel_group(k),
                                   parts.get("g_idx"))
-    yield f"{prefix}.qweight", packed.qweight
-    yield f"{prefix}.scales", packed.scales
-    yield f"{prefix}.offsets", packed.offsets
+    yield from _packed_pieces(prefix, packed)
     if pcfg.desc_act:
         yield f"{prefix}.input_perm", perm if perm is not None else torch.arange(k, device=codes.device)
 
@@ -389,20 +380,21 @@ def quantize_stream(weights: Iterable[tuple[str, torch.Tensor]], model: nn.Modul
     the numbers Int4Linear.from_linear gives (rows are quantized independently, so a q/k/v or
     gate/up shard quantized alone equals its rows of the merged layer)."""
     from edgelm.quantization.int4_linear import Int4Linear
-    from edgelm.quantization.int4_pack import quantize_int4
 
     int4 = {name for name, module in model.named_modules() if isinstance(module, Int4Linear)}
-    # a bf16 model's kernels apply the scales in bf16: choose the codes against those values
-    meta = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
     for name, tensor in weights:
         prefix, _, piece = name.rpartition(".")
         if piece != "weight" or model.param_name(name).rpartition(".")[0] not in int4:
             yield name, tensor
             continue
-        packed = quantize_int4(tensor.to(device=device, dtype=dtype), pcfg.group_size, "search", meta_precision=meta)
-        yield f"{prefix}.qweight", packed.qweight
-        yield f"{prefix}.scales", packed.scales
-        yield f"{prefix}.offsets", packed.offsets
+        yield from _packed_pieces(prefix, Int4Linear.quantize(tensor.to(device=device, dtype=dtype), pcfg.group_size))
+
+
+def _packed_pieces(prefix: str, packed: Int4Weight):
+    """The tensors an empty Int4Linear's loaders take, under the checkpoint linear's name."""
+    yield f"{prefix}.qweight", packed.qweight
+    yield f"{prefix}.scales", packed.scales
+    yield f"{prefix}.offsets", packed.offsets
 
 
 @torch.no_grad()

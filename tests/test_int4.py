@@ -168,6 +168,38 @@ def test_gemv_h2_kernel_small(group, k, config, dtype):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("group,n,k,config,dtype", [(128, 40, 300, (1, 2, 2), torch.float16),
+                                                    (128, 37, 2176, (2, 4, 4), torch.bfloat16),
+                                                    (256, 16, 1024, (4, 4, 1), torch.bfloat16),
+                                                    (128, 9, 1024, (4, 8, 4), torch.float16)])
+def test_gemv_xs_kernel_small(group, n, k, config, dtype):
+    """The x-stationary GEMV (its plain-op path here): K padding, split-K over word chunks, a ragged
+    last row tile, persistent programs striding over tiles, twice (the split counters reset)."""
+    from edgelm.quantization import int4_kernels as kern
+
+    w = _random_int4(n, k, group, DEVICE, meta=dtype)
+    x = torch.randn(1, k, device=DEVICE).to(dtype)
+    bias = torch.randn(n, device=DEVICE).to(dtype)
+    for _ in range(2):
+        assert rel_err(kern.gemv_xs(x, w, bias, config), reference(x, w, bias)) < 1e-2
+    assert rel_err(kern.gemv_xs(x, w, None, config), reference(x, w)) < 1e-2
+    with pytest.raises(ValueError):
+        kern.gemv_xs(torch.cat([x, x]), w, bias, config)
+
+
+def test_gemv_xs_word_asm_matches_plain_ops():
+    """The PTX of one word's dot product does, step by step, what the interpreter's plain ops do."""
+    from edgelm.quantization.int4_gemv import _word_asm
+
+    asm = _word_asm()
+    assert asm.count("lop3.b32") == 8 and asm.count("fma.rn.f32") == 7 and asm.count("mul.f32") == 1
+    # nibble pairs at bits 16-19 / 12-15 after: no shift (4, 3), << 8 (2, 1), >> 8 (6, 5), << 16 (0), >> 16 (7)
+    order = [line.split()[0] for line in asm.splitlines() if line.split()[0] in ("mov.b32", "shl.b32", "shr.u32")]
+    assert order[:5] == ["mov.b32", "shl.b32", "shr.u32", "shl.b32", "shr.u32"]
+    assert [f"${i}" in asm for i in range(11)] == [True] * 11
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_dispatch_choice_and_tuned_table(tmp_path, monkeypatch):
     """Per-shape picks override the batch buckets; groups under 128 never reach the tensor-core
     kernels; a tuning run's JSON replaces both tables."""
@@ -226,6 +258,8 @@ def test_int4_linear_gpu(n, k, group):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel,config", [("gemv_unit", (16, 8, 2, 4, 1)), ("gemv_unit", (32, 2, 1, 8, 0)),
                                            ("gemv_h2", (8, 4, 1, 4)), ("gemv_h2", (16, 4, 2, 8)),
+                                           ("gemv_xs", (2, 4, 4)), ("gemv_xs", (4, 4, 2)), ("gemv_xs", (1, 8, 8)),
+                                           ("gemv_xs", (4, 8, 1)),
                                            ("gemm", (16, 64, 4, 4)), ("gemm", (32, 32, 1, 4))])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kernel_configs_gpu(kernel, config, dtype):

@@ -103,11 +103,14 @@ def run_path(ws, x, kernel: str, config) -> float:
 
 
 def candidates(m: int) -> list[tuple[str, tuple]]:
-    """(kernel, config) pairs swept for batch m: the tensor-core kernels fed by inline PTX ("tcw":
+    """(kernel, config) pairs swept for batch m: at m = 1 first the x-stationary GEMV (gemv_xs: REP,
+    num_warps, programs per SM), then the tensor-core kernels fed by inline PTX ("tcw":
     weights dequantized in registers; "tc": 16-bit codes, the best four of the H200 sweep in
     benchmarks/results/int4_tune_h200.json), then the kernels kept after the H100 sweep of
     benchmarks/results/int4_tune_h100.json."""
-    tc = [("tcw", (bn, sk, nw)) for bn, sk, nw in itertools.product((64, 128), (1, 2, 4, 8), (4, 8))]
+    xs = [("gemv_xs", c) for c in ((4, 4, 2), (4, 4, 1), (4, 8, 1), (2, 4, 4), (2, 4, 2), (2, 8, 2), (1, 4, 8),
+                                   (4, 4, 4), (2, 4, 8))] if m == 1 else []
+    tc = xs + [("tcw", (bn, sk, nw)) for bn, sk, nw in itertools.product((64, 128), (1, 2, 4, 8), (4, 8))]
     tc += [("tc", c) for c in ((128, 4, 8), (64, 4, 4), (64, 8, 4), (128, 2, 8))]
     # deeper software pipelines for the H200's best tcw configs (not yet timed on a GPU)
     tc += [("tcw", (bn, sk, nw, 0, st)) for (bn, sk, nw), st in itertools.product(((128, 8, 4), (128, 4, 4)), (4, 5))]

@@ -2,7 +2,8 @@
 one runs for a given batch (DISPATCH, SHAPE_DISPATCH, `int4_linear`).
 
 - M <= MAX_M_DOT, groups >= 128 (the default): the tensor-core kernels of int4_ptx ("tcw", "tc").
-- M == 1: `_gemv_unit_kernel` here, CUDA-core FMAs on [rows, 128-input blocks, 16 words] tiles (a
+- M == 1: int4_gemv's "gemv_xs" (x held in registers, rows streamed past it, ~2.5 instructions a
+  weight); `_gemv_unit_kernel` here, CUDA-core FMAs on [rows, 128-input blocks, 16 words] tiles (a
   code becomes the float 1 + q/16 by one shift and one and-or); int4_ptx's "gemv_h2".
 - 1 < M <= MAX_M_DOT, groups of 32/64: `_gemm_kernel`, dequantizes a [16, BLOCK_N] slice per nibble
   in registers and feeds the tensor cores (tl.dot, fp32 accumulate); split-K with fp32 atomics.
@@ -19,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from edgelm.quantization.int4_gemv import gemv_xs
 from edgelm.quantization.int4_pack import WORDS_PER_BLOCK, Int4Weight
 from edgelm.quantization.int4_ptx import MAX_M_DOT, gemm_tc, gemm_tcw, gemv_h2, split_tiles
 
@@ -225,7 +227,7 @@ def dequant_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, co
 
 
 KERNELS = {"gemv_unit": gemv_unit, "gemm": gemm, "dequant": dequant_matmul, "tc": gemm_tc, "tcw": gemm_tcw,
-           "gemv_h2": gemv_h2}
+           "gemv_h2": gemv_h2, "gemv_xs": gemv_xs}
 # largest M of each bucket → (kernel, launch config); M above the last bucket: dequantize, then cuBLAS.
 # The geometric-mean winners over the Llama-3.1-8B shapes of the H200 sweep in
 # benchmarks/gpu/int4_bench.py --tune (benchmarks/results/int4_tune_h200.json; an H100 sweep before the
@@ -298,7 +300,7 @@ def choose_kernel(m: int, w: Int4Weight) -> tuple[str, tuple] | None:
     for m_max, choice in DISPATCH.items():
         if m <= m_max:
             kernel, config = by_shape.get(m_max, choice)
-            if kernel in ("tc", "tcw", "gemv_h2") and w.group_size < 128:  # their scales are per 128-input block
+            if kernel in ("tc", "tcw", "gemv_h2", "gemv_xs") and w.group_size < 128:  # their scales are per 128-input block
                 kernel, config = next(c for b, c in SMALL_GROUP_DISPATCH.items() if m <= b)
             return kernel, config
     return None

@@ -103,23 +103,21 @@ def run_path(ws, x, kernel: str, config) -> float:
 
 
 def candidates(m: int) -> list[tuple[str, tuple]]:
-    """(kernel, config) pairs swept for batch m: at m = 1 first the x-stationary GEMV (gemv_xs: REP,
-    num_warps, programs per SM), then the tensor-core kernels fed by inline PTX ("tcw":
+    """(kernel, config) pairs swept for batch m: at m = 1 the x-stationary GEMV (gemv_xs) and the best
+    of the others; above, the tensor-core kernels fed by inline PTX ("tcw":
     weights dequantized in registers; "tc": 16-bit codes, the best four of the H200 sweep in
     benchmarks/results/int4_tune_h200.json), then the kernels kept after the H100 sweep of
     benchmarks/results/int4_tune_h100.json."""
-    xs = [("gemv_xs", c) for c in ((4, 4, 2), (4, 4, 1), (4, 8, 1), (2, 4, 4), (2, 4, 2), (2, 8, 2), (1, 4, 8),
-                                   (4, 4, 4), (2, 4, 8))] if m == 1 else []
-    tc = xs + [("tcw", (bn, sk, nw)) for bn, sk, nw in itertools.product((64, 128), (1, 2, 4, 8), (4, 8))]
+    if m == 1:  # the x-stationary GEMV (REP, num_warps, programs per SM, rows per warp), then the best
+        # M = 1 configs of the other kernels in the H200 sweeps of 2026-12-06 (int4_tune_h200.json)
+        xs = [("gemv_xs", c) for c in ((2, 4, 3, 4), (2, 4, 2, 4), (2, 4, 4, 2), (2, 4, 3, 2), (1, 4, 5, 8),
+                                       (1, 4, 4, 4), (2, 8, 1, 4), (1, 8, 2, 8), (4, 4, 2, 1), (2, 8, 2, 2))]
+        return xs + [("gemv_h2", c) for c in ((8, 8, 1, 4), (4, 8, 1, 4), (16, 8, 1, 8))] + \
+            [("tcw", c) for c in ((128, 8, 4, 1), (128, 8, 8, 1), (128, 8, 4), (128, 8, 8), (128, 4, 4))]
+    tc = [("tcw", (bn, sk, nw)) for bn, sk, nw in itertools.product((64, 128), (1, 2, 4, 8), (4, 8))]
     tc += [("tc", c) for c in ((128, 4, 8), (64, 4, 4), (64, 8, 4), (128, 2, 8))]
-    # deeper software pipelines for the H200's best tcw configs (not yet timed on a GPU)
+    # deeper software pipelines for the H200's best tcw configs
     tc += [("tcw", (bn, sk, nw, 0, st)) for (bn, sk, nw), st in itertools.product(((128, 8, 4), (128, 4, 4)), (4, 5))]
-    if m == 1:  # and the tcw configs again with x read once per block (ONE_ROW), and the packed-16-bit
-        # CUDA-core GEMV (gemv_h2): neither timed on a GPU yet
-        tc += [("tcw", (bn, sk, nw, 1)) for bn, sk, nw in ((128, 8, 4), (128, 8, 8), (128, 4, 4), (64, 8, 4))]
-        tc += [("gemv_h2", c) for c in ((8, 4, 1, 4), (8, 8, 1, 4), (16, 4, 1, 4), (8, 4, 2, 4), (16, 8, 1, 8),
-                                        (4, 8, 1, 4))]
-        return tc + [("gemv_unit", c) for c in ((8, 4, 1, 4, 1), (8, 2, 1, 4, 1), (16, 4, 1, 4, 1), (8, 8, 1, 4, 1))]
     bms = (16,) if m <= 16 else (16, 32)
     return tc + [("dequant", None)] + [("gemm", (bm, bn, sk, 4)) for bm, bn, sk in
                                        itertools.product(bms, (32, 64), (2, 4))]

@@ -107,7 +107,7 @@ def _gemv_xs_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
                     GROUP: tl.constexpr, REP: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr,
                     HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr):
     """y [1, N] = x [1, K] · dequant(W)ᵀ; program (p, c) handles word chunk c of row tiles p, p + P, ...
-    (ROWS rows a tile, one per warp). Tensors are [REP, ROWS, 32 lanes, 4 words] so that a warp holds a
+    (ROWS rows a tile, ROWS / num_warps per warp). Tensors are [REP, ROWS, 32 lanes, 4 words] so that a warp holds a
     row and a lane its 4 words of each slice (checked in tests/test_int4.py's layout test)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -169,14 +169,16 @@ def _sm_count(index: int) -> int:
 
 
 def gemv_xs(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
-    """x [1, K] → y [1, N]; config (REP, num_warps, programs per SM). Groups of 128 inputs or more."""
-    rep, num_warps, per_sm = config or GEMV_XS_CONFIG
+    """x [1, K] → y [1, N]; config (REP, num_warps, programs per SM[, rows per warp]). Groups of 128
+    inputs or more. Each row a warp holds at once adds REP·16 bytes a lane to the loads in flight."""
+    rep, num_warps, per_sm, *rest = config or GEMV_XS_CONFIG
+    rows_per_warp = rest[0] if rest else 1
     n, kw = w.qweight.shape
     if x.shape[0] != 1 or w.group_size < 128 or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError("gemv_xs: needs one row, group size >= 128 and fp16/bf16 activations")
     x = x.contiguous()
     split_k = -(-kw // (rep * 128))
-    rows = num_warps
+    rows = num_warps * rows_per_warp
     tiles = triton.cdiv(n, rows)
     sms = _sm_count(x.device.index or 0) if x.is_cuda else 4
     programs = max(1, min(tiles, sms * per_sm // split_k))

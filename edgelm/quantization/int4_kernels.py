@@ -229,19 +229,19 @@ def dequant_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, co
 KERNELS = {"gemv_unit": gemv_unit, "gemm": gemm, "dequant": dequant_matmul, "tc": gemm_tc, "tcw": gemm_tcw,
            "gemv_h2": gemv_h2, "gemv_xs": gemv_xs}
 # largest M of each bucket → (kernel, launch config); M above the last bucket: dequantize, then cuBLAS.
-# The geometric-mean winners over the Llama-3.1-8B shapes of the H200 sweep in
-# benchmarks/gpu/int4_bench.py --tune (benchmarks/results/int4_tune_h200.json; an H100 sweep before the
-# tensor-core kernels existed chose gemv_unit / gemm: int4_tune_h100.json).
+# The geometric-mean winners over the Llama-3.1-8B shapes of the H100 sweep of 2026-12-06
+# (benchmarks/gpu/int4_bench.py --tune: benchmarks/results/int4_tune_h100.json); the H200 sweep of the
+# same day (int4_tune_h200.json) picked the same kernels and configs, bar one per-shape config at M <= 16.
 DISPATCH: dict[int, tuple[str, tuple]] = {
-    1: ("tcw", (128, 8, 4)),
+    1: ("gemv_h2", (8, 8, 1, 4)),
     16: ("tcw", (128, 8, 4)),
     MAX_M_DOT: ("tcw", (64, 4, 4)),
 }
 # (N, K) → buckets as in DISPATCH, for the shapes where the same sweep found another config faster
 # than DISPATCH's by more than 2 % (per shape, single timings).
 SHAPE_DISPATCH: dict[tuple[int, int], dict[int, tuple[str, tuple]]] = {
-    (28672, 4096): {1: ("tcw", (128, 4, 4)), 16: ("tcw", (128, 1, 8)), MAX_M_DOT: ("tcw", (128, 1, 4))},
-    (4096, 4096): {16: ("tcw", (64, 8, 4))},
+    (4096, 4096): {1: ("gemv_h2", (4, 8, 1, 4)), 16: ("tc", (64, 8, 4))},
+    (28672, 4096): {16: ("tcw", (128, 1, 8)), MAX_M_DOT: ("tcw", (128, 1, 4))},
     (4096, 14336): {1: ("tcw", (128, 8, 8)), MAX_M_DOT: ("tcw", (128, 8, 8))},
 }
 

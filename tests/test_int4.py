@@ -172,7 +172,8 @@ def test_gemv_h2_kernel_small(group, k, config, dtype):
                                                     (128, 37, 2176, (2, 4, 4), torch.bfloat16),
                                                     (256, 16, 1024, (4, 4, 1), torch.bfloat16),
                                                     (128, 9, 1024, (4, 8, 4), torch.float16),
-                                                    (128, 50, 1300, (1, 2, 3, 4), torch.bfloat16)])
+                                                    (128, 50, 1300, (1, 2, 3, 4), torch.bfloat16),
+                                                    (128, 70, 1100, (2, 2, 3, 1, 2), torch.float16)])
 def test_gemv_xs_kernel_small(group, n, k, config, dtype):
     """The x-stationary GEMV (its plain-op path here): K padding, split-K over word chunks, a ragged
     last row tile, persistent programs striding over tiles, twice (the split counters reset)."""
@@ -261,7 +262,7 @@ def test_int4_linear_gpu(n, k, group):
                                            ("gemv_h2", (8, 4, 1, 4)), ("gemv_h2", (16, 4, 2, 8)),
                                            ("gemv_xs", (2, 4, 4)), ("gemv_xs", (4, 4, 2)), ("gemv_xs", (1, 8, 8)),
                                            ("gemv_xs", (4, 8, 1)), ("gemv_xs", (2, 4, 3, 4)),
-                                           ("gemv_xs", (1, 4, 5, 8)),
+                                           ("gemv_xs", (1, 4, 5, 8)), ("gemv_xs", (2, 4, 4, 1, 2)),
                                            ("gemm", (16, 64, 4, 4)), ("gemm", (32, 32, 1, 4))])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kernel_configs_gpu(kernel, config, dtype):

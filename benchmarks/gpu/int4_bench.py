@@ -108,10 +108,11 @@ def candidates(m: int) -> list[tuple[str, tuple]]:
     weights dequantized in registers; "tc": 16-bit codes, the best four of the H200 sweep in
     benchmarks/results/int4_tune_h200.json), then the kernels kept after the H100 sweep of
     benchmarks/results/int4_tune_h100.json."""
-    if m == 1:  # the x-stationary GEMV (REP, num_warps, programs per SM, rows per warp), then the best
+    if m == 1:  # the x-stationary GEMV (REP, num_warps, programs per SM, rows per warp, tiles ahead), then the best
         # M = 1 configs of the other kernels in the H200 sweeps of 2026-12-06 (int4_tune_h200.json)
-        xs = [("gemv_xs", c) for c in ((2, 4, 3, 4), (2, 4, 2, 4), (2, 4, 4, 2), (2, 4, 3, 2), (1, 4, 5, 8),
-                                       (1, 4, 4, 4), (2, 8, 1, 4), (1, 8, 2, 8), (4, 4, 2, 1), (2, 8, 2, 2))]
+        xs = [("gemv_xs", c) for c in ((4, 4, 2, 1, 2), (2, 4, 4, 1, 2), (2, 4, 3, 1, 2), (2, 8, 2, 1, 2),
+                                       (1, 4, 6, 1, 2), (1, 4, 8, 1, 2), (4, 8, 1, 1, 2), (2, 4, 3, 2, 2),
+                                       (4, 4, 2, 1, 1))]
         return xs + [("gemv_h2", c) for c in ((8, 8, 1, 4), (4, 8, 1, 4), (16, 8, 1, 8))] + \
             [("tcw", c) for c in ((128, 8, 4, 1), (128, 8, 8, 1), (128, 8, 4), (128, 8, 8), (128, 4, 4))]
     tc = [("tcw", (bn, sk, nw)) for bn, sk, nw in itertools.product((64, 128), (1, 2, 4, 8), (4, 8))]

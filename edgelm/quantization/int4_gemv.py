@@ -105,7 +105,7 @@ def _word_dot(v, x4, x3, x2, x1, x6, x5, x0, x7, magic, USE_ASM: tl.constexpr):
 @triton.jit
 def _gemv_xs_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, KW, NG, num_tiles,
                     GROUP: tl.constexpr, REP: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr, AHEAD: tl.constexpr):
     """y [1, N] = x [1, K] · dequant(W)ᵀ; program (p, c) handles word chunk c of row tiles p, p + P, ...
     (ROWS rows a tile, ROWS / num_warps per warp). Tensors are [REP, ROWS, 32 lanes, 4 words] so that a warp holds a
     row and a lane its 4 words of each slice (checked in tests/test_int4.py's layout test)."""
@@ -140,10 +140,17 @@ def _gemv_xs_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
     r_out = tl.arange(0, ROWS)
     rows = pid * ROWS + r_tile
     nxt = tl.load(qw_ptr + rows * KW + col, mask=(rows < N) & col_ok, other=0)
+    if AHEAD == 2:  # two tiles' words in flight while one is computed
+        rows = (pid + nprog) * ROWS + r_tile
+        nxt2 = tl.load(qw_ptr + rows * KW + col, mask=(rows < N) & col_ok, other=0)
     for tile in range(pid, num_tiles, nprog):
         v = nxt
-        rows = (tile + nprog) * ROWS + r_tile
-        nxt = tl.load(qw_ptr + rows * KW + col, mask=(rows < N) & col_ok, other=0)  # the next tile's words
+        rows = (tile + AHEAD * nprog) * ROWS + r_tile
+        if AHEAD == 2:
+            nxt = nxt2
+            nxt2 = tl.load(qw_ptr + rows * KW + col, mask=(rows < N) & col_ok, other=0)
+        else:
+            nxt = tl.load(qw_ptr + rows * KW + col, mask=(rows < N) & col_ok, other=0)  # the next tile's words
         acc = _word_dot(v, x4, x3, x2, x1, x6, x5, x0, x7, magic, USE_ASM)
         part = tl.sum(acc, axis=3)  # [REP, ROWS, 32]: the lane's 4 words, one 128-input block
         rs = tile * ROWS + r_sm
@@ -169,10 +176,12 @@ def _sm_count(index: int) -> int:
 
 
 def gemv_xs(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
-    """x [1, K] → y [1, N]; config (REP, num_warps, programs per SM[, rows per warp]). Groups of 128
-    inputs or more. Each row a warp holds at once adds REP·16 bytes a lane to the loads in flight."""
+    """x [1, K] → y [1, N]; config (REP, num_warps, programs per SM[, rows per warp[, tiles ahead]]).
+    Groups of 128 inputs or more. Each row a warp holds at once, and each tile loaded ahead (1 or 2),
+    adds REP·16 bytes a lane to the loads in flight."""
     rep, num_warps, per_sm, *rest = config or GEMV_XS_CONFIG
     rows_per_warp = rest[0] if rest else 1
+    ahead = rest[1] if len(rest) > 1 else 1
     n, kw = w.qweight.shape
     if x.shape[0] != 1 or w.group_size < 128 or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError("gemv_xs: needs one row, group size >= 128 and fp16/bf16 activations")
@@ -188,7 +197,7 @@ def gemv_xs(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     _gemv_xs_kernel[(programs, split_k)](
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,
         w.scales.shape[1], tiles, GROUP=w.group_size, REP=rep, ROWS=rows, SPLIT_K=split_k, HAS_BIAS=bias is not None,
-        USE_ASM=x.is_cuda and not _INTERPRET, num_warps=num_warps)
+        USE_ASM=x.is_cuda and not _INTERPRET, AHEAD=ahead, num_warps=num_warps)
     return y
 
 

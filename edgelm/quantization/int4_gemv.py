@@ -22,6 +22,14 @@ The design, per warp:
   per row. The q part keeps ~17 of float32's 24 bits (the 1 + ... part is at most 136 times larger):
   more exact than kernels that round q·s + m to 16 bits.
 Launch configuration depends on the shapes and the SM count only: CUDA-graph capturable.
+
+Measured (benchmarks/results/int4_tune_gemv_xs_h100.json, int4_tune_h100.json, int4_tune_h200.json,
+2026-12-06): it loses on the H100 and the H200. Best config (REP 4, 4 warps, 2 programs an SM) on the
+H100 at M = 1: gate_up 40 µs, down 40-42 µs against gemv_h2's 30 and 20-21 µs; more rows per warp
+made it slower (gate_up 62-88 µs), a second tile loaded ahead changed nothing (40.0 vs 40.2 µs). So its
+lower instruction count is not what limits these GPUs; where its time goes was not profiled. No
+dispatch table names it: int4_bench.py --tune sweeps it, for GPUs where the issue budget is tighter
+relative to bandwidth than on Hopper (not measured anywhere else).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """edgelm's W4A16 kernels (Triton): y = x · dequant(W)ᵀ for the packed layout of int4_pack, and which
 one runs for a given batch (DISPATCH, SHAPE_DISPATCH, `int4_linear`).
 
-- M <= MAX_M_DOT, groups >= 128 (the default): the tensor-core kernels of int4_ptx ("tcw", "tc").
-- M == 1: int4_gemv's "gemv_xs" (x held in registers, rows streamed past it, ~2.5 instructions a
-  weight); `_gemv_unit_kernel` here, CUDA-core FMAs on [rows, 128-input blocks, 16 words] tiles (a
-  code becomes the float 1 + q/16 by one shift and one and-or); int4_ptx's "gemv_h2".
+- M == 1, groups >= 128 (the default): int4_ptx's "gemv_h2" (packed 16-bit FMAs on the CUDA cores),
+  "tcw" for K = 14336; also swept: int4_gemv's "gemv_xs" (x held in registers; lost on H100/H200).
+- 1 < M <= MAX_M_DOT, groups >= 128: the tensor-core kernels of int4_ptx ("tcw", "tc").
+- M == 1, groups of 32/64: `_gemv_unit_kernel` here, CUDA-core FMAs on [rows, 128-input blocks,
+  16 words] tiles (a code becomes the float 1 + q/16 by one shift and one and-or).
 - 1 < M <= MAX_M_DOT, groups of 32/64: `_gemm_kernel`, dequantizes a [16, BLOCK_N] slice per nibble
   in registers and feeds the tensor cores (tl.dot, fp32 accumulate); split-K with fp32 atomics.
 - larger M (prefill): `_dequant_kernel` writes the dense weight, then cuBLAS.

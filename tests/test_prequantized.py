@@ -234,7 +234,8 @@ def test_cpu_kernel_close_to_emulation(tmp_path, monkeypatch):
 @pytest.mark.parametrize("case", ["awq-g128", "gptq-act-order-g128"])
 def test_triton_kernel_path_on_the_interpreter(case, tmp_path, monkeypatch):
     """The GPU path of a pre-quantized model without a GPU: fp16, the int4 layers through
-    int4_linear's dispatch (tcw for these shapes, its plain-op path under TRITON_INTERPRET), the
+    int4_linear's dispatch (tcw for the 6-token prefill, gemv_h2 for each decode step: their plain-op
+    paths under TRITON_INTERPRET), the
     act-order gathers and the folded down_proj rows, against the dense emulation."""
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -255,7 +256,7 @@ def test_triton_kernel_path_on_the_interpreter(case, tmp_path, monkeypatch):
     runner, (_, kernels) = _greedy(qpath, prompts, 2, dtype="float16")
     layer = runner.model.model.layers[0].mlp.gate_up_proj
     assert isinstance(layer, Int4Linear) and layer.dense_weight is None and layer.cpu_weight is None
-    assert choose_kernel(1, layer.packed)[0] == "tcw"
+    assert choose_kernel(6, layer.packed)[0] == "tcw" and choose_kernel(1, layer.packed)[0] == "gemv_h2"
     for k, e in zip(kernels, emulated):
         torch.testing.assert_close(k.float(), e.float(), rtol=0, atol=2e-2 * float(e.float().abs().max()))
 

@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from edgelm.layers.triton_ops.scratch import scratch
-from edgelm.quantization.int4_pack import WORDS_PER_BLOCK, Int4Weight
-from edgelm.quantization.int4_ptx import _store_split, split_tiles
+from edgelm.quantization.int4_pack import Int4Weight
+from edgelm.quantization.int4_ptx import _store_split
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 GEMV_XS_CONFIG = (2, 4, 4)  # (REP, num_warps, programs per SM) when a caller names none
@@ -208,5 +208,3 @@ def gemv_xs(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
         USE_ASM=x.is_cuda and not _INTERPRET, AHEAD=ahead, num_warps=num_warps)
     return y
 
-
-__all__ = ["gemv_xs", "GEMV_XS_CONFIG", "WORDS_PER_BLOCK", "split_tiles"]

@@ -43,7 +43,7 @@ import triton.language as tl
 
 from edgelm.layers.triton_ops.scratch import scratch
 from edgelm.quantization.int4_pack import Int4Weight
-from edgelm.quantization.int4_ptx import _store_split
+from edgelm.quantization.int4_ptx import _store_row
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 GEMV_XS_CONFIG = (2, 4, 4)  # (REP, num_warps, programs per SM) when a caller names none
@@ -169,13 +169,7 @@ def _gemv_xs_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
         contrib = sc * (128.0 * part - x_base) + off * x_sum
         out = tl.sum(tl.sum(contrib, axis=0), axis=1)  # [ROWS]: slices in-thread first, then one warp reduce
         rn = tile * ROWS + r_out
-        n_ok = rn < N
-        if HAS_BIAS:
-            if pid_k == 0:
-                out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-        rm = tl.arange(0, 1)
-        _store_split(y_ptr, ws_ptr, cnt_ptr, out[:, None], rm, rn, rm < 1, n_ok, 1, N, N, tile, pid_k, SPLIT_K, 1,
-                     ROWS)
+        _store_row(y_ptr, ws_ptr, cnt_ptr, bias_ptr, out, rn, rn < N, N, tile, pid_k, SPLIT_K, HAS_BIAS, ROWS)
 
 
 @functools.lru_cache(maxsize=8)

@@ -46,6 +46,19 @@ def _store_split(y_ptr, ws_ptr, cnt_ptr, tile, rm, rn, m_ok, n_ok, M, N, stride_
 
 
 @triton.jit
+def _store_row(y_ptr, ws_ptr, cnt_ptr, bias_ptr, out, rn, n_ok, N, pid_n, pid_k, SPLIT_K: tl.constexpr,
+               HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The one-row GEMVs' tail: float32 results [BLOCK_N] for rows rn, plus the bias (split 0 only),
+    written through _store_split."""
+    if HAS_BIAS:
+        if pid_k == 0:
+            out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    rm = tl.arange(0, 1)
+    _store_split(y_ptr, ws_ptr, cnt_ptr, out[:, None], rm, rn, rm < 1, n_ok, 1, N, N, pid_n, pid_k, SPLIT_K, 1,
+                 BLOCK_N)
+
+
+@triton.jit
 def _nibbles_plain(words, scale, offset, BF16: tl.constexpr):
     """The interpreter's path: nibble j of each word as q·scale + offset in float32, rounded to 16 bits."""
     dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
@@ -319,13 +332,8 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
         sc = tl.load(s_ptr + rn[:, None] * NG + g[None, :], mask=sm_ok, other=0.0).to(tl.float32)
         off = tl.load(m_ptr + rn[:, None] * NG + g[None, :], mask=sm_ok, other=0.0).to(tl.float32)
         acc += sc * qx + off * tl.where(b_ok, xsum, 0.0)[None, :]
-    out = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        if pid_k == 0:
-            out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-    rm = tl.arange(0, 1)
-    _store_split(y_ptr, ws_ptr, cnt_ptr, out[:, None], rm, rn, rm < 1, n_ok, 1, N, N, pid_n, pid_k, SPLIT_K, 1,
-                 BLOCK_N)
+    _store_row(y_ptr, ws_ptr, cnt_ptr, bias_ptr, tl.sum(acc, axis=1), rn, n_ok, N, pid_n, pid_k, SPLIT_K, HAS_BIAS,
+               BLOCK_N)
 
 
 def split_tiles(total: int, split: int) -> tuple[int, int]:

@@ -162,7 +162,7 @@ def _int4_cpu_extra(shape: LinearShape, weight_dtype_bytes: int) -> int:
 
 def _prequantized_bytes(shape: LinearShape, qcfg, weight_dtype_bytes: int, device: str) -> int | None:
     """AWQ/GPTQ checkpoints: `bits` per weight + a 16-bit scale and packed zero per group (loaded into
-    edgelm's int4 layout: the same within a few percent). On the CPU the dense weight is kept too."""
+    edgelm's int4 layout: the same within a few percent). On the CPU, plus what _int4_cpu_extra counts."""
     bits = _get(qcfg, "bits", None) or _get(qcfg, "w_bit", None)
     if not bits:
         return None

@@ -10,6 +10,10 @@ weights and KV pool (side by side in one process). Each
 figure is set against a ceiling measured in the same run: decode against memory bandwidth
 (the bytes a step must read: weights once, the KV cache of every request), prefill against the
 matmul rate.
+
+The decode loop is the server's: on CUDA the next step is launched before the previous step's tokens
+are read back (overlap scheduling); `--disable-overlap-schedule` times the plain loop, each step
+prepared from tokens on the host (what SGLang's bench_one_batch times).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch
 
 from edgelm.bench_utils import measure_peaks
 from edgelm.layers.vocab_embedding import VocabEmbedding
+from edgelm.managers.scheduler_output import HostSamples
 from edgelm.model_config import ModelConfig
 from edgelm.model_executor.forward_batch import ForwardBatch
 from edgelm.model_executor.model_runner import ModelRunner, tensor_bytes
@@ -167,9 +172,17 @@ def prefill_batch(runner: ModelRunner, batch_size: int, input_len: int, seed: in
     return req_slots, _greedy_info(batch_size, vocab, device), batch
 
 
-def run_once(runner: ModelRunner, batch_size: int, input_len: int, output_len: int, seed: int = 0) -> dict:
+def run_once(runner: ModelRunner, batch_size: int, input_len: int, output_len: int, seed: int = 0,
+             overlap: bool = False) -> dict:
     """Prefill `batch_size` random prompts of `input_len` tokens in one pass, then
-    `output_len` - 1 decode steps; host-clock latency of each, synchronized after each step."""
+    `output_len` - 1 decode steps. Each decode latency is the host-clock interval between one
+    step's tokens reaching the host and the next's.
+
+    Without `overlap` a step is prepared from the previous step's tokens on the host and read back
+    before the next one is prepared (SGLang's bench_one_batch). With `overlap` the loop is the
+    server's overlap scheduler (managers/scheduler.py, run_decode): step n+1 is launched with step
+    n's samples still on the device, then step n's tokens are read back while the GPU computes
+    n+1, so the host's preparation of a step hides behind the previous one."""
     device = runner.device
     if batch_size > runner.max_running_requests or batch_size * (input_len + output_len) > runner.max_total_tokens:
         raise ValueError(f"batch {batch_size} × {input_len + output_len} tokens does not fit: "
@@ -181,18 +194,36 @@ def run_once(runner: ModelRunner, batch_size: int, input_len: int, output_len: i
     _sync(device)
     prefill_s = time.perf_counter() - t0
 
-    decode_s = []
+    decode_s: list[float] = []
+    tokens: list[list[int]] = [next_ids.tolist()]
+    last = time.perf_counter()
+    pending = None  # overlap: the step in flight, its samples on their way to the host
     for step in range(output_len - 1):
-        # as the server's scheduler prepares a decode step: sampled ids to the host, host lists in
-        t0 = time.perf_counter()
-        ids = next_ids.tolist()
         out_cache_loc = runner.allocator.alloc(batch_size)
-        batch = ForwardBatch.for_decode(ids, req_slots, [input_len + step + 1] * batch_size, out_cache_loc, device,
-                                        lazy=True)
-        next_ids = runner.sample(runner.forward(batch), info).next_token_ids
-        _sync(device)
-        decode_s.append(time.perf_counter() - t0)
-    return {"prefill_s": prefill_s, "decode_s": decode_s}
+        seq_lens = [input_len + step + 1] * batch_size
+        if overlap:  # the previous step's samples, still on the device, are this step's input ids
+            ids = next_ids
+        else:  # as the unoverlapped scheduler prepares a step: sampled ids to the host, host lists in
+            ids = tokens[-1]
+        batch = ForwardBatch.for_decode(ids, req_slots, seq_lens, out_cache_loc, device, lazy=True)
+        out = runner.sample(runner.forward(batch), info)
+        next_ids = out.next_token_ids
+        if overlap:
+            if pending is not None:  # read the previous step back while the GPU runs this one
+                tokens.append(pending.wait().next_token_ids.tolist())
+                now = time.perf_counter()
+                decode_s.append(now - last)
+                last = now
+            pending = HostSamples(out)
+        else:
+            tokens.append(next_ids.tolist())
+            now = time.perf_counter()
+            decode_s.append(now - last)
+            last = now
+    if pending is not None:
+        tokens.append(pending.wait().next_token_ids.tolist())
+        decode_s.append(time.perf_counter() - last)
+    return {"prefill_s": prefill_s, "decode_s": decode_s, "tokens": tokens}
 
 
 def summarize(runner: ModelRunner, peaks: dict | None, batch_size: int, input_len: int, output_len: int,
@@ -224,11 +255,12 @@ def summarize(runner: ModelRunner, peaks: dict | None, batch_size: int, input_le
     return r
 
 
-def _run_eager(runner: ModelRunner, batch_size: int, input_len: int, output_len: int, seed: int) -> dict:
+def _run_eager(runner: ModelRunner, batch_size: int, input_len: int, output_len: int, seed: int,
+               overlap: bool) -> dict:
     graphs, runner.cuda_graph_runner = runner.cuda_graph_runner, None
     try:
-        run_once(runner, batch_size, input_len, min(output_len, 4), seed)
-        return run_once(runner, batch_size, input_len, output_len, seed)
+        run_once(runner, batch_size, input_len, min(output_len, 4), seed, overlap)
+        return run_once(runner, batch_size, input_len, output_len, seed, overlap)
     finally:
         runner.cuda_graph_runner = graphs
 
@@ -300,6 +332,8 @@ def main(argv: list[str] | None = None) -> dict:
     runner = ModelRunner(server_args, config, device)
     startup_s = time.perf_counter() - t0
     results: list[dict] = []
+    # the decode loop the server runs: overlapped on CUDA unless --disable-overlap-schedule
+    overlap = server_args.resolved_overlap_schedule(device)
     report = {
         "run_name": bench.run_name,
         "command": "python -m edgelm.bench_one_batch " + shlex.join(argv),
@@ -311,6 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": str(runner.dtype).replace("torch.", ""),
         "attention_backend": runner.attention_backend_name,
         "torchao_config": server_args.torchao_config or None,
+        "overlap_schedule": overlap,
         "cuda_graph_max_bs": runner.cuda_graph_runner.max_bs if runner.cuda_graph_runner else None,
         "graph_memory_bytes": runner.graph_memory_bytes,
         "graph_capture_s": runner.cuda_graph_runner.capture_seconds if runner.cuda_graph_runner else None,
@@ -338,8 +373,9 @@ def main(argv: list[str] | None = None) -> dict:
             for input_len in bench.input_len:
                 for output_len in bench.output_len:
                     # warm-up: compiles and autotunes kernels for these shapes
-                    run_once(runner, bs, input_len, min(output_len, 4), bench.seed)
-                    runs = [run_once(runner, bs, input_len, output_len, bench.seed) for _ in range(max(1, bench.repeat))]
+                    run_once(runner, bs, input_len, min(output_len, 4), bench.seed, overlap)
+                    runs = [run_once(runner, bs, input_len, output_len, bench.seed, overlap)
+                            for _ in range(max(1, bench.repeat))]
                     timings = {"prefill_s": statistics.median(t["prefill_s"] for t in runs),
                                "decode_s": [x for t in runs for x in t["decode_s"]]}
                     r = {"attention_backend": runner.attention_backend_name,
@@ -347,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
                     if len(runs) > 1:  # every timing, so that an outlier shows
                         r["prefill_latencies_s"] = [t["prefill_s"] for t in runs]
                     if bench.compare_eager and r["cuda_graph"] and output_len > 1:
-                        eager = _run_eager(runner, bs, input_len, output_len, bench.seed)
+                        eager = _run_eager(runner, bs, input_len, output_len, bench.seed, overlap)
                         r["eager_decode_median_latency_s"] = statistics.median(eager["decode_s"])
                         r["cuda_graph_decode_speedup"] = (r["eager_decode_median_latency_s"]
                                                           / r["decode_median_latency_s"])
@@ -381,7 +417,8 @@ def format_table(report: dict) -> str:
     attention = ", ".join(report.get("attention_backends") or [report["attention_backend"]])
     lines = [f"{report['model']} {report['dtype']} on {report['device']}, attention {attention}"
              f"{', torchao ' + report['torchao_config'] if report['torchao_config'] else ''}, "
-             f"CUDA graphs {'bs<=' + str(report['cuda_graph_max_bs']) if report['cuda_graph_max_bs'] else 'off'}"]
+             f"CUDA graphs {'bs<=' + str(report['cuda_graph_max_bs']) if report['cuda_graph_max_bs'] else 'off'}, "
+             f"decode loop {'overlapped' if report.get('overlap_schedule') else 'not overlapped'}"]
     if report["peaks"]:
         p = report["peaks"]
         lines.append(f"measured ceilings: {p['bandwidth_gbps']:.0f} GB/s, {p['matmul_tflops']:.3g} TFLOP/s {p['dtype']}")

@@ -17,13 +17,14 @@ import importlib.util
 import os
 
 ALL_OPS = ("rmsnorm", "add_rmsnorm", "silu_and_mul", "rotary", "gemv", "argmax", "fused_decode", "rope_kv",
-           "attn_merge")
+           "attn_merge", "pdl")
 # every op measured faster than its torch path on an H100 (benchmarks/results/decode_ops_h100.json);
 # "gemv" applies only to the GPUs and shapes listed in triton_ops.gemv.WINS; "fused_decode" runs a
 # decoder layer's norms, SiLU·mul and residual adds inside its GEMVs where all four GEMVs of the
 # layer take the Triton path (edgelm.models.llama); "rope_kv" fuses the rotary (when "rotary" is on)
 # with the Triton attention backend's KV write; "attn_merge" merges that backend's decode splits
-# inside its attention launch instead of a second kernel
+# inside its attention launch instead of a second kernel; "pdl" launches the decode step's Triton
+# kernels with programmatic dependent launch on SM 9.0+ (triton_ops.pdl; nothing changes elsewhere)
 # "fused_decode" is off: on the H100 its prologues made the GEMVs slower than the kernels they
 # replace saved (graph step 6042 vs 5918 us, Llama-3.1-8B shape bs1, benchmarks/gpu/dev_check.sh).
 # "attn_merge" is off: on an H200 the attention launch with the merge inside took 11.2 us a layer

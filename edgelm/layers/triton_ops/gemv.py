@@ -14,6 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from edgelm.layers.triton_ops import pdl
+from edgelm.layers.triton_ops.pdl import wait_and_release
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -32,12 +35,43 @@ class GemvConfig:
 
 
 @triton.jit
+def _load_w(w_ptrs, n_mask, k_mask, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)
+    return tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _chunk(acc, w, x_ptrs, k0, K, offs_k, m_mask, k_mask, norm_w_ptr, rstd, dtype: tl.constexpr,
+           USE_DOT: tl.constexpr, INTERPRET: tl.constexpr, PROLOGUE: tl.constexpr):
+    """acc += (the input's columns k0 .. k0 + BLOCK_K) · wᵀ, the prologue applied to the input."""
+    x_mask = m_mask[:, None] & k_mask[None, :]
+    if PROLOGUE == 2:
+        gate = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptrs + K, mask=x_mask, other=0.0).to(tl.float32)
+        x = ((gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up).to(dtype)
+    else:
+        x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+    if PROLOGUE == 1:
+        nw = tl.load(norm_w_ptr + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        x = ((x.to(tl.float32) * rstd[:, None]) * nw[None, :]).to(dtype)
+    if USE_DOT:
+        if INTERPRET:  # Triton's CPU interpreter gets bf16 dots wrong: give it float32
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    else:
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
 def _skinny_gemm_kernel(x_ptr, x_stride, w_ptr, w_stride, b_ptr, out_ptr, out_stride, M, N, K,
                         norm_w_ptr, ss_in_ptr, ss_in_count, ss_out_ptr, eps,
                         HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                         INTERPRET: tl.constexpr, PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr,
-                        BLOCK_P: tl.constexpr):
+                        BLOCK_P: tl.constexpr, PDL: tl.constexpr):
     """x [M, K]; w [N, K]; b [N]; out [M, N] (last dims contiguous), fp32 accumulation.
     Grid: (cdiv(N, BLOCK_N),).
 
@@ -48,6 +82,8 @@ def _skinny_gemm_kernel(x_ptr, x_stride, w_ptr, w_stride, b_ptr, out_ptr, out_st
     RESIDUAL: out is the residual stream, updated in place: out = round(round(x Wᵀ + b) + out);
     each program also writes the sum of squares of its columns of the new row to
     ss_out[m, program] (the next PROLOGUE 1 consumes them: deterministic, no atomics).
+    PDL (triton_ops.pdl): the first BLOCK_K columns of the weights load while the previous kernel
+    finishes; everything else waits for it.
     """
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -58,36 +94,35 @@ def _skinny_gemm_kernel(x_ptr, x_stride, w_ptr, w_stride, b_ptr, out_ptr, out_st
     dtype = out_ptr.dtype.element_ty
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * w_stride + offs_k[None, :]
     x_ptrs = x_ptr + offs_m[:, None] * x_stride + offs_k[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_start = 0
+    if EVEN_K:
+        first_mask = offs_k < BLOCK_K
+    else:
+        first_mask = offs_k < K
+    if PDL:
+        w_first = _load_w(w_ptrs, n_mask, first_mask, EVEN_K)
+        wait_and_release(PDL)
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
     if PROLOGUE == 1:
         offs_p = tl.arange(0, BLOCK_P)
         ss = tl.load(ss_in_ptr + offs_m[:, None] * ss_in_count + offs_p[None, :],
                      mask=m_mask[:, None] & (offs_p < ss_in_count)[None, :], other=0.0)
         rstd = tl.rsqrt(tl.sum(ss, axis=1) / K + eps)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    if PDL:
+        acc = _chunk(acc, w_first, x_ptrs, 0, K, offs_k, m_mask, first_mask, norm_w_ptr, rstd, dtype,
+                     USE_DOT, INTERPRET, PROLOGUE)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        k_start = BLOCK_K
+    for k0 in range(k_start, K, BLOCK_K):
         if EVEN_K:
             k_mask = offs_k < BLOCK_K
-            w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)
         else:
             k_mask = (k0 + offs_k) < K
-            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        x_mask = m_mask[:, None] & k_mask[None, :]
-        if PROLOGUE == 2:
-            gate = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)
-            up = tl.load(x_ptrs + K, mask=x_mask, other=0.0).to(tl.float32)
-            x = ((gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up).to(dtype)
-        else:
-            x = tl.load(x_ptrs, mask=x_mask, other=0.0)
-        if PROLOGUE == 1:
-            nw = tl.load(norm_w_ptr + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            x = ((x.to(tl.float32) * rstd[:, None]) * nw[None, :]).to(dtype)
-        if USE_DOT:
-            if INTERPRET:  # Triton's CPU interpreter gets bf16 dots wrong: give it float32
-                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
-        else:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        w = _load_w(w_ptrs, n_mask, k_mask, EVEN_K)
+        acc = _chunk(acc, w, x_ptrs, k0, K, offs_k, m_mask, k_mask, norm_w_ptr, rstd, dtype, USE_DOT, INTERPRET,
+                     PROLOGUE)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     if HAS_BIAS:
@@ -110,6 +145,7 @@ def _launch(x2, weight, bias, out, config, k, prologue=0, residual=False, norm_w
     block_m = 16 if config.use_dot else max(triton.next_power_of_2(m), 1)
     grid = (triton.cdiv(n, config.block_n),)
     ss_count = ss_in.shape[1] if ss_in is not None else 1
+    pdl_on = pdl.active(x2.device)
     _skinny_gemm_kernel[grid](
         x2, x2.stride(0), weight, weight.stride(0), bias if bias is not None else weight, out, out.stride(0),
         m, n, k, norm_w if norm_w is not None else weight, ss_in if ss_in is not None else weight, ss_count,
@@ -117,7 +153,8 @@ def _launch(x2, weight, bias, out, config, k, prologue=0, residual=False, norm_w
         HAS_BIAS=bias is not None, USE_DOT=config.use_dot, BLOCK_M=block_m,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
         INTERPRET=_INTERPRET, PROLOGUE=prologue, RESIDUAL=residual,
-        BLOCK_P=max(triton.next_power_of_2(ss_count), 2), num_warps=config.num_warps, num_stages=config.num_stages)
+        BLOCK_P=max(triton.next_power_of_2(ss_count), 2), PDL=pdl_on, num_warps=config.num_warps,
+        num_stages=config.num_stages, **pdl.launch_kwargs(pdl_on))
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig

@@ -6,12 +6,16 @@ import torch
 import triton
 import triton.language as tl
 
+from edgelm.layers.triton_ops import pdl
+from edgelm.layers.triton_ops.pdl import wait_and_release
+
 MAX_COLS = 32768  # one program holds a whole row in registers; wider rows stay on the torch path
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_stride, res_out_ptr,
-                     res_out_stride, n_cols, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     res_out_stride, n_cols, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
     """One program per row. x, residual, out, res_out [rows, n_cols] (last dim contiguous); w [n_cols].
 
     With a residual: s = x + residual, rounded to the model dtype and stored in res_out; then
@@ -20,6 +24,9 @@ def _rms_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_s
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    if PDL:  # the norm's weight loads while the previous kernel finishes
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        wait_and_release(PDL)
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
@@ -27,7 +34,8 @@ def _rms_norm_kernel(x_ptr, x_stride, res_ptr, res_stride, w_ptr, out_ptr, out_s
         tl.store(res_out_ptr + row * res_out_stride + cols, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if not PDL:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = (xf * rstd) * w
     tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -61,10 +69,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         r2 = res_out = out  # unused
     if rows > 0:
         block = triton.next_power_of_2(n)
+        pdl_on = pdl.active(x.device)
         _rms_norm_kernel[(rows,)](
             x2, x2.stride(0), r2, r2.stride(0), weight, out, out.stride(0), res_out, res_out.stride(0),
-            n, eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
-            num_warps=min(max(block // 512, 1), 16))
+            n, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl_on,
+            num_warps=min(max(block // 512, 1), 16), **pdl.launch_kwargs(pdl_on))
     if residual is None:
         return out.view(shape)
     return out.view(shape), res_out.view(shape)

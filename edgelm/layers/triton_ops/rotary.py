@@ -7,13 +7,17 @@ import torch
 import triton
 import triton.language as tl
 
+from edgelm.layers.triton_ops import pdl
+from edgelm.layers.triton_ops.pdl import wait_and_release
+
 BLOCK_H = 8  # heads per program
 
 
 @triton.jit
 def _rotary_kernel(pos_ptr, cache_ptr, cache_stride, q_ptr, q_stride, k_ptr, k_stride, num_q_heads,
                    num_k_heads, n_q_blocks, v_ptr, v_stride, k_buf, v_buf, kv_slots, n_k_blocks,
-                   HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, STORE: tl.constexpr):
+                   HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, STORE: tl.constexpr,
+                   PDL: tl.constexpr):
     """positions [T]; cache [max_position, 2 * HALF] float32 (cos ‖ sin); q [T, num_q_heads * 2 * HALF],
     k [T, num_k_heads * 2 * HALF] (rows may be strided, heads packed). Per head:
     (x1, x2) → (x1 cos − x2 sin, x2 cos + x1 sin), in float32. q is rotated in place.
@@ -27,6 +31,7 @@ def _rotary_kernel(pos_ptr, cache_ptr, cache_stride, q_ptr, q_stride, k_ptr, k_s
     hb = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HALF
+    wait_and_release(PDL)
     if hb >= n_q_blocks + n_k_blocks:  # (STORE only) v: copied into the pool as it is
         slot = tl.load(kv_slots + t).to(tl.int64)
         heads = (hb - n_q_blocks - n_k_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -117,7 +122,8 @@ def _launch(positions, q, k, cos_sin_cache, head_dim, store=None):
         v, k_buf, v_buf, slots = store
         v_stride = _as_rows(v, head_dim)[0]
     grid = (tokens, n_q_blocks + n_k_blocks * (1 if store is None else 2))
+    pdl_on = pdl.active(q.device)
     _rotary_kernel[grid](positions, cos_sin_cache, cos_sin_cache.stride(0), q, q_stride, k, k_stride,
                          num_q_heads, num_k_heads, n_q_blocks, v, v_stride, k_buf, v_buf, slots, n_k_blocks,
                          HALF=half, BLOCK_D=triton.next_power_of_2(half), BLOCK_H=BLOCK_H,
-                         STORE=store is not None, num_warps=4)
+                         STORE=store is not None, PDL=pdl_on, num_warps=4, **pdl.launch_kwargs(pdl_on))

@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 
 from edgelm.layers import triton_ops as switches
+from edgelm.layers.triton_ops import pdl
+from edgelm.layers.triton_ops.pdl import wait_and_release
 
 LOG2E = 1.4426950408889634
 
@@ -78,7 +80,7 @@ def _decode_partial_kernel(
     stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-    DIRECT: tl.constexpr, MERGE: tl.constexpr, MAX_SPLITS: tl.constexpr,
+    DIRECT: tl.constexpr, MERGE: tl.constexpr, MAX_SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Q [B, H, D]; K_buf, V_buf [S, Hkv, D]; req_to_token [R, L]; Mid_O [B, H, splits, D] and
     Mid_LSE [B, H, splits] (float32, log2 domain) receive this split's normalised output.
@@ -89,6 +91,7 @@ def _decode_partial_kernel(
     head0 = tl.program_id(1) * HEADS
     split = tl.program_id(2)
     kv_head = head0 // GROUP
+    wait_and_release(PDL)
     seq_len = tl.load(seq_lens + b)
     split_len = _split_len(seq_len, num_splits, MIN_SPLIT, BLOCK_N)
     start = split * split_len
@@ -161,10 +164,12 @@ def _decode_merge_kernel(
     Mid_O, Mid_LSE, Out, seq_lens, num_splits,
     stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MIN_SPLIT: tl.constexpr, ALIGN: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Merge the non-empty splits of request b, head h: Out[b, h] = sum_s w_s * Mid_O[b, h, s]."""
     b = tl.program_id(0)
     h = tl.program_id(1)
+    wait_and_release(PDL)
     seq_len = tl.load(seq_lens + b)
     split_len = _split_len(seq_len, num_splits, MIN_SPLIT, ALIGN)
     active = tl.cdiv(seq_len, split_len)
@@ -210,6 +215,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     block_d = max(16, triton.next_power_of_2(head_dim))
     min_split = triton.cdiv(cfg.min_split_len, cfg.block_n) * cfg.block_n
     merge = splits > 1 and cfg.merge_in_kernel and counters is not None
+    pdl_on = pdl.active(q.device)
     if merge and counters.numel() < decode_counters(batch, num_heads, num_kv_heads):
         raise ValueError("decode_attention: too few merge counters for this batch")
     _decode_partial_kernel[(batch, num_heads // heads, splits)](
@@ -222,8 +228,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         GROUP=group, HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_N=cfg.block_n, MIN_SPLIT=min_split,
         PRECISION=_precision(q.dtype), DIRECT=splits == 1, MERGE=merge,
-        MAX_SPLITS=max(2, triton.next_power_of_2(splits)), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        MAX_SPLITS=max(2, triton.next_power_of_2(splits)), PDL=pdl_on, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **pdl.launch_kwargs(pdl_on),
     )
     if splits == 1 or merge:
         return
@@ -231,8 +237,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         mid_o, mid_lse, o, seq_lens, splits,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         o.stride(0), o.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, MIN_SPLIT=min_split, ALIGN=cfg.block_n,
-        num_warps=1 if block_d <= 128 else 2,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, MIN_SPLIT=min_split, ALIGN=cfg.block_n, PDL=pdl_on,
+        num_warps=1 if block_d <= 128 else 2, **pdl.launch_kwargs(pdl_on),
     )
 
 

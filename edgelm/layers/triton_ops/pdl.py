@@ -1,0 +1,79 @@
+"""Programmatic dependent launch (PDL) for the decode step's Triton kernels, on GPUs that have it.
+
+A decode step at batch 1 is ~320 kernels in a row; each one's start costs a launch and a ramp while
+the previous one drains. With PDL (SM 9.0 and later: Hopper, Blackwell) a kernel is launched while
+its predecessor still runs: it loads what does not depend on the predecessor (weights), then waits
+(`griddepcontrol.wait`) until the predecessor has finished and its writes are visible, then tells
+its own successor that it may launch. Every kernel launched this way waits before it reads
+anything an earlier kernel of the step wrote and before it writes anything, so the step computes
+exactly what it computes without PDL; kernels launched without it (torch's) are ordered as usual.
+
+Jetson Orin (SM 8.7) and Ampere have no PDL: there the kernels are compiled without these
+instructions and launched as before. Switched by the triton_ops op "pdl".
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # Triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch_dependents
+    from triton.language.extra.cuda import gdc_wait as _gdc_wait
+
+    HAS_PDL = True
+except ImportError:  # older Triton (JetPack's): never compiled in (PDL is off), only named
+    HAS_PDL = False
+
+    @triton.jit
+    def _gdc_wait():
+        pass
+
+    @triton.jit
+    def _gdc_launch_dependents():
+        pass
+
+from edgelm.layers import triton_ops
+
+_capable: dict[int | None, bool] = {}
+
+
+def _supported_by_triton() -> bool:
+    if not HAS_PDL:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+_TRITON_OK = _supported_by_triton()
+
+
+def active(device: torch.device) -> bool:
+    """Whether kernels on `device` are compiled and launched with PDL: switched on, Triton knows
+    it, and the GPU is SM 9.0 or later."""
+    if device.type != "cuda" or not _TRITON_OK or not triton_ops.enabled("pdl"):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _capable:
+        _capable[index] = torch.cuda.get_device_capability(index) >= (9, 0)
+    return _capable[index]
+
+
+def launch_kwargs(on: bool) -> dict:
+    """Extra launch options for a kernel compiled with PDL=on (none otherwise, so that a Triton
+    without the option never sees it)."""
+    return {"launch_pdl": True} if on else {}
+
+
+@triton.jit
+def wait_and_release(PDL: tl.constexpr):
+    """Wait until the previous kernel has finished (its writes visible), then let the next kernel
+    launch. Call before the first read of anything an earlier kernel wrote and before any write;
+    only loads of weights may come before it. A no-op when PDL is off."""
+    if PDL:
+        _gdc_wait()
+        _gdc_launch_dependents()

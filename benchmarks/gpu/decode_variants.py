@@ -1,0 +1,105 @@
+"""Batch-1 decode step time of kernel variants on one loaded model: each variant switches Triton
+ops, the M = 1 GEMV config of one weight shape, or the decode-attention config, recaptures the CUDA
+graphs and times bench_one_batch's overlapped decode loop (median inter-token latency). The
+baseline runs first, in the middle and last, so drift shows.
+
+    python benchmarks/gpu/decode_variants.py --model-path llama-3.1-8b --load-format dummy \
+        --dtype bfloat16 --batch-size 1 --input-len 1024 --output-len 64 --out $OUT/decode_variants.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from edgelm import bench_one_batch  # noqa: E402
+from edgelm.layers import triton_ops  # noqa: E402
+from edgelm.layers.attention import triton_ops as attn_ops  # noqa: E402
+from edgelm.layers.triton_ops import gemv  # noqa: E402
+from edgelm.model_config import ModelConfig  # noqa: E402
+from edgelm.model_executor.model_runner import ModelRunner  # noqa: E402
+from edgelm.model_loader.resolve import resolve_model  # noqa: E402
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+GEMV_CANDIDATES = [
+    gemv.GemvConfig(8, 1024, 4, 4, use_dot=False),
+    gemv.GemvConfig(4, 1024, 4, 4, use_dot=False),
+    gemv.GemvConfig(16, 512, 4, 4, use_dot=False),
+    gemv.GemvConfig(8, 2048, 8, 2, use_dot=False),
+    gemv.GemvConfig(8, 512, 2, 4, use_dot=False),
+    gemv.GemvConfig(4, 2048, 4, 3, use_dot=False),
+]
+ATTN_CANDIDATES = [dict(min_split_len=128), dict(min_split_len=256), dict(block_n=32, min_split_len=32),
+                   dict(block_n=128, min_split_len=128)]
+
+
+def variants(base_ops: str) -> list[dict]:
+    out = [{"label": "baseline"}]
+    out.append({"label": "attn_merge", "ops": base_ops + ",attn_merge"})
+    out.append({"label": "no pdl", "ops": base_ops.replace(",pdl", "")})
+    for patch in ATTN_CANDIDATES:
+        out.append({"label": "attention " + " ".join(f"{k}={v}" for k, v in patch.items()), "attn": patch})
+    for i, (name, shape) in enumerate(SHAPES.items()):
+        for cfg in GEMV_CANDIDATES:
+            out.append({"label": f"{name} {cfg.name}", "gemv": (shape, cfg)})
+        if i == 1:
+            out.append({"label": "baseline"})
+    out.append({"label": "baseline"})
+    return out
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out_path = argv[argv.index("--out") + 1]
+    del argv[argv.index("--out"):argv.index("--out") + 2]
+    server_args, bench, _ = bench_one_batch.prepare_args(argv)
+    device = server_args.resolved_device()  # a CPU run only checks the script
+    config = ModelConfig.load(resolve_model(server_args.model_path), server_args.dtype, device,
+                              server_args.context_length)
+    runner = ModelRunner(server_args, config, device)
+    bs, input_len, output_len = bench.batch_size[0], bench.input_len[0], bench.output_len[0]
+    cap = torch.cuda.get_device_capability() if device == "cuda" else (0, 0)
+    base_wins = dict(gemv.WINS.get(cap, {}))
+    base_ops = ",".join(sorted(triton_ops.set_enabled(None)))
+    triton_ops.set_enabled(base_ops)
+    default_cfg = attn_ops.default_decode_config
+    results = []
+    for v in variants(base_ops):
+        triton_ops.set_enabled(v.get("ops", base_ops))
+        wins = dict(base_wins)
+        if "gemv" in v:
+            shape, cfg = v["gemv"]
+            gemv.CONFIGS[cfg.name] = cfg
+            wins[shape] = ((1, cfg.name),) + tuple(e for e in base_wins.get(shape, ()) if e[0] > 1)
+        gemv.WINS[cap] = wins
+        patch = v.get("attn")
+        attn_ops.default_decode_config = (
+            (lambda *a, p=patch: dataclasses.replace(default_cfg(*a), **p)) if patch else default_cfg)
+        runner.set_attention_backend(runner.attention_backend_name)
+        bench_one_batch.run_once(runner, bs, input_len, 8, overlap=True)
+        steps = []
+        for _ in range(3):
+            steps += bench_one_batch.run_once(runner, bs, input_len, output_len, overlap=True)["decode_s"]
+        r = {"label": v["label"], "itl_us": 1e6 * statistics.median(steps),
+             "splits": getattr(runner.attn_backend, "_num_kv_splits", lambda *a: None)(bs, input_len + output_len)}
+        results.append(r)
+        print(f"{r['label']:>40}: {r['itl_us']:.1f} us ({r['splits']} splits)", flush=True)
+    attn_ops.default_decode_config = default_cfg
+    report = {"command": "python benchmarks/gpu/decode_variants.py " + " ".join(sys.argv[1:]),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+              "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "batch_size": bs, "input_len": input_len,
+              "output_len": output_len, "base_ops": base_ops, "results": results}
+    Path(out_path).write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,8 @@
 """Batch-1 decode step time of kernel variants on one loaded model: each variant switches Triton
-ops, the M = 1 GEMV config of one weight shape, or the decode-attention config, recaptures the CUDA
-graphs and times bench_one_batch's overlapped decode loop (median inter-token latency). The
-baseline runs first, in the middle and last, so drift shows.
+ops, PDL's early release, the M = 1 GEMV config of one weight shape, or the decode-attention config,
+recaptures the CUDA graphs and times bench_one_batch's overlapped decode loop (median inter-token
+latency). The baseline runs first, in the middle and last, so drift shows; then the combination of
+the per-shape winners runs twice around one more baseline.
 
     python benchmarks/gpu/decode_variants.py --model-path llama-3.1-8b --load-format dummy \
         --dtype bfloat16 --batch-size 1 --input-len 1024 --output-len 64 --out $OUT/decode_variants.json
@@ -23,37 +24,67 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from edgelm import bench_one_batch  # noqa: E402
 from edgelm.layers import triton_ops  # noqa: E402
 from edgelm.layers.attention import triton_ops as attn_ops  # noqa: E402
-from edgelm.layers.triton_ops import gemv  # noqa: E402
+from edgelm.layers.triton_ops import gemv, pdl  # noqa: E402
 from edgelm.model_config import ModelConfig  # noqa: E402
 from edgelm.model_executor.model_runner import ModelRunner  # noqa: E402
 from edgelm.model_loader.resolve import resolve_model  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-GEMV_CANDIDATES = [
-    gemv.GemvConfig(8, 1024, 4, 4, use_dot=False),
-    gemv.GemvConfig(4, 1024, 4, 4, use_dot=False),
-    gemv.GemvConfig(16, 512, 4, 4, use_dot=False),
-    gemv.GemvConfig(8, 2048, 8, 2, use_dot=False),
-    gemv.GemvConfig(8, 512, 2, 4, use_dot=False),
-    gemv.GemvConfig(4, 2048, 4, 3, use_dot=False),
-]
-ATTN_CANDIDATES = [dict(min_split_len=128), dict(min_split_len=256), dict(block_n=32, min_split_len=32),
-                   dict(block_n=128, min_split_len=128)]
+G = gemv.GemvConfig
+GEMV_CANDIDATES = {
+    "qkv": [G(8, 2048, 8, 2, False), G(8, 4096, 8, 1, False), G(4, 4096, 4, 1, False), G(4, 2048, 4, 3, False),
+            G(16, 4096, 8, 1, False)],
+    "o": [G(4, 1024, 4, 4, False), G(8, 4096, 8, 1, False), G(4, 4096, 4, 1, False), G(4, 2048, 4, 3, False),
+          G(8, 2048, 8, 2, False)],
+    "gate_up": [G(8, 2048, 8, 2, False), G(8, 4096, 8, 1, False), G(8, 2048, 8, 3, False), G(16, 2048, 8, 2, False),
+                G(4, 2048, 4, 3, False), G(16, 4096, 8, 1, False)],
+    "down": [G(8, 2048, 8, 3, False), G(8, 1024, 4, 5, False), G(8, 2048, 8, 2, False), G(4, 1024, 4, 4, False),
+             G(16, 1024, 8, 3, False)],
+}
+ATTN_CANDIDATES = [dict(block_n=128, min_split_len=128), dict(block_n=64, min_split_len=128),
+                   dict(block_n=128, min_split_len=256), dict(block_n=128, min_split_len=128, num_warps=8)]
 
 
-def variants(base_ops: str) -> list[dict]:
-    out = [{"label": "baseline"}]
-    out.append({"label": "attn_merge", "ops": base_ops + ",attn_merge"})
-    out.append({"label": "no pdl", "ops": base_ops.replace(",pdl", "")})
-    for patch in ATTN_CANDIDATES:
-        out.append({"label": "attention " + " ".join(f"{k}={v}" for k, v in patch.items()), "attn": patch})
-    for i, (name, shape) in enumerate(SHAPES.items()):
-        for cfg in GEMV_CANDIDATES:
-            out.append({"label": f"{name} {cfg.name}", "gemv": (shape, cfg)})
-        if i == 1:
-            out.append({"label": "baseline"})
-    out.append({"label": "baseline"})
-    return out
+def label(v: dict) -> str:
+    parts = [v.get("ops_label", "")] if v.get("ops_label") else []
+    if v.get("early") is False:
+        parts.append("PDL without early release")
+    for shape, cfg in v.get("gemv", ()):
+        parts.append(f"{next(k for k, s in SHAPES.items() if s == shape)} {cfg.name}")
+    if v.get("attn"):
+        parts.append("attention " + " ".join(f"{k}={x}" for k, x in v["attn"].items()))
+    return ", ".join(parts) or "baseline"
+
+
+def first_round(base_ops: str) -> list[dict]:
+    out = [{}, {"early": False}, {"ops": base_ops.replace(",pdl", ""), "ops_label": "no pdl"},
+           {"ops": base_ops + ",attn_merge", "ops_label": "attn_merge"}]
+    out += [{"attn": patch} for patch in ATTN_CANDIDATES]
+    for name, cands in GEMV_CANDIDATES.items():
+        out += [{"gemv": [(SHAPES[name], cfg)]} for cfg in cands]
+        if name == "o":
+            out.append({})
+    return out + [{}]
+
+
+def best_combo(results: list[dict], variants: list[dict]) -> dict:
+    """The best attention patch and, per shape, the best GEMV config, each where it beat the
+    median baseline by more than 5 us."""
+    base = statistics.median(r["itl_us"] for r, v in zip(results, variants) if not v)
+    combo = {"gemv": []}
+    best = {}
+    for r, v in zip(results, variants):
+        if not v or r["itl_us"] > base - 5 or v.get("ops") or "early" in v:
+            continue
+        key = "attn" if "attn" in v else v["gemv"][0][0]
+        if key not in best or r["itl_us"] < best[key][0]:
+            best[key] = (r["itl_us"], v)
+    for key, (_, v) in best.items():
+        if key == "attn":
+            combo["attn"] = v["attn"]
+        else:
+            combo["gemv"] += v["gemv"]
+    return combo
 
 
 def main(argv=None) -> dict:
@@ -71,12 +102,13 @@ def main(argv=None) -> dict:
     base_ops = ",".join(sorted(triton_ops.set_enabled(None)))
     triton_ops.set_enabled(base_ops)
     default_cfg = attn_ops.default_decode_config
-    results = []
-    for v in variants(base_ops):
+    results: list[dict] = []
+
+    def measure(v: dict) -> dict:
         triton_ops.set_enabled(v.get("ops", base_ops))
+        pdl.EARLY_RELEASE = v.get("early", True)
         wins = dict(base_wins)
-        if "gemv" in v:
-            shape, cfg = v["gemv"]
+        for shape, cfg in v.get("gemv", ()):
             gemv.CONFIGS[cfg.name] = cfg
             wins[shape] = ((1, cfg.name),) + tuple(e for e in base_wins.get(shape, ()) if e[0] > 1)
         gemv.WINS[cap] = wins
@@ -88,10 +120,18 @@ def main(argv=None) -> dict:
         steps = []
         for _ in range(3):
             steps += bench_one_batch.run_once(runner, bs, input_len, output_len, overlap=True)["decode_s"]
-        r = {"label": v["label"], "itl_us": 1e6 * statistics.median(steps),
+        r = {"label": label(v), "itl_us": 1e6 * statistics.median(steps),
              "splits": getattr(runner.attn_backend, "_num_kv_splits", lambda *a: None)(bs, input_len + output_len)}
         results.append(r)
-        print(f"{r['label']:>40}: {r['itl_us']:.1f} us ({r['splits']} splits)", flush=True)
+        print(f"{r['label']:>60}: {r['itl_us']:.1f} us ({r['splits']} splits)", flush=True)
+        return r
+
+    first = first_round(base_ops)
+    for v in first:
+        measure(v)
+    combo = best_combo(results, first)
+    for v in (combo, {}, combo):
+        measure(v)
     attn_ops.default_decode_config = default_cfg
     report = {"command": "python benchmarks/gpu/decode_variants.py " + " ".join(sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),

@@ -145,7 +145,7 @@ def _launch(x2, weight, bias, out, config, k, prologue=0, residual=False, norm_w
     block_m = 16 if config.use_dot else max(triton.next_power_of_2(m), 1)
     grid = (triton.cdiv(n, config.block_n),)
     ss_count = ss_in.shape[1] if ss_in is not None else 1
-    pdl_on = pdl.active(x2.device)
+    pdl_on = pdl.mode(x2.device, small=False)
     _skinny_gemm_kernel[grid](
         x2, x2.stride(0), weight, weight.stride(0), bias if bias is not None else weight, out, out.stride(0),
         m, n, k, norm_w if norm_w is not None else weight, ss_in if ss_in is not None else weight, ss_count,
@@ -154,7 +154,7 @@ def _launch(x2, weight, bias, out, config, k, prologue=0, residual=False, norm_w
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
         INTERPRET=_INTERPRET, PROLOGUE=prologue, RESIDUAL=residual,
         BLOCK_P=max(triton.next_power_of_2(ss_count), 2), PDL=pdl_on, num_warps=config.num_warps,
-        num_stages=config.num_stages, **pdl.launch_kwargs(pdl_on))
+        num_stages=config.num_stages, **pdl.launch_kwargs(pdl_on > 0))
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig

@@ -63,6 +63,23 @@ def active(device: torch.device) -> bool:
     return _capable[index]
 
 
+# Small kernels (norms, rotary, attention, SiLU·mul) let their successor launch before they wait
+# themselves, so that a chain of them reaches the next GEMV at once and its CTAs start loading
+# weights while the chain runs (memory is otherwise idle then). A GEMV releases its successor only
+# after its own wait, which bounds how far launches run ahead. Correctness does not depend on it:
+# every kernel still waits before it reads or writes activations, and a kernel completes only after
+# its wait returned, so "predecessor finished" still means "everything before it finished".
+EARLY_RELEASE = True
+
+
+def mode(device: torch.device, small: bool = True) -> int:
+    """The PDL constexpr of a kernel on `device`: 0 off; 1 wait, then release the successor;
+    2 release the successor, then wait (small kernels, when EARLY_RELEASE)."""
+    if not active(device):
+        return 0
+    return 2 if small and EARLY_RELEASE else 1
+
+
 def launch_kwargs(on: bool) -> dict:
     """Extra launch options for a kernel compiled with PDL=on (none otherwise, so that a Triton
     without the option never sees it)."""
@@ -71,9 +88,13 @@ def launch_kwargs(on: bool) -> dict:
 
 @triton.jit
 def wait_and_release(PDL: tl.constexpr):
-    """Wait until the previous kernel has finished (its writes visible), then let the next kernel
-    launch. Call before the first read of anything an earlier kernel wrote and before any write;
-    only loads of weights may come before it. A no-op when PDL is off."""
-    if PDL:
+    """Wait until the previous kernel has finished (its writes visible), and let the next kernel
+    launch (before the wait when PDL == 2, after it when PDL == 1). Call before the first read of
+    anything an earlier kernel wrote and before any write; only loads of weights may come before
+    it. A no-op when PDL == 0."""
+    if PDL == 2:
+        _gdc_launch_dependents()
+        _gdc_wait()
+    elif PDL == 1:
         _gdc_wait()
         _gdc_launch_dependents()

@@ -215,7 +215,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     block_d = max(16, triton.next_power_of_2(head_dim))
     min_split = triton.cdiv(cfg.min_split_len, cfg.block_n) * cfg.block_n
     merge = splits > 1 and cfg.merge_in_kernel and counters is not None
-    pdl_on = pdl.active(q.device)
+    pdl_on = pdl.mode(q.device)
     if merge and counters.numel() < decode_counters(batch, num_heads, num_kv_heads):
         raise ValueError("decode_attention: too few merge counters for this batch")
     _decode_partial_kernel[(batch, num_heads // heads, splits)](
@@ -229,7 +229,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_N=cfg.block_n, MIN_SPLIT=min_split,
         PRECISION=_precision(q.dtype), DIRECT=splits == 1, MERGE=merge,
         MAX_SPLITS=max(2, triton.next_power_of_2(splits)), PDL=pdl_on, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **pdl.launch_kwargs(pdl_on),
+        num_stages=cfg.num_stages, **pdl.launch_kwargs(pdl_on > 0),
     )
     if splits == 1 or merge:
         return
@@ -238,7 +238,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         o.stride(0), o.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, MIN_SPLIT=min_split, ALIGN=cfg.block_n, PDL=pdl_on,
-        num_warps=1 if block_d <= 128 else 2, **pdl.launch_kwargs(pdl_on),
+        num_warps=1 if block_d <= 128 else 2, **pdl.launch_kwargs(pdl_on > 0),
     )
 
 

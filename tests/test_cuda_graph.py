@@ -200,11 +200,12 @@ def test_int4_model_graph_decode_matches_eager(tiny_llama, quant, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [False, True])
-def test_pdl_decode_matches_plain_launches(tiny_llama, fused, monkeypatch):
+@pytest.mark.parametrize("fused,quant", [(False, None), (True, None), (False, "int4wo-128")])
+def test_pdl_decode_matches_plain_launches(tiny_llama, fused, quant, monkeypatch):
     """Programmatic dependent launch (SM 9.0+) changes when kernels start, not what they compute:
     greedy decode from CUDA graphs with it gives bit-identical logits to the same kernels launched
-    one after another, with every decode kernel on the Triton path (the GEMVs entered as wins)."""
+    one after another, with every decode kernel on the Triton path (the GEMVs entered as wins; the
+    int4 kernels when quantized)."""
     from edgelm.layers import triton_ops
     from edgelm.layers.triton_ops import gemv, pdl
 
@@ -218,10 +219,11 @@ def test_pdl_decode_matches_plain_launches(tiny_llama, fused, monkeypatch):
     old = triton_ops.set_enabled(ops + ",pdl")
     try:
         assert pdl.active(torch.device("cuda"))
-        with_pdl = _runner(tiny_llama, "triton", "bfloat16")
+        overrides = {"torchao_config": quant} if quant else {}
+        with_pdl = _runner(tiny_llama, "triton", "bfloat16", **overrides)
         triton_ops.set_enabled(ops)
         assert not pdl.active(torch.device("cuda"))
-        plain = _runner(tiny_llama, "triton", "bfloat16")
+        plain = _runner(tiny_llama, "triton", "bfloat16", **overrides)
         gen = torch.Generator().manual_seed(5)
         for n in (1, 3):
             prompts = [torch.randint(0, 512, (int(L),), generator=gen).tolist()

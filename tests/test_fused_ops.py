@@ -134,7 +134,7 @@ def test_skinny_gemm(name, m):
     torch.testing.assert_close(skinny_gemm(x, w, b, config), ref, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("name", ["reduce_n8_k1024_w4_s3", "dot_n16_k256_w4_s4"])
+@pytest.mark.parametrize("name", ["reduce_n8_k1024_w4_s3", "reduce_n2_k2048_w2_s3", "dot_n16_k256_w4_s4"])
 @pytest.mark.parametrize("m", [1, 2])
 def test_fused_gemv_chain(name, m):
     """One decoder layer's fused GEMVs against the unfused ops they replace: o_proj + residual add,
@@ -187,12 +187,26 @@ def test_gemv_table(monkeypatch):
     monkeypatch.setitem(gemv._capability, None, (9, 0))
     w = torch.empty(4096, 14336, dtype=torch.bfloat16)
     pick = [gemv.pick_config(torch.empty(m, 14336, dtype=torch.bfloat16), w) for m in (1, 3, 8, 9)]
-    assert pick == [CONFIGS["reduce_n8_k1024_w4_s3"], CONFIGS["dot_n16_k256_w4_s4"],
+    assert pick == [CONFIGS["reduce_n4_k1024_w4_s4"], CONFIGS["dot_n16_k256_w4_s4"],
                     CONFIGS["dot_n16_k256_w4_s4"], None]
     assert gemv.pick_config(torch.empty(2, 4096, dtype=torch.bfloat16),
                             torch.empty(28672, 4096, dtype=torch.bfloat16)) is None  # cuBLAS won there
     monkeypatch.setitem(gemv._capability, None, (8, 7))  # not measured: cuBLAS
     assert gemv.pick_config(torch.empty(1, 14336, dtype=torch.bfloat16), w) is None
+
+
+def test_pdl_off_where_it_cannot_run():
+    """PDL is a CUDA SM 9.0+ launch mode: a CPU tensor gets mode 0 and no launch option, whatever
+    the switch says; mode 2 (release before the wait) is for the small kernels only."""
+    from edgelm.layers.triton_ops import pdl
+
+    old = triton_ops.set_enabled("pdl")
+    try:
+        assert pdl.mode(torch.device("cpu")) == 0 and not pdl.active(torch.device("cpu"))
+        assert pdl.launch_kwargs(False) == {} and pdl.launch_kwargs(True) == {"launch_pdl": True}
+    finally:
+        triton_ops.set_enabled(",".join(sorted(old)) or "0")
+    assert "pdl" in triton_ops.DEFAULT_ON
 
 
 def test_switch_parsing():

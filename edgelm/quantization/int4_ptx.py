@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from edgelm.layers.triton_ops import pdl
+from edgelm.layers.triton_ops.pdl import wait_and_release
 from edgelm.layers.triton_ops.scratch import scratch
 from edgelm.quantization.int4_pack import WORDS_PER_BLOCK, Int4Weight
 
@@ -165,7 +167,7 @@ def _weight_tile(words, s, m, BF16: tl.constexpr, USE_ASM: tl.constexpr):
 def _tc_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, KW, NG, stride_xm,
                stride_ym, blocks_per_split, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr,
-               EVEN_K: tl.constexpr, WEIGHTS: tl.constexpr, ONE_ROW: tl.constexpr):
+               EVEN_K: tl.constexpr, WEIGHTS: tl.constexpr, ONE_ROW: tl.constexpr, PDL: tl.constexpr = 0):
     """y [M, N] = x [M, K] · dequant(W)ᵀ on the tensor cores, M <= BLOCK_M (M = 1 included: the MMA
     pads it for free, what matters is the weight bytes); the MMA's M side is the weight rows. GROUP >= 128.
 
@@ -175,6 +177,7 @@ def _tc_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
     xsum = 1 · xᵀ (a second MMA), then per output row y += s·acc + (m − BASE·s)·xsum = Σ x·(q·s + m).
     SPLIT_K > 1: partials summed by the last program of each N tile (_store_split).
     ONE_ROW (M = 1): x is read once per block, not once per padded MMA row."""
+    wait_and_release(PDL)  # triton_ops.pdl: launched while the previous kernel finishes
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -300,12 +303,13 @@ def _nibble_pair_dot(words, shift: tl.constexpr, pair):
 @triton.jit
 def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, KW, NG, blocks_per_split,
                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr = 0):
     """y [1, N] = x [1, K] · dequant(W)ᵀ on the CUDA cores in packed 16-bit arithmetic (GROUP >= 128).
 
     Tile [BLOCK_N rows, BLOCK_B blocks, 16 words]. Per word one inline-PTX call (_dot_pairs_asm) forms
     Σ q·x over its 8 nibbles with 16-bit-pair FMAs, about 2 instructions a weight; the 16 words of a
     block are summed in float32, then y += s·Σ q·x + m·Σ x per block."""
+    wait_and_release(PDL)  # triton_ops.pdl: launched while the previous kernel finishes
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -364,11 +368,13 @@ def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws = scratch(x.device, "int4", torch.float32, split_k * m * n) if split_k > 1 else y
     cnt = scratch(x.device, "int4", torch.int32, tiles) if split_k > 1 else y
+    pdl_on = pdl.mode(x.device, small=False)
     _tc_kernel[(tiles, split_k)](
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, m, n, w.in_features, kw,
         w.scales.shape[1], x.stride(0), y.stride(0), per, GROUP=w.group_size, BLOCK_M=block_m, BLOCK_N=block_n,
         SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET,
-        EVEN_K=w.in_features % 128 == 0, WEIGHTS=weights, ONE_ROW=one_row, num_warps=num_warps, **stages)
+        EVEN_K=w.in_features % 128 == 0, WEIGHTS=weights, ONE_ROW=one_row, PDL=pdl_on, num_warps=num_warps,
+        **stages, **pdl.launch_kwargs(pdl_on > 0))
     return y
 
 
@@ -383,8 +389,10 @@ def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     ws = scratch(x.device, "int4", torch.float32, split_k * n) if split_k > 1 else y
     cnt = scratch(x.device, "int4", torch.int32, tiles) if split_k > 1 else y
+    pdl_on = pdl.mode(x.device, small=False)
     _gemv_h2_kernel[(tiles, split_k)](
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,
         w.scales.shape[1], per * block_b, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b, SPLIT_K=split_k,
-        HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, num_warps=num_warps)
+        HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, PDL=pdl_on,
+        num_warps=num_warps, **pdl.launch_kwargs(pdl_on > 0))
     return y

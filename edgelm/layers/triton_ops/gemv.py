@@ -201,7 +201,8 @@ def gemm_silu_add_residual(gate_up: torch.Tensor, weight: torch.Tensor, bias: to
     return ss
 
 
-# the variants that benchmarks/gpu/decode_ops_bench.py compares with cuBLAS
+# the variants that benchmarks/gpu/decode_ops_bench.py compares with cuBLAS, and the M = 1 winners
+# of benchmarks/gpu/decode_variants.py (whole decode steps, PDL on)
 CONFIGS = {c.name: c for c in (
     GemvConfig(16, 512, 4, 4, use_dot=False),
     GemvConfig(32, 256, 4, 4, use_dot=False),
@@ -209,20 +210,30 @@ CONFIGS = {c.name: c for c in (
     GemvConfig(16, 256, 4, 4, use_dot=True),
     GemvConfig(32, 256, 4, 4, use_dot=True),
     GemvConfig(64, 128, 4, 4, use_dot=True),
+    GemvConfig(4, 2048, 4, 3, use_dot=False),
+    GemvConfig(4, 4096, 4, 1, use_dot=False),
+    GemvConfig(2, 2048, 2, 3, use_dot=False),
+    GemvConfig(4, 1024, 4, 4, use_dot=False),
 )}
 
 MAX_M = 8
-# Where a variant beat cuBLAS by 2 % or more (against the better of two cuBLAS runs; the spread was
-# under 1 %) in benchmarks/results/decode_ops_h100.json, measured at M = 1, 2, 4, 8 (the dot form
-# pads M to 16, so M = 3..8 run the same code). compute capability → (N, K) → ((largest M, config),
-# ...), first match wins. GPUs not listed (Jetson Orin, SM 8.7, included) keep cuBLAS until measured.
+# compute capability → (N, K) → ((largest M, config), ...), first match wins. GPUs not listed
+# (Jetson Orin, SM 8.7, included) keep cuBLAS until measured.
+# M >= 2: where a variant beat cuBLAS by 2 % or more (against the better of two cuBLAS runs; the
+# spread was under 1 %) in benchmarks/results/decode_ops_h100.json, measured at M = 2, 4, 8 (the dot
+# form pads M to 16, so M = 3..8 run the same code).
+# M = 1: the configs with the shortest batch-1 decode step of Llama-3.1-8B on an H100 with PDL on,
+# each shape varied on one loaded model (benchmarks/results/decode_variants_bs1_h100_round*.json):
+# narrow tiles (2-4 rows, many programs) won once the next GEMV's programs start during the small
+# kernels before it (triton_ops.pdl); whole step 5920 -> 5590 us against reduce_n8_k1024_w4_s3 everywhere.
 WINS: dict[tuple[int, int], dict[tuple[int, int], tuple[tuple[int, str], ...]]] = {
     (9, 0): {  # H100 80GB HBM3, Llama-3.1-8B
-        (6144, 4096): ((1, "reduce_n8_k1024_w4_s3"), (8, "dot_n64_k128_w4_s4")),  # qkv_proj
-        (4096, 4096): ((1, "reduce_n8_k1024_w4_s3"), (8, "dot_n32_k256_w4_s4")),  # o_proj
-        (28672, 4096): ((1, "reduce_n8_k1024_w4_s3"),),  # gate_up_proj: cuBLAS from M = 2
-        (4096, 14336): ((1, "reduce_n8_k1024_w4_s3"), (8, "dot_n16_k256_w4_s4")),  # down_proj
-        (128256, 4096): ((2, "reduce_n8_k1024_w4_s3"), (8, "dot_n16_k256_w4_s4")),  # lm_head
+        (6144, 4096): ((1, "reduce_n4_k2048_w4_s3"), (8, "dot_n64_k128_w4_s4")),  # qkv_proj
+        (4096, 4096): ((1, "reduce_n4_k4096_w4_s1"), (8, "dot_n32_k256_w4_s4")),  # o_proj
+        (28672, 4096): ((1, "reduce_n2_k2048_w2_s3"),),  # gate_up_proj: cuBLAS from M = 2
+        (4096, 14336): ((1, "reduce_n4_k1024_w4_s4"), (8, "dot_n16_k256_w4_s4")),  # down_proj
+        (128256, 4096): ((1, "reduce_n4_k2048_w4_s3"), (2, "reduce_n8_k1024_w4_s3"),
+                         (8, "dot_n16_k256_w4_s4")),  # lm_head
     },
 }
 

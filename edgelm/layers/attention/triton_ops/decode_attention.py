@@ -45,6 +45,10 @@ def default_decode_config(head_dim: int, dtype: torch.dtype, device: str) -> Dec
     merge = switches.enabled("attn_merge")
     if head_dim > 128 or dtype == torch.float32:
         return DecodeConfig(block_n=32, min_split_len=64, merge_in_kernel=merge)
+    if torch.cuda.get_device_capability() >= (9, 0):
+        # H100, batch-1 Llama-3.1-8B step with the rest tuned: 128-token steps and splits (9 splits
+        # of a 1088-token context instead of 17) measured 5587-5595 us against 5651 (decode_variants)
+        return DecodeConfig(block_n=128, min_split_len=128, merge_in_kernel=merge)
     return DecodeConfig(merge_in_kernel=merge)
 
 

@@ -100,6 +100,9 @@ def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     out_path = argv[argv.index("--out") + 1]
     del argv[argv.index("--out"):argv.index("--out") + 2]
+    quick = "--quick" in argv
+    if quick:
+        argv.remove("--quick")
     server_args, bench, _ = bench_one_batch.prepare_args(argv)
     device = server_args.resolved_device()  # a CPU run only checks the script
     config = ModelConfig.load(resolve_model(server_args.model_path), server_args.dtype, device,
@@ -114,7 +117,7 @@ def main(argv=None) -> dict:
     results: list[dict] = []
 
     def measure(v: dict) -> dict:
-        v = merged(v, BASE)
+        v = v if quick else merged(v, BASE)
         triton_ops.set_enabled(v.get("ops", base_ops))
         pdl.EARLY_RELEASE = v.get("early", True)
         wins = dict(base_wins)
@@ -136,12 +139,17 @@ def main(argv=None) -> dict:
         print(f"{r['label']:>60}: {r['itl_us']:.1f} us ({r['splits']} splits)", flush=True)
         return r
 
-    first = first_round(base_ops)
-    for v in first:
-        measure(v)
-    combo = best_combo(results, first)
-    for v in (combo, {}, combo):
-        measure(v)
+    if quick:  # the shipped defaults against early release off, the old attention steps, PDL off
+        for v in ({}, {"early": False}, {"attn": dict(block_n=64, min_split_len=64)},
+                  {"ops": base_ops.replace(",pdl", ""), "ops_label": "no pdl"}, {}):
+            measure(v)
+    else:
+        first = first_round(base_ops)
+        for v in first:
+            measure(v)
+        combo = best_combo(results, first)
+        for v in (combo, {}, combo):
+            measure(v)
     attn_ops.default_decode_config = default_cfg
     report = {"command": "python benchmarks/gpu/decode_variants.py " + " ".join(sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),

@@ -14,6 +14,8 @@ instructions and launched as before. Switched by the triton_ops op "pdl".
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -69,7 +71,7 @@ def active(device: torch.device) -> bool:
 # after its own wait, which bounds how far launches run ahead. Correctness does not depend on it:
 # every kernel still waits before it reads or writes activations, and a kernel completes only after
 # its wait returned, so "predecessor finished" still means "everything before it finished".
-EARLY_RELEASE = True
+EARLY_RELEASE = os.environ.get("EDGELM_PDL_EARLY", "1") != "0"
 
 
 def mode(device: torch.device, small: bool = True) -> int:

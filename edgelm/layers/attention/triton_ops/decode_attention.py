@@ -11,6 +11,8 @@ short requests use few splits and idle programs exit at once.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +41,21 @@ class DecodeConfig:
 
 
 def default_decode_config(head_dim: int, dtype: torch.dtype, device: str) -> DecodeConfig:
+    """The measured default, with EDGELM_DECODE_CONFIG="field=value,..." applied on top (experiments)."""
+    cfg = _default_decode_config(head_dim, dtype, device)
+    override = os.environ.get("EDGELM_DECODE_CONFIG")
+    if override:
+        fields = {f.name: f.type for f in dataclasses.fields(DecodeConfig)}
+        items = dict(item.split("=", 1) for item in override.split(",") if item.strip())
+        unknown = set(items) - set(fields)
+        if unknown:
+            raise ValueError(f"EDGELM_DECODE_CONFIG: unknown field(s) {sorted(unknown)}; known: {sorted(fields)}")
+        cfg = dataclasses.replace(cfg, **{k: (v.lower() in ("1", "true")) if fields[k] in ("bool", bool) else int(v)
+                                          for k, v in items.items()})
+    return cfg
+
+
+def _default_decode_config(head_dim: int, dtype: torch.dtype, device: str) -> DecodeConfig:
     if device != "cuda":  # the interpreter: few, small steps; both merges tested there
         return DecodeConfig(block_n=16, num_warps=1, num_stages=1, min_split_len=16, max_splits=4,
                             merge_in_kernel=True)

@@ -205,7 +205,8 @@ def test_pdl_decode_matches_plain_launches(tiny_llama, fused, quant, monkeypatch
     """Programmatic dependent launch (SM 9.0+) changes when kernels start, not what they compute:
     greedy decode from CUDA graphs with it gives bit-identical logits to the same kernels launched
     one after another, with every decode kernel on the Triton path (the GEMVs entered as wins; the
-    int4 kernels when quantized)."""
+    int4 kernels when quantized). PDL runs batch-1 steps only: the 3-request batch checks that the
+    switch leaves them as they were."""
     from edgelm.layers import triton_ops
     from edgelm.layers.triton_ops import gemv, pdl
 

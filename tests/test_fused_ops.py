@@ -202,7 +202,7 @@ def test_pdl_off_where_it_cannot_run():
 
     old = triton_ops.set_enabled("pdl")
     try:
-        assert pdl.mode(torch.device("cpu")) == 0 and not pdl.active(torch.device("cpu"))
+        assert pdl.mode(torch.device("cpu"), 1) == 0 and not pdl.active(torch.device("cpu"))
         assert pdl.launch_kwargs(False) == {} and pdl.launch_kwargs(True) == {"launch_pdl": True}
     finally:
         triton_ops.set_enabled(",".join(sorted(old)) or "0")

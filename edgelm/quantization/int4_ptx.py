@@ -368,7 +368,7 @@ def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws = scratch(x.device, "int4", torch.float32, split_k * m * n) if split_k > 1 else y
     cnt = scratch(x.device, "int4", torch.int32, tiles) if split_k > 1 else y
-    pdl_on = pdl.mode(x.device, small=False)
+    pdl_on = pdl.mode(x.device, x.shape[0], small=False)
     _tc_kernel[(tiles, split_k)](
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, m, n, w.in_features, kw,
         w.scales.shape[1], x.stride(0), y.stride(0), per, GROUP=w.group_size, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -389,7 +389,7 @@ def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     ws = scratch(x.device, "int4", torch.float32, split_k * n) if split_k > 1 else y
     cnt = scratch(x.device, "int4", torch.int32, tiles) if split_k > 1 else y
-    pdl_on = pdl.mode(x.device, small=False)
+    pdl_on = pdl.mode(x.device, x.shape[0], small=False)
     _gemv_h2_kernel[(tiles, split_k)](
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,
         w.scales.shape[1], per * block_b, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b, SPLIT_K=split_k,

@@ -145,7 +145,7 @@ def _launch(x2, weight, bias, out, config, k, prologue=0, residual=False, norm_w
     block_m = 16 if config.use_dot else max(triton.next_power_of_2(m), 1)
     grid = (triton.cdiv(n, config.block_n),)
     ss_count = ss_in.shape[1] if ss_in is not None else 1
-    pdl_on = pdl.mode(x2.device, small=False)
+    pdl_on = pdl.mode(x2.device, m, small=False)
     _skinny_gemm_kernel[grid](
         x2, x2.stride(0), weight, weight.stride(0), bias if bias is not None else weight, out, out.stride(0),
         m, n, k, norm_w if norm_w is not None else weight, ss_in if ss_in is not None else weight, ss_count,
@@ -225,7 +225,8 @@ MAX_M = 8
 # M = 1: the configs with the shortest batch-1 decode step of Llama-3.1-8B on an H100 with PDL on,
 # each shape varied on one loaded model (benchmarks/results/decode_variants_bs1_h100_round*.json):
 # narrow tiles (2-4 rows, many programs) won once the next GEMV's programs start during the small
-# kernels before it (triton_ops.pdl); whole step 5920 -> 5590 us against reduce_n8_k1024_w4_s3 everywhere.
+# kernels before it (triton_ops.pdl, batch 1 only): with reduce_n8_k1024_w4_s3 everywhere the step took
+# 5920 us, with these (round 3's pick, there with 128-token attention steps, not shipped) 5587-5595 us.
 WINS: dict[tuple[int, int], dict[tuple[int, int], tuple[tuple[int, str], ...]]] = {
     (9, 0): {  # H100 80GB HBM3, Llama-3.1-8B
         (6144, 4096): ((1, "reduce_n4_k2048_w4_s3"), (8, "dot_n64_k128_w4_s4")),  # qkv_proj

@@ -69,7 +69,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         r2 = res_out = out  # unused
     if rows > 0:
         block = triton.next_power_of_2(n)
-        pdl_on = pdl.mode(x.device)
+        pdl_on = pdl.mode(x.device, rows)
         _rms_norm_kernel[(rows,)](
             x2, x2.stride(0), r2, r2.stride(0), weight, out, out.stride(0), res_out, res_out.stride(0),
             n, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl_on,

@@ -122,7 +122,7 @@ def _launch(positions, q, k, cos_sin_cache, head_dim, store=None):
         v, k_buf, v_buf, slots = store
         v_stride = _as_rows(v, head_dim)[0]
     grid = (tokens, n_q_blocks + n_k_blocks * (1 if store is None else 2))
-    pdl_on = pdl.mode(q.device)
+    pdl_on = pdl.mode(q.device, tokens)
     _rotary_kernel[grid](positions, cos_sin_cache, cos_sin_cache.stride(0), q, q_stride, k, k_stride,
                          num_q_heads, num_k_heads, n_q_blocks, v, v_stride, k_buf, v_buf, slots, n_k_blocks,
                          HALF=half, BLOCK_D=triton.next_power_of_2(half), BLOCK_H=BLOCK_H,

@@ -38,7 +38,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     rows = x2.shape[0]
     out = torch.empty((rows, d), dtype=x.dtype, device=x.device)
     if rows > 0:
-        pdl_on = pdl.mode(x.device)
+        pdl_on = pdl.mode(x.device, rows)
         _silu_and_mul_kernel[(rows, triton.cdiv(d, BLOCK))](x2, x2.stride(0), out, out.stride(0), d,
                                                              BLOCK=BLOCK, PDL=pdl_on, num_warps=4,
                                                              **pdl.launch_kwargs(pdl_on > 0))

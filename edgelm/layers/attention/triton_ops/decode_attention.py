@@ -62,10 +62,6 @@ def _default_decode_config(head_dim: int, dtype: torch.dtype, device: str) -> De
     merge = switches.enabled("attn_merge")
     if head_dim > 128 or dtype == torch.float32:
         return DecodeConfig(block_n=32, min_split_len=64, merge_in_kernel=merge)
-    if torch.cuda.get_device_capability() >= (9, 0):
-        # H100, batch-1 Llama-3.1-8B step with the rest tuned: 128-token steps and splits (9 splits
-        # of a 1088-token context instead of 17) measured 5587-5595 us against 5651 (decode_variants)
-        return DecodeConfig(block_n=128, min_split_len=128, merge_in_kernel=merge)
     return DecodeConfig(merge_in_kernel=merge)
 
 
@@ -236,7 +232,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     block_d = max(16, triton.next_power_of_2(head_dim))
     min_split = triton.cdiv(cfg.min_split_len, cfg.block_n) * cfg.block_n
     merge = splits > 1 and cfg.merge_in_kernel and counters is not None
-    pdl_on = pdl.mode(q.device)
+    pdl_on = pdl.mode(q.device, batch)
     if merge and counters.numel() < decode_counters(batch, num_heads, num_kv_heads):
         raise ValueError("decode_attention: too few merge counters for this batch")
     _decode_partial_kernel[(batch, num_heads // heads, splits)](

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 
 import torch
@@ -230,7 +231,17 @@ class ModelRunner:
 
         max_bs = min(self.server_args.cuda_graph_max_bs or default_cuda_graph_max_bs(), self.max_running_requests)
         logger.info("capturing CUDA graphs for decode batches up to %d", max_bs)
+        if os.environ.get("EDGELM_GRAPH_PRECLEAN") == "1":  # experiment
+            gc.collect()
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
         self.cuda_graph_runner = CudaGraphRunner(self, max_bs)
+        if os.environ.get("EDGELM_GRAPH_RECAPTURE") == "1":  # experiment
+            self.cuda_graph_runner = None
+            gc.collect()
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            self.cuda_graph_runner = CudaGraphRunner(self, max_bs)
         self.graph_memory_bytes = self.cuda_graph_runner.memory_bytes
 
     def summary(self) -> str:

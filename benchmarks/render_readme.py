@@ -47,6 +47,23 @@ def gpu_latency() -> list[str]:
     return lines
 
 
+def decode_ablations() -> list[str]:
+    """Batch-1 bench_one_batch runs of one device call that switched one thing each (results/ablations)."""
+    runs = [(n, d) for n, d in _load(os.path.join("ablations", "bench_one_batch_*.json")) if d.get("note")]
+    if not runs:
+        return []
+    lines = [f"**Batch-1 decode, one thing switched per run** ({runs[0][1]['model']} bf16, input "
+             f"{runs[0][1]['results'][0]['input_len']}; {runs[0][1].get('code', '')})", "",
+             "| run | ITL median (ms) | decode tok/s | roofline ratio |", "| --- | ---: | ---: | ---: |"]
+    for name, d in runs:
+        r = d["results"][0]
+        lines.append(f"| {d['note']} | {r['decode_median_latency_s'] * 1e3:.2f} | {r['decode_tok_s']:.1f} | "
+                     f"{r.get('decode_roofline_ratio', 0):.3f} |")
+    dates = sorted({str(d.get("date", "?"))[:10] for _, d in runs})
+    return lines + ["", f"<sub>`results/ablations/bench_one_batch_*.json` · {runs[0][1].get('device', '?')} · "
+                        f"{', '.join(dates)}</sub>", ""]
+
+
 def scheduler_loop() -> list[str]:
     lines = []
     for name, d in _load("scheduler_loop_*.json"):
@@ -292,7 +309,7 @@ def decode_profile() -> list[str]:
 
 
 def render() -> str:
-    parts = gpu_latency() + scheduler_loop() + decode_profile() + attention_backends() + flashinfer_overhead() + int4_vs_bf16() + int4_speedup() + int4_kernels() + gemlite_eval() + quality() + grammar() + cpu_decode() + serving()
+    parts = gpu_latency() + decode_ablations() + scheduler_loop() + decode_profile() + attention_backends() + flashinfer_overhead() + int4_vs_bf16() + int4_speedup() + int4_kernels() + gemlite_eval() + quality() + grammar() + cpu_decode() + serving()
     return "\n".join(parts).rstrip() + "\n"
 
 

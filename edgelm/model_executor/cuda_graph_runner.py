@@ -24,7 +24,6 @@ from __future__ import annotations
 import bisect
 import gc
 import logging
-import os
 import time
 from typing import TYPE_CHECKING
 
@@ -125,22 +124,11 @@ class CudaGraphRunner:
         gc.collect()
         gc.disable()  # a collection during capture would slow every capture down
         try:
-            # warm-up of every size first: Triton compiles and autotunes here, outside any capture.
-            # Capturing a size right after its own warm-up (kernels compiled in between captures)
-            # gave a batch-1 Llama-3.1-8B graph that ran 1 % slower on an H100 than one captured
-            # again later (5.67 vs 5.60 ms a step; benchmarks/gpu/capture_run.sh), not understood.
-            batches = {bs: self._static_batch(bs) for bs in self.capture_bs}
-            if os.environ.get("EDGELM_GRAPH_WARM_ALL", "1") == "1":
-                for bs in reversed(self.capture_bs):
-                    self.backend.init_forward_metadata_capture_cuda_graph(bs, batches[bs])
-                    with torch.cuda.stream(stream):
-                        for _ in range(2):
-                            self._run(batches[bs])
-                    stream.synchronize()
             for bs in reversed(self.capture_bs):
-                batch = batches[bs]
+                batch = self._static_batch(bs)
                 self.backend.init_forward_metadata_capture_cuda_graph(bs, batch)
                 with torch.cuda.stream(stream):
+                    # warm-up: Triton compiles and autotunes here, outside the capture
                     for _ in range(2):
                         self._run(batch)
                 stream.synchronize()

@@ -3,7 +3,8 @@ GPUs, here without one.
 
 The interpreter runs the kernels' plain-op path only; Triton's wheel ships ptxas, so the PTX path can
 still be compiled (to SASS) for Ampere (SM 8.0), Jetson Orin (SM 8.7) and Hopper (SM 9.0) in CI:
-a PTX typo or an instruction a target lacks fails here, not on a user's GPU. The compiles run in a
+a PTX typo or an instruction a target lacks fails here, not on a user's GPU. On SM 9.0 they compile
+with programmatic dependent launch (triton_ops.pdl), as the H100 runs them. The compiles run in a
 child process: this test session runs Triton in interpreter mode (conftest)."""
 
 from __future__ import annotations
@@ -53,17 +54,19 @@ def compile_case(fn, args, bf16, cap, const, need_prmt):
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
     ptx = c.asm["ptx"]
     return {"ok": True, "lop3": "lop3.b32" in ptx and ("prmt.b32" in ptx or not need_prmt),
+            "pdl": "griddepcontrol.wait" in ptx,
             "fma2": "fma.rn.bf16x2" in ptx or "fma.rn.f16x2" in ptx, "cubin": len(c.asm["cubin"])}
 
 
 out = []
 for cap, weights, bf16, block_n, split_k, *one_row in json.loads(sys.argv[1]):
     const = {"GROUP": 128, "BLOCK_M": 16, "BLOCK_N": block_n, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
-             "USE_ASM": True, "EVEN_K": True, "WEIGHTS": weights, "ONE_ROW": bool(one_row and one_row[0])}
+             "USE_ASM": True, "EVEN_K": True, "WEIGHTS": weights, "ONE_ROW": bool(one_row and one_row[0]),
+             "PDL": int(cap >= 90)}
     out.append(compile_case(int4_ptx._tc_kernel, TC, bf16, cap, const, True))
 for cap, bf16, split_k in json.loads(sys.argv[2]):  # the packed-16-bit GEMV
     const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
-             "USE_ASM": True}
+             "USE_ASM": True, "PDL": int(cap >= 90)}
     out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False))
 print("RESULT " + json.dumps(out))
 """
@@ -84,6 +87,60 @@ def test_int4_kernels_compile_for_sm80_sm87_sm90():
         assert r["ok"], (case, r.get("error"))
         assert r["lop3"] and r["cubin"] > 0, case  # the inline PTX made it into the kernel
         assert r["fma2"] == case[1], case  # packed FMAs only on the dequantize-to-weights path
+        assert r["pdl"] == (case[0] >= 90), case  # Hopper: compiled with PDL (triton_ops.pdl), never below
     for case, r in zip(H2_CASES, results[len(CASES):]):
         assert r["ok"], (case, r.get("error"))
         assert r["lop3"] and r["fma2"] and r["cubin"] > 0, case
+        assert r["pdl"] == (case[0] >= 90), case
+
+
+GEMV_CHILD = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from edgelm.layers.triton_ops import gemv
+
+ARGS = ["x_ptr", "x_stride", "w_ptr", "w_stride", "b_ptr", "out_ptr", "out_stride", "M", "N", "K", "norm_w_ptr",
+        "ss_in_ptr", "ss_in_count", "ss_out_ptr", "eps"]
+out = []
+for cap, pdl in json.loads(sys.argv[1]):
+    sig = {a: "*bf16" if a.endswith("_ptr") else ("fp32" if a == "eps" else "i32") for a in ARGS}
+    sig["ss_in_ptr"] = sig["ss_out_ptr"] = "*fp32"
+    const = dict(HAS_BIAS=False, USE_DOT=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, EVEN_K=True, INTERPRET=False,
+                 PROLOGUE=0, RESIDUAL=False, BLOCK_P=2, PDL=pdl)
+    sig.update({k: "constexpr" for k in const})
+    names = list(sig)
+    aligned = [a for a in names if a.endswith("_ptr") or a.endswith("stride") or a in ("N", "K")]
+    src = ASTSource(fn=gemv._skinny_gemm_kernel, signature=sig,
+                    constexprs={(names.index(k),): v for k, v in const.items()},
+                    attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+    opts = {"num_warps": 4, "num_stages": 3}
+    if pdl:
+        opts["launch_pdl"] = True
+    ptx = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=opts).asm["ptx"]
+    lines = ptx.splitlines()
+    wait = next((i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln), None)
+    first_load = next((i for i, ln in enumerate(lines) if "ld.global" in ln), None)
+    out.append({"wait": wait, "first_load": first_load})
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_skinny_gemm_pdl_prefetches_weights_before_the_wait():
+    """Compiled for Hopper with PDL, the batch-1 GEMV issues its first weight loads before
+    griddepcontrol.wait (they overlap the previous kernel); for Orin it has no wait at all."""
+    from edgelm.layers.triton_ops import pdl
+
+    if not pdl._TRITON_OK:
+        pytest.skip("this triton cannot launch with PDL")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", GEMV_CHILD, json.dumps([[90, 1], [87, 0]])],
+                          capture_output=True, text=True, env=env, timeout=600)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line is not None, proc.stderr[-3000:]
+    hopper, orin = json.loads(line[len("RESULT "):])
+    assert hopper["wait"] is not None and hopper["first_load"] is not None
+    assert hopper["first_load"] < hopper["wait"]
+    assert orin["wait"] is None and orin["first_load"] is not None

@@ -226,7 +226,8 @@ MAX_M = 8
 # each shape varied on one loaded model (benchmarks/results/decode_variants_bs1_h100_round*.json):
 # narrow tiles (2-4 rows, many programs) won once the next GEMV's programs start during the small
 # kernels before it (triton_ops.pdl, batch 1 only): with reduce_n8_k1024_w4_s3 everywhere the step took
-# 5920 us, with these (round 3's pick, there with 128-token attention steps, not shipped) 5587-5595 us.
+# 5920 us, with these (round 3's pick, there with 128-token attention steps, not shipped) 5587-5595 us
+# (decode_variants recaptures the graphs per variant; bench_one_batch's first capture reads ~1 % slower).
 WINS: dict[tuple[int, int], dict[tuple[int, int], tuple[tuple[int, str], ...]]] = {
     (9, 0): {  # H100 80GB HBM3, Llama-3.1-8B
         (6144, 4096): ((1, "reduce_n4_k2048_w4_s3"), (8, "dot_n64_k128_w4_s4")),  # qkv_proj

@@ -244,9 +244,9 @@ def main(argv=None) -> dict:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "torch": torch.__version__, "machine": platform.machine()}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
+        from edgelm.bench_utils import write_json
+
+        write_json(args.out, result)
     return result
 
 

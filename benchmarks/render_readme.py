@@ -55,7 +55,7 @@ def decode_ablations() -> list[str]:
     lines = [f"**Batch-1 decode, one thing switched per run** ({runs[0][1]['model']} bf16, input "
              f"{runs[0][1]['results'][0]['input_len']}; {runs[0][1].get('code', '')})", "",
              "| run | ITL median (ms) | decode tok/s | roofline ratio |", "| --- | ---: | ---: | ---: |"]
-    for name, d in runs:
+    for _, d in runs:
         r = d["results"][0]
         lines.append(f"| {d['note']} | {r['decode_median_latency_s'] * 1e3:.2f} | {r['decode_tok_s']:.1f} | "
                      f"{r.get('decode_roofline_ratio', 0):.3f} |")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import platform
@@ -32,7 +31,7 @@ import time
 
 import torch
 
-from edgelm.bench_utils import measure_peaks
+from edgelm.bench_utils import measure_peaks, write_json
 from edgelm.layers.vocab_embedding import VocabEmbedding
 from edgelm.managers.scheduler_output import HostSamples
 from edgelm.model_config import ModelConfig
@@ -390,16 +389,9 @@ def main(argv: list[str] | None = None) -> dict:
                     results.append(r)
                     logger.info(_result_line(r))
                     if bench.result_file:  # after every run: a later failure keeps what was measured
-                        _write_json(bench.result_file, report)
+                        write_json(bench.result_file, report, indent=2)
     print(format_table(report))
     return report
-
-
-def _write_json(path: str, report: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
 
 
 def _result_line(r: dict) -> str:

@@ -3,11 +3,21 @@ memory bandwidth (what bounds decode) and the matmul rate (what bounds prefill).
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+
+
+def write_json(path: str, result: dict, indent: int = 1) -> None:
+    """A benchmark's result as JSON (the folder made if missing), ending in a newline."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=indent)
+        f.write("\n")
 
 
 def _time_ms(fn: Callable[[], object], device: str, iters: int, warmup: int = 3) -> float:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from edgelm import bench_one_batch  # noqa: E402
+from edgelm.bench_utils import write_json  # noqa: E402
 from edgelm.layers import triton_ops  # noqa: E402
 from edgelm.layers.attention import triton_ops as attn_ops  # noqa: E402
 from edgelm.layers.triton_ops import gemv, pdl  # noqa: E402
@@ -155,7 +155,7 @@ def main(argv=None) -> dict:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "batch_size": bs, "input_len": input_len,
               "output_len": output_len, "base_ops": base_ops, "base": label(BASE), "results": results}
-    Path(out_path).write_text(json.dumps(report, indent=1) + "\n")
+    write_json(out_path, report)
     return report
 
 

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
+from edgelm.bench_utils import write_json  # noqa: E402
 from edgelm.quantization import int4_kernels as kern  # noqa: E402
 from edgelm.quantization.int4_pack import Int4Weight, dequantize_int4, quantize_int4  # noqa: E402
 
@@ -246,9 +247,7 @@ def bench(group: int, ms: list[int], out: str | None) -> dict:
               "cycles through weight copies totalling over 256 MB (no L2 reuse)",
               "command": "python benchmarks/gpu/int4_bench.py " + " ".join(sys.argv[1:]), "rows": rows}
     if out:
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
+        write_json(out, result)
     return result
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import platform
 import shlex
@@ -24,6 +23,7 @@ import time
 
 import torch
 
+from edgelm.bench_utils import write_json
 from edgelm.model_config import ModelConfig
 from edgelm.model_executor.forward_batch import ForwardBatch
 from edgelm.model_executor.model_runner import ModelRunner
@@ -234,9 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": runs,
         "sample_output": tokenizer.decode(ours.last_tokens[:32]),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.out, result, indent=2)
     return result
 
 

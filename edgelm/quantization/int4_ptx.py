@@ -167,7 +167,7 @@ def _weight_tile(words, s, m, BF16: tl.constexpr, USE_ASM: tl.constexpr):
 def _tc_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, KW, NG, stride_xm,
                stride_ym, blocks_per_split, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr,
-               EVEN_K: tl.constexpr, WEIGHTS: tl.constexpr, ONE_ROW: tl.constexpr, PDL: tl.constexpr = 0):
+               EVEN_K: tl.constexpr, WEIGHTS: tl.constexpr, ONE_ROW: tl.constexpr, PDL: tl.constexpr):
     """y [M, N] = x [M, K] · dequant(W)ᵀ on the tensor cores, M <= BLOCK_M (M = 1 included: the MMA
     pads it for free, what matters is the weight bytes); the MMA's M side is the weight rows. GROUP >= 128.
 
@@ -303,7 +303,7 @@ def _nibble_pair_dot(words, shift: tl.constexpr, pair):
 @triton.jit
 def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, KW, NG, blocks_per_split,
                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr = 0):
+                    HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr):
     """y [1, N] = x [1, K] · dequant(W)ᵀ on the CUDA cores in packed 16-bit arithmetic (GROUP >= 128).
 
     Tile [BLOCK_N rows, BLOCK_B blocks, 16 words]. Per word one inline-PTX call (_dot_pairs_asm) forms
@@ -374,7 +374,7 @@ def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
         w.scales.shape[1], x.stride(0), y.stride(0), per, GROUP=w.group_size, BLOCK_M=block_m, BLOCK_N=block_n,
         SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET,
         EVEN_K=w.in_features % 128 == 0, WEIGHTS=weights, ONE_ROW=one_row, PDL=pdl_on, num_warps=num_warps,
-        **stages, **pdl.launch_kwargs(pdl_on > 0))
+        **stages, **pdl.launch_kwargs(pdl_on))
     return y
 
 
@@ -394,5 +394,5 @@ def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,
         w.scales.shape[1], per * block_b, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b, SPLIT_K=split_k,
         HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, PDL=pdl_on,
-        num_warps=num_warps, **pdl.launch_kwargs(pdl_on > 0))
+        num_warps=num_warps, **pdl.launch_kwargs(pdl_on))
     return y

@@ -154,7 +154,7 @@ def _launch(x2, weight, bias, out, config, k, prologue=0, residual=False, norm_w
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
         INTERPRET=_INTERPRET, PROLOGUE=prologue, RESIDUAL=residual,
         BLOCK_P=max(triton.next_power_of_2(ss_count), 2), PDL=pdl_on, num_warps=config.num_warps,
-        num_stages=config.num_stages, **pdl.launch_kwargs(pdl_on > 0))
+        num_stages=config.num_stages, **pdl.launch_kwargs(pdl_on))
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig

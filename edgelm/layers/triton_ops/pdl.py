@@ -85,10 +85,10 @@ def mode(device: torch.device, rows: int, small: bool = True) -> int:
     return 2 if small and EARLY_RELEASE else 1
 
 
-def launch_kwargs(on: bool) -> dict:
-    """Extra launch options for a kernel compiled with PDL=on (none otherwise, so that a Triton
+def launch_kwargs(pdl_mode: int) -> dict:
+    """Extra launch options for a kernel compiled with PDL=pdl_mode (none when 0, so that a Triton
     without the option never sees it)."""
-    return {"launch_pdl": True} if on else {}
+    return {"launch_pdl": True} if pdl_mode else {}
 
 
 @triton.jit

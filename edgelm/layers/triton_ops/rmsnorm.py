@@ -73,7 +73,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         _rms_norm_kernel[(rows,)](
             x2, x2.stride(0), r2, r2.stride(0), weight, out, out.stride(0), res_out, res_out.stride(0),
             n, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl_on,
-            num_warps=min(max(block // 512, 1), 16), **pdl.launch_kwargs(pdl_on > 0))
+            num_warps=min(max(block // 512, 1), 16), **pdl.launch_kwargs(pdl_on))
     if residual is None:
         return out.view(shape)
     return out.view(shape), res_out.view(shape)

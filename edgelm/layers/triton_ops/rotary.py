@@ -126,4 +126,4 @@ def _launch(positions, q, k, cos_sin_cache, head_dim, store=None):
     _rotary_kernel[grid](positions, cos_sin_cache, cos_sin_cache.stride(0), q, q_stride, k, k_stride,
                          num_q_heads, num_k_heads, n_q_blocks, v, v_stride, k_buf, v_buf, slots, n_k_blocks,
                          HALF=half, BLOCK_D=triton.next_power_of_2(half), BLOCK_H=BLOCK_H,
-                         STORE=store is not None, PDL=pdl_on, num_warps=4, **pdl.launch_kwargs(pdl_on > 0))
+                         STORE=store is not None, PDL=pdl_on, num_warps=4, **pdl.launch_kwargs(pdl_on))

@@ -41,5 +41,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         pdl_on = pdl.mode(x.device, rows)
         _silu_and_mul_kernel[(rows, triton.cdiv(d, BLOCK))](x2, x2.stride(0), out, out.stride(0), d,
                                                              BLOCK=BLOCK, PDL=pdl_on, num_warps=4,
-                                                             **pdl.launch_kwargs(pdl_on > 0))
+                                                             **pdl.launch_kwargs(pdl_on))
     return out.view(*x.shape[:-1], d)

@@ -246,7 +246,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_N=cfg.block_n, MIN_SPLIT=min_split,
         PRECISION=_precision(q.dtype), DIRECT=splits == 1, MERGE=merge,
         MAX_SPLITS=max(2, triton.next_power_of_2(splits)), PDL=pdl_on, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **pdl.launch_kwargs(pdl_on > 0),
+        num_stages=cfg.num_stages, **pdl.launch_kwargs(pdl_on),
     )
     if splits == 1 or merge:
         return
@@ -255,7 +255,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         o.stride(0), o.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, MIN_SPLIT=min_split, ALIGN=cfg.block_n, PDL=pdl_on,
-        num_warps=1 if block_d <= 128 else 2, **pdl.launch_kwargs(pdl_on > 0),
+        num_warps=1 if block_d <= 128 else 2, **pdl.launch_kwargs(pdl_on),
     )
 
 

@@ -12,3 +12,5 @@ for tag in "first:X=0" "second:EDGELM_GRAPH_RECAPTURE=1" "first_noearly:EDGELM_P
   echo "== $name ($envs)"
   env ${envs//;/ } timeout 60 $p --out $OUT/decode_profile_recapture_${name}_h100.json 2>&1 | grep -v -i warn | tail -1
 done
+echo "== int4wo-128 first capture"
+timeout 90 $p --torchao-config int4wo-128 --out $OUT/decode_profile_int4wo-128_h100.json 2>&1 | grep -v -i warn | tail -1

@@ -55,6 +55,7 @@ def compile_case(fn, args, bf16, cap, const, need_prmt):
     ptx = c.asm["ptx"]
     return {"ok": True, "lop3": "lop3.b32" in ptx and ("prmt.b32" in ptx or not need_prmt),
             "pdl": "griddepcontrol.wait" in ptx,
+            "prefetch_first": 0 <= ptx.find("prefetch.global.L2") < ptx.find("griddepcontrol.wait"),
             "fma2": "fma.rn.bf16x2" in ptx or "fma.rn.f16x2" in ptx, "cubin": len(c.asm["cubin"])}
 
 
@@ -62,11 +63,11 @@ out = []
 for cap, weights, bf16, block_n, split_k, *one_row in json.loads(sys.argv[1]):
     const = {"GROUP": 128, "BLOCK_M": 16, "BLOCK_N": block_n, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
              "USE_ASM": True, "EVEN_K": True, "WEIGHTS": weights, "ONE_ROW": bool(one_row and one_row[0]),
-             "PDL": int(cap >= 90)}
+             "PDL": int(cap >= 90), "PREFETCH": 2 if cap >= 90 else 0}
     out.append(compile_case(int4_ptx._tc_kernel, TC, bf16, cap, const, True))
 for cap, bf16, split_k in json.loads(sys.argv[2]):  # the packed-16-bit GEMV
     const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
-             "USE_ASM": True, "PDL": int(cap >= 90)}
+             "USE_ASM": True, "PDL": int(cap >= 90), "AHEAD": int(cap >= 90), "PREFETCH": 2 if cap >= 90 else 0}
     out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False))
 print("RESULT " + json.dumps(out))
 """
@@ -88,10 +89,12 @@ def test_int4_kernels_compile_for_sm80_sm87_sm90():
         assert r["lop3"] and r["cubin"] > 0, case  # the inline PTX made it into the kernel
         assert r["fma2"] == case[1], case  # packed FMAs only on the dequantize-to-weights path
         assert r["pdl"] == (case[0] >= 90), case  # Hopper: compiled with PDL (triton_ops.pdl), never below
+        assert r["prefetch_first"] == (case[0] >= 90), case  # L2 prefetch of the weights before the PDL wait
     for case, r in zip(H2_CASES, results[len(CASES):]):
         assert r["ok"], (case, r.get("error"))
         assert r["lop3"] and r["fma2"] and r["cubin"] > 0, case
         assert r["pdl"] == (case[0] >= 90), case
+        assert r["prefetch_first"] == (case[0] >= 90), case
 
 
 GEMV_CHILD = r"""

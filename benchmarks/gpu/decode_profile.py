@@ -111,7 +111,7 @@ def kernel_table(trace_path: str, num_layers: int) -> dict:
             cur = []
         cur.append(k)
     steps.append(cur)
-    step = max(steps, key=len)
+    step = steps[-1]  # the last decode step (the trace starts with the prefill)
     rows, prev_end = [], None
     for k in step:
         gap = 0.0 if prev_end is None else k["ts"] - prev_end

@@ -107,11 +107,11 @@ from edgelm.layers.triton_ops import gemv
 ARGS = ["x_ptr", "x_stride", "w_ptr", "w_stride", "b_ptr", "out_ptr", "out_stride", "M", "N", "K", "norm_w_ptr",
         "ss_in_ptr", "ss_in_count", "ss_out_ptr", "eps"]
 out = []
-for cap, pdl in json.loads(sys.argv[1]):
+for cap, pdl, pf in json.loads(sys.argv[1]):
     sig = {a: "*bf16" if a.endswith("_ptr") else ("fp32" if a == "eps" else "i32") for a in ARGS}
     sig["ss_in_ptr"] = sig["ss_out_ptr"] = "*fp32"
     const = dict(HAS_BIAS=False, USE_DOT=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, EVEN_K=True, INTERPRET=False,
-                 PROLOGUE=0, RESIDUAL=False, BLOCK_P=2, PDL=pdl)
+                 PROLOGUE=0, RESIDUAL=False, BLOCK_P=2, PDL=pdl, PF_OWN=pf, PF_PARTNER=pf)
     sig.update({k: "constexpr" for k in const})
     names = list(sig)
     aligned = [a for a in names if a.endswith("_ptr") or a.endswith("stride") or a in ("N", "K")]
@@ -125,7 +125,8 @@ for cap, pdl in json.loads(sys.argv[1]):
     lines = ptx.splitlines()
     wait = next((i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln), None)
     first_load = next((i for i, ln in enumerate(lines) if "ld.global" in ln), None)
-    out.append({"wait": wait, "first_load": first_load})
+    prefetch = [i for i, ln in enumerate(lines) if "prefetch.global.L2" in ln]
+    out.append({"wait": wait, "first_load": first_load, "prefetch": prefetch})
 print("RESULT " + json.dumps(out))
 """
 
@@ -139,11 +140,13 @@ def test_skinny_gemm_pdl_prefetches_weights_before_the_wait():
         pytest.skip("this triton cannot launch with PDL")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", GEMV_CHILD, json.dumps([[90, 1], [87, 0]])],
+    proc = subprocess.run([sys.executable, "-c", GEMV_CHILD, json.dumps([[90, 1, 8], [87, 0, 0]])],
                           capture_output=True, text=True, env=env, timeout=600)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, proc.stderr[-3000:]
     hopper, orin = json.loads(line[len("RESULT "):])
     assert hopper["wait"] is not None and hopper["first_load"] is not None
     assert hopper["first_load"] < hopper["wait"]
-    assert orin["wait"] is None and orin["first_load"] is not None
+    # EDGELM_GEMV_PREFETCH's L2 prefetches (own rows and the partner program's) also come before it
+    assert hopper["prefetch"] and max(hopper["prefetch"]) < hopper["wait"]
+    assert orin["wait"] is None and orin["first_load"] is not None and not orin["prefetch"]

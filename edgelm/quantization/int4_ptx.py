@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from edgelm.layers.triton_ops import pdl
-from edgelm.layers.triton_ops.pdl import wait_and_release
+from edgelm.layers.triton_ops.pdl import prefetch_l2, wait_and_release
 from edgelm.layers.triton_ops.scratch import scratch
 from edgelm.quantization.int4_pack import WORDS_PER_BLOCK, Int4Weight
 
@@ -60,9 +60,6 @@ def _store_row(y_ptr, ws_ptr, cnt_ptr, bias_ptr, out, rn, n_ok, N, pid_n, pid_k,
                  BLOCK_N)
 
 
-_PREFETCH_ASM = tl.constexpr("{ prefetch.global.L2 [$1]; mov.b32 $0, 0; }")
-
-
 @triton.jit
 def _prefetch_rows(qw_ptr, rn, N, KW, word0, word_end, LINES: tl.constexpr, USE_ASM: tl.constexpr):
     """Ask L2 for the first LINES 128-byte lines (32 words) from word word0 of rows rn (clamped to the
@@ -75,7 +72,7 @@ def _prefetch_rows(qw_ptr, rn, N, KW, word0, word_end, LINES: tl.constexpr, USE_
             line = tl.minimum(line, word_end - 1)
             row = tl.minimum(rn, N - 1)
             ptrs = qw_ptr + row[:, None].to(tl.int64) * KW + line[None, :]
-            tl.inline_asm_elementwise(_PREFETCH_ASM, "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
+            prefetch_l2(ptrs)
 
 
 @triton.jit

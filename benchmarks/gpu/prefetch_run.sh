@@ -14,4 +14,4 @@ echo "== int4 built-in"; timeout 60 $q --result-file $OUT/bs1_int4_builtin.json 
 echo "== int4 ahead_pf"; EDGELM_INT4_DISPATCH=benchmarks/gpu/int4_dispatch/ahead_pf.json timeout 60 $q --result-file $OUT/bs1_int4_ahead_pf.json 2>&1 | grep -v -i warn | tail -1
 echo "== GPU tests with the prefetches on"
 EDGELM_GEMV_PREFETCH=1,1 EDGELM_INT4_DISPATCH=benchmarks/gpu/int4_dispatch/ahead_pf.json timeout 70 python3 -m pytest -q \
-    -p no:cacheprovider -m gpu tests/test_cuda_graph.py -k pdl tests/test_int4.py 2>&1 | tail -3
+    -p no:cacheprovider -m gpu tests/test_cuda_graph.py::test_pdl_decode_matches_plain_launches tests/test_int4.py 2>&1 | tail -3

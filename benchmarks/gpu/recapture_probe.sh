@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Not run yet (no device time left on 2026-12-06). One device call (carry .whl; ~3 min): where the
+# Run on 2026-12-06 (H100; results in benchmarks/results/ablations/recapture/). One device call (carry .whl; ~3 min): where the
 # batch-1 graph of a second capture gains ~1.3 % over the first (EDGELM_GRAPH_RECAPTURE=1, 5.53 vs
 # 5.61 ms on an H100): kernel profiles of both, with PDL's early release on and off, and with PDL off.
 source benchmarks/gpu/site_setup.sh

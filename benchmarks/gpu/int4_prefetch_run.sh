@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call (carry .whl): batch-1 int4wo-128 decode with the built-in dispatch and with gemv_h2's
+# Not run yet (2026-12-06: no device could be started for the rest of the session). One device call (carry .whl): batch-1 int4wo-128 decode with the built-in dispatch and with gemv_h2's
 # next tile loaded ahead (AHEAD) and/or L2 prefetches before the PDL wait (benchmarks/gpu/int4_dispatch/*.json),
 # then the M = 1 sweep with those candidates and the decode with its dispatch, and a profile.
 source benchmarks/gpu/site_setup.sh

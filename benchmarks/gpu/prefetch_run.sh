@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call (carry .whl; ~3.5 min): batch-1 decode with L2 prefetches before the PDL wait — bf16 GEMVs
+# Not run yet (2026-12-06: no device could be started for the rest of the session). One device call (carry .whl; ~3.5 min): batch-1 decode with L2 prefetches before the PDL wait — bf16 GEMVs
 # (EDGELM_GEMV_PREFETCH="own,partner") and int4 (benchmarks/gpu/int4_dispatch/ahead_pf.json: AHEAD, PREFETCH) —
 # against none, in one run; then the PDL-equality and int4 GPU tests with them on.
 source benchmarks/gpu/site_setup.sh

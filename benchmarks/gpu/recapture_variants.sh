@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call (carry .whl): which part of a second CUDA-graph capture makes batch-1 decode faster
+# Not run yet (2026-12-06: no device could be started for the rest of the session). One device call (carry .whl): which part of a second CUDA-graph capture makes batch-1 decode faster
 # (EDGELM_GRAPH_RECAPTURE: 1 = new runner after freeing the first, keep = new runner with the first alive,
 # same = capture again into the same runner), with all batch sizes and with batch 1 only.
 source benchmarks/gpu/site_setup.sh

@@ -9,6 +9,8 @@ server's CPU int4 kernel rounds activations to bf16 on top).
 A run is CONFIG[:METHOD]. For int4wo-*, METHOD is how codes are chosen: search (the data-free
 range search that --torchao-config uses), minmax, gptq or gptq-actorder (GPTQ on CALIBRATION text,
 which the prompts do not overlap; not what the server does: it has no calibration data).
+METHOD@LINEAR quantizes only the linears whose names end with LINEAR (e.g. search@down_proj): where
+the loss comes from.
 
     PYTHONPATH=. .venv/bin/python benchmarks/quant_quality.py \
         --runs int4wo-128:search,int4wo-128:minmax,int4wo-128:gptq-actorder,int8wo \
@@ -173,15 +175,18 @@ def all_logits(runner, token_lists: list[list[int]]) -> list[torch.Tensor]:
 def quantize(model, config: str, method: str, hessians) -> None:
     from edgelm.quantization.torchao_config import INT4_GROUP_SIZES, apply_torchao_config, quantize_int4_model
 
+    method, _, only = method.partition("@")
     if not config.startswith("int4wo-"):
         apply_torchao_config(model, config, "cpu")
     elif method in ("search", "minmax"):
-        quantize_int4_model(model, INT4_GROUP_SIZES[config], method)
+        quantize_int4_model(model, INT4_GROUP_SIZES[config], method, only or None)
     else:
         from edgelm.quantization.gptq import gptq_quantize
         from edgelm.quantization.int4_linear import Int4Linear
 
         for name, hessian in hessians.items():
+            if only and not name.endswith(only):
+                continue
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             linear = getattr(parent, child)
@@ -212,7 +217,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     runs = [r.split(":") if ":" in r else (r, "torchao") for r in args.runs.split(",")]
     for config, method in runs:
-        if config.startswith("int4wo-") and method not in ("search", "minmax", "gptq", "gptq-actorder"):
+        if config.startswith("int4wo-") and method.partition("@")[0] not in ("search", "minmax", "gptq", "gptq-actorder"):
             parser.error(f"unknown int4 method {method!r}")
     torch.manual_seed(0)
     runner, config_ = build_runner()

@@ -80,11 +80,12 @@ def _torchao_config(cfg: str):
     }[cfg]()
 
 
-def quantize_int4_model(model: nn.Module, group_size: int, method: str = "search") -> int:
-    """Replace every target linear of `model` by an Int4Linear, one at a time; returns how many."""
+def quantize_int4_model(model: nn.Module, group_size: int, method: str = "search", only: str | None = None) -> int:
+    """Replace every target linear of `model` (whose name ends with `only`, when given) by an
+    Int4Linear, one at a time; returns how many."""
     from edgelm.quantization.int4_linear import Int4Linear
 
-    names = [name for name, mod in model.named_modules() if _is_target(mod)]
+    names = [name for name, mod in model.named_modules() if _is_target(mod) and (not only or name.endswith(only))]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

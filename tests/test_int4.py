@@ -354,6 +354,22 @@ def test_apply_on_tiny_model(tmp_path, cfg):
         assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 
+def test_quantize_only_one_kind_of_linear(tmp_path):
+    """quantize_int4_model(only=...) (benchmarks/quant_quality.py's METHOD@LINEAR) replaces just the
+    linears whose names end with it."""
+    from edgelm.layers.linear import Linear
+    from edgelm.quantization.int4_linear import Int4Linear
+
+    model = _tiny_runner(tmp_path).model
+    kinds = {name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, Linear)}
+    assert "down_proj" in kinds and len(kinds) > 1
+    count = tc.quantize_int4_model(model, 32, only="down_proj")
+    assert count == len(model.model.layers)
+    for name, m in model.named_modules():
+        if name.endswith(("_proj",)) and isinstance(m, (Linear, Int4Linear)):
+            assert isinstance(m, Int4Linear) == name.endswith("down_proj"), name
+
+
 def test_int4linear_shapes():
     from edgelm.quantization.int4_linear import Int4Linear
 

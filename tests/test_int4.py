@@ -370,6 +370,47 @@ def test_quantize_only_one_kind_of_linear(tmp_path):
             assert isinstance(m, Int4Linear) == name.endswith("down_proj"), name
 
 
+def test_down_scale_exact_kept_off_grid_and_streamed_as_after_load(tmp_path, monkeypatch):
+    """down_scale (int4wo's data-free down_proj input scaling): the scaled MLP computes what the MLP
+    computed; a down_proj that int4 reproduces is left alone; quantizing while loading
+    (--torchao-config int4wo-128) gives the layers quantize_int4_model gives after loading, and
+    EDGELM_INT4_DOWN_SCALE=0 gives other ones."""
+    from edgelm.quantization import down_scale
+    from edgelm.quantization.int4_linear import Int4Linear
+    from tests.tiny_models import make_checkpoint, make_runner
+
+    make_checkpoint("qwen2", tmp_path)
+    dense = make_runner(str(tmp_path))
+    layer = dense.model.model.layers[0]
+    w = layer.mlp.gate_up_proj.weight.data
+    inter = w.shape[0] // 2
+    down = layer.mlp.down_proj.weight.data
+    pack = lambda t: Int4Linear.quantize(t, 128)  # noqa: E731
+    rms = down_scale.channel_rms(w[:inter], w[inter:], layer.post_attention_layernorm.weight)
+    s = down_scale.choose(down, rms, pack)
+    assert s is not None and s.shape == (inter,) and float(s.max() / s.min()) > 1.5
+    up2, down2 = down_scale.scaled_pair(w[inter:], down, s)
+    x = torch.randn(5, w.shape[1])
+    ref = (torch.nn.functional.silu(x @ w[:inter].T) * (x @ w[inter:].T)) @ down.T
+    got = (torch.nn.functional.silu(x @ w[:inter].T) * (x @ up2.T)) @ down2.T
+    assert rel_err(got, ref) < 1e-5
+    on_grid = dequantize_int4(pack(down), down.dtype)
+    assert down_scale.choose(on_grid, rms, pack) is None
+
+    streamed = make_runner(str(tmp_path), torchao_config="int4wo-128")
+    tc.quantize_int4_model(dense.model, 128)
+    monkeypatch.setenv("EDGELM_INT4_DOWN_SCALE", "0")
+    plain = make_runner(str(tmp_path), torchao_config="int4wo-128")
+    for i in range(len(dense.model.model.layers)):
+        for name in ("mlp.gate_up_proj", "mlp.down_proj"):
+            a, b, c = (r.model.model.layers[i].get_submodule(name) for r in (streamed, dense, plain))
+            assert isinstance(a, Int4Linear) and isinstance(b, Int4Linear)
+            for buf in ("qweight", "scales", "offsets"):
+                assert torch.equal(getattr(a, buf), getattr(b, buf)), (i, name, buf)
+        down_a, down_c = (r.model.model.layers[i].mlp.down_proj for r in (streamed, plain))
+        assert not torch.equal(down_a.scales, down_c.scales)
+
+
 def test_int4linear_shapes():
     from edgelm.quantization.int4_linear import Int4Linear
 

@@ -379,15 +379,85 @@ def quantize_stream(weights: Iterable[tuple[str, torch.Tensor]], model: nn.Modul
     replaced by its int4 form (qweight, scales, offsets), quantized on `device` one tensor at a time:
     the numbers Int4Linear.from_linear gives (rows are quantized independently, so a q/k/v or
     gate/up shard quantized alone equals its rows of the merged layer)."""
+    from edgelm.quantization import down_scale
     from edgelm.quantization.int4_linear import Int4Linear
 
-    int4 = {name for name, module in model.named_modules() if isinstance(module, Int4Linear)}
+    modules = dict(model.named_modules())
+    int4 = {name for name, module in modules.items() if isinstance(module, Int4Linear)}
+
+    def pack(tensor: torch.Tensor) -> Int4Weight:
+        return Int4Linear.quantize(tensor.to(device=device, dtype=dtype), pcfg.group_size)
+
+    def quantize(name: str, tensor: torch.Tensor):
+        return _packed_pieces(name.rpartition(".")[0], pack(tensor))
+
+    # down_scale: a layer's gate, up and down weights (and its post-attention norm weight) are held
+    # until all have arrived, then quantized together; the norm weight passes through at once
+    mlps: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    route = getattr(model, "_route", lambda n: (n, None))
     for name, tensor in weights:
         prefix, _, piece = name.rpartition(".")
-        if piece != "weight" or model.param_name(name).rpartition(".")[0] not in int4:
+        target, shard = route(name)
+        module = target.rpartition(".")[0]
+        part = _mlp_part(module, shard, piece, modules) if down_scale.enabled() else None
+        if part is not None:
+            layer = module.rpartition(".mlp.")[0] if ".mlp." in module else module.rpartition(".")[0]
+            held = mlps.setdefault(layer, {})
+            held[part] = (name, tensor)
+            if part == "norm":
+                yield name, tensor
+            if {"gate", "up", "down", "norm"} <= held.keys():
+                yield from _scaled_mlp(mlps.pop(layer), pack, quantize, device, dtype)
+            continue
+        if piece != "weight" or module not in int4:
             yield name, tensor
             continue
-        yield from _packed_pieces(prefix, Int4Linear.quantize(tensor.to(device=device, dtype=dtype), pcfg.group_size))
+        yield from quantize(name, tensor)
+    for held in mlps.values():  # layers whose pieces did not all come: quantized as they are
+        for part, (name, tensor) in held.items():
+            if part != "norm":
+                yield from quantize(name, tensor)
+
+
+def _mlp_part(module: str, shard: str | None, piece: str, modules: dict) -> str | None:
+    """"gate", "up", "down" or "norm" where a checkpoint tensor is one down_scale needs: the weight of
+    an int4 MLP's gate/up shard or down_proj (the MLP unbiased, both linears int4), or the
+    post-attention norm weight of a layer with such an MLP; else None."""
+    from edgelm.quantization.int4_linear import Int4Linear
+
+    if piece != "weight":
+        return None
+    if module.endswith(".post_attention_layernorm"):
+        mlp = module.rpartition(".")[0] + ".mlp"
+    elif module.endswith((".mlp.gate_up_proj", ".mlp.down_proj")):
+        mlp = module.rpartition(".")[0]
+    else:
+        return None
+    gate_up, down = modules.get(mlp + ".gate_up_proj"), modules.get(mlp + ".down_proj")
+    if not (isinstance(gate_up, Int4Linear) and isinstance(down, Int4Linear) and gate_up.bias is None):
+        return None
+    if set(getattr(gate_up, "shard_offsets", None) or {}) != {"gate", "up"}:
+        return None
+    if module.endswith(".post_attention_layernorm"):
+        return "norm"
+    if module.endswith(".down_proj"):
+        return "down"
+    return shard if shard in ("gate", "up") else None
+
+
+def _scaled_mlp(held: dict, pack, quantize, device, dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """One layer's gate, up and down weights (held by quantize_stream) quantized, down_scale applied."""
+    from edgelm.quantization import down_scale
+
+    (gate_name, gate), (up_name, up), (down_name, down) = held["gate"], held["up"], held["down"]
+    gate, up, down = (t.to(device=device, dtype=dtype) for t in (gate, up, down))
+    rms = down_scale.channel_rms(gate, up, held["norm"][1].to(device))
+    s = down_scale.choose(down, rms, pack)
+    if s is not None:
+        up, down = down_scale.scaled_pair(up, down, s)
+    yield from quantize(gate_name, gate)
+    yield from quantize(up_name, up)
+    yield from quantize(down_name, down)
 
 
 def _packed_pieces(prefix: str, packed: Int4Weight):

@@ -82,9 +82,13 @@ def _torchao_config(cfg: str):
 
 def quantize_int4_model(model: nn.Module, group_size: int, method: str = "search", only: str | None = None) -> int:
     """Replace every target linear of `model` (whose name ends with `only`, when given) by an
-    Int4Linear, one at a time; returns how many."""
+    Int4Linear, one at a time, after down_scale has scaled the MLPs where that fits better; returns
+    how many."""
+    from edgelm.quantization import down_scale
     from edgelm.quantization.int4_linear import Int4Linear
 
+    if down_scale.enabled() and (not only or only.endswith("down_proj")):
+        down_scale.scale_mlps(model, lambda w: Int4Linear.quantize(w, group_size, method), _is_target)
     names = [name for name, mod in model.named_modules() if _is_target(mod) and (not only or name.endswith(only))]
     for name in names:
         parent_name, _, child = name.rpartition(".")

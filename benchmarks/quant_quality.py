@@ -9,7 +9,8 @@ server's CPU int4 kernel rounds activations to bf16 on top).
 A run is CONFIG[:METHOD]. For int4wo-*, METHOD is how codes are chosen: search (the data-free
 range search that --torchao-config uses), minmax, gptq or gptq-actorder (GPTQ on CALIBRATION text,
 which the prompts do not overlap; not what the server does: it has no calibration data).
-METHOD@LINEAR quantizes only the linears whose names end with LINEAR (e.g. search@down_proj): where
+search-unscaled is search without int4wo's down_proj input scaling (edgelm.quantization.down_scale,
+EDGELM_INT4_DOWN_SCALE=0). METHOD@LINEAR quantizes only the linears whose names end with LINEAR (e.g. search@down_proj): where
 the loss comes from.
 
     PYTHONPATH=. .venv/bin/python benchmarks/quant_quality.py \
@@ -178,8 +179,19 @@ def quantize(model, config: str, method: str, hessians) -> None:
     method, _, only = method.partition("@")
     if not config.startswith("int4wo-"):
         apply_torchao_config(model, config, "cpu")
-    elif method in ("search", "minmax"):
-        quantize_int4_model(model, INT4_GROUP_SIZES[config], method, only or None)
+    elif method in ("search", "minmax", "search-unscaled"):
+        unscaled = method == "search-unscaled"
+        old = os.environ.get("EDGELM_INT4_DOWN_SCALE")
+        if unscaled:
+            os.environ["EDGELM_INT4_DOWN_SCALE"] = "0"
+        try:
+            quantize_int4_model(model, INT4_GROUP_SIZES[config], "search" if unscaled else method, only or None)
+        finally:
+            if unscaled:
+                if old is None:
+                    del os.environ["EDGELM_INT4_DOWN_SCALE"]
+                else:
+                    os.environ["EDGELM_INT4_DOWN_SCALE"] = old
     else:
         from edgelm.quantization.gptq import gptq_quantize
         from edgelm.quantization.int4_linear import Int4Linear
@@ -217,7 +229,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     runs = [r.split(":") if ":" in r else (r, "torchao") for r in args.runs.split(",")]
     for config, method in runs:
-        if config.startswith("int4wo-") and method.partition("@")[0] not in ("search", "minmax", "gptq", "gptq-actorder"):
+        if config.startswith("int4wo-") and method.partition("@")[0] not in ("search", "minmax", "search-unscaled", "gptq",
+                                                                   "gptq-actorder"):
             parser.error(f"unknown int4 method {method!r}")
     torch.manual_seed(0)
     runner, config_ = build_runner()

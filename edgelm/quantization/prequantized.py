@@ -378,7 +378,9 @@ def quantize_stream(weights: Iterable[tuple[str, torch.Tensor]], model: nn.Modul
     """The checkpoint's tensors with the weight of every linear that is an Int4Linear in `model`
     replaced by its int4 form (qweight, scales, offsets), quantized on `device` one tensor at a time:
     the numbers Int4Linear.from_linear gives (rows are quantized independently, so a q/k/v or
-    gate/up shard quantized alone equals its rows of the merged layer)."""
+    gate/up shard quantized alone equals its rows of the merged layer). A layer's gate, up and down
+    weights wait for each other and the post-attention norm weight, then are quantized after
+    down_scale (as quantize_int4_model does after loading)."""
     from edgelm.quantization import down_scale
     from edgelm.quantization.int4_linear import Int4Linear
 

@@ -72,14 +72,14 @@ def scaled_pair(up: torch.Tensor, down: torch.Tensor, s: torch.Tensor) -> tuple[
 def scale_mlps(model: torch.nn.Module, quantize: Callable[[torch.Tensor], Int4Weight],
                is_target: Callable[[torch.nn.Module], bool]) -> int:
     """In place, before a loaded model's linears are quantized: every decoder layer whose gate_up_proj
-    and down_proj are both to become int4 gets up's rows divided and down's columns multiplied by the
+    (unbiased, as quantize_stream requires) and down_proj are both to become int4 gets up's rows divided and down's columns multiplied by the
     chosen s (when one is chosen). Returns how many layers were scaled."""
     scaled = 0
     for layer in getattr(getattr(model, "model", model), "layers", []):
         mlp = getattr(layer, "mlp", None)
         gate_up, down = getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None)
         offsets = getattr(gate_up, "shard_offsets", None) or {}
-        if gate_up is None or down is None or set(offsets) != {"gate", "up"}:
+        if gate_up is None or down is None or set(offsets) != {"gate", "up"} or gate_up.bias is not None:
             continue
         if not (is_target(gate_up) and is_target(down)):
             continue
@@ -91,7 +91,5 @@ def scale_mlps(model: torch.nn.Module, quantize: Callable[[torch.Tensor], Int4We
         if s is None:
             continue
         w[u0 : u0 + un], down.weight.data = scaled_pair(w[u0 : u0 + un], down.weight.data, s)
-        if gate_up.bias is not None:
-            gate_up.bias.data[u0 : u0 + un] = (gate_up.bias.data[u0 : u0 + un].float() / s).to(gate_up.bias.dtype)
         scaled += 1
     return scaled

@@ -68,3 +68,24 @@ def test_greedy_chat_continuation_equals_transformers(runner, hf_greedy):
         for step, (ours, ref) in enumerate(zip(logits, ref_logits)):
             torch.testing.assert_close(ours[i], ref, atol=1e-3, rtol=0,
                                        msg=lambda m, s=step, n=name: f"{n} step {s}: {m}")
+
+
+def test_int4wo_gguf_stream_scales_down_proj_as_after_load(embedded_gguf, runner):
+    """--torchao-config int4wo-128 on the embedded GGUF: the loading stream (down_scale included)
+    gives every layer's MLP the int4 weights that quantizing the loaded model gives (the numbers
+    benchmarks/results/quant_quality.json measured), and down_proj is scaled (int4 at group 128 does
+    not reproduce a Q4_1 model's weights)."""
+    import copy
+
+    from edgelm.quantization import torchao_config as tc
+
+    streamed = make_runner(None, max_total_tokens=512, context_length=1024, torchao_config="int4wo-128")
+    after = copy.deepcopy(runner.model)
+    tc.quantize_int4_model(after, 128)
+    for a, b, dense in zip(streamed.model.model.layers, after.model.layers, runner.model.model.layers):
+        for name in ("gate_up_proj", "down_proj"):
+            x, y = getattr(a.mlp, name), getattr(b.mlp, name)
+            assert torch.equal(x.qweight, y.qweight) and torch.equal(x.scales, y.scales)
+            assert torch.equal(x.offsets, y.offsets)
+        unscaled = type(a.mlp.down_proj).quantize(dense.mlp.down_proj.weight.data, 128)
+        assert not torch.equal(unscaled.scales, a.mlp.down_proj.scales)

@@ -9,9 +9,9 @@ server's CPU int4 kernel rounds activations to bf16 on top).
 A run is CONFIG[:METHOD]. For int4wo-*, METHOD is how codes are chosen: search (the data-free
 range search that --torchao-config uses), minmax, gptq or gptq-actorder (GPTQ on CALIBRATION text,
 which the prompts do not overlap; not what the server does: it has no calibration data).
-search-unscaled is search without int4wo's down_proj input scaling (edgelm.quantization.down_scale,
-EDGELM_INT4_DOWN_SCALE=0). METHOD@LINEAR quantizes only the linears whose names end with LINEAR (e.g. search@down_proj): where
-the loss comes from.
+search-unscaled is search without int4wo's down_proj input scaling (edgelm.quantization.down_scale).
+METHOD@LINEAR quantizes only the linears whose names end with LINEAR (e.g. search@down_proj): where the
+loss comes from.
 
     PYTHONPATH=. .venv/bin/python benchmarks/quant_quality.py \
         --runs int4wo-128:search,int4wo-128:minmax,int4wo-128:gptq-actorder,int8wo \
@@ -181,17 +181,8 @@ def quantize(model, config: str, method: str, hessians) -> None:
         apply_torchao_config(model, config, "cpu")
     elif method in ("search", "minmax", "search-unscaled"):
         unscaled = method == "search-unscaled"
-        old = os.environ.get("EDGELM_INT4_DOWN_SCALE")
-        if unscaled:
-            os.environ["EDGELM_INT4_DOWN_SCALE"] = "0"
-        try:
-            quantize_int4_model(model, INT4_GROUP_SIZES[config], "search" if unscaled else method, only or None)
-        finally:
-            if unscaled:
-                if old is None:
-                    del os.environ["EDGELM_INT4_DOWN_SCALE"]
-                else:
-                    os.environ["EDGELM_INT4_DOWN_SCALE"] = old
+        quantize_int4_model(model, INT4_GROUP_SIZES[config], "search" if unscaled else method, only or None,
+                            scale_down=not unscaled)
     else:
         from edgelm.quantization.gptq import gptq_quantize
         from edgelm.quantization.int4_linear import Int4Linear

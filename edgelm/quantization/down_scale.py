@@ -68,22 +68,26 @@ def scaled_pair(up: torch.Tensor, down: torch.Tensor, s: torch.Tensor) -> tuple[
     return (up.float() / s[:, None].to(up.device)).to(up.dtype), (down.float() * s[None, :].to(down.device)).to(down.dtype)
 
 
+def applies(gate_up: torch.nn.Module | None, down: torch.nn.Module | None) -> bool:
+    """Whether an MLP's layers can take the scaling: a gate/up merged layer without bias (a bias on up
+    would need scaling too) and a down_proj. Callers check that both are (to be) int4."""
+    offsets = getattr(gate_up, "shard_offsets", None) or {}
+    return down is not None and set(offsets) == {"gate", "up"} and gate_up.bias is None
+
+
 @torch.no_grad()
 def scale_mlps(model: torch.nn.Module, quantize: Callable[[torch.Tensor], Int4Weight],
                is_target: Callable[[torch.nn.Module], bool]) -> int:
     """In place, before a loaded model's linears are quantized: every decoder layer whose gate_up_proj
-    (unbiased, as quantize_stream requires) and down_proj are both to become int4 gets up's rows divided and down's columns multiplied by the
+    and down_proj are both to become int4 (and `applies`) gets up's rows divided and down's columns multiplied by the
     chosen s (when one is chosen). Returns how many layers were scaled."""
     scaled = 0
     for layer in getattr(getattr(model, "model", model), "layers", []):
         mlp = getattr(layer, "mlp", None)
         gate_up, down = getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None)
-        offsets = getattr(gate_up, "shard_offsets", None) or {}
-        if gate_up is None or down is None or set(offsets) != {"gate", "up"} or gate_up.bias is not None:
+        if not (applies(gate_up, down) and is_target(gate_up) and is_target(down)):
             continue
-        if not (is_target(gate_up) and is_target(down)):
-            continue
-        (g0, gn), (u0, un) = offsets["gate"], offsets["up"]
+        (g0, gn), (u0, un) = gate_up.shard_offsets["gate"], gate_up.shard_offsets["up"]
         w = gate_up.weight.data
         norm = getattr(layer, "post_attention_layernorm", None)
         rms = channel_rms(w[g0 : g0 + gn], w[u0 : u0 + un], None if norm is None else norm.weight)

@@ -398,7 +398,7 @@ def quantize_stream(weights: Iterable[tuple[str, torch.Tensor]], model: nn.Modul
     mlps: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     route = getattr(model, "_route", lambda n: (n, None))
     for name, tensor in weights:
-        prefix, _, piece = name.rpartition(".")
+        piece = name.rpartition(".")[2]
         target, shard = route(name)
         module = target.rpartition(".")[0]
         part = _mlp_part(module, shard, piece, modules) if down_scale.enabled() else None
@@ -425,6 +425,7 @@ def _mlp_part(module: str, shard: str | None, piece: str, modules: dict) -> str 
     """"gate", "up", "down" or "norm" where a checkpoint tensor is one down_scale needs: the weight of
     an int4 MLP's gate/up shard or down_proj (the MLP unbiased, both linears int4), or the
     post-attention norm weight of a layer with such an MLP; else None."""
+    from edgelm.quantization import down_scale
     from edgelm.quantization.int4_linear import Int4Linear
 
     if piece != "weight":
@@ -436,9 +437,7 @@ def _mlp_part(module: str, shard: str | None, piece: str, modules: dict) -> str 
     else:
         return None
     gate_up, down = modules.get(mlp + ".gate_up_proj"), modules.get(mlp + ".down_proj")
-    if not (isinstance(gate_up, Int4Linear) and isinstance(down, Int4Linear) and gate_up.bias is None):
-        return None
-    if set(getattr(gate_up, "shard_offsets", None) or {}) != {"gate", "up"}:
+    if not (isinstance(gate_up, Int4Linear) and isinstance(down, Int4Linear) and down_scale.applies(gate_up, down)):
         return None
     if module.endswith(".post_attention_layernorm"):
         return "norm"

@@ -80,14 +80,15 @@ def _torchao_config(cfg: str):
     }[cfg]()
 
 
-def quantize_int4_model(model: nn.Module, group_size: int, method: str = "search", only: str | None = None) -> int:
+def quantize_int4_model(model: nn.Module, group_size: int, method: str = "search", only: str | None = None,
+                        scale_down: bool = True) -> int:
     """Replace every target linear of `model` (whose name ends with `only`, when given) by an
-    Int4Linear, one at a time, after down_scale has scaled the MLPs where that fits better; returns
-    how many."""
+    Int4Linear, one at a time, after down_scale has scaled the MLPs (unless `scale_down` is False or
+    EDGELM_INT4_DOWN_SCALE=0); returns how many."""
     from edgelm.quantization import down_scale
     from edgelm.quantization.int4_linear import Int4Linear
 
-    if down_scale.enabled() and (not only or only.endswith("down_proj")):
+    if scale_down and down_scale.enabled() and (not only or only.endswith("down_proj")):
         down_scale.scale_mlps(model, lambda w: Int4Linear.quantize(w, group_size, method), _is_target)
     names = [name for name, mod in model.named_modules() if _is_target(mod) and (not only or name.endswith(only))]
     for name in names:

@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
         for weights, one_row in ((True, False), (True, True), (False, False)):
             block_n, warps = 128, 4
             const = {"GROUP": 128, "BLOCK_M": 16, "BLOCK_N": block_n, "SPLIT_K": 8, "HAS_BIAS": False, "BF16": True,
-                     "USE_ASM": True, "EVEN_K": True, "WEIGHTS": weights, "ONE_ROW": one_row, "PDL": 0, "PREFETCH": 0}
+                     "USE_ASM": True, "EVEN_K": True, "WEIGHTS": weights, "ONE_ROW": one_row, "PDL": 0}
             ops = longest_loop(compile_sass(int4_ptx._tc_kernel, TC_ARGS, True, cap, const, warps))
             per_iter = block_n * 128 // (32 * warps)  # one 128-input block of BLOCK_N rows per iteration
             rows.append({"kernel": "tcw" if weights else "tc", "one_row": one_row, "sm": cap, "block_n": block_n,
@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
                          "top_opcodes": dict(ops.most_common(10))})
         block_n, block_b, warps = 8, 4, 4
         const = {"GROUP": 128, "BLOCK_N": block_n, "BLOCK_B": block_b, "SPLIT_K": 1, "HAS_BIAS": False, "BF16": True,
-                 "USE_ASM": True, "PDL": 0, "AHEAD": 0, "PREFETCH": 0}
+                 "USE_ASM": True, "PDL": 0}
         ops = longest_loop(compile_sass(int4_ptx._gemv_h2_kernel, H2_ARGS, True, cap, const, warps))
         per_iter = block_n * block_b * 128 // (32 * warps)
         rows.append({"kernel": "gemv_h2", "one_row": None, "sm": cap, "block_n": block_n, "num_warps": warps,

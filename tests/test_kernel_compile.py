@@ -55,7 +55,6 @@ def compile_case(fn, args, bf16, cap, const, need_prmt):
     ptx = c.asm["ptx"]
     return {"ok": True, "lop3": "lop3.b32" in ptx and ("prmt.b32" in ptx or not need_prmt),
             "pdl": "griddepcontrol.wait" in ptx,
-            "prefetch_first": 0 <= ptx.find("prefetch.global.L2") < ptx.find("griddepcontrol.wait"),
             "fma2": "fma.rn.bf16x2" in ptx or "fma.rn.f16x2" in ptx, "cubin": len(c.asm["cubin"])}
 
 
@@ -63,11 +62,11 @@ out = []
 for cap, weights, bf16, block_n, split_k, *one_row in json.loads(sys.argv[1]):
     const = {"GROUP": 128, "BLOCK_M": 16, "BLOCK_N": block_n, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
              "USE_ASM": True, "EVEN_K": True, "WEIGHTS": weights, "ONE_ROW": bool(one_row and one_row[0]),
-             "PDL": int(cap >= 90), "PREFETCH": 2 if cap >= 90 else 0}
+             "PDL": int(cap >= 90)}
     out.append(compile_case(int4_ptx._tc_kernel, TC, bf16, cap, const, True))
 for cap, bf16, split_k in json.loads(sys.argv[2]):  # the packed-16-bit GEMV
     const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
-             "USE_ASM": True, "PDL": int(cap >= 90), "AHEAD": int(cap >= 90), "PREFETCH": 2 if cap >= 90 else 0}
+             "USE_ASM": True, "PDL": int(cap >= 90)}
     out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False))
 print("RESULT " + json.dumps(out))
 """
@@ -89,12 +88,10 @@ def test_int4_kernels_compile_for_sm80_sm87_sm90():
         assert r["lop3"] and r["cubin"] > 0, case  # the inline PTX made it into the kernel
         assert r["fma2"] == case[1], case  # packed FMAs only on the dequantize-to-weights path
         assert r["pdl"] == (case[0] >= 90), case  # Hopper: compiled with PDL (triton_ops.pdl), never below
-        assert r["prefetch_first"] == (case[0] >= 90), case  # L2 prefetch of the weights before the PDL wait
     for case, r in zip(H2_CASES, results[len(CASES):]):
         assert r["ok"], (case, r.get("error"))
         assert r["lop3"] and r["fma2"] and r["cubin"] > 0, case
         assert r["pdl"] == (case[0] >= 90), case
-        assert r["prefetch_first"] == (case[0] >= 90), case
 
 
 GEMV_CHILD = r"""
@@ -107,11 +104,11 @@ from edgelm.layers.triton_ops import gemv
 ARGS = ["x_ptr", "x_stride", "w_ptr", "w_stride", "b_ptr", "out_ptr", "out_stride", "M", "N", "K", "norm_w_ptr",
         "ss_in_ptr", "ss_in_count", "ss_out_ptr", "eps"]
 out = []
-for cap, pdl, pf in json.loads(sys.argv[1]):
+for cap, pdl in json.loads(sys.argv[1]):
     sig = {a: "*bf16" if a.endswith("_ptr") else ("fp32" if a == "eps" else "i32") for a in ARGS}
     sig["ss_in_ptr"] = sig["ss_out_ptr"] = "*fp32"
     const = dict(HAS_BIAS=False, USE_DOT=False, BLOCK_M=1, BLOCK_N=4, BLOCK_K=2048, EVEN_K=True, INTERPRET=False,
-                 PROLOGUE=0, RESIDUAL=False, BLOCK_P=2, PDL=pdl, PF_OWN=pf, PF_PARTNER=pf)
+                 PROLOGUE=0, RESIDUAL=False, BLOCK_P=2, PDL=pdl)
     sig.update({k: "constexpr" for k in const})
     names = list(sig)
     aligned = [a for a in names if a.endswith("_ptr") or a.endswith("stride") or a in ("N", "K")]
@@ -125,8 +122,7 @@ for cap, pdl, pf in json.loads(sys.argv[1]):
     lines = ptx.splitlines()
     wait = next((i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln), None)
     first_load = next((i for i, ln in enumerate(lines) if "ld.global" in ln), None)
-    prefetch = [i for i, ln in enumerate(lines) if "prefetch.global.L2" in ln]
-    out.append({"wait": wait, "first_load": first_load, "prefetch": prefetch})
+    out.append({"wait": wait, "first_load": first_load})
 print("RESULT " + json.dumps(out))
 """
 
@@ -140,13 +136,11 @@ def test_skinny_gemm_pdl_prefetches_weights_before_the_wait():
         pytest.skip("this triton cannot launch with PDL")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", GEMV_CHILD, json.dumps([[90, 1, 8], [87, 0, 0]])],
+    proc = subprocess.run([sys.executable, "-c", GEMV_CHILD, json.dumps([[90, 1], [87, 0]])],
                           capture_output=True, text=True, env=env, timeout=600)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line is not None, proc.stderr[-3000:]
     hopper, orin = json.loads(line[len("RESULT "):])
     assert hopper["wait"] is not None and hopper["first_load"] is not None
     assert hopper["first_load"] < hopper["wait"]
-    # EDGELM_GEMV_PREFETCH's L2 prefetches (own rows and the partner program's) also come before it
-    assert hopper["prefetch"] and max(hopper["prefetch"]) < hopper["wait"]
-    assert orin["wait"] is None and orin["first_load"] is not None and not orin["prefetch"]
+    assert orin["wait"] is None and orin["first_load"] is not None

@@ -114,13 +114,8 @@ def candidates(m: int) -> list[tuple[str, tuple]]:
         xs = [("gemv_xs", c) for c in ((4, 4, 2, 1, 2), (2, 4, 4, 1, 2), (2, 4, 3, 1, 2), (2, 8, 2, 1, 2),
                                        (1, 4, 6, 1, 2), (1, 4, 8, 1, 2), (4, 8, 1, 1, 2), (2, 4, 3, 2, 2),
                                        (4, 4, 2, 1, 1))]
-        # gemv_h2 (BLOCK_N, BLOCK_B, SPLIT_K, num_warps, AHEAD, PREFETCH lines a row before the PDL wait)
-        h2 = [(8, 8, 1, 4), (4, 8, 1, 4), (16, 8, 1, 8), (8, 8, 1, 4, 1), (4, 8, 1, 4, 1), (8, 8, 1, 4, 0, 4),
-              (8, 8, 1, 4, 1, 4), (4, 8, 1, 4, 1, 4), (8, 4, 1, 4, 1, 4), (16, 8, 1, 8, 1, 4), (8, 8, 1, 4, 1, 16),
-              (4, 8, 1, 4, 1, 16), (8, 8, 2, 4, 1, 8), (4, 16, 1, 4, 1, 8)]
-        tcw = [(128, 8, 4, 1), (128, 8, 8, 1), (128, 8, 8), (128, 8, 8, 1, 0, 4), (128, 8, 4, 1, 0, 4),
-               (128, 8, 8, 1, 0, 8)]
-        return [("gemv_h2", c) for c in h2] + [("tcw", c) for c in tcw] + (xs if os.environ.get("INT4_SWEEP_XS") else [])
+        return xs + [("gemv_h2", c) for c in ((8, 8, 1, 4), (4, 8, 1, 4), (16, 8, 1, 8))] + \
+            [("tcw", c) for c in ((128, 8, 4, 1), (128, 8, 8, 1), (128, 8, 4), (128, 8, 8), (128, 4, 4))]
     tc = [("tcw", (bn, sk, nw)) for bn, sk, nw in itertools.product((64, 128), (1, 2, 4, 8), (4, 8))]
     tc += [("tc", c) for c in ((128, 4, 8), (64, 4, 4), (64, 8, 4), (128, 2, 8))]
     # deeper software pipelines for the H200's best tcw configs

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import time
 
 import torch
@@ -232,21 +231,6 @@ class ModelRunner:
         max_bs = min(self.server_args.cuda_graph_max_bs or default_cuda_graph_max_bs(), self.max_running_requests)
         logger.info("capturing CUDA graphs for decode batches up to %d", max_bs)
         self.cuda_graph_runner = CudaGraphRunner(self, max_bs)
-        recapture = os.environ.get("EDGELM_GRAPH_RECAPTURE", "")
-        if recapture == "same":  # experiment: capture again into the same runner (same static buffers)
-            self.cuda_graph_runner.capture()
-        elif recapture == "keep":  # experiment: a second runner while the first stays alive
-            self._first_graph_runner = self.cuda_graph_runner
-            self.cuda_graph_runner = CudaGraphRunner(self, max_bs)
-        if recapture == "1":
-            # experiment: the same graphs captured a second time decoded batch 1 of Llama-3.1-8B
-            # 1.2-1.4 % faster on an H100 (5.53 vs 5.61 ms, 5.60 vs 5.67; benchmarks/gpu/capture_run.sh)
-            # than the first capture, for a reason not found yet; off until understood
-            self.cuda_graph_runner = None
-            gc.collect()
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            self.cuda_graph_runner = CudaGraphRunner(self, max_bs)
         self.graph_memory_bytes = self.cuda_graph_runner.memory_bytes
 
     def summary(self) -> str:

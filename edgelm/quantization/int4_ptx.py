@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from edgelm.layers.triton_ops import pdl
-from edgelm.layers.triton_ops.pdl import prefetch_l2, wait_and_release
+from edgelm.layers.triton_ops.pdl import wait_and_release
 from edgelm.layers.triton_ops.scratch import scratch
 from edgelm.quantization.int4_pack import WORDS_PER_BLOCK, Int4Weight
 
@@ -58,21 +58,6 @@ def _store_row(y_ptr, ws_ptr, cnt_ptr, bias_ptr, out, rn, n_ok, N, pid_n, pid_k,
     rm = tl.arange(0, 1)
     _store_split(y_ptr, ws_ptr, cnt_ptr, out[:, None], rm, rn, rm < 1, n_ok, 1, N, N, pid_n, pid_k, SPLIT_K, 1,
                  BLOCK_N)
-
-
-@triton.jit
-def _prefetch_rows(qw_ptr, rn, N, KW, word0, word_end, LINES: tl.constexpr, USE_ASM: tl.constexpr):
-    """Ask L2 for the first LINES 128-byte lines (32 words) from word word0 of rows rn (clamped to the
-    rows and words there are: a repeated line costs nothing), without registers to wait on: issued
-    before the PDL wait, the weights stream in while the previous kernel finishes. A no-op in the
-    interpreter and for LINES == 0."""
-    if LINES > 0:
-        if USE_ASM:
-            line = word0 + 32 * tl.arange(0, LINES)
-            line = tl.minimum(line, word_end - 1)
-            row = tl.minimum(rn, N - 1)
-            ptrs = qw_ptr + row[:, None].to(tl.int64) * KW + line[None, :]
-            prefetch_l2(ptrs)
 
 
 @triton.jit
@@ -182,8 +167,7 @@ def _weight_tile(words, s, m, BF16: tl.constexpr, USE_ASM: tl.constexpr):
 def _tc_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, KW, NG, stride_xm,
                stride_ym, blocks_per_split, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr,
-               EVEN_K: tl.constexpr, WEIGHTS: tl.constexpr, ONE_ROW: tl.constexpr, PDL: tl.constexpr,
-               PREFETCH: tl.constexpr):
+               EVEN_K: tl.constexpr, WEIGHTS: tl.constexpr, ONE_ROW: tl.constexpr, PDL: tl.constexpr):
     """y [M, N] = x [M, K] · dequant(W)ᵀ on the tensor cores, M <= BLOCK_M (M = 1 included: the MMA
     pads it for free, what matters is the weight bytes); the MMA's M side is the weight rows. GROUP >= 128.
 
@@ -192,15 +176,11 @@ def _tc_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M,
     Otherwise ("tc"): acc = W' · xᵀ with W' the 16-bit codes 128 + q (1024 + q in fp16; exact),
     xsum = 1 · xᵀ (a second MMA), then per output row y += s·acc + (m − BASE·s)·xsum = Σ x·(q·s + m).
     SPLIT_K > 1: partials summed by the last program of each N tile (_store_split).
-    ONE_ROW (M = 1): x is read once per block, not once per padded MMA row.
-    PREFETCH: 128-byte lines of each row's weights asked of L2 before the PDL wait (_prefetch_rows)."""
+    ONE_ROW (M = 1): x is read once per block, not once per padded MMA row."""
+    wait_and_release(PDL)  # triton_ops.pdl: launched while the previous kernel finishes
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if PREFETCH > 0:
-        _prefetch_rows(qw_ptr, rn, N, KW, pid_k * blocks_per_split * 16,
-                       tl.minimum(KW, (pid_k + 1) * blocks_per_split * 16), PREFETCH, USE_ASM)
-    wait_and_release(PDL)  # triton_ops.pdl: launched while the previous kernel finishes
     rm = tl.arange(0, BLOCK_M)
     kk = tl.arange(0, 128)
     ri = tl.arange(0, 16)
@@ -323,24 +303,16 @@ def _nibble_pair_dot(words, shift: tl.constexpr, pair):
 @triton.jit
 def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, KW, NG, blocks_per_split,
                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
-                    AHEAD: tl.constexpr, PREFETCH: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr):
     """y [1, N] = x [1, K] · dequant(W)ᵀ on the CUDA cores in packed 16-bit arithmetic (GROUP >= 128).
 
     Tile [BLOCK_N rows, BLOCK_B blocks, 16 words]. Per word one inline-PTX call (_dot_pairs_asm) forms
     Σ q·x over its 8 nibbles with 16-bit-pair FMAs, about 2 instructions a weight; the 16 words of a
-    block are summed in float32, then y += s·Σ q·x + m·Σ x per block.
-    AHEAD: the next tile's words are loaded before the current one is computed (twice the bytes in
-    flight), and the first tile's before the PDL wait (the weights do not depend on the previous kernel).
-    PREFETCH: 128-byte lines of each row's weights asked of L2 before the PDL wait (_prefetch_rows)."""
+    block are summed in float32, then y += s·Σ q·x + m·Σ x per block."""
+    wait_and_release(PDL)  # triton_ops.pdl: launched while the previous kernel finishes
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if PREFETCH > 0:
-        _prefetch_rows(qw_ptr, rn, N, KW, pid_k * blocks_per_split * 16,
-                       tl.minimum(KW, (pid_k + 1) * blocks_per_split * 16), PREFETCH, USE_ASM)
-    if not AHEAD:
-        wait_and_release(PDL)  # triton_ops.pdl: launched while the previous kernel finishes
     rb = tl.arange(0, BLOCK_B)
     ri = tl.arange(0, 16)
     n_ok = rn < N
@@ -348,22 +320,10 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
     b_end = tl.minimum(KW // 16, b_start + blocks_per_split)
     w_rows = qw_ptr + rn[:, None, None] * KW + ri[None, None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
-    if AHEAD:
-        b = b_start + rb
-        nxt = tl.load(w_rows + (b * 16)[None, :, None], mask=n_ok[:, None, None] & (b < b_end)[None, :, None],
-                      other=0)
-        wait_and_release(PDL)
     for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
         b = b0 + rb
         b_ok = b < b_end
-        if AHEAD:
-            words = nxt
-            b_next = b + BLOCK_B
-            nxt = tl.load(w_rows + (b_next * 16)[None, :, None],
-                          mask=n_ok[:, None, None] & (b_next < b_end)[None, :, None], other=0)
-        else:
-            words = tl.load(w_rows + (b * 16)[None, :, None], mask=n_ok[:, None, None] & b_ok[None, :, None],
-                            other=0)
+        words = tl.load(w_rows + (b * 16)[None, :, None], mask=n_ok[:, None, None] & b_ok[None, :, None], other=0)
         k0 = (b * 128)[:, None] + ri[None, :]  # [BLOCK_B, 16]: input 128·b + i, then + 16·j
         p0, x0 = _x_pair(x_ptr, k0, K, USE_ASM)
         p1, x1 = _x_pair(x_ptr, k0 + 16, K, USE_ASM)
@@ -398,7 +358,6 @@ def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     block_n, split_k, num_warps, *rest = config or TC_CONFIG
     one_row = bool(rest and rest[0]) and x.shape[0] == 1  # config[3]: the ONE_ROW x load at M = 1
     stages = {"num_stages": rest[1]} if len(rest) > 1 and rest[1] else {}  # config[4]: software pipeline depth
-    prefetch = rest[2] if len(rest) > 2 else 0  # config[5]: lines a row asked of L2 before the PDL wait
     m = x.shape[0]
     n, kw = w.qweight.shape
     block_m = max(16, triton.next_power_of_2(m))
@@ -414,17 +373,14 @@ def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, m, n, w.in_features, kw,
         w.scales.shape[1], x.stride(0), y.stride(0), per, GROUP=w.group_size, BLOCK_M=block_m, BLOCK_N=block_n,
         SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET,
-        EVEN_K=w.in_features % 128 == 0, WEIGHTS=weights, ONE_ROW=one_row, PDL=pdl_on,
-        PREFETCH=prefetch if pdl_on else 0, num_warps=num_warps,
+        EVEN_K=w.in_features % 128 == 0, WEIGHTS=weights, ONE_ROW=one_row, PDL=pdl_on, num_warps=num_warps,
         **stages, **pdl.launch_kwargs(pdl_on))
     return y
 
 
 def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
-    """x [1, K] → y [1, N] with _gemv_h2_kernel; config (BLOCK_N, BLOCK_B, SPLIT_K, num_warps[, AHEAD[,
-    PREFETCH]]): PREFETCH lines a row asked of L2 before the PDL wait, only where PDL is on."""
-    block_n, block_b, split_k, num_warps, *rest = config or (8, 4, 1, 4)
-    ahead = bool(rest and rest[0])
+    """x [1, K] → y [1, N] with _gemv_h2_kernel; config (BLOCK_N, BLOCK_B, SPLIT_K, num_warps)."""
+    block_n, block_b, split_k, num_warps = config or (8, 4, 1, 4)
     n, kw = w.qweight.shape
     if x.shape[0] != 1 or w.group_size < 128 or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError("gemv_h2: needs one row, group size >= 128 and fp16/bf16 activations")
@@ -438,5 +394,5 @@ def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,
         w.scales.shape[1], per * block_b, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b, SPLIT_K=split_k,
         HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, PDL=pdl_on,
-        AHEAD=ahead, PREFETCH=(rest[1] if len(rest) > 1 else 0) if pdl_on else 0, num_warps=num_warps, **pdl.launch_kwargs(pdl_on))
+        num_warps=num_warps, **pdl.launch_kwargs(pdl_on))
     return y

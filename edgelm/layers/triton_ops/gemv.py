@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from edgelm.layers.triton_ops import pdl
-from edgelm.layers.triton_ops.pdl import prefetch_l2, wait_and_release
+from edgelm.layers.triton_ops.pdl import wait_and_release
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -71,8 +71,7 @@ def _skinny_gemm_kernel(x_ptr, x_stride, w_ptr, w_stride, b_ptr, out_ptr, out_st
                         HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                         INTERPRET: tl.constexpr, PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr,
-                        BLOCK_P: tl.constexpr, PDL: tl.constexpr, PF_OWN: tl.constexpr,
-                        PF_PARTNER: tl.constexpr):
+                        BLOCK_P: tl.constexpr, PDL: tl.constexpr):
     """x [M, K]; w [N, K]; b [N]; out [M, N] (last dims contiguous), fp32 accumulation.
     Grid: (cdiv(N, BLOCK_N),).
 
@@ -84,10 +83,7 @@ def _skinny_gemm_kernel(x_ptr, x_stride, w_ptr, w_stride, b_ptr, out_ptr, out_st
     each program also writes the sum of squares of its columns of the new row to
     ss_out[m, program] (the next PROLOGUE 1 consumes them: deterministic, no atomics).
     PDL (triton_ops.pdl): the first BLOCK_K columns of the weights load while the previous kernel
-    finishes; everything else waits for it. Before that wait, PF_OWN 128-byte lines of each of its rows
-    past the first BLOCK_K columns, and PF_PARTNER lines from column 0 of the rows of program
-    pid + programs / 2 (programs in the first half; the second half may not be resident yet), are
-    asked of L2 (pdl.prefetch_l2): the weights stream in while earlier kernels run.
+    finishes; everything else waits for it.
     """
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -106,16 +102,6 @@ def _skinny_gemm_kernel(x_ptr, x_stride, w_ptr, w_stride, b_ptr, out_ptr, out_st
         first_mask = offs_k < K
     if PDL:
         w_first = _load_w(w_ptrs, n_mask, first_mask, EVEN_K)
-        rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-        if PF_OWN > 0:  # 64 elements = one 128-byte line of 16-bit weights
-            cols = tl.minimum(BLOCK_K + 64 * tl.arange(0, PF_OWN), K - 1)
-            prefetch_l2(w_ptr + rows[:, None] * w_stride + cols[None, :])
-        if PF_PARTNER > 0:
-            half = tl.num_programs(0) // 2
-            if pid < half:
-                other = tl.minimum(offs_n + half * BLOCK_N, N - 1).to(tl.int64)
-                cols = tl.minimum(64 * tl.arange(0, PF_PARTNER), K - 1)
-                prefetch_l2(w_ptr + other[:, None] * w_stride + cols[None, :])
         wait_and_release(PDL)
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
     if PROLOGUE == 1:
@@ -153,18 +139,6 @@ def _skinny_gemm_kernel(x_ptr, x_stride, w_ptr, w_stride, b_ptr, out_ptr, out_st
         tl.store(out_ptrs, acc.to(dtype), mask=out_mask)
 
 
-# experiment: "own,partner" as fractions of a row's 128-byte lines that a batch-1 GEMV under PDL asks of
-# L2 before its wait (see _skinny_gemm_kernel); off by default
-_PREFETCH = tuple(float(v) for v in os.environ.get("EDGELM_GEMV_PREFETCH", "0,0").split(","))
-
-
-def _prefetch_lines(k: int, block_k: int) -> tuple[int, int]:
-    lines = k * 2 // 128  # a row of 16-bit weights
-    own = int(_PREFETCH[0] * max(0, lines - block_k * 2 // 128))
-    partner = int(_PREFETCH[1] * lines)
-    return (triton.next_power_of_2(own) if own else 0, triton.next_power_of_2(partner) if partner else 0)
-
-
 def _launch(x2, weight, bias, out, config, k, prologue=0, residual=False, norm_w=None, ss_in=None, ss_out=None,
             eps=0.0):
     m, n = x2.shape[0], weight.shape[0]
@@ -172,7 +146,6 @@ def _launch(x2, weight, bias, out, config, k, prologue=0, residual=False, norm_w
     grid = (triton.cdiv(n, config.block_n),)
     ss_count = ss_in.shape[1] if ss_in is not None else 1
     pdl_on = pdl.mode(x2.device, m, small=False)
-    pf_own, pf_partner = _prefetch_lines(k, config.block_k) if pdl_on and not _INTERPRET else (0, 0)
     _skinny_gemm_kernel[grid](
         x2, x2.stride(0), weight, weight.stride(0), bias if bias is not None else weight, out, out.stride(0),
         m, n, k, norm_w if norm_w is not None else weight, ss_in if ss_in is not None else weight, ss_count,
@@ -180,8 +153,8 @@ def _launch(x2, weight, bias, out, config, k, prologue=0, residual=False, norm_w
         HAS_BIAS=bias is not None, USE_DOT=config.use_dot, BLOCK_M=block_m,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
         INTERPRET=_INTERPRET, PROLOGUE=prologue, RESIDUAL=residual,
-        BLOCK_P=max(triton.next_power_of_2(ss_count), 2), PDL=pdl_on, PF_OWN=pf_own, PF_PARTNER=pf_partner,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_kwargs(pdl_on))
+        BLOCK_P=max(triton.next_power_of_2(ss_count), 2), PDL=pdl_on, num_warps=config.num_warps,
+        num_stages=config.num_stages, **pdl.launch_kwargs(pdl_on))
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig

@@ -103,14 +103,3 @@ def wait_and_release(PDL: tl.constexpr):
     elif PDL == 1:
         _gdc_wait()
         _gdc_launch_dependents()
-
-
-_PREFETCH_ASM = tl.constexpr("{ prefetch.global.L2 [$1]; mov.b32 $0, 0; }")
-
-
-@triton.jit
-def prefetch_l2(ptrs):
-    """Ask L2 for the 128-byte lines at `ptrs` (any shape; every pointer valid: clamp, don't mask),
-    with nothing to wait on and no registers held: issued before `wait_and_release`, weights stream
-    in while the previous kernel finishes. GPU only (inline PTX; not for Triton's interpreter)."""
-    tl.inline_asm_elementwise(_PREFETCH_ASM, "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)

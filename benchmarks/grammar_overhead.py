@@ -18,6 +18,7 @@ import time
 import torch
 import zmq
 
+from edgelm.bench_utils import write_json
 from edgelm.managers import io_struct as io
 from edgelm.managers.grammar_hooks import GrammarHooks
 from edgelm.managers.scheduler import Scheduler
@@ -280,8 +281,7 @@ def main(argv=None) -> dict:
               "token_source": "replayed valid JSON documents (see _Replay)" if replay else "sampled",
               "overlap_schedule": scheduler.overlap,
               "summary": summary, "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
     for s in summary:
         print(f"batch {s['batch']} {s['schema']} ({s['grammar_workers']} grammar workers): free {s['free_step_ms']:.1f} ms/step, json-schema {s['constrained_step_ms']:.1f} "
               f"ms/step, overhead {100 * s['overhead']:+.1f}% (host: fill {s['fill_ms_per_step']:.3f} ms "

@@ -17,6 +17,10 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from edgelm.bench_utils import write_json  # noqa: E402
+
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
@@ -62,8 +66,7 @@ def main(argv=None) -> dict:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": runs[base]["device"], "model": args.model_path, "input_len": args.input_len,
               "new_tokens": args.new_tokens, "table": table, "runs": runs}
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(args.out, report)
     for row in table:
         print(row)
     return report

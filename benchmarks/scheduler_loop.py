@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -24,7 +23,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from edgelm.bench_one_batch import decode_weight_bytes, shipped_config_dir  # noqa: E402
-from edgelm.bench_utils import measure_bandwidth  # noqa: E402
+from edgelm.bench_utils import (
+    measure_bandwidth,  # noqa: E402
+    write_json,
+)
 from edgelm.managers import io_struct as io  # noqa: E402
 from edgelm.managers.scheduler import Scheduler  # noqa: E402
 from edgelm.managers.tokenizer_utils import load_tokenizer  # noqa: E402
@@ -108,8 +110,7 @@ def main(argv=None) -> dict:
               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "model": resolved.display_name, "torchao_config": args.torchao_config, "input_len": args.input_len, "new_tokens": args.new_tokens,
               "peaks": peaks, "summary": summary, "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(args.out, report)
     for s in summary:
         ratio = f", roofline {s['roofline_ratio']:.3f}" if "roofline_ratio" in s else ""
         print(f"batch {s['batch']} overlap {'on ' if s['overlap'] else 'off'}: {s['step_ms']:.3f} ms/step, "

@@ -23,6 +23,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
+from edgelm.bench_utils import write_json
 from edgelm.layers.attention.radix_attention import RadixAttention
 from edgelm.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from edgelm.layers.attention.triton_backend import TritonAttnBackend
@@ -261,8 +262,7 @@ def main():
 
     def save():
         result["seconds"] = time.time() - t0
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
 
     print(f"device {result['device']}, copy {result['copy_bandwidth_gbs_read_plus_write']:.0f} GB/s", flush=True)
     decode_shapes = [(bs, ctx) for ctx in (1024, 4096) for bs in (1, 8, 32, 64)]

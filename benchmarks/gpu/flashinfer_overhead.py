@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import shlex
 import statistics
 import sys
@@ -23,6 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
+from edgelm.bench_utils import write_json
 from edgelm.layers.attention import create_attention_backend
 from edgelm.layers.attention.radix_attention import RadixAttention
 from edgelm.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
@@ -113,8 +113,7 @@ def main() -> None:
                   + (f" (full plan {r['full_plan_hook_us']:.1f} us)" if "full_plan_hook_us" in r else "")
                   + f", layer {r['layer_us']:6.1f} us ({r['kv_read_gbps']:.0f} GB/s KV)", flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.out, report, indent=2)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ weight copies past L2). Needs a CUDA GPU and gemlite importable.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -20,6 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from int4_bench import SHAPES, bf16_copies, copy_bandwidth, int4_bytes, int4_copies, time_calls  # noqa: E402
 
+from edgelm.bench_utils import write_json  # noqa: E402
 from edgelm.quantization import int4_kernels as kern  # noqa: E402
 from edgelm.quantization.int4_pack import dequantize_int4, unpack_int4  # noqa: E402
 
@@ -81,8 +81,7 @@ def main() -> None:
               "copy_bandwidth_GBps": round(bw / 1e9, 1), "rows": rows,
               "command": "python benchmarks/gpu/gemlite_eval.py " + " ".join(sys.argv[1:])}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

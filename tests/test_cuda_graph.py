@@ -43,6 +43,19 @@ def test_capture_batch_sizes():
     assert capture_batch_sizes(36) == [1, 2, 4, 8, 16, 24, 32, 36]
 
 
+def test_recapture_batch_sizes_are_the_pdl_ones(monkeypatch):
+    """The graphs captured a second time are those of the batch sizes whose kernels launch with PDL."""
+    from edgelm.layers.triton_ops import pdl
+    from edgelm.model_executor.cuda_graph_runner import CudaGraphRunner
+
+    runner = object.__new__(CudaGraphRunner)  # no capture: only the choice is checked
+    runner.capture_bs, runner.device = capture_batch_sizes(16), "cuda"
+    monkeypatch.setattr(pdl, "mode", lambda device, rows, small=True: 2 if rows == 1 else 0)
+    assert runner.recapture_bs() == [1]
+    monkeypatch.setattr(pdl, "mode", lambda device, rows, small=True: 0)
+    assert runner.recapture_bs() == []
+
+
 def _graph_backends():
     out = [pytest.param("torch_graph_test")]
     try:
@@ -222,9 +235,11 @@ def test_pdl_decode_matches_plain_launches(tiny_llama, fused, quant, monkeypatch
         assert pdl.active(torch.device("cuda"))
         overrides = {"torchao_config": quant} if quant else {}
         with_pdl = _runner(tiny_llama, "triton", "bfloat16", **overrides)
+        assert with_pdl.cuda_graph_runner.recapture_bs() == [1]  # its batch-1 graph is the second capture
         triton_ops.set_enabled(ops)
         assert not pdl.active(torch.device("cuda"))
         plain = _runner(tiny_llama, "triton", "bfloat16", **overrides)
+        assert plain.cuda_graph_runner.recapture_bs() == []
         gen = torch.Generator().manual_seed(5)
         for n in (1, 3):
             prompts = [torch.randint(0, 512, (int(L),), generator=gen).tolist()

@@ -395,6 +395,7 @@ def test_down_scale_exact_kept_off_grid_and_streamed_as_after_load(tmp_path, mon
     assert rel_err(got, ref) < 1e-5
     on_grid = dequantize_int4(pack(down), down.dtype)
     assert down_scale.choose(on_grid, rms, pack) is None
+    assert down_scale.choose(on_grid, rms, pack, 128) is None
 
     streamed = make_runner(str(tmp_path), torchao_config="int4wo-128")
     tc.quantize_int4_model(dense.model, 128)
@@ -408,6 +409,30 @@ def test_down_scale_exact_kept_off_grid_and_streamed_as_after_load(tmp_path, mon
                 assert torch.equal(getattr(a, buf), getattr(b, buf)), (i, name, buf)
         down_a, down_c = (r.model.model.layers[i].mlp.down_proj for r in (streamed, plain))
         assert not torch.equal(down_a.scales, down_c.scales)
+
+
+def test_down_scale_skips_the_exactness_check_for_16_bit_weights():
+    """choose() quantizes down_proj for its exactness check only where every group could be exact
+    (at most 16 values): a 16-bit weight is scaled without that extra quantization."""
+    from edgelm.quantization import down_scale
+    from edgelm.quantization.int4_linear import Int4Linear
+
+    dense = torch.randn(64, 256, dtype=torch.bfloat16)
+    on_grid = dequantize_int4(Int4Linear.quantize(dense, 128), torch.bfloat16)[:, :256]
+    assert down_scale._more_than_16_levels(dense, 128)
+    assert not down_scale._more_than_16_levels(on_grid, 128)
+    assert not down_scale._more_than_16_levels(dense[:, :200], 128)  # ragged K: undecided
+    calls = []
+
+    def pack(t):
+        calls.append(t.shape)
+        return Int4Linear.quantize(t, 128)
+
+    rms = torch.rand(256) + 0.5
+    assert down_scale.choose(dense, rms, pack, 128) is not None and calls == []
+    assert down_scale.choose(dense, rms, pack) is not None and len(calls) == 1
+    down_scale.choose(on_grid, rms, pack, 128)  # could be exact: checked (the result: the test above)
+    assert len(calls) == 2
 
 
 def test_int4linear_shapes():

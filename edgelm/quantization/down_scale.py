@@ -50,15 +50,31 @@ def channel_rms(gate: torch.Tensor, up: torch.Tensor, norm_weight: torch.Tensor 
     return (torch.nn.functional.silu(g) * u).pow(2).mean(0).sqrt()
 
 
+def _more_than_16_levels(w: torch.Tensor, group_size: int) -> bool:
+    """Whether some group of `group_size` inputs of a row holds more than 16 distinct values (then no
+    4-bit fit reproduces `w`); False when K is not a multiple of the group (undecided)."""
+    n, k = w.shape
+    if k % group_size:
+        return False
+    for rows in w.split(256):  # a few rows at a time: the sort's indices are 8 bytes a weight
+        v = rows.reshape(rows.shape[0], k // group_size, group_size).sort(dim=-1).values
+        if bool(((v[..., 1:] != v[..., :-1]).sum(-1) >= 16).any()):
+            return True
+    return False
+
+
 @torch.no_grad()
-def choose(down: torch.Tensor, rms: torch.Tensor, quantize: Callable[[torch.Tensor], Int4Weight]
-           ) -> torch.Tensor | None:
+def choose(down: torch.Tensor, rms: torch.Tensor, quantize: Callable[[torch.Tensor], Int4Weight],
+           group_size: int | None = None) -> torch.Tensor | None:
     """s for down [N, K] given the channels' RMS, or None where the unscaled int4 fit (`quantize`
-    packs a dense weight in the model's dtype) already reproduces it to within 1e-6 relative."""
-    ref = down.float()
-    approx = dequantize_int4(quantize(down), torch.float32)[:, : down.shape[1]]
-    if float((ref - approx).pow(2).sum()) <= 1e-6 * float(ref.pow(2).sum()):
-        return None
+    packs a dense weight in the model's dtype) already reproduces it to within 1e-6 relative. With
+    `group_size`, a weight with more than 16 values in some group is known not to be reproduced and
+    is not quantized for the check (real 16-bit weights: the check costs a second quantization)."""
+    if group_size is None or not _more_than_16_levels(down, group_size):
+        ref = down.float()
+        approx = dequantize_int4(quantize(down), torch.float32)[:, : down.shape[1]]
+        if float((ref - approx).pow(2).sum()) <= 1e-6 * float(ref.pow(2).sum()):
+            return None
     s = rms.clamp(min=1e-8) ** ALPHA
     return s / s.log().mean().exp()
 
@@ -77,7 +93,7 @@ def applies(gate_up: torch.nn.Module | None, down: torch.nn.Module | None) -> bo
 
 @torch.no_grad()
 def scale_mlps(model: torch.nn.Module, quantize: Callable[[torch.Tensor], Int4Weight],
-               is_target: Callable[[torch.nn.Module], bool]) -> int:
+               is_target: Callable[[torch.nn.Module], bool], group_size: int | None = None) -> int:
     """In place, before a loaded model's linears are quantized: every decoder layer whose gate_up_proj
     and down_proj are both to become int4 (and `applies`) gets up's rows divided and down's columns multiplied by the
     chosen s (when one is chosen). Returns how many layers were scaled."""
@@ -91,7 +107,7 @@ def scale_mlps(model: torch.nn.Module, quantize: Callable[[torch.Tensor], Int4We
         w = gate_up.weight.data
         norm = getattr(layer, "post_attention_layernorm", None)
         rms = channel_rms(w[g0 : g0 + gn], w[u0 : u0 + un], None if norm is None else norm.weight)
-        s = choose(down.weight.data, rms, quantize)
+        s = choose(down.weight.data, rms, quantize, group_size)
         if s is None:
             continue
         w[u0 : u0 + un], down.weight.data = scaled_pair(w[u0 : u0 + un], down.weight.data, s)

@@ -409,7 +409,7 @@ def quantize_stream(weights: Iterable[tuple[str, torch.Tensor]], model: nn.Modul
             if part == "norm":
                 yield name, tensor
             if {"gate", "up", "down", "norm"} <= held.keys():
-                yield from _scaled_mlp(mlps.pop(layer), pack, quantize, device, dtype)
+                yield from _scaled_mlp(mlps.pop(layer), pack, quantize, device, dtype, pcfg.group_size)
             continue
         if piece != "weight" or module not in int4:
             yield name, tensor
@@ -446,14 +446,14 @@ def _mlp_part(module: str, shard: str | None, piece: str, modules: dict) -> str 
     return shard if shard in ("gate", "up") else None
 
 
-def _scaled_mlp(held: dict, pack, quantize, device, dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _scaled_mlp(held: dict, pack, quantize, device, dtype, group_size: int) -> Iterator[tuple[str, torch.Tensor]]:
     """One layer's gate, up and down weights (held by quantize_stream) quantized, down_scale applied."""
     from edgelm.quantization import down_scale
 
     (gate_name, gate), (up_name, up), (down_name, down) = held["gate"], held["up"], held["down"]
     gate, up, down = (t.to(device=device, dtype=dtype) for t in (gate, up, down))
     rms = down_scale.channel_rms(gate, up, held["norm"][1].to(device))
-    s = down_scale.choose(down, rms, pack)
+    s = down_scale.choose(down, rms, pack, group_size)
     if s is not None:
         up, down = down_scale.scaled_pair(up, down, s)
     yield from quantize(gate_name, gate)

@@ -89,7 +89,7 @@ def quantize_int4_model(model: nn.Module, group_size: int, method: str = "search
     from edgelm.quantization.int4_linear import Int4Linear
 
     if scale_down and down_scale.enabled() and (not only or only.endswith("down_proj")):
-        down_scale.scale_mlps(model, lambda w: Int4Linear.quantize(w, group_size, method), _is_target)
+        down_scale.scale_mlps(model, lambda w: Int4Linear.quantize(w, group_size, method), _is_target, group_size)
     names = [name for name, mod in model.named_modules() if _is_target(mod) and (not only or name.endswith(only))]
     for name in names:
         parent_name, _, child = name.rpartition(".")

@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Ran once at commit e393659 (H100, 2026-12-06; results in benchmarks/results/ablations/prefetch/). The prefetch and
+# AHEAD switches it uses were removed after that run (measured slower or equal): it no longer runs as is.
 # One device call (carry .whl; <= 9 min): batch-1 decode, Llama-3.1-8B shape, dummy weights, in one run:
 # bf16 with the skinny GEMV's L2 prefetches before the PDL wait (EDGELM_GEMV_PREFETCH own,partner) against none;
 # int4wo-128 with the built-in dispatch against the hand variants in int4_dispatch/ (AHEAD, PREFETCH);

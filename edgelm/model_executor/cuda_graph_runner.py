@@ -121,7 +121,7 @@ class CudaGraphRunner:
         Then the batch sizes launched with PDL (batch 1 on SM 9.0+) are captured once more, into a
         pool of their own, and that graph replaces the first: on an H100 the second capture of the
         batch-1 Llama-3.1-8B step ran 1.2-1.4 % faster than the first (5.53 vs 5.60 ms a step in
-        bench_one_batch, benchmarks/results/ablations/recapture/), and only with PDL's early release
+        bench_one_batch, benchmarks/results/ablations/prefetch/session5_run_h100.log), and only with PDL's early release
         (graph time on the GPU 5659 -> 5585 us; without early release 5669 both times). Why is not
         known: the kernels, launch attributes and buffers are the same. EDGELM_GRAPH_RECAPTURE=0
         turns the second capture off."""

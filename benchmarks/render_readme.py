@@ -296,7 +296,9 @@ def decode_profile() -> list[str]:
         step = d["median_per_step"]["server_like"]
         g = d["profiled_graph"]
         note = f" — {d['note']}" if d.get("note") else ""
-        lines += [f"**Where a batch-{d['batch_size']} decode step goes** (Llama-3.1-8B shape, bf16, context "
+        cmd = d.get("command", "").split()
+        weights = cmd[cmd.index("--torchao-config") + 1] if "--torchao-config" in cmd[:-1] else "bf16"
+        lines += [f"**Where a batch-{d['batch_size']} decode step goes** (Llama-3.1-8B shape, {weights}, context "
                   f"{d['input_len']}; medians of 60 steps prepared as the scheduler does; kernels from one profiled "
                   f"CUDA-graph replay){note}", "",
                   "| part | µs per step |", "| --- | ---: |",

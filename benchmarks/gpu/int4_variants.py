@@ -1,0 +1,136 @@
+"""Batch-1 int4wo decode step time of the M = 1 int4 kernel choices, per weight shape, on one loaded
+model: each variant replaces one shape's batch-1 entry of int4_kernels.SHAPE_DISPATCH, recaptures the
+CUDA graphs and times bench_one_batch's overlapped decode loop (median inter-token latency), as
+decode_variants.py does for the bf16 GEMVs. Why in a whole step: with PDL a kernel's programs start
+while the one before finishes, so a launch config's cost in a step is not its time alone (the bf16
+sweep's winners differed from the isolated ones). The shipped tables run first, in the middle and
+last, so drift shows; then the per-shape winners (each > 5 us better than the median baseline) run
+together twice around one more baseline, and their tables are written in load_dispatch's format
+(--dispatch-out) so that EDGELM_INT4_DISPATCH=file runs them in any later command.
+
+    python benchmarks/gpu/int4_variants.py --model-path llama-3.1-8b --load-format dummy --dtype bfloat16 \
+        --torchao-config int4wo-128 --batch-size 1 --input-len 1024 --output-len 64 \
+        --out $OUT/int4_variants.json --dispatch-out $OUT/int4_dispatch_step.json
+"""
+
+from __future__ import annotations
+
+import datetime
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from edgelm import bench_one_batch  # noqa: E402
+from edgelm.bench_utils import write_json  # noqa: E402
+from edgelm.model_config import ModelConfig  # noqa: E402
+from edgelm.model_executor.model_runner import ModelRunner  # noqa: E402
+from edgelm.model_loader.resolve import resolve_model  # noqa: E402
+from edgelm.quantization import int4_kernels  # noqa: E402
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+# neighbours of the isolated sweep's picks (int4_tune_h100.json): narrower and wider row tiles, more
+# blocks a load, split K for the short shapes; gemv_h2 (BLOCK_N, BLOCK_B, SPLIT_K, num_warps),
+# tcw (BLOCK_N, SPLIT_K, num_warps)
+CANDIDATES: dict[str, list[tuple[str, tuple]]] = {
+    "qkv": [("gemv_h2", (4, 8, 1, 4)), ("gemv_h2", (8, 8, 2, 4)), ("gemv_h2", (4, 8, 2, 4)),
+            ("gemv_h2", (8, 16, 1, 4)), ("gemv_h2", (8, 4, 1, 4))],
+    "o": [("gemv_h2", (8, 8, 1, 4)), ("gemv_h2", (4, 8, 2, 4)), ("gemv_h2", (4, 8, 4, 4)),
+          ("gemv_h2", (2, 8, 1, 2)), ("gemv_h2", (4, 4, 1, 4))],
+    "gate_up": [("gemv_h2", (8, 16, 1, 4)), ("gemv_h2", (16, 8, 1, 4)), ("gemv_h2", (8, 8, 1, 8)),
+                ("gemv_h2", (4, 8, 1, 4)), ("gemv_h2", (8, 4, 1, 4))],
+    "down": [("gemv_h2", (8, 8, 1, 4)), ("gemv_h2", (4, 8, 1, 4)), ("gemv_h2", (8, 8, 2, 4)),
+             ("gemv_h2", (8, 16, 1, 4)), ("tcw", (64, 8, 4)), ("tcw", (128, 4, 8)), ("tcw", (128, 16, 8))],
+}
+
+
+def label(v: dict) -> str:
+    return ", ".join(f"{name} {kernel} {cfg}" for name, (kernel, cfg) in v.items()) or "shipped"
+
+
+def tables(v: dict, shipped: dict) -> dict:
+    """SHAPE_DISPATCH with v's batch-1 entries over the shipped ones."""
+    out = {shape: dict(t) for shape, t in shipped.items()}
+    for name, choice in v.items():
+        out.setdefault(SHAPES[name], {})[1] = choice
+    return out
+
+
+def best_combo(results: list[dict], variants: list[dict]) -> dict:
+    base = statistics.median(r["itl_us"] for r, v in zip(results, variants) if not v)
+    best: dict[str, tuple[float, tuple]] = {}
+    for r, v in zip(results, variants):
+        if not v or r["itl_us"] > base - 5:
+            continue
+        (name, choice), = v.items()
+        if name not in best or r["itl_us"] < best[name][0]:
+            best[name] = (r["itl_us"], choice)
+    return {name: choice for name, (_, choice) in best.items()}
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = {}
+    for flag in ("--out", "--dispatch-out"):
+        if flag in argv:
+            i = argv.index(flag)
+            opts[flag] = argv[i + 1]
+            del argv[i:i + 2]
+    server_args, bench, _ = bench_one_batch.prepare_args(argv)
+    device = server_args.resolved_device()
+    config = ModelConfig.load(resolve_model(server_args.model_path), server_args.dtype, device,
+                              server_args.context_length)
+    runner = ModelRunner(server_args, config, device)
+    bs, input_len, output_len = bench.batch_size[0], bench.input_len[0], bench.output_len[0]
+    shipped = {shape: dict(t) for shape, t in int4_kernels.SHAPE_DISPATCH.items()}
+    results: list[dict] = []
+
+    def measure(v: dict) -> dict:
+        int4_kernels.SHAPE_DISPATCH.clear()
+        int4_kernels.SHAPE_DISPATCH.update(tables(v, shipped))
+        runner.set_attention_backend(runner.attention_backend_name)  # recaptures the graphs
+        bench_one_batch.run_once(runner, bs, input_len, 8, overlap=True)
+        steps = []
+        for _ in range(3):
+            steps += bench_one_batch.run_once(runner, bs, input_len, output_len, overlap=True)["decode_s"]
+        r = {"label": label(v), "variant": {k: [c[0], list(c[1])] for k, c in v.items()},
+             "itl_us": 1e6 * statistics.median(steps)}
+        results.append(r)
+        print(f"{r['label']:>50}: {r['itl_us']:.1f} us", flush=True)
+        return r
+
+    first: list[dict] = [{}]
+    for name, cands in CANDIDATES.items():
+        first += [{name: c} for c in cands]
+        if name == "o":
+            first.append({})
+    first.append({})
+    for v in first:
+        measure(v)
+    combo = best_combo(results, first)
+    if combo:
+        for v in (combo, {}, combo):
+            measure(v)
+    int4_kernels.SHAPE_DISPATCH.clear()
+    int4_kernels.SHAPE_DISPATCH.update(shipped)
+    if opts.get("--dispatch-out"):
+        chosen = tables(combo, shipped)
+        write_json(opts["--dispatch-out"], {
+            "dispatch": {str(m): [k, list(c)] for m, (k, c) in int4_kernels.DISPATCH.items()},
+            "dispatch_by_shape": {f"{n}x{k}": {str(m): [kern, list(c)] for m, (kern, c) in sorted(t.items())}
+                                  for (n, k), t in chosen.items()},
+            "combo": label(combo)})
+    report = {"command": "python benchmarks/gpu/int4_variants.py " + " ".join(sys.argv[1:]),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+              "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "batch_size": bs,
+              "input_len": input_len, "output_len": output_len, "combo": label(combo), "results": results}
+    if opts.get("--out"):
+        write_json(opts["--out"], report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

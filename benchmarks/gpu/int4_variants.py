@@ -32,10 +32,10 @@ from edgelm.model_loader.resolve import resolve_model  # noqa: E402
 from edgelm.quantization import int4_kernels  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-# neighbours of the isolated sweep's picks (int4_tune_h100.json): narrower and wider row tiles, more
+# round 1: neighbours of the isolated sweep's picks (int4_tune_h100.json): narrower and wider row tiles, more
 # blocks a load, split K for the short shapes; gemv_h2 (BLOCK_N, BLOCK_B, SPLIT_K, num_warps),
 # tcw (BLOCK_N, SPLIT_K, num_warps)
-CANDIDATES: dict[str, list[tuple[str, tuple]]] = {
+ROUND1: dict[str, list[tuple[str, tuple]]] = {
     "qkv": [("gemv_h2", (4, 8, 1, 4)), ("gemv_h2", (8, 8, 2, 4)), ("gemv_h2", (4, 8, 2, 4)),
             ("gemv_h2", (8, 16, 1, 4)), ("gemv_h2", (8, 4, 1, 4))],
     "o": [("gemv_h2", (8, 8, 1, 4)), ("gemv_h2", (4, 8, 2, 4)), ("gemv_h2", (4, 8, 4, 4)),
@@ -44,6 +44,18 @@ CANDIDATES: dict[str, list[tuple[str, tuple]]] = {
                 ("gemv_h2", (4, 8, 1, 4)), ("gemv_h2", (8, 4, 1, 4))],
     "down": [("gemv_h2", (8, 8, 1, 4)), ("gemv_h2", (4, 8, 1, 4)), ("gemv_h2", (8, 8, 2, 4)),
              ("gemv_h2", (8, 16, 1, 4)), ("tcw", (64, 8, 4)), ("tcw", (128, 4, 8)), ("tcw", (128, 16, 8))],
+}
+
+# round 2, around round 1's winners (now the shipped tables): wider still
+CANDIDATES: dict[str, list[tuple[str, tuple]]] = {
+    "qkv": [("gemv_h2", (8, 32, 1, 4)), ("gemv_h2", (16, 16, 1, 4)), ("gemv_h2", (16, 16, 1, 8)),
+            ("gemv_h2", (4, 16, 1, 4)), ("gemv_h2", (8, 16, 1, 8))],
+    "o": [("gemv_h2", (8, 16, 1, 4)), ("gemv_h2", (4, 16, 1, 4)), ("gemv_h2", (16, 8, 1, 4)),
+          ("gemv_h2", (4, 32, 1, 4)), ("gemv_h2", (4, 16, 1, 2))],
+    "gate_up": [("gemv_h2", (16, 16, 1, 4)), ("gemv_h2", (32, 8, 1, 8)), ("gemv_h2", (16, 16, 1, 8)),
+                ("gemv_h2", (16, 8, 1, 8)), ("gemv_h2", (32, 8, 1, 4))],
+    "down": [("gemv_h2", (16, 16, 1, 4)), ("gemv_h2", (8, 32, 1, 4)), ("gemv_h2", (16, 8, 1, 4)),
+             ("gemv_h2", (8, 16, 2, 4)), ("gemv_h2", (16, 16, 1, 8))],
 }
 
 

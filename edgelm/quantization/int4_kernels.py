@@ -239,11 +239,15 @@ DISPATCH: dict[int, tuple[str, tuple]] = {
     MAX_M_DOT: ("tcw", (64, 4, 4)),
 }
 # (N, K) → buckets as in DISPATCH, for the shapes where the same sweep found another config faster
-# than DISPATCH's by more than 2 % (per shape, single timings).
+# than DISPATCH's by more than 2 % (per shape, single timings). Batch 1 (bucket 1) of qkv_proj
+# (6144, 4096), gate_up_proj and down_proj: the whole-step sweep on the H100 (benchmarks/gpu/int4_variants.py,
+# benchmarks/results/int4_variants_bs1_round1_h100.json): wider tiles, more bytes in flight per program,
+# took the int4wo-128 step from 3.19 to 2.77 ms although alone they timed no faster.
 SHAPE_DISPATCH: dict[tuple[int, int], dict[int, tuple[str, tuple]]] = {
+    (6144, 4096): {1: ("gemv_h2", (8, 16, 1, 4))},
     (4096, 4096): {1: ("gemv_h2", (4, 8, 1, 4)), 16: ("tc", (64, 8, 4))},
-    (28672, 4096): {16: ("tcw", (128, 1, 8)), MAX_M_DOT: ("tcw", (128, 1, 4))},
-    (4096, 14336): {1: ("tcw", (128, 8, 8)), MAX_M_DOT: ("tcw", (128, 8, 8))},
+    (28672, 4096): {1: ("gemv_h2", (16, 8, 1, 4)), 16: ("tcw", (128, 1, 8)), MAX_M_DOT: ("tcw", (128, 1, 4))},
+    (4096, 14336): {1: ("gemv_h2", (8, 16, 1, 4)), MAX_M_DOT: ("tcw", (128, 8, 8))},
 }
 
 

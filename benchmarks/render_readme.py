@@ -34,7 +34,8 @@ def gpu_latency() -> list[str]:
         quant = d.get("torchao_config") or d.get("dtype")
         lines += [f"**{d['model']} ({quant}, {d.get('attention_backend')} attention, random weights)** — "
                   f"bandwidth measured in the same run: {peaks.get('bandwidth_gbps', 0):.0f} GB/s, "
-                  f"bf16 matmul peak {peaks.get('matmul_tflops', 0):.0f} TFLOP/s", "",
+                  f"bf16 matmul peak {peaks.get('matmul_tflops', 0):.0f} TFLOP/s"
+                  + (f"; {d['note']}" if d.get("note") else ""), "",
                   "| batch | input | decode tok/s | ITL median (ms) | roofline ratio | prefill tok/s | "
                   "prefill / matmul peak | CUDA graphs |",
                   "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]

@@ -15,10 +15,10 @@ if grep -q '"combo": "shipped"' $OUT/int4_dispatch_step_$dev.json 2>/dev/null ||
     echo "no combination won"; exit 0
 fi
 export EDGELM_INT4_DISPATCH=$OUT/int4_dispatch_step_$dev.json
-timeout 100 $b --torchao-config int4wo-128 --batch-size 1 8 32 --input-len 1024 --output-len 64 \
+timeout 100 $b --torchao-config int4wo-128 --batch-size ${BS:-1 8 32} --input-len 1024 --output-len 64 \
     --result-file $OUT/bench_one_batch_llama-3.1-8b_int4wo-128_$dev.json 2>&1 | grep -v -i warn | tail -5
 echo "($((SECONDS - t0)) s)"
-timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_int4.py 2>&1 | tee $OUT/gpu_tests_int4.txt | tail -3
+[ "${TESTS:-1}" = 1 ] && timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_int4.py 2>&1 | tee $OUT/gpu_tests_int4.txt | tail -3
 unset EDGELM_INT4_DISPATCH
 echo "($((SECONDS - t0)) s)"
 left=$(( ${BUDGET:-520} - (SECONDS - t0) ))

@@ -107,3 +107,42 @@ def test_overlapped_decode_loop_same_tokens(tmp_path):
     assert all(t > 0 for t in overlapped["decode_s"])
     # and the tokens are a real greedy decode: the steps do not all repeat the first token
     assert len({tuple(t) for t in plain["tokens"]}) > 1
+
+
+def test_int4_variants_script(tmp_path, monkeypatch):
+    """benchmarks/gpu/int4_variants.py on the CPU: the sweep runs over the loaded model's own int4
+    shapes and writes tables that EDGELM_INT4_DISPATCH's loader takes."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import LlamaConfig
+
+    from edgelm.quantization import int4_kernels
+
+    LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128).save_pretrained(str(tmp_path / "m"))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "int4_variants.py"
+    spec = importlib.util.spec_from_file_location("int4_variants", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "ROUND1", {"down": [("gemv_h2", (8, 8, 1, 4))]})
+    monkeypatch.setattr(mod, "CANDIDATES", {"qkv": [("gemv_h2", (8, 16, 1, 4))], "o": [("gemv_h2", (8, 8, 1, 4))]})
+    shipped = {k: dict(v) for k, v in int4_kernels.SHAPE_DISPATCH.items()}
+    report = mod.main(["--model-path", str(tmp_path / "m"), "--load-format", "dummy", "--device", "cpu",
+                       "--torchao-config", "int4wo-128", "--batch-size", "1", "--input-len", "8", "--output-len", "3",
+                       "--out", str(tmp_path / "v.json"), "--dispatch-out", str(tmp_path / "d.json"),
+                       "--candidates", "all"])
+    assert int4_kernels.SHAPE_DISPATCH == shipped  # put back after the sweep
+    assert report["shapes"] == {"qkv": [512, 256], "o": [256, 256], "gate_up": [1024, 256], "down": [256, 512]}
+    labels = [r["label"] for r in report["results"]]
+    assert labels[:6] == ["shipped", "down gemv_h2 (8, 8, 1, 4)", "qkv gemv_h2 (8, 16, 1, 4)", "o gemv_h2 (8, 8, 1, 4)",
+                          "shipped", "shipped"]
+    assert all(r["itl_us"] > 0 for r in report["results"])
+    monkeypatch.setattr(int4_kernels, "DISPATCH", dict(int4_kernels.DISPATCH))
+    monkeypatch.setattr(int4_kernels, "SHAPE_DISPATCH", dict(int4_kernels.SHAPE_DISPATCH))
+    tables = json.loads((tmp_path / "d.json").read_text())
+    int4_kernels.load_dispatch(str(tmp_path / "d.json"))
+    for shape, table in tables["dispatch_by_shape"].items():
+        n, k = (int(v) for v in shape.split("x"))
+        assert int4_kernels.SHAPE_DISPATCH[(n, k)] == {int(m): (kern, tuple(c)) for m, (kern, c) in table.items()}
+    assert tables["combo"] == report["combo"]

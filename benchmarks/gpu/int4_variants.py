@@ -6,7 +6,9 @@ while the one before finishes, so a launch config's cost in a step is not its ti
 sweep's winners differed from the isolated ones). The shipped tables run first, in the middle and
 last, so drift shows; then the per-shape winners (each > 5 us better than the median baseline) run
 together twice around one more baseline, and their tables are written in load_dispatch's format
-(--dispatch-out) so that EDGELM_INT4_DISPATCH=file runs them in any later command.
+(--dispatch-out) so that EDGELM_INT4_DISPATCH=file runs them in any later command. The shapes are
+the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|round2|all picks the
+configs tried (all: both rounds, for a GPU or model not swept yet, e.g. a Jetson with its own model).
 
     python benchmarks/gpu/int4_variants.py --model-path llama-3.1-8b --load-format dummy --dtype bfloat16 \
         --torchao-config int4wo-128 --batch-size 1 --input-len 1024 --output-len 64 \
@@ -31,7 +33,9 @@ from edgelm.model_executor.model_runner import ModelRunner  # noqa: E402
 from edgelm.model_loader.resolve import resolve_model  # noqa: E402
 from edgelm.quantization import int4_kernels  # noqa: E402
 
+# the Llama-3.1-8B shapes (N, K) of the rounds below; another model's come from its int4 layers (model_shapes)
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+ROLES = {"qkv_proj": "qkv", "o_proj": "o", "gate_up_proj": "gate_up", "down_proj": "down"}
 # round 1: neighbours of the isolated sweep's picks (int4_tune_h100.json): narrower and wider row tiles, more
 # blocks a load, split K for the short shapes; gemv_h2 (BLOCK_N, BLOCK_B, SPLIT_K, num_warps),
 # tcw (BLOCK_N, SPLIT_K, num_warps)
@@ -46,7 +50,7 @@ ROUND1: dict[str, list[tuple[str, tuple]]] = {
              ("gemv_h2", (8, 16, 1, 4)), ("tcw", (64, 8, 4)), ("tcw", (128, 4, 8)), ("tcw", (128, 16, 8))],
 }
 
-# round 2, around round 1's winners (now the shipped tables): wider still
+# round 2, around round 1's winners (now the shipped tables): wider still (not yet run on a GPU)
 CANDIDATES: dict[str, list[tuple[str, tuple]]] = {
     "qkv": [("gemv_h2", (8, 32, 1, 4)), ("gemv_h2", (16, 16, 1, 4)), ("gemv_h2", (16, 16, 1, 8)),
             ("gemv_h2", (4, 16, 1, 4)), ("gemv_h2", (8, 16, 1, 8))],
@@ -59,15 +63,35 @@ CANDIDATES: dict[str, list[tuple[str, tuple]]] = {
 }
 
 
+def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """(N, K) of the first int4 linear of each role (qkv, o, gate_up, down) in a loaded model."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, module in model.named_modules():
+        role = ROLES.get(name.rsplit(".", 1)[-1])
+        if role and role not in shapes and hasattr(module, "out_features") and hasattr(module, "group_size"):
+            shapes[role] = (module.out_features, module.in_features)
+    return shapes
+
+
+def candidates(which: str) -> dict[str, list[tuple[str, tuple]]]:
+    """Round 1's, round 2's, or both ("all": for a GPU or model not swept yet)."""
+    rounds = {"round1": [ROUND1], "round2": [CANDIDATES], "all": [ROUND1, CANDIDATES]}[which]
+    out: dict[str, list[tuple[str, tuple]]] = {}
+    for table in rounds:
+        for role, cands in table.items():
+            out.setdefault(role, []).extend(c for c in cands if c not in out[role])
+    return out
+
+
 def label(v: dict) -> str:
     return ", ".join(f"{name} {kernel} {cfg}" for name, (kernel, cfg) in v.items()) or "shipped"
 
 
-def tables(v: dict, shipped: dict) -> dict:
+def tables(v: dict, shipped: dict, shapes: dict) -> dict:
     """SHAPE_DISPATCH with v's batch-1 entries over the shipped ones."""
     out = {shape: dict(t) for shape, t in shipped.items()}
     for name, choice in v.items():
-        out.setdefault(SHAPES[name], {})[1] = choice
+        out.setdefault(shapes[name], {})[1] = choice
     return out
 
 
@@ -85,8 +109,8 @@ def best_combo(results: list[dict], variants: list[dict]) -> dict:
 
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    opts = {}
-    for flag in ("--out", "--dispatch-out"):
+    opts = {"--candidates": "round2"}
+    for flag in ("--out", "--dispatch-out", "--candidates"):
         if flag in argv:
             i = argv.index(flag)
             opts[flag] = argv[i + 1]
@@ -97,12 +121,16 @@ def main(argv=None) -> dict:
                               server_args.context_length)
     runner = ModelRunner(server_args, config, device)
     bs, input_len, output_len = bench.batch_size[0], bench.input_len[0], bench.output_len[0]
+    shapes = model_shapes(runner.model)  # the same as SHAPES for Llama-3.1-8B
+    if not shapes:
+        raise SystemExit("int4_variants: the model has no int4 layers (--torchao-config int4wo-*, or an AWQ/GPTQ checkpoint)")
+    sweep = {role: cands for role, cands in candidates(opts["--candidates"]).items() if role in shapes}
     shipped = {shape: dict(t) for shape, t in int4_kernels.SHAPE_DISPATCH.items()}
     results: list[dict] = []
 
     def measure(v: dict) -> dict:
         int4_kernels.SHAPE_DISPATCH.clear()
-        int4_kernels.SHAPE_DISPATCH.update(tables(v, shipped))
+        int4_kernels.SHAPE_DISPATCH.update(tables(v, shipped, shapes))
         runner.set_attention_backend(runner.attention_backend_name)  # recaptures the graphs
         bench_one_batch.run_once(runner, bs, input_len, 8, overlap=True)
         steps = []
@@ -115,7 +143,7 @@ def main(argv=None) -> dict:
         return r
 
     first: list[dict] = [{}]
-    for name, cands in CANDIDATES.items():
+    for name, cands in sweep.items():
         first += [{name: c} for c in cands]
         if name == "o":
             first.append({})
@@ -129,7 +157,7 @@ def main(argv=None) -> dict:
     int4_kernels.SHAPE_DISPATCH.clear()
     int4_kernels.SHAPE_DISPATCH.update(shipped)
     if opts.get("--dispatch-out"):
-        chosen = tables(combo, shipped)
+        chosen = tables(combo, shipped, shapes)
         write_json(opts["--dispatch-out"], {
             "dispatch": {str(m): [k, list(c)] for m, (k, c) in int4_kernels.DISPATCH.items()},
             "dispatch_by_shape": {f"{n}x{k}": {str(m): [kern, list(c)] for m, (kern, c) in sorted(t.items())}
@@ -138,7 +166,8 @@ def main(argv=None) -> dict:
     report = {"command": "python benchmarks/gpu/int4_variants.py " + " ".join(sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "batch_size": bs,
-              "input_len": input_len, "output_len": output_len, "combo": label(combo), "results": results}
+              "input_len": input_len, "output_len": output_len, "shapes": {k: list(v) for k, v in shapes.items()},
+              "combo": label(combo), "results": results}
     if opts.get("--out"):
         write_json(opts["--out"], report)
     return report

@@ -2,7 +2,7 @@
 # One device call (carry .whl; ~6 min): int4wo-128 batch-1 decode variants of the M = 1 int4 kernel
 # choices on one loaded Llama-3.1-8B-shape model (int4_variants.py); where a combination won, the
 # int4wo-128 latency table (batch 1/8/32) and the int4 GPU tests with its tables (EDGELM_INT4_DISPATCH),
-# and the bf16 batch-1 step in the same call for the ratio. DEV=h100|h200 names the files.
+# and the bf16 batch-1 step in the same call for the ratio; where none won, the int4 GPU tests (TESTS=0: none). DEV=h100|h200 names the files.
 source benchmarks/gpu/site_setup.sh
 dev=${DEV:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo h200 || echo h100)}
 echo "DEV=$dev"; t0=$SECONDS
@@ -12,7 +12,9 @@ timeout 240 python3 benchmarks/gpu/int4_variants.py --model-path llama-3.1-8b --
     --out $OUT/int4_variants_bs1_${ROUND:-round2}_$dev.json --dispatch-out $OUT/int4_dispatch_step_$dev.json 2>&1 | grep -v -i warn | tail -32
 echo "($((SECONDS - t0)) s)"
 if grep -q '"combo": "shipped"' $OUT/int4_dispatch_step_$dev.json 2>/dev/null || [ ! -f $OUT/int4_dispatch_step_$dev.json ]; then
-    echo "no combination won"; exit 0
+    echo "no combination won: the int4 GPU tests with the shipped tables"
+    [ "${TESTS:-1}" = 1 ] && timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_int4.py 2>&1 | tee $OUT/gpu_tests_int4.txt | tail -3
+    exit 0
 fi
 export EDGELM_INT4_DISPATCH=$OUT/int4_dispatch_step_$dev.json
 timeout 100 $b --torchao-config int4wo-128 --batch-size ${BS:-1 8 32} --input-len 1024 --output-len 64 \

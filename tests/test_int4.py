@@ -527,3 +527,20 @@ def test_cpu_kernel_matches_emulation(monkeypatch, k, group):
     for rows in (1, il.CPU_KERNEL_MAX_ROWS, il.CPU_KERNEL_MAX_ROWS + 1, 40):
         x = torch.randn(rows, k)
         assert rel_err(kernel(x), emulated(x)) < (1e-2 if rows <= il.CPU_KERNEL_MAX_ROWS else 1e-5), rows
+
+
+def test_dispatch_json_round_trip(tmp_path, monkeypatch):
+    """dispatch_json writes the tables in the format load_dispatch (EDGELM_INT4_DISPATCH) reads back."""
+    import json
+
+    from edgelm.quantization import int4_kernels as kern
+
+    monkeypatch.setattr(kern, "DISPATCH", dict(kern.DISPATCH))
+    monkeypatch.setattr(kern, "SHAPE_DISPATCH", {s: dict(t) for s, t in kern.SHAPE_DISPATCH.items()})
+    want = (dict(kern.DISPATCH), {s: dict(t) for s, t in kern.SHAPE_DISPATCH.items()})
+    path = tmp_path / "tables.json"
+    path.write_text(json.dumps(kern.dispatch_json()))
+    kern.DISPATCH.clear()
+    kern.SHAPE_DISPATCH.clear()
+    kern.load_dispatch(str(path))
+    assert (kern.DISPATCH, kern.SHAPE_DISPATCH) == want

@@ -201,9 +201,7 @@ def tune(group: int, ms: list[int], out: str | None, budget_s: float) -> dict:
     print("SHAPE_DISPATCH =", kern.SHAPE_DISPATCH)
     if out:
         with open(out, "w") as f:
-            json.dump({"group_size": group, "dispatch": {str(k): v for k, v in kern.DISPATCH.items()},
-                       "dispatch_by_shape": {f"{n}x{k}": {str(b): v for b, v in t.items()}
-                                             for (n, k), t in kern.SHAPE_DISPATCH.items()},
+            json.dump({"group_size": group, **kern.dispatch_json(),
                        "seconds": round(time.time() - t0, 1), "table_us": table}, f, indent=1)
     return table
 

@@ -33,8 +33,8 @@ from edgelm.model_executor.model_runner import ModelRunner  # noqa: E402
 from edgelm.model_loader.resolve import resolve_model  # noqa: E402
 from edgelm.quantization import int4_kernels  # noqa: E402
 
-# the Llama-3.1-8B shapes (N, K) of the rounds below; another model's come from its int4 layers (model_shapes)
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+# the linears swept, by module name; their shapes (N, K) are the loaded model's (model_shapes). The rounds
+# below were chosen for Llama-3.1-8B: qkv (6144, 4096), o (4096, 4096), gate_up (28672, 4096), down (4096, 14336)
 ROLES = {"qkv_proj": "qkv", "o_proj": "o", "gate_up_proj": "gate_up", "down_proj": "down"}
 # round 1: neighbours of the isolated sweep's picks (int4_tune_h100.json): narrower and wider row tiles, more
 # blocks a load, split K for the short shapes; gemv_h2 (BLOCK_N, BLOCK_B, SPLIT_K, num_warps),
@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
                               server_args.context_length)
     runner = ModelRunner(server_args, config, device)
     bs, input_len, output_len = bench.batch_size[0], bench.input_len[0], bench.output_len[0]
-    shapes = model_shapes(runner.model)  # the same as SHAPES for Llama-3.1-8B
+    shapes = model_shapes(runner.model)
     if not shapes:
         raise SystemExit("int4_variants: the model has no int4 layers (--torchao-config int4wo-*, or an AWQ/GPTQ checkpoint)")
     sweep = {role: cands for role, cands in candidates(opts["--candidates"]).items() if role in shapes}
@@ -157,12 +157,8 @@ def main(argv=None) -> dict:
     int4_kernels.SHAPE_DISPATCH.clear()
     int4_kernels.SHAPE_DISPATCH.update(shipped)
     if opts.get("--dispatch-out"):
-        chosen = tables(combo, shipped, shapes)
-        write_json(opts["--dispatch-out"], {
-            "dispatch": {str(m): [k, list(c)] for m, (k, c) in int4_kernels.DISPATCH.items()},
-            "dispatch_by_shape": {f"{n}x{k}": {str(m): [kern, list(c)] for m, (kern, c) in sorted(t.items())}
-                                  for (n, k), t in chosen.items()},
-            "combo": label(combo)})
+        write_json(opts["--dispatch-out"], {**int4_kernels.dispatch_json(None, tables(combo, shipped, shapes)),
+                                            "combo": label(combo)})
     report = {"command": "python benchmarks/gpu/int4_variants.py " + " ".join(sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "batch_size": bs,

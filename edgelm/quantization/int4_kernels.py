@@ -251,6 +251,17 @@ SHAPE_DISPATCH: dict[tuple[int, int], dict[int, tuple[str, tuple]]] = {
 }
 
 
+def dispatch_json(dispatch: dict | None = None, shape_dispatch: dict | None = None) -> dict:
+    """The "dispatch" and "dispatch_by_shape" tables (DISPATCH and SHAPE_DISPATCH unless given) as JSON
+    values, in the format load_dispatch reads back."""
+    dispatch = DISPATCH if dispatch is None else dispatch
+    shape_dispatch = SHAPE_DISPATCH if shape_dispatch is None else shape_dispatch
+    return {"dispatch": {str(m): [k, list(c) if c is not None else None] for m, (k, c) in dispatch.items()},
+            "dispatch_by_shape": {f"{n}x{k}": {str(m): [kern, list(c) if c is not None else None]
+                                               for m, (kern, c) in sorted(t.items())}
+                                  for (n, k), t in shape_dispatch.items()}}
+
+
 def load_dispatch(path: str) -> dict[int, tuple[str, tuple]]:
     """Replace DISPATCH (and SHAPE_DISPATCH) with the "dispatch" (and "dispatch_by_shape") tables of a
     tuning run's JSON (int4_bench.py --tune-out): how to use launch configs measured on this GPU

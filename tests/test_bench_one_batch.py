@@ -127,6 +127,10 @@ def test_int4_variants_script(tmp_path, monkeypatch):
     spec.loader.exec_module(mod)
     monkeypatch.setattr(mod, "ROUND1", {"down": [("gemv_h2", (8, 8, 1, 4))]})
     monkeypatch.setattr(mod, "CANDIDATES", {"qkv": [("gemv_h2", (8, 16, 1, 4))], "o": [("gemv_h2", (8, 8, 1, 4))]})
+    monkeypatch.setattr(mod, "ROUND3", {"o": [("gemv_h2", (4, 8, 1, 4, 1))]})
+    assert list(mod.candidates("round2,round3")) == ["qkv", "o"] and len(mod.candidates("round2,round3")["o"]) == 2
+    with pytest.raises(SystemExit):
+        mod.candidates("round9")
     shipped = {k: dict(v) for k, v in int4_kernels.SHAPE_DISPATCH.items()}
     report = mod.main(["--model-path", str(tmp_path / "m"), "--load-format", "dummy", "--device", "cpu",
                        "--torchao-config", "int4wo-128", "--batch-size", "1", "--input-len", "8", "--output-len", "3",
@@ -135,8 +139,8 @@ def test_int4_variants_script(tmp_path, monkeypatch):
     assert int4_kernels.SHAPE_DISPATCH == shipped  # put back after the sweep
     assert report["shapes"] == {"qkv": [512, 256], "o": [256, 256], "gate_up": [1024, 256], "down": [256, 512]}
     labels = [r["label"] for r in report["results"]]
-    assert labels[:6] == ["shipped", "down gemv_h2 (8, 8, 1, 4)", "qkv gemv_h2 (8, 16, 1, 4)", "o gemv_h2 (8, 8, 1, 4)",
-                          "shipped", "shipped"]
+    assert labels[:7] == ["shipped", "down gemv_h2 (8, 8, 1, 4)", "qkv gemv_h2 (8, 16, 1, 4)", "o gemv_h2 (8, 8, 1, 4)",
+                          "o gemv_h2 (4, 8, 1, 4, 1)", "shipped", "shipped"]
     assert all(r["itl_us"] > 0 for r in report["results"])
     monkeypatch.setattr(int4_kernels, "DISPATCH", dict(int4_kernels.DISPATCH))
     monkeypatch.setattr(int4_kernels, "SHAPE_DISPATCH", dict(int4_kernels.SHAPE_DISPATCH))

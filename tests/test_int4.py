@@ -154,9 +154,13 @@ def test_tc_kernel_small(group, m, config, dtype, kernel):
 @pytest.mark.parametrize("group,k,config,dtype", [(128, 300, (8, 2, 1, 4), torch.float16),
                                                   (128, 520, (16, 1, 3, 4), torch.bfloat16),
                                                   (256, 512, (8, 4, 2, 4), torch.float16),
-                                                  (128, 2200, (16, 16, 1, 4), torch.bfloat16)])
+                                                  (128, 2200, (16, 16, 1, 4), torch.bfloat16),
+                                                  (128, 300, (8, 2, 1, 4, 1), torch.bfloat16),
+                                                  (128, 1000, (16, 2, 3, 4, 1), torch.float16),
+                                                  (256, 2200, (8, 4, 1, 4, 1), torch.bfloat16)])
 def test_gemv_h2_kernel_small(group, k, config, dtype):
-    """The packed-16-bit CUDA-core GEMV (its plain-op path here), split-K included, twice."""
+    """The packed-16-bit CUDA-core GEMV (its plain-op path here), split-K and the weight prefetch
+    (config[4]) included, twice."""
     from edgelm.quantization import int4_kernels as kern
 
     w = _random_int4(40, k, group, DEVICE, meta=dtype)
@@ -262,6 +266,7 @@ def test_int4_linear_gpu(n, k, group):
 @pytest.mark.parametrize("kernel,config", [("gemv_unit", (16, 8, 2, 4, 1)), ("gemv_unit", (32, 2, 1, 8, 0)),
                                            ("gemv_h2", (8, 4, 1, 4)), ("gemv_h2", (16, 4, 2, 8)),
                                            ("gemv_h2", (8, 16, 1, 4)), ("gemv_h2", (16, 8, 1, 4)),
+                                           ("gemv_h2", (8, 8, 1, 4, 1)), ("gemv_h2", (16, 8, 2, 4, 1)),
                                            ("gemv_xs", (2, 4, 4)), ("gemv_xs", (4, 4, 2)), ("gemv_xs", (1, 8, 8)),
                                            ("gemv_xs", (4, 8, 1)), ("gemv_xs", (2, 4, 3, 4)),
                                            ("gemv_xs", (1, 4, 5, 8)), ("gemv_xs", (2, 4, 4, 1, 2)),

@@ -28,7 +28,8 @@ CASES = [  # (capability, WEIGHTS, bf16, BLOCK_N, SPLIT_K[, ONE_ROW])
     (90, True, True, 128, 8, True),  # ONE_ROW: M = 1 reads x once per block
     (87, True, False, 64, 4, True),
 ]
-H2_CASES = [(87, False, 1), (90, True, 4), (80, True, 1)]  # gemv_h2: (capability, bf16, SPLIT_K)
+# gemv_h2: (capability, bf16, SPLIT_K, PREFETCH)
+H2_CASES = [(87, False, 1, 0), (90, True, 4, 0), (80, True, 1, 0), (90, True, 1, 1), (87, True, 2, 1)]
 CHILD = r"""
 import json, sys
 import triton
@@ -53,8 +54,9 @@ def compile_case(fn, args, bf16, cap, const, need_prmt):
     except Exception as exc:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
     ptx = c.asm["ptx"]
+    wait = ptx.find("griddepcontrol.wait")
     return {"ok": True, "lop3": "lop3.b32" in ptx and ("prmt.b32" in ptx or not need_prmt),
-            "pdl": "griddepcontrol.wait" in ptx,
+            "pdl": wait >= 0, "load_before_wait": 0 <= ptx.find("ld.global") < wait,
             "fma2": "fma.rn.bf16x2" in ptx or "fma.rn.f16x2" in ptx, "cubin": len(c.asm["cubin"])}
 
 
@@ -64,9 +66,9 @@ for cap, weights, bf16, block_n, split_k, *one_row in json.loads(sys.argv[1]):
              "USE_ASM": True, "EVEN_K": True, "WEIGHTS": weights, "ONE_ROW": bool(one_row and one_row[0]),
              "PDL": int(cap >= 90)}
     out.append(compile_case(int4_ptx._tc_kernel, TC, bf16, cap, const, True))
-for cap, bf16, split_k in json.loads(sys.argv[2]):  # the packed-16-bit GEMV
+for cap, bf16, split_k, prefetch in json.loads(sys.argv[2]):  # the packed-16-bit GEMV
     const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
-             "USE_ASM": True, "PDL": int(cap >= 90)}
+             "USE_ASM": True, "PDL": int(cap >= 90), "PREFETCH": prefetch}
     out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False))
 print("RESULT " + json.dumps(out))
 """
@@ -92,6 +94,8 @@ def test_int4_kernels_compile_for_sm80_sm87_sm90():
         assert r["ok"], (case, r.get("error"))
         assert r["lop3"] and r["fma2"] and r["cubin"] > 0, case
         assert r["pdl"] == (case[0] >= 90), case
+        if r["pdl"] and case[3]:  # PREFETCH: the first weights load before the wait, not sunk below it
+            assert r["load_before_wait"], case
 
 
 GEMV_CHILD = r"""

@@ -7,8 +7,8 @@ sweep's winners differed from the isolated ones). The shipped tables run first, 
 last, so drift shows; then the per-shape winners (each > 5 us better than the median baseline) run
 together twice around one more baseline, and their tables are written in load_dispatch's format
 (--dispatch-out) so that EDGELM_INT4_DISPATCH=file runs them in any later command. The shapes are
-the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|round2|all picks the
-configs tried (all: both rounds, for a GPU or model not swept yet, e.g. a Jetson with its own model).
+the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|round2|round3|all (or a comma-separated list) picks
+the configs tried (all: every round, for a GPU or model not swept yet, e.g. a Jetson with its own model).
 
     python benchmarks/gpu/int4_variants.py --model-path llama-3.1-8b --load-format dummy --dtype bfloat16 \
         --torchao-config int4wo-128 --batch-size 1 --input-len 1024 --output-len 64 \
@@ -62,6 +62,19 @@ CANDIDATES: dict[str, list[tuple[str, tuple]]] = {
              ("gemv_h2", (8, 16, 2, 4)), ("gemv_h2", (16, 16, 1, 8))],
 }
 
+# round 3: the weight prefetch (gemv_h2 config[4] = 1: the next tile loads while this one is computed,
+# the first before the PDL wait), on the shipped tiles and narrower ones (prefetch doubles the bytes in flight)
+ROUND3: dict[str, list[tuple[str, tuple]]] = {
+    "qkv": [("gemv_h2", (8, 16, 1, 4, 1)), ("gemv_h2", (8, 8, 1, 4, 1)), ("gemv_h2", (4, 16, 1, 4, 1)),
+            ("gemv_h2", (4, 8, 1, 4, 1))],
+    "o": [("gemv_h2", (4, 8, 1, 4, 1)), ("gemv_h2", (8, 8, 1, 4, 1)), ("gemv_h2", (4, 16, 1, 4, 1)),
+          ("gemv_h2", (4, 4, 1, 4, 1))],
+    "gate_up": [("gemv_h2", (16, 8, 1, 4, 1)), ("gemv_h2", (8, 8, 1, 4, 1)), ("gemv_h2", (16, 4, 1, 4, 1)),
+                ("gemv_h2", (8, 16, 1, 4, 1))],
+    "down": [("gemv_h2", (8, 16, 1, 4, 1)), ("gemv_h2", (8, 8, 1, 4, 1)), ("gemv_h2", (16, 8, 1, 4, 1)),
+             ("gemv_h2", (4, 16, 1, 4, 1))],
+}
+
 
 def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """(N, K) of the first int4 linear of each role (qkv, o, gate_up, down) in a loaded model."""
@@ -74,8 +87,14 @@ def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def candidates(which: str) -> dict[str, list[tuple[str, tuple]]]:
-    """Round 1's, round 2's, or both ("all": for a GPU or model not swept yet)."""
-    rounds = {"round1": [ROUND1], "round2": [CANDIDATES], "all": [ROUND1, CANDIDATES]}[which]
+    """The configs of the rounds named, comma-separated ("round2,round3"), or of all of them ("all":
+    for a GPU or model not swept yet)."""
+    known = {"round1": ROUND1, "round2": CANDIDATES, "round3": ROUND3}
+    names = list(known) if which == "all" else which.split(",")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"int4_variants: unknown --candidates {unknown}; known: {sorted(known)} or all")
+    rounds = [known[n] for n in names]
     out: dict[str, list[tuple[str, tuple]]] = {}
     for table in rounds:
         for role, cands in table.items():

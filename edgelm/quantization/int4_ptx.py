@@ -301,15 +301,45 @@ def _nibble_pair_dot(words, shift: tl.constexpr, pair):
 
 
 @triton.jit
+def _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP: tl.constexpr):
+    """The weights of blocks b ([BLOCK_B]) of rows rn: words [BLOCK_N, BLOCK_B, 16] and their scales
+    and offsets [BLOCK_N, BLOCK_B] (zero past b_end)."""
+    b_ok = b < b_end
+    words = tl.load(w_rows + (b * 16)[None, :, None], mask=n_ok[:, None, None] & b_ok[None, :, None], other=0)
+    g = (b * 128) // GROUP
+    sm_ok = n_ok[:, None] & b_ok[None, :]
+    sc = tl.load(s_ptr + rn[:, None] * NG + g[None, :], mask=sm_ok, other=0.0)
+    off = tl.load(m_ptr + rn[:, None] * NG + g[None, :], mask=sm_ok, other=0.0)
+    return words, sc, off
+
+
+@triton.jit
+def _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16: tl.constexpr, USE_ASM: tl.constexpr):
+    """[BLOCK_N, BLOCK_B]: s·Σ q·x + m·Σ x of each row's blocks b against x."""
+    ri = tl.arange(0, 16)
+    k0 = (b * 128)[:, None] + ri[None, :]  # [BLOCK_B, 16]: input 128·b + i, then + 16·j
+    p0, x0 = _x_pair(x_ptr, k0, K, USE_ASM)
+    p1, x1 = _x_pair(x_ptr, k0 + 16, K, USE_ASM)
+    p2, x2 = _x_pair(x_ptr, k0 + 32, K, USE_ASM)
+    p3, x3 = _x_pair(x_ptr, k0 + 48, K, USE_ASM)
+    xsum = tl.sum(x0 + x1 + x2 + x3, axis=1)  # [BLOCK_B]: Σ x over each block
+    qx = tl.sum(_word_dot(words, p0, p1, p2, p3, BF16, USE_ASM), axis=2)
+    return sc.to(tl.float32) * qx + off.to(tl.float32) * tl.where(b < b_end, xsum, 0.0)[None, :]
+
+
+@triton.jit
 def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, KW, NG, blocks_per_split,
                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
+                    PREFETCH: tl.constexpr):
     """y [1, N] = x [1, K] · dequant(W)ᵀ on the CUDA cores in packed 16-bit arithmetic (GROUP >= 128).
 
     Tile [BLOCK_N rows, BLOCK_B blocks, 16 words]. Per word one inline-PTX call (_dot_pairs_asm) forms
     Σ q·x over its 8 nibbles with 16-bit-pair FMAs, about 2 instructions a weight; the 16 words of a
-    block are summed in float32, then y += s·Σ q·x + m·Σ x per block."""
-    wait_and_release(PDL)  # triton_ops.pdl: launched while the previous kernel finishes
+    block are summed in float32, then y += s·Σ q·x + m·Σ x per block.
+    PREFETCH: each tile's weights are loaded one step ahead, the first tile before the PDL wait
+    (weights never depend on the previous kernel): the stream of weight bytes starts while the
+    previous kernel finishes, and twice the bytes are in flight per program."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -320,22 +350,20 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
     b_end = tl.minimum(KW // 16, b_start + blocks_per_split)
     w_rows = qw_ptr + rn[:, None, None] * KW + ri[None, None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
-    for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
-        b = b0 + rb
-        b_ok = b < b_end
-        words = tl.load(w_rows + (b * 16)[None, :, None], mask=n_ok[:, None, None] & b_ok[None, :, None], other=0)
-        k0 = (b * 128)[:, None] + ri[None, :]  # [BLOCK_B, 16]: input 128·b + i, then + 16·j
-        p0, x0 = _x_pair(x_ptr, k0, K, USE_ASM)
-        p1, x1 = _x_pair(x_ptr, k0 + 16, K, USE_ASM)
-        p2, x2 = _x_pair(x_ptr, k0 + 32, K, USE_ASM)
-        p3, x3 = _x_pair(x_ptr, k0 + 48, K, USE_ASM)
-        xsum = tl.sum(x0 + x1 + x2 + x3, axis=1)  # [BLOCK_B]: Σ x over each block
-        qx = tl.sum(_word_dot(words, p0, p1, p2, p3, BF16, USE_ASM), axis=2)
-        g = (b * 128) // GROUP
-        sm_ok = n_ok[:, None] & b_ok[None, :]
-        sc = tl.load(s_ptr + rn[:, None] * NG + g[None, :], mask=sm_ok, other=0.0).to(tl.float32)
-        off = tl.load(m_ptr + rn[:, None] * NG + g[None, :], mask=sm_ok, other=0.0).to(tl.float32)
-        acc += sc * qx + off * tl.where(b_ok, xsum, 0.0)[None, :]
+    if PREFETCH:
+        words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b_start + rb, b_end, GROUP)
+        wait_and_release(PDL)  # triton_ops.pdl: launched while the previous kernel finishes
+        for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
+            b = b0 + rb
+            words_next, sc_next, off_next = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b + BLOCK_B, b_end, GROUP)
+            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM)
+            words, sc, off = words_next, sc_next, off_next
+    else:
+        wait_and_release(PDL)
+        for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
+            b = b0 + rb
+            words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP)
+            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM)
     _store_row(y_ptr, ws_ptr, cnt_ptr, bias_ptr, tl.sum(acc, axis=1), rn, n_ok, N, pid_n, pid_k, SPLIT_K, HAS_BIAS,
                BLOCK_N)
 
@@ -379,8 +407,9 @@ def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
 
 
 def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
-    """x [1, K] → y [1, N] with _gemv_h2_kernel; config (BLOCK_N, BLOCK_B, SPLIT_K, num_warps)."""
-    block_n, block_b, split_k, num_warps = config or (8, 4, 1, 4)
+    """x [1, K] → y [1, N] with _gemv_h2_kernel; config (BLOCK_N, BLOCK_B, SPLIT_K, num_warps[, PREFETCH])."""
+    block_n, block_b, split_k, num_warps, *rest = config or (8, 4, 1, 4)
+    prefetch = bool(rest and rest[0])
     n, kw = w.qweight.shape
     if x.shape[0] != 1 or w.group_size < 128 or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError("gemv_h2: needs one row, group size >= 128 and fp16/bf16 activations")
@@ -394,5 +423,5 @@ def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,
         w.scales.shape[1], per * block_b, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b, SPLIT_K=split_k,
         HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, PDL=pdl_on,
-        num_warps=num_warps, **pdl.launch_kwargs(pdl_on))
+        PREFETCH=prefetch, num_warps=num_warps, **pdl.launch_kwargs(pdl_on))
     return y

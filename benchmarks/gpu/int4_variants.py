@@ -159,6 +159,9 @@ def main(argv=None) -> dict:
              "itl_us": 1e6 * statistics.median(steps)}
         results.append(r)
         print(f"{r['label']:>50}: {r['itl_us']:.1f} us", flush=True)
+        if opts.get("--out"):  # so far (a call cut short keeps what it measured)
+            write_json(opts["--out"], {"partial": True, "shapes": {k: list(s) for k, s in shapes.items()},
+                                       "results": results})
         return r
 
     first: list[dict] = [{}]

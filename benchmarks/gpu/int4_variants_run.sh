@@ -10,7 +10,7 @@ echo "DEV=$dev"; t0=$SECONDS
 b="python3 -m edgelm.bench_one_batch --model-path llama-3.1-8b --load-format dummy --dtype bfloat16"
 timeout ${VT:-240} python3 benchmarks/gpu/int4_variants.py --model-path llama-3.1-8b --load-format dummy --dtype bfloat16 \
     --torchao-config int4wo-128 --batch-size 1 --input-len 1024 --output-len 64 --candidates ${CANDS:-round2} \
-    --out $OUT/int4_variants_bs1_${ROUND:-round2}_$dev.json --dispatch-out $OUT/int4_dispatch_step_$dev.json 2>&1 | grep -v -i warn | tail -32
+    --out $OUT/int4_variants_bs1_${ROUND:-round2}_$dev.json --dispatch-out $OUT/int4_dispatch_step_$dev.json 2>&1 | grep -v -i warn | tail -48
 echo "($((SECONDS - t0)) s)"
 if grep -q '"combo": "shipped"' $OUT/int4_dispatch_step_$dev.json 2>/dev/null || [ ! -f $OUT/int4_dispatch_step_$dev.json ]; then
     echo "no combination won: the int4 GPU tests with the shipped tables"

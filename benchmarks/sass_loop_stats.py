@@ -7,6 +7,8 @@ iteration). A static measure: it says nothing of stalls, only how much issue wor
 compare it with the budget at the bandwidth limit (lanes per SM per cycle / int4 weights per SM per cycle).
 
     PYTHONPATH=. python benchmarks/sass_loop_stats.py --out benchmarks/results/sass_loop_stats.json
+    PYTHONPATH=. python benchmarks/sass_loop_stats.py --capabilities 90 --h2-configs 8,16,1,4 16,8,1,2 \
+        --out benchmarks/results/sass_gemv_h2_configs.json  # gemv_h2 launch configs, as launched
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ _LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)")
 _BRANCH = re.compile(r"BRA\b.*?0x([0-9a-f]+)")
 
 
-def compile_sass(fn, args: list[str], bf16: bool, capability: int, constexprs: dict, num_warps: int) -> str:
+def compile_sass(fn, args: list[str], bf16: bool, capability: int, constexprs: dict, num_warps: int,
+                 aligned: bool = False, resources: list | None = None) -> str:
+    """The SASS of fn compiled for sm_<capability>. aligned: every pointer and integer argument marked
+    divisible by 16, as Triton specializes them at launch for the Llama shapes (16-byte vector loads);
+    resources: gets cuobjdump's resource usage line (registers, stack) appended."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -37,12 +43,16 @@ def compile_sass(fn, args: list[str], bf16: bool, capability: int, constexprs: d
     sig = {a: TYPES.get(a, act if a.endswith("_ptr") else "i32") for a in args}
     sig.update({k: "constexpr" for k in constexprs})
     names = list(sig)
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in args} if aligned else {}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
+        if resources is not None:
+            usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True)
+            resources.append(next((ln for ln in usage.stdout.splitlines() if "REG:" in ln), ""))
         return subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
 
 
@@ -64,11 +74,32 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="write the JSON here")
     ap.add_argument("--capabilities", type=int, nargs="+", default=[87, 90])
+    ap.add_argument("--h2-configs", nargs="+", metavar="BN,BB,SK,NW[,PF]",
+                    help="instead: gemv_h2 launch configs (int4_kernels.DISPATCH's form), compiled as launched "
+                         "(aligned arguments), with their registers and stack")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     from edgelm.quantization import int4_ptx
 
     rows = []
+    if args.h2_configs:
+        for cap in args.capabilities:
+            for text in args.h2_configs:
+                block_n, block_b, split_k, warps, *rest = (int(v) for v in text.split(","))
+                const = {"GROUP": 128, "BLOCK_N": block_n, "BLOCK_B": block_b, "SPLIT_K": split_k, "HAS_BIAS": False,
+                         "BF16": True, "USE_ASM": True, "PDL": int(cap >= 90), "PREFETCH": rest[0] if rest else 0}
+                usage: list[str] = []
+                ops = longest_loop(compile_sass(int4_ptx._gemv_h2_kernel, H2_ARGS, True, cap, const, warps, True, usage))
+                per_iter = block_n * block_b * 128 // (32 * warps)
+                regs = re.search(r"REG:(\d+)", usage[0])
+                stack = re.search(r"STACK:(\d+)", usage[0])
+                rows.append({"kernel": "gemv_h2", "config": text, "sm": cap, "loop_instructions": sum(ops.values()),
+                             "weights_per_thread": per_iter,
+                             "instructions_per_weight": round(sum(ops.values()) / per_iter, 2),
+                             "registers": int(regs.group(1)) if regs else None,
+                             "stack_bytes": int(stack.group(1)) if stack else None,
+                             "top_opcodes": dict(ops.most_common(10))})
+        args.capabilities = []
     for cap in args.capabilities:
         for weights, one_row in ((True, False), (True, True), (False, False)):
             block_n, warps = 128, 4
@@ -90,8 +121,10 @@ def main(argv=None) -> dict:
                      "instructions_per_weight": round(sum(ops.values()) / per_iter, 2),
                      "top_opcodes": dict(ops.most_common(10))})
     for r in rows:
-        print(f"{r['kernel']:8s} sm{r['sm']} one_row={r['one_row']}: {r['loop_instructions']} loop instructions, "
-              f"{r['instructions_per_weight']} per weight and thread")
+        what = r["config"] if "config" in r else f"one_row={r['one_row']}"
+        extra = f", {r['registers']} registers, stack {r['stack_bytes']} B" if "registers" in r else ""
+        print(f"{r['kernel']:8s} sm{r['sm']} {what}: {r['loop_instructions']} loop instructions, "
+              f"{r['instructions_per_weight']} per weight and thread{extra}")
     result = {"benchmark": "static SASS of the int4 kernels' K loop (bf16, group 128), no GPU",
               "command": "PYTHONPATH=. python benchmarks/sass_loop_stats.py " + " ".join(sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

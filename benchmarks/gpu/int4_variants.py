@@ -50,28 +50,31 @@ ROUND1: dict[str, list[tuple[str, tuple]]] = {
              ("gemv_h2", (8, 16, 1, 4)), ("tcw", (64, 8, 4)), ("tcw", (128, 4, 8)), ("tcw", (128, 16, 8))],
 }
 
-# round 2, around round 1's winners (now the shipped tables): wider still (not yet run on a GPU)
+# round 2, around round 1's winners (now the shipped tables): wider still. A thread of gemv_h2 holds 4 words of
+# each of several rows at the same inputs, so the x pairs it loads and packs serve all those rows: (4, 8, 1, 4)
+# gives a thread 1 row, (8, 8, 1, 4) 2, round 1's winners (8, 16) and (16, 8) 4, (16, 16) and (32, 8) 8. The
+# static count of the K loop's SASS per weight (benchmarks/sass_loop_stats.py --h2-configs, no GPU; the H100
+# can issue ~4.8 a weight at full bandwidth) falls with it: 6.12, 4.53, 3.80 / 3.59, 3.23 / 3.10. Configs whose
+# count stayed above ~4.2 or that spilled were left out.
 CANDIDATES: dict[str, list[tuple[str, tuple]]] = {
-    "qkv": [("gemv_h2", (8, 32, 1, 4)), ("gemv_h2", (16, 16, 1, 4)), ("gemv_h2", (16, 16, 1, 8)),
-            ("gemv_h2", (4, 16, 1, 4)), ("gemv_h2", (8, 16, 1, 8))],
-    "o": [("gemv_h2", (8, 16, 1, 4)), ("gemv_h2", (4, 16, 1, 4)), ("gemv_h2", (16, 8, 1, 4)),
-          ("gemv_h2", (4, 32, 1, 4)), ("gemv_h2", (4, 16, 1, 2))],
-    "gate_up": [("gemv_h2", (16, 16, 1, 4)), ("gemv_h2", (32, 8, 1, 8)), ("gemv_h2", (16, 16, 1, 8)),
-                ("gemv_h2", (16, 8, 1, 8)), ("gemv_h2", (32, 8, 1, 4))],
+    "qkv": [("gemv_h2", (16, 16, 1, 4)), ("gemv_h2", (16, 8, 1, 4)), ("gemv_h2", (16, 16, 1, 8)),
+            ("gemv_h2", (8, 32, 1, 4))],
+    "o": [("gemv_h2", (16, 8, 1, 4)), ("gemv_h2", (8, 16, 1, 4)), ("gemv_h2", (8, 8, 1, 4))],
+    "gate_up": [("gemv_h2", (16, 16, 1, 4)), ("gemv_h2", (32, 8, 1, 4)), ("gemv_h2", (32, 16, 1, 4)),
+                ("gemv_h2", (16, 16, 1, 8))],
     "down": [("gemv_h2", (16, 16, 1, 4)), ("gemv_h2", (8, 32, 1, 4)), ("gemv_h2", (16, 8, 1, 4)),
-             ("gemv_h2", (8, 16, 2, 4)), ("gemv_h2", (16, 16, 1, 8))],
+             ("gemv_h2", (16, 16, 1, 8))],
 }
-
-# round 3. A thread of gemv_h2 holds 4 words of each of several rows at the same inputs, so the x pairs it
-# loads and packs serve all those rows: (8, 8, 1, 4) gives a thread 2 rows, round 1's winners (8, 16) and
-# (16, 8) 4; round 2's (16, 16), (32, 8), (8, 32) 8. Here more such shapes, with 2 or 8 warps and split K
-# where the rows are few; and the next tile loaded ahead (config[4] = 1: the first tile before the PDL
-# wait) on the shipped tiles (with the tiles before round 1 it changed nothing: 3.16 = 3.16 ms).
+# round 3: the same idea with 2 warps a program (more programs, as many rows a thread) and split K where
+# the rows are few; and the next tile loaded ahead (config[4] = 1: the first one before the PDL wait) on the
+# shipped tiles of the short GEMVs (with the tiles before round 1 it changed nothing: 3.16 = 3.16 ms).
 ROUND3: dict[str, list[tuple[str, tuple]]] = {
-    "qkv": [("gemv_h2", (8, 16, 1, 4, 1)), ("gemv_h2", (32, 8, 1, 4)), ("gemv_h2", (16, 8, 1, 4))],
-    "o": [("gemv_h2", (4, 8, 1, 4, 1)), ("gemv_h2", (8, 8, 1, 2)), ("gemv_h2", (8, 16, 1, 2))],
-    "gate_up": [("gemv_h2", (16, 8, 1, 4, 1)), ("gemv_h2", (64, 8, 1, 8)), ("gemv_h2", (32, 4, 1, 4))],
-    "down": [("gemv_h2", (8, 16, 1, 4, 1)), ("gemv_h2", (32, 8, 2, 4)), ("gemv_h2", (16, 16, 2, 4))],
+    "qkv": [("gemv_h2", (16, 8, 1, 2)), ("gemv_h2", (16, 16, 2, 4)), ("gemv_h2", (8, 16, 1, 4, 1))],
+    "o": [("gemv_h2", (8, 8, 1, 2)), ("gemv_h2", (8, 16, 1, 2)), ("gemv_h2", (16, 8, 2, 4)),
+          ("gemv_h2", (16, 16, 2, 4)), ("gemv_h2", (4, 8, 1, 4, 1))],
+    "gate_up": [("gemv_h2", (32, 8, 1, 2)), ("gemv_h2", (16, 8, 1, 2))],
+    "down": [("gemv_h2", (32, 8, 2, 4)), ("gemv_h2", (16, 16, 2, 4)), ("gemv_h2", (16, 8, 2, 4)),
+             ("gemv_h2", (8, 16, 1, 4, 1))],
 }
 
 

@@ -136,16 +136,23 @@ def int4_vs_bf16() -> list[str]:
     int4 = next((d for d in runs.values() if d.get("torchao_config") == "int4wo-128"), None)
     if bf16 is None or int4 is None:
         return []
-    base = {(r["batch_size"], r["input_len"]): r for r in bf16["results"]}
-    lines = [f"**{int4['model']} decode: int4wo-128 against bf16** (same device, same session; int4 weights "
-             f"{int4['decode_weight_bytes'] / 1e9:.2f} GB read per step against {bf16['decode_weight_bytes'] / 1e9:.2f} GB)",
-             "", "| batch | bf16 tok/s | int4wo-128 tok/s | int4 / bf16 | int4 roofline ratio |",
-             "| ---: | ---: | ---: | ---: | ---: |"]
+    base = {(r["batch_size"], r["input_len"]): (r, "bf16 table") for r in bf16["results"]}
+    same_call = int4.get("bf16_same_call")  # results/-relative path of a bf16 run made in the int4 run's call
+    if same_call:
+        with open(os.path.join(RESULTS, same_call)) as f:
+            base.update({(r["batch_size"], r["input_len"]): (r, "same call") for r in json.load(f)["results"]})
+    lines = [f"**{int4['model']} decode: int4wo-128 against bf16** (same device, same day; int4 weights "
+             f"{int4['decode_weight_bytes'] / 1e9:.2f} GB read per step against {bf16['decode_weight_bytes'] / 1e9:.2f} GB; "
+             "bf16 from the same device call where one was made"
+             + (f": `{same_call}`" if same_call else "") + ", else from the bf16 table above)",
+             "", "| batch | bf16 tok/s | int4wo-128 tok/s | int4 / bf16 | int4 roofline ratio | bf16 from |",
+             "| ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in int4["results"]:
-        b = base.get((r["batch_size"], r["input_len"]))
+        b, source = base.get((r["batch_size"], r["input_len"]), (None, ""))
         if b is not None:
             lines.append(f"| {r['batch_size']} | {b['decode_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
-                         f"{r['decode_tok_s'] / b['decode_tok_s']:.2f}× | {r.get('decode_roofline_ratio', 0):.2f} |")
+                         f"{r['decode_tok_s'] / b['decode_tok_s']:.2f}× | {r.get('decode_roofline_ratio', 0):.2f} | "
+                         f"{source} |")
     return lines + [""]
 
 

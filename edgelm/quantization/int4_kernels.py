@@ -1,8 +1,8 @@
 """edgelm's W4A16 kernels (Triton): y = x · dequant(W)ᵀ for the packed layout of int4_pack, and which
 one runs for a given batch (DISPATCH, SHAPE_DISPATCH, `int4_linear`).
 
-- M == 1, groups >= 128 (the default): int4_ptx's "gemv_h2" (packed 16-bit FMAs on the CUDA cores),
-  "tcw" for K = 14336; also swept: int4_gemv's "gemv_xs" (x held in registers; lost on H100/H200).
+- M == 1, groups >= 128 (the default): int4_ptx's "gemv_h2" (packed 16-bit FMAs on the CUDA cores);
+  also swept: int4_gemv's "gemv_xs" (x held in registers; lost on H100/H200).
 - 1 < M <= MAX_M_DOT, groups >= 128: the tensor-core kernels of int4_ptx ("tcw", "tc").
 - M == 1, groups of 32/64: `_gemv_unit_kernel` here, CUDA-core FMAs on [rows, 128-input blocks,
   16 words] tiles (a code becomes the float 1 + q/16 by one shift and one and-or).
@@ -239,15 +239,16 @@ DISPATCH: dict[int, tuple[str, tuple]] = {
     MAX_M_DOT: ("tcw", (64, 4, 4)),
 }
 # (N, K) → buckets as in DISPATCH, for the shapes where the same sweep found another config faster
-# than DISPATCH's by more than 2 % (per shape, single timings). Batch 1 (bucket 1) of qkv_proj
-# (6144, 4096), gate_up_proj and down_proj: the whole-step sweep on the H100 (benchmarks/gpu/int4_variants.py,
-# benchmarks/results/int4_variants_bs1_round1_h100.json): wider tiles, more bytes in flight per program,
-# took the int4wo-128 step from 3.19 to 2.77 ms although alone they timed no faster.
+# than DISPATCH's by more than 2 % (per shape, single timings). Batch 1 (bucket 1): whole decode steps on
+# the H100 (benchmarks/gpu/int4_variants.py). Round 1 (int4_variants_bs1_round1_h100.json): wider tiles
+# for qkv_proj (6144, 4096), gate_up_proj and down_proj, 3.19 -> 2.77 ms a step although alone they timed
+# no faster. Rounds 2-3 (int4_variants_bs1_round23_h100.json): o_proj (8, 16) and down_proj's next tile
+# loaded ahead (config[4]), 2.72 -> 2.66 ms; wider tiles still (fewer SASS instructions a weight) all lost.
 SHAPE_DISPATCH: dict[tuple[int, int], dict[int, tuple[str, tuple]]] = {
     (6144, 4096): {1: ("gemv_h2", (8, 16, 1, 4))},
-    (4096, 4096): {1: ("gemv_h2", (4, 8, 1, 4)), 16: ("tc", (64, 8, 4))},
+    (4096, 4096): {1: ("gemv_h2", (8, 16, 1, 4)), 16: ("tc", (64, 8, 4))},
     (28672, 4096): {1: ("gemv_h2", (16, 8, 1, 4)), 16: ("tcw", (128, 1, 8)), MAX_M_DOT: ("tcw", (128, 1, 4))},
-    (4096, 14336): {1: ("gemv_h2", (8, 16, 1, 4)), MAX_M_DOT: ("tcw", (128, 8, 8))},
+    (4096, 14336): {1: ("gemv_h2", (8, 16, 1, 4, 1)), MAX_M_DOT: ("tcw", (128, 8, 8))},
 }
 
 

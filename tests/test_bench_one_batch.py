@@ -128,6 +128,7 @@ def test_int4_variants_script(tmp_path, monkeypatch):
     monkeypatch.setattr(mod, "ROUND1", {"down": [("gemv_h2", (8, 8, 1, 4))]})
     monkeypatch.setattr(mod, "CANDIDATES", {"qkv": [("gemv_h2", (8, 16, 1, 4))], "o": [("gemv_h2", (8, 8, 1, 4))]})
     monkeypatch.setattr(mod, "ROUND3", {"o": [("gemv_h2", (4, 8, 1, 4, 1))]})
+    monkeypatch.setattr(mod, "ROUND4", {})
     assert list(mod.candidates("round2,round3")) == ["qkv", "o"] and len(mod.candidates("round2,round3")["o"]) == 2
     with pytest.raises(SystemExit):
         mod.candidates("round9")
@@ -135,13 +136,15 @@ def test_int4_variants_script(tmp_path, monkeypatch):
     report = mod.main(["--model-path", str(tmp_path / "m"), "--load-format", "dummy", "--device", "cpu",
                        "--torchao-config", "int4wo-128", "--batch-size", "1", "--input-len", "8", "--output-len", "3",
                        "--out", str(tmp_path / "v.json"), "--dispatch-out", str(tmp_path / "d.json"),
-                       "--candidates", "all"])
+                       "--candidates", "all", "--ablate-gemv"])
     assert int4_kernels.SHAPE_DISPATCH == shipped  # put back after the sweep
     assert report["shapes"] == {"qkv": [512, 256], "o": [256, 256], "gate_up": [1024, 256], "down": [256, 512]}
     labels = [r["label"] for r in report["results"]]
     assert labels[:7] == ["shipped", "down gemv_h2 (8, 8, 1, 4)", "qkv gemv_h2 (8, 16, 1, 4)", "o gemv_h2 (8, 8, 1, 4)",
                           "o gemv_h2 (4, 8, 1, 4, 1)", "shipped", "shipped"]
     assert all(r["itl_us"] > 0 for r in report["results"])
+    assert report["results"][-1].get("ablation") and not any(r.get("ablation") for r in report["results"][:-1])
+    assert int4_kernels.KERNELS["gemv_h2"].__name__ == "gemv_h2"  # put back after the ablation
     monkeypatch.setattr(int4_kernels, "DISPATCH", dict(int4_kernels.DISPATCH))
     monkeypatch.setattr(int4_kernels, "SHAPE_DISPATCH", dict(int4_kernels.SHAPE_DISPATCH))
     tables = json.loads((tmp_path / "d.json").read_text())

@@ -7,8 +7,10 @@ sweep's winners differed from the isolated ones). The shipped tables run first, 
 last, so drift shows; then the per-shape winners (each > 5 us better than the median baseline) run
 together twice around one more baseline, and their tables are written in load_dispatch's format
 (--dispatch-out) so that EDGELM_INT4_DISPATCH=file runs them in any later command. The shapes are
-the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|round2|round3|all (or a comma-separated list) picks
-the configs tried (all: every round, for a GPU or model not swept yet, e.g. a Jetson with its own model).
+the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|...|round4|all (or a
+comma-separated list) picks the configs tried (all: every round, for a GPU or model not swept yet, e.g. a
+Jetson with its own model). --ablate-gemv adds one run of the shipped step with every int4 GEMV launching
+nothing: the step minus it is what the int4 GEMVs cost inside the step.
 
     python benchmarks/gpu/int4_variants.py --model-path llama-3.1-8b --load-format dummy --dtype bfloat16 \
         --torchao-config int4wo-128 --batch-size 1 --input-len 1024 --output-len 64 \
@@ -77,6 +79,16 @@ ROUND3: dict[str, list[tuple[str, tuple]]] = {
              ("gemv_h2", (8, 16, 1, 4, 1))],
 }
 
+# round 4, after rounds 2-3 (shipped: o (8, 16), down (8, 16) ahead): the next tile ahead where the K loop
+# runs several times (gate_up (16, 8) and (8, 8): 4; qkv (8, 8): 4), on o's new tile, and for down on others
+ROUND4: dict[str, list[tuple[str, tuple]]] = {
+    "qkv": [("gemv_h2", (8, 8, 1, 4, 1)), ("gemv_h2", (16, 8, 1, 4, 1))],
+    "o": [("gemv_h2", (8, 16, 1, 4, 1)), ("gemv_h2", (8, 8, 1, 4, 1))],
+    "gate_up": [("gemv_h2", (16, 8, 1, 4, 1)), ("gemv_h2", (8, 8, 1, 4, 1)), ("gemv_h2", (16, 4, 1, 4, 1)),
+                ("gemv_h2", (8, 16, 1, 4, 1))],
+    "down": [("gemv_h2", (8, 8, 1, 4, 1)), ("gemv_h2", (16, 8, 1, 4, 1)), ("gemv_h2", (8, 16, 2, 4, 1))],
+}
+
 
 def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """(N, K) of the first int4 linear of each role (qkv, o, gate_up, down) in a loaded model."""
@@ -91,7 +103,7 @@ def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
 def candidates(which: str) -> dict[str, list[tuple[str, tuple]]]:
     """The configs of the rounds named, comma-separated ("round2,round3"), or of all of them ("all":
     for a GPU or model not swept yet)."""
-    known = {"round1": ROUND1, "round2": CANDIDATES, "round3": ROUND3}
+    known = {"round1": ROUND1, "round2": CANDIDATES, "round3": ROUND3, "round4": ROUND4}
     names = list(known) if which == "all" else which.split(",")
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -128,6 +140,11 @@ def best_combo(results: list[dict], variants: list[dict]) -> dict:
     return {name: choice for name, (_, choice) in best.items()}
 
 
+def _no_gemv(x: torch.Tensor, w, bias, config=None) -> torch.Tensor:
+    """--ablate-gemv: an int4 linear's output allocated, no kernel (the values are garbage; timing only)."""
+    return torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device)
+
+
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = {"--candidates": "round2"}
@@ -136,6 +153,9 @@ def main(argv=None) -> dict:
             i = argv.index(flag)
             opts[flag] = argv[i + 1]
             del argv[i:i + 2]
+    ablate = "--ablate-gemv" in argv
+    if ablate:
+        argv.remove("--ablate-gemv")
     server_args, bench, _ = bench_one_batch.prepare_args(argv)
     device = server_args.resolved_device()
     config = ModelConfig.load(resolve_model(server_args.model_path), server_args.dtype, device,
@@ -174,10 +194,19 @@ def main(argv=None) -> dict:
     first.append({})
     for v in first:
         measure(v)
-    combo = best_combo(results, first)
+    combo = best_combo(results, first)  # (before any ablation row is added)
     if combo:
         for v in (combo, {}, combo):
             measure(v)
+    if ablate:  # the shipped step with every batch-1 int4 GEMV launching nothing: what the rest of the step costs
+        kernels = dict(int4_kernels.KERNELS)
+        int4_kernels.KERNELS.update({k: _no_gemv for k in kernels})
+        try:
+            r = measure({})
+            r["label"] = "shipped, int4 GEMVs replaced by nothing (ablation)"
+            r["ablation"] = True
+        finally:
+            int4_kernels.KERNELS.update(kernels)
     int4_kernels.SHAPE_DISPATCH.clear()
     int4_kernels.SHAPE_DISPATCH.update(shipped)
     if opts.get("--dispatch-out"):

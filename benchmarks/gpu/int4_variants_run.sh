@@ -3,13 +3,14 @@
 # choices on one loaded Llama-3.1-8B-shape model (int4_variants.py); where a combination won, the
 # int4wo-128 latency table (batch 1/8/32) and the int4 GPU tests with its tables (EDGELM_INT4_DISPATCH),
 # and the bf16 batch-1 step in the same call for the ratio; where none won, the int4 GPU tests (TESTS=0: none).
-# DEV=h100|h200 names the files; CANDS the rounds swept (int4_variants.py --candidates), VT its time limit.
+# DEV=h100|h200 names the files; CANDS the rounds swept (int4_variants.py --candidates), VT its time limit;
+# ABLATE=1 adds --ablate-gemv.
 source benchmarks/gpu/site_setup.sh
 dev=${DEV:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo h200 || echo h100)}
 echo "DEV=$dev"; t0=$SECONDS
 b="python3 -m edgelm.bench_one_batch --model-path llama-3.1-8b --load-format dummy --dtype bfloat16"
 timeout ${VT:-240} python3 benchmarks/gpu/int4_variants.py --model-path llama-3.1-8b --load-format dummy --dtype bfloat16 \
-    --torchao-config int4wo-128 --batch-size 1 --input-len 1024 --output-len 64 --candidates ${CANDS:-round2} \
+    --torchao-config int4wo-128 --batch-size 1 --input-len 1024 --output-len 64 --candidates ${CANDS:-round2} ${ABLATE:+--ablate-gemv} \
     --out $OUT/int4_variants_bs1_${ROUND:-round2}_$dev.json --dispatch-out $OUT/int4_dispatch_step_$dev.json 2>&1 | grep -v -i warn | tail -48
 echo "($((SECONDS - t0)) s)"
 if grep -q '"combo": "shipped"' $OUT/int4_dispatch_step_$dev.json 2>/dev/null || [ ! -f $OUT/int4_dispatch_step_$dev.json ]; then

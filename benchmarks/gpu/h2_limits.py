@@ -1,0 +1,106 @@
+"""What limits the batch-1 int4 GEMV (int4_ptx's gemv_h2) on this GPU: its arithmetic or its loads.
+
+Times gemv_h2 alone (int4_bench's CUDA graph over weight copies that defeat the L2) on the Llama-3.1-8B
+shapes with the shipped batch-1 configs, three times, each in a fresh process with its own Triton cache:
+- "full": the kernel as shipped;
+- "half_alu": the per-word PTX does two of its four nibble-pair steps (half the dequantize-and-multiply
+  instructions; wrong results, the same loads);
+- "no_alu": the per-word PTX is two instructions that still consume the word and one x pair.
+If "half_alu" is much faster than "full", the kernel is short of instruction issue; if "no_alu" is no
+faster than "full", its loads are what it waits for. Results are timings only (the outputs are garbage).
+
+    python benchmarks/gpu/h2_limits.py --out $OUT/h2_limits_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+VARIANTS = ("full", "half_alu", "no_alu")
+
+
+def _ptx(variant: str) -> str | None:
+    """The replacement for int4_ptx._DOT_PAIRS_BF16 (None: keep it)."""
+    from edgelm.quantization import int4_ptx
+
+    if variant == "full":
+        return None
+    if variant == "no_alu":
+        return "\n".join(["{", ".reg .b32 t;", "xor.b32 t, $1, $2;", "and.b32 $0, t, 0x3F803F80;", "}"])
+    full = int4_ptx._dot_pairs_asm(False).splitlines()
+    # keep the set-up, the j = 0 and j = 1 steps (3 and 4 lines), the conversion and the final add
+    body_start = next(i for i, ln in enumerate(full) if ln.startswith("lop3"))
+    j2 = next(i for i, ln in enumerate(full) if ln.startswith("shr.u32 t, $1, 8;"))
+    tail = next(i for i, ln in enumerate(full) if ln.startswith("shl.b32"))
+    return "\n".join(full[:body_start] + full[body_start:j2] + full[tail:])
+
+
+def child(variant: str) -> list[dict]:
+    import torch
+    import triton.language as tl
+
+    from edgelm.quantization import int4_kernels as kern
+    from edgelm.quantization import int4_ptx
+
+    text = _ptx(variant)
+    if text is not None:
+        int4_ptx._DOT_PAIRS_BF16 = tl.constexpr(text)
+    sys.path.insert(0, os.path.dirname(__file__))
+    from int4_bench import SHAPES, int4_bytes, int4_copies, time_calls
+
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        ws = int4_copies(n, k, 128)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        kernel, config = kern.choose_kernel(1, ws[0])
+        fn = kern.KERNELS[kernel]
+        t = time_calls([lambda w=w, fn=fn, x=x, c=config: fn(x, w, None, c) for w in ws])
+        rows.append({"variant": variant, "shape": name, "N": n, "K": k, "kernel": kernel, "config": list(config),
+                     "us": round(t * 1e6, 2), "GBps": round(int4_bytes(ws[0], 1) / t / 1e9, 1)})
+        del ws
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out")
+    ap.add_argument("--child")
+    args = ap.parse_args()
+    if args.child:
+        print("ROWS " + json.dumps(child(args.child)), flush=True)
+        return
+    import torch
+
+    rows = []
+    for variant in VARIANTS:
+        with tempfile.TemporaryDirectory() as cache:
+            env = dict(os.environ, TRITON_CACHE_DIR=cache)
+            proc = subprocess.run([sys.executable, __file__, "--child", variant], capture_output=True, text=True,
+                                  env=env, timeout=300)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROWS ")), None)
+        if line is None:
+            print(proc.stderr[-3000:])
+            continue
+        rows += json.loads(line[5:])
+    for r in rows:
+        print(f"{r['variant']:>9} {r['shape']:>13} {r['kernel']} {r['config']}: {r['us']:7.2f} us {r['GBps']:7.1f} GB/s")
+    result = {"benchmark": "gemv_h2 alone with its arithmetic cut (timings only)",
+              "command": "python benchmarks/gpu/h2_limits.py " + " ".join(sys.argv[1:]),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+              "device": torch.cuda.get_device_name(), "rows": rows}
+    if args.out:
+        from edgelm.bench_utils import write_json
+
+        write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

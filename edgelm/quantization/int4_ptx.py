@@ -337,9 +337,10 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
     Tile [BLOCK_N rows, BLOCK_B blocks, 16 words]. Per word one inline-PTX call (_dot_pairs_asm) forms
     Σ q·x over its 8 nibbles with 16-bit-pair FMAs, about 2 instructions a weight; the 16 words of a
     block are summed in float32, then y += s·Σ q·x + m·Σ x per block.
-    PREFETCH: each tile's weights are loaded one step ahead, the first tile before the PDL wait
+    PREFETCH 1: each tile's weights are loaded one step ahead, the first tile before the PDL wait
     (weights never depend on the previous kernel): the stream of weight bytes starts while the
-    previous kernel finishes, and twice the bytes are in flight per program."""
+    previous kernel finishes, and twice the bytes are in flight per program (and twice the registers).
+    PREFETCH 2: only the first tile is loaded before the wait; no more registers than without."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -350,7 +351,15 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
     b_end = tl.minimum(KW // 16, b_start + blocks_per_split)
     w_rows = qw_ptr + rn[:, None, None] * KW + ri[None, None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
-    if PREFETCH:
+    if PREFETCH == 2:
+        words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b_start + rb, b_end, GROUP)
+        wait_and_release(PDL)
+        acc += _h2_tile_dot(x_ptr, K, b_start + rb, b_end, words, sc, off, BF16, USE_ASM)
+        for b0 in range(b_start + BLOCK_B, b_start + blocks_per_split, BLOCK_B):
+            b = b0 + rb
+            words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP)
+            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM)
+    elif PREFETCH == 1:
         words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b_start + rb, b_end, GROUP)
         wait_and_release(PDL)  # triton_ops.pdl: launched while the previous kernel finishes
         for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
@@ -407,9 +416,9 @@ def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
 
 
 def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
-    """x [1, K] → y [1, N] with _gemv_h2_kernel; config (BLOCK_N, BLOCK_B, SPLIT_K, num_warps[, PREFETCH])."""
+    """x [1, K] → y [1, N] with _gemv_h2_kernel; config (BLOCK_N, BLOCK_B, SPLIT_K, num_warps[, PREFETCH 0/1/2])."""
     block_n, block_b, split_k, num_warps, *rest = config or (8, 4, 1, 4)
-    prefetch = bool(rest and rest[0])
+    prefetch = int(rest[0]) if rest else 0
     n, kw = w.qweight.shape
     if x.shape[0] != 1 or w.group_size < 128 or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError("gemv_h2: needs one row, group size >= 128 and fp16/bf16 activations")

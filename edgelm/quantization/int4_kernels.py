@@ -245,8 +245,10 @@ DISPATCH: dict[int, tuple[str, tuple]] = {
 # no faster. Rounds 2-3 (int4_variants_bs1_round23_h100.json): o_proj (8, 16) and down_proj's next tile
 # loaded ahead (config[4]), 2.72 -> 2.66 ms; wider tiles still (fewer SASS instructions a weight) all lost.
 # Round 4 (int4_variants_bs1_round4_h100.json): o_proj's next tile ahead too, 2.66 -> 2.64 ms (twice).
+# Round 5 (int4_variants_bs1_round5_h100.json): qkv_proj's first tile before the PDL wait (config[4] = 2),
+# 2.61 -> 2.58 ms (twice); the same for gate_up and down was no faster or slower.
 SHAPE_DISPATCH: dict[tuple[int, int], dict[int, tuple[str, tuple]]] = {
-    (6144, 4096): {1: ("gemv_h2", (8, 16, 1, 4))},
+    (6144, 4096): {1: ("gemv_h2", (8, 16, 1, 4, 2))},
     (4096, 4096): {1: ("gemv_h2", (8, 16, 1, 4, 1)), 16: ("tc", (64, 8, 4))},
     (28672, 4096): {1: ("gemv_h2", (16, 8, 1, 4)), 16: ("tcw", (128, 1, 8)), MAX_M_DOT: ("tcw", (128, 1, 4))},
     (4096, 14336): {1: ("gemv_h2", (8, 16, 1, 4, 1)), MAX_M_DOT: ("tcw", (128, 8, 8))},

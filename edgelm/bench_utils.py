@@ -20,6 +20,15 @@ def write_json(path: str, result: dict, indent: int = 1) -> None:
         f.write("\n")
 
 
+def result_header(benchmark: str, script: str, argv: list[str]) -> dict:
+    """The fields every GPU benchmark JSON starts with: what, the exact command, when (UTC), which device."""
+    import datetime
+
+    return {"benchmark": benchmark, "command": f"python {script} " + " ".join(argv),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+
 def _time_ms(fn: Callable[[], object], device: str, iters: int, warmup: int = 3) -> float:
     """Median milliseconds of `fn`: device events on CUDA, the host clock on the CPU."""
     for _ in range(warmup):

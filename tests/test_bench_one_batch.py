@@ -154,3 +154,14 @@ def test_int4_variants_script(tmp_path, monkeypatch):
         n, k = (int(v) for v in shape.split("x"))
         assert int4_kernels.SHAPE_DISPATCH[(n, k)] == {int(m): (kern, tuple(c)) for m, (kern, c) in table.items()}
     assert tables["combo"] == report["combo"]
+
+
+def test_result_header_and_write_json(tmp_path):
+    from edgelm.bench_utils import result_header, write_json
+
+    head = result_header("probe", "benchmarks/gpu/x.py", ["--out", "o.json"])
+    assert head["command"] == "python benchmarks/gpu/x.py --out o.json" and head["benchmark"] == "probe"
+    assert head["date"][:4].isdigit() and head["device"]
+    write_json(str(tmp_path / "sub" / "r.json"), {**head, "rows": [1]})
+    text = (tmp_path / "sub" / "r.json").read_text()
+    assert text.endswith("\n") and json.loads(text)["rows"] == [1]

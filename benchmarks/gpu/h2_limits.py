@@ -15,7 +15,6 @@ faster than "full", its loads are what it waits for. Results are timings only (t
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -23,6 +22,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from edgelm.bench_utils import result_header, write_json  # noqa: E402
 
 VARIANTS = ("full", "half_alu", "no_alu")
 
@@ -77,8 +78,6 @@ def main() -> None:
     if args.child:
         print("ROWS " + json.dumps(child(args.child)), flush=True)
         return
-    import torch
-
     rows = []
     for variant in VARIANTS:
         with tempfile.TemporaryDirectory() as cache:
@@ -92,13 +91,9 @@ def main() -> None:
         rows += json.loads(line[5:])
     for r in rows:
         print(f"{r['variant']:>9} {r['shape']:>13} {r['kernel']} {r['config']}: {r['us']:7.2f} us {r['GBps']:7.1f} GB/s")
-    result = {"benchmark": "gemv_h2 alone with its arithmetic cut (timings only)",
-              "command": "python benchmarks/gpu/h2_limits.py " + " ".join(sys.argv[1:]),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-              "device": torch.cuda.get_device_name(), "rows": rows}
+    result = {**result_header("gemv_h2 alone with its arithmetic cut (timings only)", "benchmarks/gpu/h2_limits.py",
+                              sys.argv[1:]), "rows": rows}
     if args.out:
-        from edgelm.bench_utils import write_json
-
         write_json(args.out, result)
 
 

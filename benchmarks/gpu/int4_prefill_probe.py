@@ -9,7 +9,6 @@ Timing as int4_bench.py (CUDA graph over weight copies that defeat the L2).
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 
@@ -20,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from int4_bench import SHAPES, bf16_copies, int4_copies, time_calls  # noqa: E402
 
-from edgelm.bench_utils import write_json  # noqa: E402
+from edgelm.bench_utils import result_header, write_json  # noqa: E402
 from edgelm.quantization import int4_kernels as kern  # noqa: E402
 
 GEMM_CONFIGS = [(64, 64, 1, 4), (64, 128, 1, 4), (128, 64, 1, 8), (128, 128, 1, 8)]  # (BLOCK_M, BLOCK_N, SPLIT_K, warps)
@@ -51,10 +50,8 @@ def main() -> None:
             print(rows[-1], flush=True)
         del ws, wb
         torch.cuda.empty_cache()
-    result = {"benchmark": "int4 prefill GEMM paths vs bf16 cuBLAS",
-              "command": "python benchmarks/gpu/int4_prefill_probe.py " + " ".join(sys.argv[1:]),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-              "device": torch.cuda.get_device_name(), "rows": rows}
+    result = {**result_header("int4 prefill GEMM paths vs bf16 cuBLAS", "benchmarks/gpu/int4_prefill_probe.py",
+                              sys.argv[1:]), "rows": rows}
     if args.out:
         write_json(args.out, result)
 

@@ -30,7 +30,7 @@ CASES = [  # (capability, WEIGHTS, bf16, BLOCK_N, SPLIT_K[, ONE_ROW])
 ]
 # gemv_h2: (capability, bf16, SPLIT_K, PREFETCH)
 H2_CASES = [(87, False, 1, 0), (90, True, 4, 0), (80, True, 1, 0), (90, True, 1, 1), (87, True, 2, 1), (90, True, 1, 2),
-            (90, False, 2, 2)]
+            (90, False, 2, 2), (87, True, 1, 2)]
 CHILD = r"""
 import json, sys
 import triton

@@ -130,6 +130,7 @@ def test_int4_variants_script(tmp_path, monkeypatch):
     monkeypatch.setattr(mod, "ROUND3", {"o": [("gemv_h2", (4, 8, 1, 4, 1))]})
     monkeypatch.setattr(mod, "ROUND4", {})
     monkeypatch.setattr(mod, "ROUND5", {})
+    monkeypatch.setattr(mod, "ROUND6", {})
     assert list(mod.candidates("round2,round3")) == ["qkv", "o"] and len(mod.candidates("round2,round3")["o"]) == 2
     with pytest.raises(SystemExit):
         mod.candidates("round9")

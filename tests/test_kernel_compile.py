@@ -28,9 +28,9 @@ CASES = [  # (capability, WEIGHTS, bf16, BLOCK_N, SPLIT_K[, ONE_ROW])
     (90, True, True, 128, 8, True),  # ONE_ROW: M = 1 reads x once per block
     (87, True, False, 64, 4, True),
 ]
-# gemv_h2: (capability, bf16, SPLIT_K, PREFETCH)
+# gemv_h2: (capability, bf16, SPLIT_K, PREFETCH[, PDL 3: release late])
 H2_CASES = [(87, False, 1, 0), (90, True, 4, 0), (80, True, 1, 0), (90, True, 1, 1), (87, True, 2, 1), (90, True, 1, 2),
-            (90, False, 2, 2), (87, True, 1, 2)]
+            (90, False, 2, 2), (87, True, 1, 2), (90, True, 1, 2, 3)]
 CHILD = r"""
 import json, sys
 import triton
@@ -56,8 +56,10 @@ def compile_case(fn, args, bf16, cap, const, need_prmt):
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
     ptx = c.asm["ptx"]
     wait = ptx.find("griddepcontrol.wait")
+    release = ptx.find("griddepcontrol.launch_dependents")
     return {"ok": True, "lop3": "lop3.b32" in ptx and ("prmt.b32" in ptx or not need_prmt),
             "pdl": wait >= 0, "load_before_wait": 0 <= ptx.find("ld.global") < wait,
+            "release_after_loop": release > ptx.rfind("lop3.b32"), "release_before_loop": release < ptx.find("lop3.b32"),
             "fma2": "fma.rn.bf16x2" in ptx or "fma.rn.f16x2" in ptx, "cubin": len(c.asm["cubin"])}
 
 
@@ -67,9 +69,9 @@ for cap, weights, bf16, block_n, split_k, *one_row in json.loads(sys.argv[1]):
              "USE_ASM": True, "EVEN_K": True, "WEIGHTS": weights, "ONE_ROW": bool(one_row and one_row[0]),
              "PDL": int(cap >= 90)}
     out.append(compile_case(int4_ptx._tc_kernel, TC, bf16, cap, const, True))
-for cap, bf16, split_k, prefetch in json.loads(sys.argv[2]):  # the packed-16-bit GEMV
+for cap, bf16, split_k, prefetch, *pdl_mode in json.loads(sys.argv[2]):  # the packed-16-bit GEMV
     const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
-             "USE_ASM": True, "PDL": int(cap >= 90), "PREFETCH": prefetch}
+             "USE_ASM": True, "PDL": pdl_mode[0] if pdl_mode else int(cap >= 90), "PREFETCH": prefetch}
     out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False))
 print("RESULT " + json.dumps(out))
 """
@@ -97,6 +99,10 @@ def test_int4_kernels_compile_for_sm80_sm87_sm90():
         assert r["pdl"] == (case[0] >= 90), case
         if r["pdl"] and case[3]:  # PREFETCH: the first weights load before the wait, not sunk below it
             assert r["load_before_wait"], case
+        if tuple(case[4:]) == (3,):  # release late: after the K loop (its inline PTX)
+            assert r["release_after_loop"], case
+        elif r["pdl"]:  # PDL 1: released right after the wait, before the K loop
+            assert r["release_before_loop"], case
 
 
 GEMV_CHILD = r"""

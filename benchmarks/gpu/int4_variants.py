@@ -7,7 +7,7 @@ sweep's winners differed from the isolated ones). The shipped tables run first, 
 last, so drift shows; then the per-shape winners (each > 5 us better than the median baseline) run
 together twice around one more baseline, and their tables are written in load_dispatch's format
 (--dispatch-out) so that EDGELM_INT4_DISPATCH=file runs them in any later command. The shapes are
-the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|...|round5|all (or a
+the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|...|round6|all (or a
 comma-separated list) picks the configs tried (all: every round, for a GPU or model not swept yet, e.g. a
 Jetson with its own model). --ablate-gemv adds one run of the shipped step with every int4 GEMV launching
 nothing: the step minus it is what the int4 GEMVs cost inside the step.
@@ -98,6 +98,16 @@ ROUND5: dict[str, list[tuple[str, tuple]]] = {
     "down": [("gemv_h2", (8, 16, 1, 4, 2)), ("gemv_h2", (16, 8, 1, 4, 2))],
 }
 
+# round 6: the shipped configs with the next kernel released only after this GEMV's loads (config[5] = 1,
+# PDL 3) instead of right after its wait: the kernels after it (launched early with PDL) then do not take SM
+# slots from its later programs; not yet run on a GPU
+ROUND6: dict[str, list[tuple[str, tuple]]] = {
+    "qkv": [("gemv_h2", (8, 16, 1, 4, 2, 1))],
+    "o": [("gemv_h2", (8, 16, 1, 4, 1, 1))],
+    "gate_up": [("gemv_h2", (16, 8, 1, 4, 0, 1)), ("gemv_h2", (16, 8, 1, 4, 2, 1))],
+    "down": [("gemv_h2", (8, 16, 1, 4, 1, 1))],
+}
+
 
 def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """(N, K) of the first int4 linear of each role (qkv, o, gate_up, down) in a loaded model."""
@@ -112,7 +122,7 @@ def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
 def candidates(which: str) -> dict[str, list[tuple[str, tuple]]]:
     """The configs of the rounds named, comma-separated ("round2,round3"), or of all of them ("all":
     for a GPU or model not swept yet)."""
-    known = {"round1": ROUND1, "round2": CANDIDATES, "round3": ROUND3, "round4": ROUND4, "round5": ROUND5}
+    known = {"round1": ROUND1, "round2": CANDIDATES, "round3": ROUND3, "round4": ROUND4, "round5": ROUND5, "round6": ROUND6}
     names = list(known) if which == "all" else which.split(",")
     unknown = [n for n in names if n not in known]
     if unknown:

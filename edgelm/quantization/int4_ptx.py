@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from edgelm.layers.triton_ops import pdl
-from edgelm.layers.triton_ops.pdl import wait_and_release
+from edgelm.layers.triton_ops.pdl import release_late, wait_and_release
 from edgelm.layers.triton_ops.scratch import scratch
 from edgelm.quantization.int4_pack import WORDS_PER_BLOCK, Int4Weight
 
@@ -340,7 +340,8 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
     PREFETCH 1: each tile's weights are loaded one step ahead, the first tile before the PDL wait
     (weights never depend on the previous kernel): the stream of weight bytes starts while the
     previous kernel finishes, and twice the bytes are in flight per program (and twice the registers).
-    PREFETCH 2: only the first tile is loaded before the wait; no more registers than without."""
+    PREFETCH 2: only the first tile is loaded before the wait; no more registers than without.
+    PDL 3 (triton_ops.pdl): the next kernel may launch only once this program's loads are done."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -373,6 +374,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
             b = b0 + rb
             words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP)
             acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM)
+    release_late(PDL)
     _store_row(y_ptr, ws_ptr, cnt_ptr, bias_ptr, tl.sum(acc, axis=1), rn, n_ok, N, pid_n, pid_k, SPLIT_K, HAS_BIAS,
                BLOCK_N)
 
@@ -416,9 +418,11 @@ def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
 
 
 def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
-    """x [1, K] → y [1, N] with _gemv_h2_kernel; config (BLOCK_N, BLOCK_B, SPLIT_K, num_warps[, PREFETCH 0/1/2])."""
+    """x [1, K] → y [1, N] with _gemv_h2_kernel; config (BLOCK_N, BLOCK_B, SPLIT_K, num_warps[, PREFETCH 0/1/2
+    [, LATE]]): LATE 1, where PDL is on, lets the next kernel launch only after this one's loads (PDL 3)."""
     block_n, block_b, split_k, num_warps, *rest = config or (8, 4, 1, 4)
     prefetch = int(rest[0]) if rest else 0
+    late = len(rest) > 1 and bool(rest[1])
     n, kw = w.qweight.shape
     if x.shape[0] != 1 or w.group_size < 128 or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError("gemv_h2: needs one row, group size >= 128 and fp16/bf16 activations")
@@ -428,6 +432,8 @@ def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     ws = scratch(x.device, "int4", torch.float32, split_k * n) if split_k > 1 else y
     cnt = scratch(x.device, "int4", torch.int32, tiles) if split_k > 1 else y
     pdl_on = pdl.mode(x.device, x.shape[0], small=False)
+    if late and pdl_on == 1:
+        pdl_on = 3
     _gemv_h2_kernel[(tiles, split_k)](
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,
         w.scales.shape[1], per * block_b, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b, SPLIT_K=split_k,

@@ -77,7 +77,7 @@ EARLY_RELEASE = os.environ.get("EDGELM_PDL_EARLY", "1") != "0"
 def mode(device: torch.device, rows: int, small: bool = True) -> int:
     """The PDL constexpr of a kernel over `rows` rows (tokens, requests) on `device`: 0 off; 1 wait,
     then release the successor; 2 release the successor, then wait (small kernels, when
-    EARLY_RELEASE). Batch 1 only: on an H100 PDL made the batch-1 Llama-3.1-8B step faster
+    EARLY_RELEASE); a GEMV's launch config may turn 1 into 3 (wait, release at release_late). Batch 1 only: on an H100 PDL made the batch-1 Llama-3.1-8B step faster
     (5.81 -> 5.68 ms in bench_one_batch) and the batch-8 step slower (6.48 -> 7.0 ms), not yet
     understood; so a step of several requests (and a prefill) launches as before."""
     if rows != 1 or not active(device):
@@ -94,12 +94,22 @@ def launch_kwargs(pdl_mode: int) -> dict:
 @triton.jit
 def wait_and_release(PDL: tl.constexpr):
     """Wait until the previous kernel has finished (its writes visible), and let the next kernel
-    launch (before the wait when PDL == 2, after it when PDL == 1). Call before the first read of
-    anything an earlier kernel wrote and before any write; only loads of weights may come before
-    it. A no-op when PDL == 0."""
+    launch (before the wait when PDL == 2, after it when PDL == 1; PDL == 3: later, at
+    release_late). Call before the first read of anything an earlier kernel wrote and before any
+    write; only loads of weights may come before it. A no-op when PDL == 0."""
     if PDL == 2:
         _gdc_launch_dependents()
         _gdc_wait()
     elif PDL == 1:
         _gdc_wait()
+        _gdc_launch_dependents()
+    elif PDL == 3:
+        _gdc_wait()
+
+
+@triton.jit
+def release_late(PDL: tl.constexpr):
+    """PDL == 3: let the next kernel launch now (a GEMV calls it when its loads are done, so that the
+    kernels after it do not take SM slots while its own programs still wait to start). A no-op otherwise."""
+    if PDL == 3:
         _gdc_launch_dependents()

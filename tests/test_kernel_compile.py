@@ -155,3 +155,47 @@ def test_skinny_gemm_pdl_prefetches_weights_before_the_wait():
     assert hopper["wait"] is not None and hopper["first_load"] is not None
     assert hopper["first_load"] < hopper["wait"]
     assert orin["wait"] is None and orin["first_load"] is not None
+
+
+ATTN_CHILD = r"""
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+da = importlib.import_module("edgelm.layers.attention.triton_ops.decode_attention")
+ARGS = ["Q", "K_buf", "V_buf", "req_to_token", "req_pool_indices", "seq_lens", "Mid_O", "Mid_LSE", "Out", "Counter",
+        "qk_scale", "num_splits", "stride_qb", "stride_qh", "stride_kbs", "stride_kbh", "stride_vbs", "stride_vbh",
+        "stride_r2t", "stride_mob", "stride_moh", "stride_mos", "stride_mlb", "stride_mlh", "stride_ob", "stride_oh"]
+TYPES = {"Q": "*bf16", "K_buf": "*bf16", "V_buf": "*bf16", "req_to_token": "*i32", "req_pool_indices": "*i64",
+         "seq_lens": "*i32", "Mid_O": "*fp32", "Mid_LSE": "*fp32", "Out": "*bf16", "Counter": "*i32", "qk_scale": "fp32"}
+out = []
+for cap, prefetch in json.loads(sys.argv[1]):
+    sig = {a: TYPES.get(a, "i32") for a in ARGS}
+    const = dict(GROUP=4, HEADS=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_H=16, BLOCK_N=64, MIN_SPLIT=64, PRECISION="tf32",
+                 DIRECT=False, MERGE=False, MAX_SPLITS=16, PDL=2 if cap >= 90 else 0, PREFETCH_KV=prefetch)
+    sig.update({k: "constexpr" for k in const})
+    names = list(sig)
+    src = ASTSource(fn=da._decode_partial_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 4, "num_stages": 2}).asm["ptx"]
+    wait = ptx.find("griddepcontrol.wait")
+    out.append({"wait": wait, "loads_before_wait": ptx[:wait].count("ld.global") if wait >= 0 else None})
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_decode_attention_prefetch_kv_loads_before_the_wait():
+    """DecodeConfig.prefetch_kv: compiled for Hopper with PDL, the split's first K/V block is loaded
+    before griddepcontrol.wait; without it nothing is; for Orin (no PDL) it compiles without a wait."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", ATTN_CHILD, json.dumps([[90, True], [90, False], [87, True]])],
+                          capture_output=True, text=True, env=env, timeout=600)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None and "ptxas" in proc.stderr:
+        pytest.skip("this triton has no ptxas to compile with")
+    assert line is not None, proc.stderr[-3000:]
+    hopper, hopper_off, orin = json.loads(line[len("RESULT "):])
+    assert hopper["wait"] >= 0 and hopper["loads_before_wait"] > 0
+    assert hopper_off["wait"] >= 0 and hopper_off["loads_before_wait"] == 0
+    assert orin["wait"] == -1

@@ -90,13 +90,18 @@ SMALL_SHAPES = [(4, 2, 32, torch.float32), (6, 2, 24, torch.float16), (2, 2, 16,
 
 
 @pytest.mark.parametrize("shape", SMALL_SHAPES)
-@pytest.mark.parametrize("forced_splits,merge_in_kernel", [(False, True), (True, True), (True, False)])
-def test_decode_matches_torch_native(shape, forced_splits, merge_in_kernel):
+@pytest.mark.parametrize("forced_splits,merge_in_kernel,prefetch_kv", [(False, True, False), (True, True, False),
+                                                                        (True, False, False), (False, True, True),
+                                                                        (True, False, True)])
+def test_decode_matches_torch_native(shape, forced_splits, merge_in_kernel, prefetch_kv):
+    """prefetch_kv: each split's first K/V block read before the PDL wait, the newest token's row
+    after it (lengths 1, 37, 70, 16 put the newest token in a first block and in later ones)."""
     h, hkv, d, dtype = shape
     s = Setup(h, hkv, d, dtype, pool_size=300, max_ctx=128)
     # forced: many programs per SM, so long requests run in several splits and short ones in one
     s.tri.decode_config = DecodeConfig(block_n=16, num_warps=1, num_stages=1, min_split_len=16, max_splits=4,
-                                       programs_per_sm=64 if forced_splits else 1, merge_in_kernel=merge_in_kernel)
+                                       programs_per_sm=64 if forced_splits else 1, merge_in_kernel=merge_in_kernel,
+                                       prefetch_kv=prefetch_kv)
     fb = decode_batch(s, [5, 0, 2, 7], [1, 37, 70, 16])
     s.compare(fb, *s.qkv(4))
     counters = s.tri._counters(4)  # the buffer the backend hands the kernel

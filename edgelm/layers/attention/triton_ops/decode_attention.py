@@ -38,6 +38,9 @@ class DecodeConfig:
     # tells it that it is last): no second launch. False: the separate merge kernel (on CUDA unless
     # EDGELM_TRITON_OPS names attn_merge: the one launch measured slower on an H200).
     merge_in_kernel: bool = False
+    # the first block of each split's K/V loaded before the PDL wait (see _decode_partial_kernel); off
+    # until measured (EDGELM_DECODE_CONFIG=prefetch_kv=1 turns it on)
+    prefetch_kv: bool = False
 
 
 def default_decode_config(head_dim: int, dtype: torch.dtype, device: str) -> DecodeConfig:
@@ -89,6 +92,31 @@ def _split_len(seq_len, num_splits, MIN_SPLIT: tl.constexpr, ALIGN: tl.constexpr
 
 
 @triton.jit
+def _kv_block(row, offs_n, load_mask, K_buf, V_buf, kv_head, offs_d, mask_d, stride_kbs, stride_kbh, stride_vbs,
+              stride_vbh):
+    """K and V [BLOCK_N, BLOCK_D] of context positions offs_n (rows where load_mask is off: zero),
+    through the request's req_to_token row."""
+    slots = tl.load(row + offs_n, mask=load_mask, other=0).to(tl.int64)
+    mask_nd = load_mask[:, None] & mask_d[None, :]
+    k = tl.load(K_buf + slots[:, None] * stride_kbs + kv_head * stride_kbh + offs_d[None, :], mask=mask_nd, other=0.0)
+    v = tl.load(V_buf + slots[:, None] * stride_vbs + kv_head * stride_vbh + offs_d[None, :], mask=mask_nd, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _attend(q, k, v, mask_n, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
+    """One block of the online softmax: (m, l, acc) updated with keys k and values v (rows mask_n)."""
+    qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
+    qk = tl.where(mask_n[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_partial_kernel(
     Q, K_buf, V_buf, req_to_token, req_pool_indices, seq_lens, Mid_O, Mid_LSE, Out, Counter,
     qk_scale,  # softmax scale * log2(e)
@@ -98,51 +126,65 @@ def _decode_partial_kernel(
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
     DIRECT: tl.constexpr, MERGE: tl.constexpr, MAX_SPLITS: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH_KV: tl.constexpr,
 ):
     """Q [B, H, D]; K_buf, V_buf [S, Hkv, D]; req_to_token [R, L]; Mid_O [B, H, splits, D] and
     Mid_LSE [B, H, splits] (float32, log2 domain) receive this split's normalised output.
     DIRECT (one split): write the final output to Out [B, H, D] instead.
     MERGE: Counter [B, programs along axis 1] int32, zero on entry and left zero; the last split
-    program of each (request, head group) to arrive merges the splits into Out."""
+    program of each (request, head group) to arrive merges the splits into Out.
+    PREFETCH_KV: the split's first block of K and V is loaded before the PDL wait, all but the newest
+    token's (which the kernel before this one writes; loaded after the wait). Safe because seq_lens,
+    req_pool_indices and req_to_token are written before the step's first layer and older K/V in
+    earlier steps, and with PDL this kernel starts only after the GEMV before it passed its own wait."""
     b = tl.program_id(0)
     head0 = tl.program_id(1) * HEADS
     split = tl.program_id(2)
     kv_head = head0 // GROUP
-    wait_and_release(PDL)
-    seq_len = tl.load(seq_lens + b)
-    split_len = _split_len(seq_len, num_splits, MIN_SPLIT, BLOCK_N)
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    if PREFETCH_KV:
+        seq_len = tl.load(seq_lens + b)
+        split_len = _split_len(seq_len, num_splits, MIN_SPLIT, BLOCK_N)
+        start = split * split_len
+        end = tl.minimum(start + split_len, seq_len)
+        row = req_to_token + tl.load(req_pool_indices + b).to(tl.int64) * stride_r2t
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k0, v0 = _kv_block(row, offs_n, offs_n < tl.minimum(end, seq_len - 1), K_buf, V_buf, kv_head, offs_d, mask_d,
+                           stride_kbs, stride_kbh, stride_vbs, stride_vbh)
+        wait_and_release(PDL)
+    else:
+        wait_and_release(PDL)
+        seq_len = tl.load(seq_lens + b)
+        split_len = _split_len(seq_len, num_splits, MIN_SPLIT, BLOCK_N)
+        start = split * split_len
+        end = tl.minimum(start + split_len, seq_len)
+        row = req_to_token + tl.load(req_pool_indices + b).to(tl.int64) * stride_r2t
     if start < end:
-        req = tl.load(req_pool_indices + b).to(tl.int64)
         offs_h = tl.arange(0, BLOCK_H)
-        offs_d = tl.arange(0, BLOCK_D)
         mask_h = offs_h < HEADS
-        mask_d = offs_d < HEAD_DIM
         heads = head0 + offs_h
         q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=mask_h[:, None] & mask_d[None, :], other=0.0)
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-        row = req_to_token + req * stride_r2t
-        for n0 in range(start, end, BLOCK_N):
+        first = start
+        if PREFETCH_KV:  # the first block: the newest token's row (if it is here) joins the prefetched rows
+            offs_n = start + tl.arange(0, BLOCK_N)
+            newest = offs_n == seq_len - 1
+            k1, v1 = _kv_block(row, offs_n, newest, K_buf, V_buf, kv_head, offs_d, mask_d, stride_kbs, stride_kbh,
+                               stride_vbs, stride_vbh)
+            k = tl.where(newest[:, None], k1, k0)
+            v = tl.where(newest[:, None], v1, v0)
+            m_i, l_i, acc = _attend(q, k, v, offs_n < end, m_i, l_i, acc, qk_scale, PRECISION)
+            first = start + BLOCK_N
+        for n0 in range(first, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < end
-            slots = tl.load(row + offs_n, mask=mask_n, other=0).to(tl.int64)
-            mask_nd = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(K_buf + slots[:, None] * stride_kbs + kv_head * stride_kbh + offs_d[None, :],
-                        mask=mask_nd, other=0.0)
-            qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
-            qk = tl.where(mask_n[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V_buf + slots[:, None] * stride_vbs + kv_head * stride_vbh + offs_d[None, :],
-                        mask=mask_nd, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-            m_i = m_new
+            k, v = _kv_block(row, offs_n, mask_n, K_buf, V_buf, kv_head, offs_d, mask_d, stride_kbs, stride_kbh,
+                             stride_vbs, stride_vbh)
+            m_i, l_i, acc = _attend(q, k, v, mask_n, m_i, l_i, acc, qk_scale, PRECISION)
         out = acc / l_i[:, None]
         mask_hd = mask_h[:, None] & mask_d[None, :]
         if DIRECT:
@@ -245,7 +287,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         GROUP=group, HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_N=cfg.block_n, MIN_SPLIT=min_split,
         PRECISION=_precision(q.dtype), DIRECT=splits == 1, MERGE=merge,
-        MAX_SPLITS=max(2, triton.next_power_of_2(splits)), PDL=pdl_on, num_warps=cfg.num_warps,
+        MAX_SPLITS=max(2, triton.next_power_of_2(splits)), PDL=pdl_on, PREFETCH_KV=cfg.prefetch_kv,
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **pdl.launch_kwargs(pdl_on),
     )
     if splits == 1 or merge:

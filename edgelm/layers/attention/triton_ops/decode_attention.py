@@ -104,16 +104,15 @@ def _kv_block(row, offs_n, load_mask, K_buf, V_buf, kv_head, offs_d, mask_d, str
 
 
 @triton.jit
-def _attend(q, k, v, mask_n, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
-    """One block of the online softmax: (m, l, acc) updated with keys k and values v (rows mask_n)."""
+def _scores(q, k, mask_n, m_i, l_i, qk_scale, PRECISION: tl.constexpr):
+    """The online softmax's step for keys k (rows mask_n): the new max, the rescale of what came
+    before, the block's weights p and the new normaliser."""
     qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale  # [BLOCK_H, BLOCK_N]
     qk = tl.where(mask_n[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
-    return m_new, l_i, acc
+    return m_new, alpha, p, l_i * alpha + tl.sum(p, 1)
 
 
 @triton.jit
@@ -175,16 +174,22 @@ def _decode_partial_kernel(
             newest = offs_n == seq_len - 1
             k1, v1 = _kv_block(row, offs_n, newest, K_buf, V_buf, kv_head, offs_d, mask_d, stride_kbs, stride_kbh,
                                stride_vbs, stride_vbh)
-            k = tl.where(newest[:, None], k1, k0)
+            m_i, alpha, p, l_i = _scores(q, tl.where(newest[:, None], k1, k0), offs_n < end, m_i, l_i, qk_scale,
+                                         PRECISION)
             v = tl.where(newest[:, None], v1, v0)
-            m_i, l_i, acc = _attend(q, k, v, offs_n < end, m_i, l_i, acc, qk_scale, PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
             first = start + BLOCK_N
-        for n0 in range(first, end, BLOCK_N):
+        for n0 in range(first, end, BLOCK_N):  # V is loaded after the scores (fewer live registers)
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < end
-            k, v = _kv_block(row, offs_n, mask_n, K_buf, V_buf, kv_head, offs_d, mask_d, stride_kbs, stride_kbh,
-                             stride_vbs, stride_vbh)
-            m_i, l_i, acc = _attend(q, k, v, mask_n, m_i, l_i, acc, qk_scale, PRECISION)
+            slots = tl.load(row + offs_n, mask=mask_n, other=0).to(tl.int64)
+            mask_nd = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(K_buf + slots[:, None] * stride_kbs + kv_head * stride_kbh + offs_d[None, :],
+                        mask=mask_nd, other=0.0)
+            m_i, alpha, p, l_i = _scores(q, k, mask_n, m_i, l_i, qk_scale, PRECISION)
+            v = tl.load(V_buf + slots[:, None] * stride_vbs + kv_head * stride_vbh + offs_d[None, :],
+                        mask=mask_nd, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
         out = acc / l_i[:, None]
         mask_hd = mask_h[:, None] & mask_d[None, :]
         if DIRECT:

@@ -199,3 +199,44 @@ def test_decode_attention_prefetch_kv_loads_before_the_wait():
     assert hopper["wait"] >= 0 and hopper["loads_before_wait"] > 0
     assert hopper_off["wait"] >= 0 and hopper_off["loads_before_wait"] == 0
     assert orin["wait"] == -1
+
+
+PERSIST_CHILD = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from edgelm.quantization import int4_ptx
+
+ARGS = ["x_ptr", "qw_ptr", "s_ptr", "m_ptr", "bias_ptr", "y_ptr", "N", "K", "KW", "NG", "tiles"]
+TYPES = {"qw_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16"}
+out = []
+for cap, pdl_mode in json.loads(sys.argv[1]):
+    sig = {a: TYPES.get(a, "*bf16" if a.endswith("_ptr") else "i32") for a in ARGS}
+    const = {"GROUP": 128, "BLOCK_N": 16, "BLOCK_B": 8, "HAS_BIAS": False, "BF16": True, "USE_ASM": True, "PDL": pdl_mode}
+    sig.update({k: "constexpr" for k in const})
+    names = list(sig)
+    src = ASTSource(fn=int4_ptx._gemv_h2_persistent_kernel, signature=sig,
+                    constexprs={(names.index(k),): v for k, v in const.items()},
+                    attrs={(names.index(a),): [["tt.divisibility", 16]] for a in ARGS})
+    ptx = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 4}).asm["ptx"]
+    wait = ptx.find("griddepcontrol.wait")
+    out.append({"wait": wait, "load_before_wait": 0 <= ptx.find("ld.global") < wait, "fma2": "fma.rn.bf16x2" in ptx})
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_gemv_h2_persistent_compiles_for_sm87_sm90():
+    """The persistent gemv_h2 (config[6]) compiles for Orin without PDL and for Hopper with it, its
+    first weights loaded before the wait."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", PERSIST_CHILD, json.dumps([[90, 1], [90, 3], [87, 0]])],
+                          capture_output=True, text=True, env=env, timeout=600)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None and "ptxas" in proc.stderr:
+        pytest.skip("this triton has no ptxas to compile with")
+    assert line is not None, proc.stderr[-3000:]
+    hopper, hopper_late, orin = json.loads(line[len("RESULT "):])
+    assert hopper["load_before_wait"] and hopper_late["load_before_wait"] and hopper["fma2"]
+    assert orin["wait"] == -1 and orin["fma2"]

@@ -7,7 +7,7 @@ sweep's winners differed from the isolated ones). The shipped tables run first, 
 last, so drift shows; then the per-shape winners (each > 5 us better than the median baseline) run
 together twice around one more baseline, and their tables are written in load_dispatch's format
 (--dispatch-out) so that EDGELM_INT4_DISPATCH=file runs them in any later command. The shapes are
-the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|...|round6|all (or a
+the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|...|round7|all (or a
 comma-separated list) picks the configs tried (all: every round, for a GPU or model not swept yet, e.g. a
 Jetson with its own model). --ablate-gemv adds one run of the shipped step with every int4 GEMV launching
 nothing: the step minus it is what the int4 GEMVs cost inside the step.
@@ -108,6 +108,16 @@ ROUND6: dict[str, list[tuple[str, tuple]]] = {
     "down": [("gemv_h2", (8, 16, 1, 4, 1, 1))],
 }
 
+# round 7: the persistent gemv_h2 (config[6] = programs an SM, each program summing several row tiles and
+# loading the next tile's first block before storing the last; registers allow 5 a SM at (16, 8) and (8, 16),
+# 7 at (8, 8) on SM 9.0); for gate_up's 1792 row tiles of 16 above all; not yet run on a GPU
+ROUND7: dict[str, list[tuple[str, tuple]]] = {
+    "qkv": [("gemv_h2", (8, 16, 1, 4, 0, 0, 5))],
+    "gate_up": [("gemv_h2", (16, 8, 1, 4, 0, 0, 5)), ("gemv_h2", (16, 8, 1, 4, 0, 0, 4)),
+                ("gemv_h2", (8, 8, 1, 4, 0, 0, 7)), ("gemv_h2", (16, 8, 1, 4, 0, 1, 5))],
+    "down": [("gemv_h2", (4, 16, 1, 4, 0, 0, 6))],
+}
+
 
 def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """(N, K) of the first int4 linear of each role (qkv, o, gate_up, down) in a loaded model."""
@@ -122,7 +132,7 @@ def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
 def candidates(which: str) -> dict[str, list[tuple[str, tuple]]]:
     """The configs of the rounds named, comma-separated ("round2,round3"), or of all of them ("all":
     for a GPU or model not swept yet)."""
-    known = {"round1": ROUND1, "round2": CANDIDATES, "round3": ROUND3, "round4": ROUND4, "round5": ROUND5, "round6": ROUND6}
+    known = {"round1": ROUND1, "round2": CANDIDATES, "round3": ROUND3, "round4": ROUND4, "round5": ROUND5, "round6": ROUND6, "round7": ROUND7}
     names = list(known) if which == "all" else which.split(",")
     unknown = [n for n in names if n not in known]
     if unknown:

@@ -9,6 +9,7 @@ tests/test_kernel_compile.py compiles the PTX paths for SM 8.0, 8.7 and 9.0. int
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -379,6 +380,45 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
                BLOCK_N)
 
 
+@triton.jit
+def _gemv_h2_persistent_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, N, K, KW, NG, tiles,
+                               GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                               HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr):
+    """_gemv_h2_kernel with as many programs as stay resident (the grid G): program p computes the row
+    tiles p, p + G, ..., and loads each next tile's first block of weights before it stores the tile
+    it has just summed (the first tile's before the PDL wait), so its loads do not pause between tiles
+    and no program starts late. No split K."""
+    pid = tl.program_id(0)
+    grid = tl.num_programs(0)
+    rb = tl.arange(0, BLOCK_B)
+    ri = tl.arange(0, 16)
+    blocks = KW // 16
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    words, sc, off = _h2_tile(qw_ptr + rn[:, None, None] * KW + ri[None, None, :], s_ptr, m_ptr, rn, rn < N, NG, rb,
+                              blocks, GROUP)
+    wait_and_release(PDL)
+    for t in range(pid, tiles, grid):
+        rn = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        w_rows = qw_ptr + rn[:, None, None] * KW + ri[None, None, :]
+        acc = _h2_tile_dot(x_ptr, K, rb, blocks, words, sc, off, BF16, USE_ASM)
+        for b0 in range(BLOCK_B, blocks, BLOCK_B):
+            b = b0 + rb
+            tile_words, tile_sc, tile_off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, blocks, GROUP)
+            acc += _h2_tile_dot(x_ptr, K, b, blocks, tile_words, tile_sc, tile_off, BF16, USE_ASM)
+        rn_next = (t + grid) * BLOCK_N + tl.arange(0, BLOCK_N)
+        words, sc, off = _h2_tile(qw_ptr + rn_next[:, None, None] * KW + ri[None, None, :], s_ptr, m_ptr, rn_next,
+                                  rn_next < N, NG, rb, blocks, GROUP)
+        _store_row(y_ptr, y_ptr, y_ptr, bias_ptr, tl.sum(acc, axis=1), rn, n_ok, N, t, 0, 1, HAS_BIAS, BLOCK_N)
+    release_late(PDL)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 2 elsewhere (the interpreter: several tiles a program)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
 def split_tiles(total: int, split: int) -> tuple[int, int]:
     split = max(1, min(split, total))
     per = -(-total // split)
@@ -419,10 +459,12 @@ def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
 
 def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
     """x [1, K] → y [1, N] with _gemv_h2_kernel; config (BLOCK_N, BLOCK_B, SPLIT_K, num_warps[, PREFETCH 0/1/2
-    [, LATE]]): LATE 1, where PDL is on, lets the next kernel launch only after this one's loads (PDL 3)."""
+    [, LATE[, PERSIST]]]): LATE 1, where PDL is on, lets the next kernel launch only after this one's loads
+    (PDL 3); PERSIST p > 0 (SPLIT_K 1 only) runs _gemv_h2_persistent_kernel on p programs an SM."""
     block_n, block_b, split_k, num_warps, *rest = config or (8, 4, 1, 4)
     prefetch = int(rest[0]) if rest else 0
     late = len(rest) > 1 and bool(rest[1])
+    persist = int(rest[2]) if len(rest) > 2 else 0
     n, kw = w.qweight.shape
     if x.shape[0] != 1 or w.group_size < 128 or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError("gemv_h2: needs one row, group size >= 128 and fp16/bf16 activations")
@@ -434,6 +476,13 @@ def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     pdl_on = pdl.mode(x.device, x.shape[0], small=False)
     if late and pdl_on == 1:
         pdl_on = 3
+    if persist and split_k == 1:
+        _gemv_h2_persistent_kernel[(min(tiles, persist * _sm_count(x.device)),)](
+            x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, n, w.in_features, kw,
+            w.scales.shape[1], tiles, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b, HAS_BIAS=bias is not None,
+            BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, PDL=pdl_on, num_warps=num_warps,
+            **pdl.launch_kwargs(pdl_on))
+        return y
     _gemv_h2_kernel[(tiles, split_k)](
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,
         w.scales.shape[1], per * block_b, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b, SPLIT_K=split_k,

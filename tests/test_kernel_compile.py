@@ -19,6 +19,20 @@ import pytest
 pytest.importorskip("triton")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_child(code: str, *args, skip_without_ptxas: bool = False) -> list:
+    """Run a compile script in a child process without the interpreter; its "RESULT <json>" line, parsed.
+    skip_without_ptxas: a child that died because this triton has no ptxas skips the test."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", code, *(json.dumps(a) for a in args)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None and skip_without_ptxas and "ptxas" in proc.stderr:
+        pytest.skip("this triton has no ptxas to compile with")
+    assert line is not None, proc.stderr[-3000:]
+    return json.loads(line[len("RESULT "):])
 CASES = [  # (capability, WEIGHTS, bf16, BLOCK_N, SPLIT_K[, ONE_ROW])
     (87, True, False, 64, 4),  # Jetson Orin, --dtype half: tcw
     (87, False, True, 64, 1),
@@ -78,13 +92,7 @@ print("RESULT " + json.dumps(out))
 
 
 def test_int4_kernels_compile_for_sm80_sm87_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(CASES), json.dumps(H2_CASES)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line is not None, proc.stderr[-3000:]
-    results = json.loads(line[len("RESULT "):])
+    results = run_child(CHILD, CASES, H2_CASES)
     if all(not r["ok"] and "ptxas" in r["error"] for r in results):
         pytest.skip("this triton has no ptxas to compile with")
     assert len(results) == len(CASES) + len(H2_CASES)
@@ -145,13 +153,7 @@ def test_skinny_gemm_pdl_prefetches_weights_before_the_wait():
 
     if not pdl._TRITON_OK:
         pytest.skip("this triton cannot launch with PDL")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", GEMV_CHILD, json.dumps([[90, 1], [87, 0]])],
-                          capture_output=True, text=True, env=env, timeout=600)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line is not None, proc.stderr[-3000:]
-    hopper, orin = json.loads(line[len("RESULT "):])
+    hopper, orin = run_child(GEMV_CHILD, [[90, 1], [87, 0]])
     assert hopper["wait"] is not None and hopper["first_load"] is not None
     assert hopper["first_load"] < hopper["wait"]
     assert orin["wait"] is None and orin["first_load"] is not None
@@ -187,15 +189,7 @@ print("RESULT " + json.dumps(out))
 def test_decode_attention_prefetch_kv_loads_before_the_wait():
     """DecodeConfig.prefetch_kv: compiled for Hopper with PDL, the split's first K/V block is loaded
     before griddepcontrol.wait; without it nothing is; for Orin (no PDL) it compiles without a wait."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", ATTN_CHILD, json.dumps([[90, True], [90, False], [87, True]])],
-                          capture_output=True, text=True, env=env, timeout=600)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if line is None and "ptxas" in proc.stderr:
-        pytest.skip("this triton has no ptxas to compile with")
-    assert line is not None, proc.stderr[-3000:]
-    hopper, hopper_off, orin = json.loads(line[len("RESULT "):])
+    hopper, hopper_off, orin = run_child(ATTN_CHILD, [[90, True], [90, False], [87, True]], skip_without_ptxas=True)
     assert hopper["wait"] >= 0 and hopper["loads_before_wait"] > 0
     assert hopper_off["wait"] >= 0 and hopper_off["loads_before_wait"] == 0
     assert orin["wait"] == -1
@@ -229,14 +223,6 @@ print("RESULT " + json.dumps(out))
 def test_gemv_h2_persistent_compiles_for_sm87_sm90():
     """The persistent gemv_h2 (config[6]) compiles for Orin without PDL and for Hopper with it, its
     first weights loaded before the wait."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", PERSIST_CHILD, json.dumps([[90, 1], [90, 3], [87, 0]])],
-                          capture_output=True, text=True, env=env, timeout=600)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if line is None and "ptxas" in proc.stderr:
-        pytest.skip("this triton has no ptxas to compile with")
-    assert line is not None, proc.stderr[-3000:]
-    hopper, hopper_late, orin = json.loads(line[len("RESULT "):])
+    hopper, hopper_late, orin = run_child(PERSIST_CHILD, [[90, 1], [90, 3], [87, 0]], skip_without_ptxas=True)
     assert hopper["load_before_wait"] and hopper_late["load_before_wait"] and hopper["fma2"]
     assert orin["wait"] == -1 and orin["fma2"]

@@ -77,9 +77,10 @@ EARLY_RELEASE = os.environ.get("EDGELM_PDL_EARLY", "1") != "0"
 def mode(device: torch.device, rows: int, small: bool = True) -> int:
     """The PDL constexpr of a kernel over `rows` rows (tokens, requests) on `device`: 0 off; 1 wait,
     then release the successor; 2 release the successor, then wait (small kernels, when
-    EARLY_RELEASE); a GEMV's launch config may turn 1 into 3 (wait, release at release_late). Batch 1 only: on an H100 PDL made the batch-1 Llama-3.1-8B step faster
-    (5.81 -> 5.68 ms in bench_one_batch) and the batch-8 step slower (6.48 -> 7.0 ms), not yet
-    understood; so a step of several requests (and a prefill) launches as before."""
+    EARLY_RELEASE); a GEMV's launch config may turn 1 into 3 (wait, release at release_late).
+    Batch 1 only: on an H100 PDL made the batch-1 Llama-3.1-8B step faster (5.81 -> 5.68 ms in
+    bench_one_batch) and the batch-8 step slower (6.48 -> 7.0 ms), not yet understood; so a step of
+    several requests (and a prefill) launches as before."""
     if rows != 1 or not active(device):
         return 0
     return 2 if small and EARLY_RELEASE else 1

@@ -142,23 +142,18 @@ def _decode_partial_kernel(
     kv_head = head0 // GROUP
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
+    if not PREFETCH_KV:
+        wait_and_release(PDL)
+    seq_len = tl.load(seq_lens + b)
+    split_len = _split_len(seq_len, num_splits, MIN_SPLIT, BLOCK_N)
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+    row = req_to_token + tl.load(req_pool_indices + b).to(tl.int64) * stride_r2t
     if PREFETCH_KV:
-        seq_len = tl.load(seq_lens + b)
-        split_len = _split_len(seq_len, num_splits, MIN_SPLIT, BLOCK_N)
-        start = split * split_len
-        end = tl.minimum(start + split_len, seq_len)
-        row = req_to_token + tl.load(req_pool_indices + b).to(tl.int64) * stride_r2t
-        offs_n = start + tl.arange(0, BLOCK_N)
-        k0, v0 = _kv_block(row, offs_n, offs_n < tl.minimum(end, seq_len - 1), K_buf, V_buf, kv_head, offs_d, mask_d,
-                           stride_kbs, stride_kbh, stride_vbs, stride_vbh)
+        offs_first = start + tl.arange(0, BLOCK_N)
+        k0, v0 = _kv_block(row, offs_first, offs_first < tl.minimum(end, seq_len - 1), K_buf, V_buf, kv_head, offs_d,
+                           mask_d, stride_kbs, stride_kbh, stride_vbs, stride_vbh)
         wait_and_release(PDL)
-    else:
-        wait_and_release(PDL)
-        seq_len = tl.load(seq_lens + b)
-        split_len = _split_len(seq_len, num_splits, MIN_SPLIT, BLOCK_N)
-        start = split * split_len
-        end = tl.minimum(start + split_len, seq_len)
-        row = req_to_token + tl.load(req_pool_indices + b).to(tl.int64) * stride_r2t
     if start < end:
         offs_h = tl.arange(0, BLOCK_H)
         mask_h = offs_h < HEADS
@@ -170,11 +165,10 @@ def _decode_partial_kernel(
         acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
         first = start
         if PREFETCH_KV:  # the first block: the newest token's row (if it is here) joins the prefetched rows
-            offs_n = start + tl.arange(0, BLOCK_N)
-            newest = offs_n == seq_len - 1
-            k1, v1 = _kv_block(row, offs_n, newest, K_buf, V_buf, kv_head, offs_d, mask_d, stride_kbs, stride_kbh,
+            newest = offs_first == seq_len - 1
+            k1, v1 = _kv_block(row, offs_first, newest, K_buf, V_buf, kv_head, offs_d, mask_d, stride_kbs, stride_kbh,
                                stride_vbs, stride_vbh)
-            m_i, alpha, p, l_i = _scores(q, tl.where(newest[:, None], k1, k0), offs_n < end, m_i, l_i, qk_scale,
+            m_i, alpha, p, l_i = _scores(q, tl.where(newest[:, None], k1, k0), offs_first < end, m_i, l_i, qk_scale,
                                          PRECISION)
             v = tl.where(newest[:, None], v1, v0)
             acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)

@@ -190,6 +190,42 @@ def test_fused_decode_layers_match_unfused(tiny_llama, graphs, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [True, False])
+def test_fused_int4_layers_match_unfused(tiny_llama, graphs):
+    """The fused int4 decoder layer (int4_ptx.gemv_h2_fused: norms, SiLU·mul and residual adds inside
+    the four gemv_h2 launches) against the layer-by-layer kernels, int4wo-128 on the tiny model: the
+    batch-1 plan is the fused one, batch 3 keeps the plain layers."""
+    from edgelm.layers import triton_ops
+
+    pytest.importorskip("triton")
+    base = "rmsnorm,add_rmsnorm,silu_and_mul,rotary,gemv,argmax,rope_kv"
+    old = triton_ops.set_enabled(base + ",fused_int4")
+    try:
+        fused = _runner(tiny_llama, "triton", "bfloat16", disable_cuda_graph=not graphs, torchao_config="int4wo-128")
+        triton_ops.set_enabled(base)
+        plain = _runner(tiny_llama, "triton", "bfloat16", disable_cuda_graph=not graphs, torchao_config="int4wo-128")
+        gen = torch.Generator().manual_seed(4)
+        for n in (1, 3):
+            prompts = [torch.randint(0, 512, (int(L),), generator=gen).tolist()
+                       for L in torch.randint(3, 20, (n,), generator=gen)]
+            triton_ops.set_enabled(base)
+            tokens_p, logits_p = _greedy(plain, prompts, 8)
+            triton_ops.set_enabled(base + ",fused_int4")
+            tokens_f, logits_f = _greedy(fused, prompts, 8, forced=tokens_p)
+            plans = {k[0]: v for k, v in fused.model.model._fused_plans.items()}
+            if n == 1:
+                assert plans[1] is not None and plans[1].int4, plans
+            else:
+                assert all(v is None for k, v in plans.items() if k > 1), plans
+            for lf, lp in zip(logits_f, logits_p):
+                torch.testing.assert_close(lf, lp, rtol=3e-2, atol=3e-2)
+            agree = sum(a == b for tf, tp in zip(tokens_f, tokens_p) for a, b in zip(tf, tp))
+            assert agree >= 0.9 * n * 9, (tokens_f, tokens_p)
+    finally:
+        triton_ops.set_enabled(",".join(sorted(old)) or "0")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("quant", ["int4wo-128", "gptq-act-order"])
 def test_int4_model_graph_decode_matches_eager(tiny_llama, quant, tmp_path):
     """The int4 layers inside captured graphs: --torchao-config int4wo-128 (quantized while loading)
@@ -213,7 +249,7 @@ def test_int4_model_graph_decode_matches_eager(tiny_llama, quant, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused,quant", [(False, None), (True, None), (False, "int4wo-128")])
+@pytest.mark.parametrize("fused,quant", [(False, None), (True, None), (False, "int4wo-128"), (True, "int4wo-128")])
 def test_pdl_decode_matches_plain_launches(tiny_llama, fused, quant, monkeypatch):
     """Programmatic dependent launch (SM 9.0+) changes when kernels start, not what they compute:
     greedy decode from CUDA graphs with it gives bit-identical logits to the same kernels launched
@@ -229,7 +265,7 @@ def test_pdl_decode_matches_plain_launches(tiny_llama, fused, quant, monkeypatch
         pytest.skip("PDL needs SM 9.0+ and a Triton that launches with it")
     wins = ((1, "reduce_n8_k1024_w4_s3"), (8, "dot_n16_k256_w4_s4"))
     monkeypatch.setitem(gemv.WINS, cap, {(256, 128): wins, (128, 128): wins, (512, 128): wins, (128, 256): wins})
-    ops = "rmsnorm,add_rmsnorm,silu_and_mul,rotary,gemv,rope_kv" + (",fused_decode" if fused else "")
+    ops = "rmsnorm,add_rmsnorm,silu_and_mul,rotary,gemv,rope_kv" + (",fused_decode,fused_int4" if fused else "")
     old = triton_ops.set_enabled(ops + ",pdl")
     try:
         assert pdl.active(torch.device("cuda"))

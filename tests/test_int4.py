@@ -178,6 +178,54 @@ def test_gemv_h2_kernel_small(group, k, config, dtype):
         kern.gemv_h2(torch.cat([x, x]), w, bias, config)
 
 
+def _check_gemv_h2_fused(n, k, group, config, dtype, device):
+    """gemv_h2_fused's three forms against the unfused ops: RMSNorm then the GEMV; the GEMV added to
+    a residual in place; RMSNorm, gate ‖ up, then SiLU·mul (the fused decoder layer's gate_up)."""
+    from edgelm.layers.layernorm import rms_norm_ref
+    from edgelm.quantization.int4_ptx import gemv_h2_fused
+
+    w = _random_int4(n, k, group, device, meta=dtype)
+    bias = torch.randn(n, device=device).to(dtype)
+    residual = (3 * torch.randn(1, k, device=device)).to(dtype)
+    nw = (1 + 0.3 * torch.randn(k, device=device)).to(dtype)
+    normed = rms_norm_ref(residual, nw, 1e-5)
+    expect = reference(normed, w, bias)
+    for _ in range(2):
+        assert rel_err(gemv_h2_fused(residual, w, bias, config, norm=(nw, 1e-5)), expect) < 1e-2
+    x = torch.randn(1, k, device=device).to(dtype)
+    y = reference(x, w, bias).to(dtype)
+    stream = (0.5 * torch.randn(1, n, device=device)).to(dtype)
+    out = stream.clone()
+    assert gemv_h2_fused(x, w, bias, config, out=out) is out
+    assert rel_err(out.double() - stream.double(), ((y.double() + stream.double()).to(dtype).double()
+                                                     - stream.double())) < 1e-2
+    gate, up = expect.to(dtype).float().chunk(2, dim=-1)
+    act = (torch.nn.functional.silu(gate).to(dtype).float() * up).to(dtype)
+    got = gemv_h2_fused(residual, w, bias, config, norm=(nw, 1e-5), silu_pairs=True)
+    assert got.shape == (1, n // 2) and rel_err(got, act) < 2e-2
+    with pytest.raises(ValueError):
+        gemv_h2_fused(residual, w, bias, config, norm=(nw, 1e-5), out=residual)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("group,n,k,config,dtype", [(128, 40, 300, (8, 2, 1, 4), torch.bfloat16),
+                                                    (128, 44, 2200, (8, 4, 1, 4, 2), torch.float16),
+                                                    (256, 40, 1000, (16, 2, 1, 4, 1), torch.bfloat16)])
+def test_gemv_h2_fused_small(group, n, k, config, dtype):
+    """The fused decoder layer's int4 GEMV (its plain-op path here): row tiles past N, K not a
+    multiple of the tile, each weight-prefetch mode."""
+    _check_gemv_h2_fused(n, k, group, config, dtype, DEVICE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,config", [(6144, 4096, (8, 16, 1, 4, 2)), (4096, 4096, (8, 16, 1, 4, 1, 1)),
+                                        (28672, 4096, (16, 8, 1, 4)), (4096, 14336, (8, 16, 1, 4, 1))])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv_h2_fused_gpu(n, k, config, dtype):
+    """gemv_h2_fused's inline-PTX path on the Llama-3.1-8B shapes and shipped configs."""
+    _check_gemv_h2_fused(n, k, 128, config, dtype, "cuda")
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 @pytest.mark.parametrize("group,n,k,config,dtype", [(128, 40, 300, (1, 2, 2), torch.float16),
                                                     (128, 37, 2176, (2, 4, 4), torch.bfloat16),
@@ -367,6 +415,45 @@ def test_apply_on_tiny_model(tmp_path, cfg):
     assert rel_err(got, ref) < (0.3 if cfg.startswith("int4") else 0.05)
     if cfg == "int8wo":
         assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_fused_int4_layer_matches_unfused_on_cpu(tmp_path, monkeypatch):
+    """The batch-1 decoder layer with its norms, SiLU·mul and residual adds inside its four gemv_h2
+    launches (triton_ops "fused_int4"), the kernels' plain-op path on the CPU (EDGELM_INT4_CPU=triton),
+    against the layer-by-layer path: decode logits of a qwen2 (q/k/v bias) int4wo-128 model, fed the
+    same tokens."""
+    from edgelm.layers import triton_ops
+    from tests.tiny_models import Driver, make_checkpoint, make_runner
+
+    monkeypatch.setenv("EDGELM_INT4_CPU", "triton")
+    make_checkpoint("qwen2", tmp_path)
+    runner = make_runner(str(tmp_path), dtype="bfloat16")
+    tc.apply_torchao_config(runner.model, "int4wo-128", "cpu")
+    ids = list(range(3, 20))
+    old = triton_ops.set_enabled("0")
+    try:
+        runs = []
+        for ops in ("0", "fused_int4"):
+            triton_ops.set_enabled(ops)
+            runner.allocator.clear()
+            runner.req_to_token_pool.clear()
+            driver = Driver(runner)
+            reqs = driver.add_requests(1)
+            logits = [driver.extend(reqs, [ids])]
+            tokens = runs[0][1] if runs else []
+            for step in range(4):
+                if not runs:
+                    tokens.append(int(logits[-1].argmax(-1)))
+                logits.append(driver.decode(reqs, [tokens[step]]))
+            runs.append((logits, tokens))
+        plans = runner.model.model._fused_plans
+        assert any(k[0] == 1 and k[-1] and v is not None and v.int4 for k, v in plans.items()), plans
+        assert all(v is None for k, v in plans.items() if not k[-1])
+        for got, want in zip(runs[1][0][1:], runs[0][0][1:]):
+            assert rel_err(got.float(), want.float()) < 3e-2
+    finally:
+        triton_ops.set_enabled(",".join(sorted(old)) or "0")
 
 
 def test_quantize_only_one_kind_of_linear(tmp_path):

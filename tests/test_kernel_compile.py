@@ -45,6 +45,9 @@ CASES = [  # (capability, WEIGHTS, bf16, BLOCK_N, SPLIT_K[, ONE_ROW])
 # gemv_h2: (capability, bf16, SPLIT_K, PREFETCH[, PDL 3: release late])
 H2_CASES = [(87, False, 1, 0), (90, True, 4, 0), (80, True, 1, 0), (90, True, 1, 1), (87, True, 2, 1), (90, True, 1, 2),
             (90, False, 2, 2), (87, True, 1, 2), (90, True, 1, 2, 3)]
+# the fused decoder layer's gemv_h2 (SPLIT_K 1): (capability, bf16, PREFETCH, NORM, EPILOGUE)
+H2_FUSED_CASES = [(87, False, 0, True, 0), (87, True, 2, False, 1), (90, True, 2, True, 0), (90, True, 0, True, 2),
+                  (90, False, 1, False, 1), (80, True, 1, True, 2)]
 CHILD = r"""
 import json, sys
 import triton
@@ -54,8 +57,8 @@ from edgelm.quantization import int4_ptx
 
 TC = ["x_ptr", "qw_ptr", "s_ptr", "m_ptr", "bias_ptr", "y_ptr", "ws_ptr", "cnt_ptr", "M", "N", "K", "KW", "NG",
       "stride_xm", "stride_ym", "blocks_per_split"]
-H2 = [a for a in TC if a not in ("M", "stride_xm", "stride_ym")]
-TYPES = {"qw_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+H2 = [a for a in TC if a not in ("M", "stride_xm", "stride_ym")] + ["nw_ptr", "eps"]
+TYPES = {"qw_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "eps": "fp32"}
 
 
 def compile_case(fn, args, bf16, cap, const, need_prmt):
@@ -85,17 +88,22 @@ for cap, weights, bf16, block_n, split_k, *one_row in json.loads(sys.argv[1]):
     out.append(compile_case(int4_ptx._tc_kernel, TC, bf16, cap, const, True))
 for cap, bf16, split_k, prefetch, *pdl_mode in json.loads(sys.argv[2]):  # the packed-16-bit GEMV
     const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
-             "USE_ASM": True, "PDL": pdl_mode[0] if pdl_mode else int(cap >= 90), "PREFETCH": prefetch}
+             "USE_ASM": True, "PDL": pdl_mode[0] if pdl_mode else int(cap >= 90), "PREFETCH": prefetch,
+             "NORM": False, "EPILOGUE": 0}
+    out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False))
+for cap, bf16, prefetch, norm, epilogue in json.loads(sys.argv[3]):  # its fused forms
+    const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": 1, "HAS_BIAS": True, "BF16": bf16, "USE_ASM": True,
+             "PDL": int(cap >= 90), "PREFETCH": prefetch, "NORM": norm, "EPILOGUE": epilogue}
     out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False))
 print("RESULT " + json.dumps(out))
 """
 
 
 def test_int4_kernels_compile_for_sm80_sm87_sm90():
-    results = run_child(CHILD, CASES, H2_CASES)
+    results = run_child(CHILD, CASES, H2_CASES, H2_FUSED_CASES)
     if all(not r["ok"] and "ptxas" in r["error"] for r in results):
         pytest.skip("this triton has no ptxas to compile with")
-    assert len(results) == len(CASES) + len(H2_CASES)
+    assert len(results) == len(CASES) + len(H2_CASES) + len(H2_FUSED_CASES)
     for case, r in zip(CASES, results):
         assert r["ok"], (case, r.get("error"))
         assert r["lop3"] and r["cubin"] > 0, case  # the inline PTX made it into the kernel
@@ -111,6 +119,12 @@ def test_int4_kernels_compile_for_sm80_sm87_sm90():
             assert r["release_after_loop"], case
         elif r["pdl"]:  # PDL 1: released right after the wait, before the K loop
             assert r["release_before_loop"], case
+    for case, r in zip(H2_FUSED_CASES, results[len(CASES) + len(H2_CASES):]):
+        assert r["ok"], (case, r.get("error"))
+        assert r["lop3"] and r["fma2"] and r["cubin"] > 0, case
+        assert r["pdl"] == (case[0] >= 90), case
+        if r["pdl"] and case[2]:
+            assert r["load_before_wait"], case
 
 
 GEMV_CHILD = r"""

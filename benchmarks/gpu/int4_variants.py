@@ -10,7 +10,9 @@ together twice around one more baseline, and their tables are written in load_di
 the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|...|round7|all (or a
 comma-separated list) picks the configs tried (all: every round, for a GPU or model not swept yet, e.g. a
 Jetson with its own model). --ablate-gemv adds one run of the shipped step with every int4 GEMV launching
-nothing: the step minus it is what the int4 GEMVs cost inside the step.
+nothing: the step minus it is what the int4 GEMVs cost inside the step. --fused-ab adds the shipped tables
+with the fused int4 decoder layer (triton_ops "fused_int4": norms, SiLU·mul and residual adds inside the
+GEMVs) on, off, on, after the sweep.
 
     python benchmarks/gpu/int4_variants.py --model-path llama-3.1-8b --load-format dummy --dtype bfloat16 \
         --torchao-config int4wo-128 --batch-size 1 --input-len 1024 --output-len 64 \
@@ -185,6 +187,9 @@ def main(argv=None) -> dict:
     ablate = "--ablate-gemv" in argv
     if ablate:
         argv.remove("--ablate-gemv")
+    fused_ab = "--fused-ab" in argv
+    if fused_ab:
+        argv.remove("--fused-ab")
     server_args, bench, _ = bench_one_batch.prepare_args(argv)
     device = server_args.resolved_device()
     config = ModelConfig.load(resolve_model(server_args.model_path), server_args.dtype, device,
@@ -227,6 +232,18 @@ def main(argv=None) -> dict:
     if combo:
         for v in (combo, {}, combo):
             measure(v)
+    if fused_ab:
+        from edgelm.layers import triton_ops
+
+        plain_ops = ",".join(sorted(triton_ops._enabled))
+        for on in (True, False, True):
+            triton_ops.set_enabled(plain_ops + (",fused_int4" if on else ""))
+            try:
+                r = measure({})
+            finally:
+                triton_ops.set_enabled(plain_ops)
+            r["label"] = "shipped, fused int4 layer " + ("on" if on else "off")
+            r["fused_int4"] = on
     if ablate:  # the shipped step with every batch-1 int4 GEMV launching nothing: what the rest of the step costs
         kernels = dict(int4_kernels.KERNELS)
         int4_kernels.KERNELS.update({k: _no_gemv for k in kernels})

@@ -6,6 +6,7 @@ those switches on; their files only set them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -84,12 +85,25 @@ class LlamaDecoderLayer(nn.Module):
     def forward_fused(self, positions, normed, residual, ss, forward_batch, plan: FusedPlan) -> torch.Tensor:
         """The layer with its norms, SiLU·mul and residual adds inside the GEMVs (batch-1 decode).
 
-        residual [rows, hidden] is updated in place. The input norm comes either done (`normed`,
-        first layer) or as `ss`, the sums of squares the previous layer's down_proj left. Returns
-        this layer's `ss` for the next."""
+        residual [rows, hidden] is updated in place. Dense weights (triton_ops.gemv): the input norm
+        comes either done (`normed`, first layer) or as `ss`, the sums of squares the previous layer's
+        down_proj left; returns this layer's `ss` for the next. int4 weights (plan.int4, one row;
+        int4_ptx.gemv_h2_fused): every GEMV normalises its own input; SiLU·mul is gate_up's epilogue."""
+        attn, mlp = self.self_attn, self.mlp
+        if plan.int4:
+            from edgelm.quantization.int4_ptx import gemv_h2_fused as fused
+
+            norm = self.input_layernorm
+            qkv = fused(residual, attn.qkv_proj.packed, attn.qkv_proj.bias, plan.qkv, norm=(norm.weight, norm.eps))
+            out = attn.attend(positions, qkv, forward_batch)
+            fused(out, attn.o_proj.packed, attn.o_proj.bias, plan.o, out=residual)
+            norm = self.post_attention_layernorm
+            act = fused(residual, mlp.gate_up_proj.packed, mlp.gate_up_proj.bias, plan.gate_up,
+                        norm=(norm.weight, norm.eps), silu_pairs=True)
+            fused(act, mlp.down_proj.packed, mlp.down_proj.bias, plan.down, out=residual)
+            return None
         from edgelm.layers.triton_ops import gemv
 
-        attn, mlp = self.self_attn, self.mlp
         if ss is None:
             qkv = attn.qkv_proj(normed)
         else:
@@ -105,27 +119,55 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class FusedPlan(NamedTuple):
-    """GEMV configs of a decoder layer's four linears for one row count (triton_ops.gemv)."""
+    """GEMV configs of a decoder layer's four linears for one row count (triton_ops.gemv's, or
+    int4 gemv_h2's where int4)."""
     qkv: object
     o: object
     gate_up: object
     down: object
+    int4: bool = False
 
 
 def fused_plan(layer: LlamaDecoderLayer, hidden: torch.Tensor) -> FusedPlan | None:
     """The fused decode path's configs, or None where it does not apply: a CPU tensor, the switch
-    off, a quantized or non-half weight, or a linear that takes cuBLAS at this row count."""
-    if not (hidden.is_cuda and hidden.dim() == 2 and hidden.dtype in (torch.bfloat16, torch.float16)
-            and triton_ops.enabled("fused_decode")):
+    off ("fused_decode" for dense weights, "fused_int4" for int4), mixed or non-half weights, or a
+    linear whose kernel at this row count has no fused form (cuBLAS; int4: not gemv_h2 without split K).
+    With EDGELM_INT4_CPU=triton (tests, under TRITON_INTERPRET) the int4 plan applies to CPU tensors too."""
+    if not (hidden.dim() == 2 and hidden.dtype in (torch.bfloat16, torch.float16)):
+        return None
+    linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+    if (triton_ops.enabled("fused_int4") and hidden.shape[0] == 1
+            and (hidden.is_cuda or os.environ.get("EDGELM_INT4_CPU") == "triton")):
+        plan = _int4_plan(linears, hidden.device)
+        if plan is not None:
+            return plan
+    if not (hidden.is_cuda and triton_ops.enabled("fused_decode")):
         return None
     from edgelm.layers.triton_ops import gemv
 
-    linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
     if any(type(getattr(lin, "weight", None)) is not nn.Parameter or lin.weight.dtype != hidden.dtype
            for lin in linears):  # int4 layers have no dense weight
         return None
     configs = [gemv.config_for(hidden.shape[0], hidden.device, lin.weight) for lin in linears]
     return None if None in configs else FusedPlan(*configs)
+
+
+def _int4_plan(linears, device: torch.device) -> FusedPlan | None:
+    """One-row configs of four int4 linears on `device` that int4_ptx.gemv_h2_fused runs, or None."""
+    from edgelm.quantization.int4_kernels import choose_kernel
+    from edgelm.quantization.int4_linear import Int4Linear
+    from edgelm.quantization.int4_ptx import fusable
+
+    configs = []
+    for lin in linears:
+        if not (isinstance(lin, Int4Linear) and lin.qweight.device == device and lin.input_perm is None
+                and lin.dense_weight is None and lin.cpu_weight is None):
+            return None
+        choice = choose_kernel(1, lin.packed)
+        if choice is None or choice[0] != "gemv_h2" or not fusable(lin.packed, choice[1]):
+            return None
+        configs.append(choice[1])
+    return FusedPlan(*configs, int4=True)
 
 
 class LlamaModel(nn.Module):
@@ -143,7 +185,8 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, forward_batch):
         hidden, residual = self.embed_tokens(input_ids), None
-        key = (hidden.shape[0], hidden.device, hidden.dtype, triton_ops.enabled("fused_decode"))
+        key = (hidden.shape[0], hidden.device, hidden.dtype, triton_ops.enabled("fused_decode"),
+               triton_ops.enabled("fused_int4"))
         if key not in self._fused_plans:  # the same for every step of this batch size
             self._fused_plans[key] = fused_plan(self.layers[0], hidden) if len(self.layers) else None
         plan = self._fused_plans[key]
@@ -156,7 +199,7 @@ class LlamaModel(nn.Module):
 
     def _forward_fused(self, hidden, positions, forward_batch, plan: FusedPlan) -> torch.Tensor:
         residual, ss = hidden, None  # the embedding output becomes the residual stream, updated in place
-        normed = self.layers[0].input_layernorm(hidden)
+        normed = None if plan.int4 else self.layers[0].input_layernorm(hidden)
         for layer in self.layers:
             ss = layer.forward_fused(positions, normed, residual, ss, forward_batch, plan)
         return self.norm(residual)

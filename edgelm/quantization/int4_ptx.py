@@ -263,11 +263,16 @@ _PAIR_ASM = tl.constexpr("mov.b32 $0, {$1, $2};")
 
 
 @triton.jit
-def _x_pair(x_ptr, k_lo, K, BITS: tl.constexpr):
+def _x_pair(x_ptr, k_lo, K, nw_ptr, BITS: tl.constexpr, NORM: tl.constexpr):
     """x[k_lo] and x[k_lo + 64] (0 past K: blocks past the last one included) and their float32 sum.
-    BITS: the pair as one int32 holding the two 16-bit values (for the PTX); else as two float32."""
+    BITS: the pair as one int32 holding the two 16-bit values (for the PTX); else as two float32.
+    NORM: each x times nw (an RMSNorm's weight), rounded back to 16 bits."""
     lo = tl.load(x_ptr + k_lo, mask=k_lo < K, other=0.0)
     hi = tl.load(x_ptr + k_lo + 64, mask=k_lo + 64 < K, other=0.0)
+    if NORM:
+        lo = (lo.to(tl.float32) * tl.load(nw_ptr + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)).to(lo.dtype)
+        hi = (hi.to(tl.float32) * tl.load(nw_ptr + k_lo + 64, mask=k_lo + 64 < K, other=0.0).to(tl.float32)
+              ).to(hi.dtype)
     total = lo.to(tl.float32) + hi.to(tl.float32)
     if BITS:
         pair = tl.inline_asm_elementwise(_PAIR_ASM, "=r,h,h", [lo, hi], dtype=tl.int32, is_pure=True, pack=1)
@@ -315,14 +320,15 @@ def _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16: tl.constexpr, USE_ASM: tl.constexpr):
-    """[BLOCK_N, BLOCK_B]: s·Σ q·x + m·Σ x of each row's blocks b against x."""
+def _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16: tl.constexpr, USE_ASM: tl.constexpr,
+                 nw_ptr=None, NORM: tl.constexpr = False):
+    """[BLOCK_N, BLOCK_B]: s·Σ q·x + m·Σ x of each row's blocks b against x (x·nw with NORM)."""
     ri = tl.arange(0, 16)
     k0 = (b * 128)[:, None] + ri[None, :]  # [BLOCK_B, 16]: input 128·b + i, then + 16·j
-    p0, x0 = _x_pair(x_ptr, k0, K, USE_ASM)
-    p1, x1 = _x_pair(x_ptr, k0 + 16, K, USE_ASM)
-    p2, x2 = _x_pair(x_ptr, k0 + 32, K, USE_ASM)
-    p3, x3 = _x_pair(x_ptr, k0 + 48, K, USE_ASM)
+    p0, x0 = _x_pair(x_ptr, k0, K, nw_ptr, USE_ASM, NORM)
+    p1, x1 = _x_pair(x_ptr, k0 + 16, K, nw_ptr, USE_ASM, NORM)
+    p2, x2 = _x_pair(x_ptr, k0 + 32, K, nw_ptr, USE_ASM, NORM)
+    p3, x3 = _x_pair(x_ptr, k0 + 48, K, nw_ptr, USE_ASM, NORM)
     xsum = tl.sum(x0 + x1 + x2 + x3, axis=1)  # [BLOCK_B]: Σ x over each block
     qx = tl.sum(_word_dot(words, p0, p1, p2, p3, BF16, USE_ASM), axis=2)
     return sc.to(tl.float32) * qx + off.to(tl.float32) * tl.where(b < b_end, xsum, 0.0)[None, :]
@@ -330,9 +336,10 @@ def _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16: tl.constexpr, USE_ASM
 
 @triton.jit
 def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, KW, NG, blocks_per_split,
-                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
-                    PREFETCH: tl.constexpr):
+                    nw_ptr, eps, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr,
+                    PDL: tl.constexpr, PREFETCH: tl.constexpr, NORM: tl.constexpr = False,
+                    EPILOGUE: tl.constexpr = 0):
     """y [1, N] = x [1, K] · dequant(W)ᵀ on the CUDA cores in packed 16-bit arithmetic (GROUP >= 128).
 
     Tile [BLOCK_N rows, BLOCK_B blocks, 16 words]. Per word one inline-PTX call (_dot_pairs_asm) forms
@@ -342,13 +349,26 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
     (weights never depend on the previous kernel): the stream of weight bytes starts while the
     previous kernel finishes, and twice the bytes are in flight per program (and twice the registers).
     PREFETCH 2: only the first tile is loaded before the wait; no more registers than without.
-    PDL 3 (triton_ops.pdl): the next kernel may launch only once this program's loads are done."""
+    PDL 3 (triton_ops.pdl): the next kernel may launch only once this program's loads are done.
+
+    The fused batch-1 decoder layer (SPLIT_K 1; edgelm.models.llama): NORM: x is the residual stream
+    and the input is RMSNorm(x) with weight nw: x·nw is rounded to 16 bits as it streams in and the
+    row's 1/rms (from x's sum of squares, over all of K) multiplies the sums at the end. EPILOGUE 1:
+    y is the residual stream, updated in place: y = round(round(x Wᵀ + b) + y). EPILOGUE 2: W is
+    gate ‖ up [2I, K]; a program's rows are I_0.. of gate and of up, interleaved, and it writes
+    y [1, I] = silu(gate) · up, each rounded as the SiLU·mul kernel rounds it."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    r = tl.arange(0, BLOCK_N)
+    if EPILOGUE == 2:  # row pairs (gate i, up i)
+        out_n = pid_n * (BLOCK_N // 2) + r // 2
+        n_ok = out_n < N // 2
+        rn = out_n + (r % 2) * (N // 2)
+    else:
+        rn = pid_n * BLOCK_N + r
+        n_ok = rn < N
     rb = tl.arange(0, BLOCK_B)
     ri = tl.arange(0, 16)
-    n_ok = rn < N
     b_start = pid_k * blocks_per_split
     b_end = tl.minimum(KW // 16, b_start + blocks_per_split)
     w_rows = qw_ptr + rn[:, None, None] * KW + ri[None, None, :]
@@ -356,28 +376,49 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
     if PREFETCH == 2:
         words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b_start + rb, b_end, GROUP)
         wait_and_release(PDL)
-        acc += _h2_tile_dot(x_ptr, K, b_start + rb, b_end, words, sc, off, BF16, USE_ASM)
+        acc += _h2_tile_dot(x_ptr, K, b_start + rb, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, NORM)
         for b0 in range(b_start + BLOCK_B, b_start + blocks_per_split, BLOCK_B):
             b = b0 + rb
             words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP)
-            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM)
+            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, NORM)
     elif PREFETCH == 1:
         words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b_start + rb, b_end, GROUP)
         wait_and_release(PDL)  # triton_ops.pdl: launched while the previous kernel finishes
         for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
             b = b0 + rb
             words_next, sc_next, off_next = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b + BLOCK_B, b_end, GROUP)
-            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM)
+            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, NORM)
             words, sc, off = words_next, sc_next, off_next
     else:
         wait_and_release(PDL)
         for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
             b = b0 + rb
             words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP)
-            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM)
+            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, NORM)
     release_late(PDL)
-    _store_row(y_ptr, ws_ptr, cnt_ptr, bias_ptr, tl.sum(acc, axis=1), rn, n_ok, N, pid_n, pid_k, SPLIT_K, HAS_BIAS,
-               BLOCK_N)
+    out = tl.sum(acc, axis=1)
+    if NORM:  # 1/rms of the residual row (x is in L1 or L2 by now)
+        offs = tl.arange(0, 1024)
+        ss = tl.zeros([1024], dtype=tl.float32)
+        for k0 in range(0, K, 1024):
+            xk = tl.load(x_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            ss += xk * xk
+        out = out * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    if EPILOGUE == 0:
+        _store_row(y_ptr, ws_ptr, cnt_ptr, bias_ptr, out, rn, n_ok, N, pid_n, pid_k, SPLIT_K, HAS_BIAS, BLOCK_N)
+    else:
+        dtype = y_ptr.dtype.element_ty
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        out = out.to(dtype).to(tl.float32)
+        if EPILOGUE == 1:
+            res = tl.load(y_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(y_ptr + rn, (out + res).to(dtype), mask=n_ok)
+        else:
+            gate, up = tl.split(tl.reshape(out, (BLOCK_N // 2, 2)))
+            act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+            i = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            tl.store(y_ptr + i, (act * up).to(dtype), mask=i < N // 2)
 
 
 @triton.jit
@@ -485,7 +526,45 @@ def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
         return y
     _gemv_h2_kernel[(tiles, split_k)](
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,
-        w.scales.shape[1], per * block_b, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b, SPLIT_K=split_k,
-        HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, PDL=pdl_on,
-        PREFETCH=prefetch, num_warps=num_warps, **pdl.launch_kwargs(pdl_on))
+        w.scales.shape[1], per * block_b, x, 0.0, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b,
+        SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET,
+        PDL=pdl_on, PREFETCH=prefetch, num_warps=num_warps, **pdl.launch_kwargs(pdl_on))
+    return y
+
+
+def fusable(w: Int4Weight, config) -> bool:
+    """Whether gemv_h2_fused runs `config` (gemv_h2's) on w: no split K, not the persistent kernel."""
+    block_n, block_b, split_k, _num_warps, *rest = config
+    return (w.group_size >= 128 and block_n % 2 == 0
+            and split_tiles(-(-(w.qweight.shape[1] // WORDS_PER_BLOCK) // block_b), split_k)[0] == 1
+            and not (len(rest) > 2 and rest[2]))
+
+
+def gemv_h2_fused(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config, out: torch.Tensor | None = None,
+                  norm: tuple[torch.Tensor, float] | None = None, silu_pairs: bool = False) -> torch.Tensor:
+    """_gemv_h2_kernel for the fused batch-1 decoder layer (edgelm.models.llama), x [1, K]:
+    norm (weight, eps): the input is RMSNorm(x); out given: out [1, N] += the result, in place, rounded
+    as the add+RMSNorm kernel rounds it (the residual stream); silu_pairs: w is gate ‖ up and the
+    result is silu(gate) · up [1, N / 2]. config as gemv_h2's, where `fusable`."""
+    block_n, block_b, split_k, num_warps, *rest = config
+    prefetch = int(rest[0]) if rest else 0
+    n, kw = w.qweight.shape
+    if x.shape[0] != 1 or x.stride(-1) != 1 or x.dtype not in (torch.float16, torch.bfloat16) or not fusable(w, config):
+        raise ValueError("gemv_h2_fused: needs one contiguous fp16/bf16 row and a config without split K")
+    if silu_pairs and (out is not None or n % 2):
+        raise ValueError("gemv_h2_fused: silu_pairs needs gate ‖ up and no residual")
+    if norm is not None and out is not None:
+        raise ValueError("gemv_h2_fused: the norm reads the residual stream that `out` would update")
+    epilogue = 1 if out is not None else 2 if silu_pairs else 0
+    y = out if out is not None else torch.empty(1, n // 2 if silu_pairs else n, dtype=x.dtype, device=x.device)
+    pdl_on = pdl.mode(x.device, 1, small=False)
+    if len(rest) > 1 and rest[1] and pdl_on == 1:
+        pdl_on = 3
+    nw, eps = norm if norm is not None else (x, 0.0)
+    _gemv_h2_kernel[(triton.cdiv(n, block_n), 1)](
+        x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, y, y, n, w.in_features, kw,
+        w.scales.shape[1], -(-(kw // WORDS_PER_BLOCK) // block_b) * block_b, nw, eps, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b,
+        SPLIT_K=1, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, PDL=pdl_on,
+        PREFETCH=prefetch, NORM=norm is not None, EPILOGUE=epilogue, num_warps=num_warps,
+        **pdl.launch_kwargs(pdl_on))
     return y

@@ -211,9 +211,13 @@ def _check_gemv_h2_fused(n, k, group, config, dtype, device):
 @pytest.mark.parametrize("group,n,k,config,dtype", [(128, 40, 300, (8, 2, 1, 4), torch.bfloat16),
                                                     (128, 44, 2200, (8, 4, 1, 4, 2), torch.float16),
                                                     (256, 40, 1000, (16, 2, 1, 4, 1), torch.bfloat16)])
-def test_gemv_h2_fused_small(group, n, k, config, dtype):
+@pytest.mark.parametrize("norm_at", ["end", "start"])
+def test_gemv_h2_fused_small(group, n, k, config, dtype, norm_at, monkeypatch):
     """The fused decoder layer's int4 GEMV (its plain-op path here): row tiles past N, K not a
-    multiple of the tile, each weight-prefetch mode."""
+    multiple of the tile, each weight-prefetch mode, the norm's squares summed after or before the K loop."""
+    from edgelm.quantization import int4_ptx
+
+    monkeypatch.setattr(int4_ptx, "FUSED_NORM_AT", norm_at)
     _check_gemv_h2_fused(n, k, group, config, dtype, DEVICE)
 
 
@@ -221,8 +225,12 @@ def test_gemv_h2_fused_small(group, n, k, config, dtype):
 @pytest.mark.parametrize("n,k,config", [(6144, 4096, (8, 16, 1, 4, 2)), (4096, 4096, (8, 16, 1, 4, 1, 1)),
                                         (28672, 4096, (16, 8, 1, 4)), (4096, 14336, (8, 16, 1, 4, 1))])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gemv_h2_fused_gpu(n, k, config, dtype):
+@pytest.mark.parametrize("norm_at", ["end", "start"])
+def test_gemv_h2_fused_gpu(n, k, config, dtype, norm_at, monkeypatch):
     """gemv_h2_fused's inline-PTX path on the Llama-3.1-8B shapes and shipped configs."""
+    from edgelm.quantization import int4_ptx
+
+    monkeypatch.setattr(int4_ptx, "FUSED_NORM_AT", norm_at)
     _check_gemv_h2_fused(n, k, 128, config, dtype, "cuda")
 
 

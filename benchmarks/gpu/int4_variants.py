@@ -8,11 +8,12 @@ last, so drift shows; then the per-shape winners (each > 5 us better than the me
 together twice around one more baseline, and their tables are written in load_dispatch's format
 (--dispatch-out) so that EDGELM_INT4_DISPATCH=file runs them in any later command. The shapes are
 the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|...|round7|all (or a
-comma-separated list) picks the configs tried (all: every round, for a GPU or model not swept yet, e.g. a
+comma-separated list; none: only the shipped tables) picks the configs tried (all: every round, for a GPU or model not swept yet, e.g. a
 Jetson with its own model). --ablate-gemv adds one run of the shipped step with every int4 GEMV launching
 nothing: the step minus it is what the int4 GEMVs cost inside the step. --fused-ab adds the shipped tables
 with the fused int4 decoder layer (triton_ops "fused_int4": norms, SiLU·mul and residual adds inside the
-GEMVs) on, off, on, after the sweep.
+GEMVs; its norm's squares summed after or before the K loop) on (end), off, on (start), on (end), on
+(start), after the sweep.
 
     python benchmarks/gpu/int4_variants.py --model-path llama-3.1-8b --load-format dummy --dtype bfloat16 \
         --torchao-config int4wo-128 --batch-size 1 --input-len 1024 --output-len 64 \
@@ -135,6 +136,8 @@ def candidates(which: str) -> dict[str, list[tuple[str, tuple]]]:
     """The configs of the rounds named, comma-separated ("round2,round3"), or of all of them ("all":
     for a GPU or model not swept yet)."""
     known = {"round1": ROUND1, "round2": CANDIDATES, "round3": ROUND3, "round4": ROUND4, "round5": ROUND5, "round6": ROUND6, "round7": ROUND7}
+    if which == "none":  # the shipped tables only (with --fused-ab or --ablate-gemv)
+        return {}
     names = list(known) if which == "all" else which.split(",")
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -234,16 +237,19 @@ def main(argv=None) -> dict:
             measure(v)
     if fused_ab:
         from edgelm.layers import triton_ops
+        from edgelm.quantization import int4_ptx
 
         plain_ops = ",".join(sorted(triton_ops._enabled))
-        for on in (True, False, True):
-            triton_ops.set_enabled(plain_ops + (",fused_int4" if on else ""))
+        for at in ("end", None, "start", "end", "start"):  # on (norm's squares after / before the K loop), off
+            triton_ops.set_enabled(plain_ops + (",fused_int4" if at else ""))
+            int4_ptx.FUSED_NORM_AT = at or "end"
             try:
                 r = measure({})
             finally:
                 triton_ops.set_enabled(plain_ops)
-            r["label"] = "shipped, fused int4 layer " + ("on" if on else "off")
-            r["fused_int4"] = on
+                int4_ptx.FUSED_NORM_AT = "end"
+            r["label"] = f"shipped, fused int4 layer on (norm at {at})" if at else "shipped, fused int4 layer off"
+            r["fused_int4"] = at or False
     if ablate:  # the shipped step with every batch-1 int4 GEMV launching nothing: what the rest of the step costs
         kernels = dict(int4_kernels.KERNELS)
         int4_kernels.KERNELS.update({k: _no_gemv for k in kernels})

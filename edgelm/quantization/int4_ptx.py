@@ -335,10 +335,21 @@ def _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16: tl.constexpr, USE_ASM
 
 
 @triton.jit
+def _row_rstd(x_ptr, K, eps):
+    """1 / rms of the row x [K] (float32), as the RMSNorm kernel computes it."""
+    offs = tl.arange(0, 1024)
+    ss = tl.zeros([1024], dtype=tl.float32)
+    for k0 in range(0, K, 1024):
+        xk = tl.load(x_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        ss += xk * xk
+    return tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+
+
+@triton.jit
 def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, KW, NG, blocks_per_split,
                     nw_ptr, eps, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
                     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr,
-                    PDL: tl.constexpr, PREFETCH: tl.constexpr, NORM: tl.constexpr = False,
+                    PDL: tl.constexpr, PREFETCH: tl.constexpr, NORM: tl.constexpr = 0,
                     EPILOGUE: tl.constexpr = 0):
     """y [1, N] = x [1, K] · dequant(W)ᵀ on the CUDA cores in packed 16-bit arithmetic (GROUP >= 128).
 
@@ -353,7 +364,8 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
 
     The fused batch-1 decoder layer (SPLIT_K 1; edgelm.models.llama): NORM: x is the residual stream
     and the input is RMSNorm(x) with weight nw: x·nw is rounded to 16 bits as it streams in and the
-    row's 1/rms (from x's sum of squares, over all of K) multiplies the sums at the end. EPILOGUE 1:
+    row's 1/rms (from x's sum of squares, over all of K) multiplies the sums at the end; NORM 1 sums
+    the squares after the K loop, NORM 2 right after the PDL wait (while the first weights load). EPILOGUE 1:
     y is the residual stream, updated in place: y = round(round(x Wᵀ + b) + y). EPILOGUE 2: W is
     gate ‖ up [2I, K]; a program's rows are I_0.. of gate and of up, interleaved, and it writes
     y [1, I] = silu(gate) · up, each rounded as the SiLU·mul kernel rounds it."""
@@ -376,6 +388,8 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
     if PREFETCH == 2:
         words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b_start + rb, b_end, GROUP)
         wait_and_release(PDL)
+        if NORM == 2:
+            rstd = _row_rstd(x_ptr, K, eps)
         acc += _h2_tile_dot(x_ptr, K, b_start + rb, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, NORM)
         for b0 in range(b_start + BLOCK_B, b_start + blocks_per_split, BLOCK_B):
             b = b0 + rb
@@ -384,6 +398,8 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
     elif PREFETCH == 1:
         words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b_start + rb, b_end, GROUP)
         wait_and_release(PDL)  # triton_ops.pdl: launched while the previous kernel finishes
+        if NORM == 2:
+            rstd = _row_rstd(x_ptr, K, eps)
         for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
             b = b0 + rb
             words_next, sc_next, off_next = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b + BLOCK_B, b_end, GROUP)
@@ -391,19 +407,18 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
             words, sc, off = words_next, sc_next, off_next
     else:
         wait_and_release(PDL)
+        if NORM == 2:
+            rstd = _row_rstd(x_ptr, K, eps)
         for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
             b = b0 + rb
             words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP)
             acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, NORM)
     release_late(PDL)
     out = tl.sum(acc, axis=1)
-    if NORM:  # 1/rms of the residual row (x is in L1 or L2 by now)
-        offs = tl.arange(0, 1024)
-        ss = tl.zeros([1024], dtype=tl.float32)
-        for k0 in range(0, K, 1024):
-            xk = tl.load(x_ptr + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-            ss += xk * xk
-        out = out * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    if NORM == 1:  # 1/rms of the residual row (x is in L1 or L2 by now)
+        rstd = _row_rstd(x_ptr, K, eps)
+    if NORM:
+        out = out * rstd
     if EPILOGUE == 0:
         _store_row(y_ptr, ws_ptr, cnt_ptr, bias_ptr, out, rn, n_ok, N, pid_n, pid_k, SPLIT_K, HAS_BIAS, BLOCK_N)
     else:
@@ -540,6 +555,11 @@ def fusable(w: Int4Weight, config) -> bool:
             and not (len(rest) > 2 and rest[2]))
 
 
+# where gemv_h2_fused's RMSNorm sums the row's squares: "end" (after the K loop) or "start" (after the PDL
+# wait); int4_variants.py --fused-ab times both
+FUSED_NORM_AT = os.environ.get("EDGELM_FUSED_INT4_NORM_AT", "end")
+
+
 def gemv_h2_fused(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config, out: torch.Tensor | None = None,
                   norm: tuple[torch.Tensor, float] | None = None, silu_pairs: bool = False) -> torch.Tensor:
     """_gemv_h2_kernel for the fused batch-1 decoder layer (edgelm.models.llama), x [1, K]:
@@ -565,6 +585,7 @@ def gemv_h2_fused(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, con
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, y, y, n, w.in_features, kw,
         w.scales.shape[1], -(-(kw // WORDS_PER_BLOCK) // block_b) * block_b, nw, eps, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b,
         SPLIT_K=1, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, PDL=pdl_on,
-        PREFETCH=prefetch, NORM=norm is not None, EPILOGUE=epilogue, num_warps=num_warps,
+        PREFETCH=prefetch, NORM=0 if norm is None else 2 if FUSED_NORM_AT == "start" else 1, EPILOGUE=epilogue,
+        num_warps=num_warps,
         **pdl.launch_kwargs(pdl_on))
     return y

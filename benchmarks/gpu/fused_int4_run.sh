@@ -15,7 +15,7 @@ echo "($((SECONDS - t0)) s)"
 timeout 80 $b --batch-size 1 --input-len 1024 --output-len 64 \
     --result-file $OUT/bench_one_batch_llama-3.1-8b_bf16_bs1_$dev.json 2>&1 | grep -v -i warn | tail -3
 echo "($((SECONDS - t0)) s)"
-EDGELM_TRITON_OPS=$ops timeout 110 $b --torchao-config int4wo-128 --batch-size 1 8 32 --input-len 1024 --output-len 64 \
+EDGELM_TRITON_OPS=$ops timeout 110 $b --torchao-config int4wo-128 --batch-size ${TABLE_BS:-1 8 32} --input-len 1024 --output-len 64 \
     --result-file $OUT/bench_one_batch_llama-3.1-8b_int4wo-128_fused_$dev.json 2>&1 | grep -v -i warn | tail -5
 echo "($((SECONDS - t0)) s)"
 timeout 140 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_int4.py \

@@ -207,6 +207,43 @@ def _check_gemv_h2_fused(n, k, group, config, dtype, device):
         gemv_h2_fused(residual, w, bias, config, norm=(nw, 1e-5), out=residual)
 
 
+def _check_gemv_h2_rope(heads, kv_heads, head_dim, k, config, dtype, device):
+    """gemv_h2_fused's q ‖ k ‖ v epilogue (RMSNorm in, rotary and KV write out) against the unfused
+    ops: the GEMV, the rotary (torch path), k and v stored at the token's slot, no other slot touched."""
+    from edgelm.layers.layernorm import rms_norm_ref
+    from edgelm.layers.rotary import RotaryEmbedding
+    from edgelm.quantization.int4_ptx import RopeStore, gemv_h2_fused
+
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    w = _random_int4(q_size + 2 * kv_size, k, 128, device, meta=dtype)
+    bias = torch.randn(q_size + 2 * kv_size, device=device).to(dtype)
+    residual = (3 * torch.randn(1, k, device=device)).to(dtype)
+    nw = (1 + 0.3 * torch.randn(k, device=device)).to(dtype)
+    qkv = reference(rms_norm_ref(residual, nw, 1e-5), w, bias).to(dtype)
+    rotary = RotaryEmbedding(head_dim, 64, 10000.0).to(device)
+    positions = torch.tensor([37], device=device)
+    q_ref, k_ref = rotary.forward_native(positions, *qkv[:, :q_size + kv_size].split([q_size, kv_size], dim=-1))
+    k_buf = torch.zeros(6, kv_heads, head_dim, device=device, dtype=dtype)
+    v_buf = torch.zeros_like(k_buf)
+    slots = torch.tensor([4], device=device)
+    rope = RopeStore(positions, rotary.cos_sin_cache, head_dim, q_size, kv_size, k_buf, v_buf, slots)
+    q = gemv_h2_fused(residual, w, bias, config, norm=(nw, 1e-5), rope=rope)
+    assert q.shape == (1, q_size)
+    assert rel_err(q, q_ref) < 1e-2
+    assert rel_err(k_buf[4].reshape(1, -1), k_ref) < 1e-2
+    assert rel_err(v_buf[4].reshape(1, -1), qkv[:, q_size + kv_size:]) < 1e-2
+    assert not k_buf[:4].any() and not v_buf[5:].any()
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("heads,kv_heads,head_dim,config,dtype", [(3, 1, 16, (8, 2, 1, 4), torch.bfloat16),
+                                                                  (2, 1, 12, (16, 2, 1, 4, 2), torch.float16)])
+def test_gemv_h2_rope_small(heads, kv_heads, head_dim, config, dtype):
+    """The fused qkv_proj's rotary + KV-write epilogue (plain-op path): pairs of a head across row
+    tiles, a tile past the last pair, head_dim / 2 not a power of two."""
+    _check_gemv_h2_rope(heads, kv_heads, head_dim, 300, config, dtype, DEVICE)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 @pytest.mark.parametrize("group,n,k,config,dtype", [(128, 40, 300, (8, 2, 1, 4), torch.bfloat16),
                                                     (128, 44, 2200, (8, 4, 1, 4, 2), torch.float16),
@@ -219,6 +256,13 @@ def test_gemv_h2_fused_small(group, n, k, config, dtype, norm_at, monkeypatch):
 
     monkeypatch.setattr(int4_ptx, "FUSED_NORM_AT", norm_at)
     _check_gemv_h2_fused(n, k, group, config, dtype, DEVICE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv_h2_rope_gpu(dtype):
+    """The rotary + KV-write epilogue's inline-PTX path on Llama-3.1-8B's qkv_proj (32 + 8 + 8 heads of 128)."""
+    _check_gemv_h2_rope(32, 8, 128, 4096, (8, 16, 1, 4, 2), dtype, "cuda")
 
 
 @pytest.mark.gpu

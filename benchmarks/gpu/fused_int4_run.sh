@@ -9,7 +9,7 @@ echo "DEV=$dev"; t0=$SECONDS
 m="--model-path llama-3.1-8b --load-format dummy --dtype bfloat16"
 b="python3 -m edgelm.bench_one_batch $m"
 ops=$(python3 -c "from edgelm.layers import triton_ops as t; print(','.join(sorted(t.DEFAULT_ON | {'fused_int4'})))")
-timeout ${VT:-230} python3 benchmarks/gpu/int4_variants.py $m --torchao-config int4wo-128 --batch-size 1 --input-len 1024 \
+timeout ${VT:-250} python3 benchmarks/gpu/int4_variants.py $m --torchao-config int4wo-128 --batch-size 1 --input-len 1024 \
     --output-len 64 --candidates none --fused-ab --out $OUT/int4_variants_bs1_fused_$dev.json 2>&1 | grep -v -i warn | tail -8
 echo "($((SECONDS - t0)) s)"
 timeout 80 $b --batch-size 1 --input-len 1024 --output-len 64 \

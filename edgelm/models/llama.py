@@ -91,11 +91,22 @@ class LlamaDecoderLayer(nn.Module):
         int4_ptx.gemv_h2_fused): every GEMV normalises its own input; SiLU·mul is gate_up's epilogue."""
         attn, mlp = self.self_attn, self.mlp
         if plan.int4:
+            from edgelm.quantization.int4_ptx import RopeStore
             from edgelm.quantization.int4_ptx import gemv_h2_fused as fused
 
             norm = self.input_layernorm
-            qkv = fused(residual, attn.qkv_proj.packed, attn.qkv_proj.bias, plan.qkv, norm=(norm.weight, norm.eps))
-            out = attn.attend(positions, qkv, forward_batch)
+            backend = forward_batch.attn_backend
+            target = backend.fused_kv_target(attn.attn, forward_batch) if plan.rope and FUSED_INT4_ROPE else None
+            if target is not None:  # qkv_proj's epilogue rotates q and k and writes k and v to the pool
+                rope = RopeStore(positions, attn.rotary_emb.cos_sin_cache, attn.head_dim, attn.q_size, attn.kv_size,
+                                 *target)
+                q = fused(residual, attn.qkv_proj.packed, attn.qkv_proj.bias, plan.qkv, norm=(norm.weight, norm.eps),
+                          rope=rope)
+                out = backend.forward_decode_stored(q, attn.attn, forward_batch, target[0], target[1])
+            else:
+                qkv = fused(residual, attn.qkv_proj.packed, attn.qkv_proj.bias, plan.qkv,
+                            norm=(norm.weight, norm.eps))
+                out = attn.attend(positions, qkv, forward_batch)
             fused(out, attn.o_proj.packed, attn.o_proj.bias, plan.o, out=residual)
             norm = self.post_attention_layernorm
             act = fused(residual, mlp.gate_up_proj.packed, mlp.gate_up_proj.bias, plan.gate_up,
@@ -126,6 +137,12 @@ class FusedPlan(NamedTuple):
     gate_up: object
     down: object
     int4: bool = False
+    rope: bool = False  # int4: qkv_proj's epilogue may take the rotary and the KV write (no q/k norm)
+
+
+# int4 plans with `rope`: qkv_proj's gemv_h2 applies the rotary and writes K/V into the pool itself where
+# the attention backend takes that (fused_kv_target); EDGELM_FUSED_INT4_ROPE=0 keeps the rotary launch
+FUSED_INT4_ROPE = os.environ.get("EDGELM_FUSED_INT4_ROPE", "1") != "0"
 
 
 def fused_plan(layer: LlamaDecoderLayer, hidden: torch.Tensor) -> FusedPlan | None:
@@ -140,7 +157,7 @@ def fused_plan(layer: LlamaDecoderLayer, hidden: torch.Tensor) -> FusedPlan | No
             and (hidden.is_cuda or os.environ.get("EDGELM_INT4_CPU") == "triton")):
         plan = _int4_plan(linears, hidden.device)
         if plan is not None:
-            return plan
+            return plan._replace(rope=layer.self_attn.q_norm is None and layer.self_attn.head_dim % 2 == 0)
     if not (hidden.is_cuda and triton_ops.enabled("fused_decode")):
         return None
     from edgelm.layers.triton_ops import gemv

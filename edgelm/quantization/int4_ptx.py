@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -347,10 +348,11 @@ def _row_rstd(x_ptr, K, eps):
 
 @triton.jit
 def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, KW, NG, blocks_per_split,
-                    nw_ptr, eps, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr,
-                    PDL: tl.constexpr, PREFETCH: tl.constexpr, NORM: tl.constexpr = 0,
-                    EPILOGUE: tl.constexpr = 0):
+                    nw_ptr, eps, pos_ptr, cs_ptr, k_buf_ptr, v_buf_ptr, slot_ptr, q_size, kv_size,
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
+                    PREFETCH: tl.constexpr, NORM: tl.constexpr = 0, EPILOGUE: tl.constexpr = 0,
+                    HALF: tl.constexpr = 1):
     """y [1, N] = x [1, K] · dequant(W)ᵀ on the CUDA cores in packed 16-bit arithmetic (GROUP >= 128).
 
     Tile [BLOCK_N rows, BLOCK_B blocks, 16 words]. Per word one inline-PTX call (_dot_pairs_asm) forms
@@ -368,7 +370,11 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
     the squares after the K loop, NORM 2 right after the PDL wait (while the first weights load). EPILOGUE 1:
     y is the residual stream, updated in place: y = round(round(x Wᵀ + b) + y). EPILOGUE 2: W is
     gate ‖ up [2I, K]; a program's rows are I_0.. of gate and of up, interleaved, and it writes
-    y [1, I] = silu(gate) · up, each rounded as the SiLU·mul kernel rounds it."""
+    y [1, I] = silu(gate) · up, each rounded as the SiLU·mul kernel rounds it. EPILOGUE 3: W is
+    q ‖ k ‖ v (heads of 2·HALF rows); a program's rows are pairs (d, d + HALF) of heads, and it writes
+    the rotary (cos ‖ sin at position pos_ptr[0] of cs_ptr's [positions, 2·HALF] table) of q into
+    y [1, q_size] and of k into the KV pool's row slot_ptr[0] of k_buf, v as it is into v_buf's
+    (k_buf, v_buf [slots, kv_size]), rounded as the rotary + KV-write kernel rounds them."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     r = tl.arange(0, BLOCK_N)
@@ -376,6 +382,10 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
         out_n = pid_n * (BLOCK_N // 2) + r // 2
         n_ok = out_n < N // 2
         rn = out_n + (r % 2) * (N // 2)
+    elif EPILOGUE == 3:  # row pairs (d, d + HALF) of a head
+        pair = pid_n * (BLOCK_N // 2) + r // 2
+        n_ok = pair < N // 2
+        rn = (pair // HALF) * (2 * HALF) + pair % HALF + (r % 2) * HALF
     else:
         rn = pid_n * BLOCK_N + r
         n_ok = rn < N
@@ -429,6 +439,28 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
         if EPILOGUE == 1:
             res = tl.load(y_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
             tl.store(y_ptr + rn, (out + res).to(dtype), mask=n_ok)
+        elif EPILOGUE == 3:
+            x1, x2 = tl.split(tl.reshape(out, (BLOCK_N // 2, 2)))
+            pair = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            ok = pair < N // 2
+            d = pair % HALF
+            row = (pair // HALF) * (2 * HALF) + d  # x1's row; x2's is row + HALF
+            pos = tl.load(pos_ptr).to(tl.int64)
+            cos = tl.load(cs_ptr + pos * (2 * HALF) + d, mask=ok, other=0.0)
+            sin = tl.load(cs_ptr + pos * (2 * HALF) + HALF + d, mask=ok, other=0.0)
+            rot = row < q_size + kv_size  # q and k rotate, v does not
+            o1 = tl.where(rot, x1 * cos - x2 * sin, x1).to(dtype)
+            o2 = tl.where(rot, x2 * cos + x1 * sin, x2).to(dtype)
+            is_q = ok & (row < q_size)
+            tl.store(y_ptr + row, o1, mask=is_q)
+            tl.store(y_ptr + row + HALF, o2, mask=is_q)
+            kv = tl.load(slot_ptr).to(tl.int64) * kv_size + row - q_size
+            is_k = ok & rot & (row >= q_size)
+            tl.store(k_buf_ptr + kv, o1, mask=is_k)
+            tl.store(k_buf_ptr + kv + HALF, o2, mask=is_k)
+            is_v = ok & (row >= q_size + kv_size)
+            tl.store(v_buf_ptr + kv - kv_size, o1, mask=is_v)
+            tl.store(v_buf_ptr + kv - kv_size + HALF, o2, mask=is_v)
         else:
             gate, up = tl.split(tl.reshape(out, (BLOCK_N // 2, 2)))
             act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
@@ -541,7 +573,8 @@ def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
         return y
     _gemv_h2_kernel[(tiles, split_k)](
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,
-        w.scales.shape[1], per * block_b, x, 0.0, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b,
+        w.scales.shape[1], per * block_b, x, 0.0, x, x, x, x, x, 0, 0, GROUP=w.group_size, BLOCK_N=block_n,
+        BLOCK_B=block_b,
         SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET,
         PDL=pdl_on, PREFETCH=prefetch, num_warps=num_warps, **pdl.launch_kwargs(pdl_on))
     return y
@@ -560,12 +593,28 @@ def fusable(w: Int4Weight, config) -> bool:
 FUSED_NORM_AT = os.environ.get("EDGELM_FUSED_INT4_NORM_AT", "end")
 
 
+class RopeStore(NamedTuple):
+    """gemv_h2_fused's rotary + KV-write epilogue: position [1] (int), the cos ‖ sin table
+    [positions, head_dim] float32, the q / k widths, the KV pool's buffers [slots, kv_heads, head_dim]
+    and the token's slot [1]."""
+    positions: torch.Tensor
+    cos_sin: torch.Tensor
+    head_dim: int
+    q_size: int
+    kv_size: int
+    k_buf: torch.Tensor
+    v_buf: torch.Tensor
+    slots: torch.Tensor
+
+
 def gemv_h2_fused(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config, out: torch.Tensor | None = None,
-                  norm: tuple[torch.Tensor, float] | None = None, silu_pairs: bool = False) -> torch.Tensor:
+                  norm: tuple[torch.Tensor, float] | None = None, silu_pairs: bool = False,
+                  rope: RopeStore | None = None) -> torch.Tensor:
     """_gemv_h2_kernel for the fused batch-1 decoder layer (edgelm.models.llama), x [1, K]:
     norm (weight, eps): the input is RMSNorm(x); out given: out [1, N] += the result, in place, rounded
     as the add+RMSNorm kernel rounds it (the residual stream); silu_pairs: w is gate ‖ up and the
-    result is silu(gate) · up [1, N / 2]. config as gemv_h2's, where `fusable`."""
+    result is silu(gate) · up [1, N / 2]; rope: w is q ‖ k ‖ v, q comes back rotated [1, q_size] and
+    the rotated k and v go to the KV pool (EPILOGUE 3). config as gemv_h2's, where `fusable`."""
     block_n, block_b, split_k, num_warps, *rest = config
     prefetch = int(rest[0]) if rest else 0
     n, kw = w.qweight.shape
@@ -575,17 +624,25 @@ def gemv_h2_fused(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, con
         raise ValueError("gemv_h2_fused: silu_pairs needs gate ‖ up and no residual")
     if norm is not None and out is not None:
         raise ValueError("gemv_h2_fused: the norm reads the residual stream that `out` would update")
-    epilogue = 1 if out is not None else 2 if silu_pairs else 0
-    y = out if out is not None else torch.empty(1, n // 2 if silu_pairs else n, dtype=x.dtype, device=x.device)
+    if rope is not None and (out is not None or silu_pairs or rope.head_dim % 2 or n != rope.q_size + 2 * rope.kv_size
+                             or rope.k_buf.dtype != x.dtype or not rope.k_buf.is_contiguous()
+                             or rope.cos_sin.shape[1] != rope.head_dim or not rope.cos_sin.is_contiguous()
+                             or not rope.v_buf.is_contiguous() or rope.k_buf[0].numel() != rope.kv_size):
+        raise ValueError("gemv_h2_fused: rope needs q ‖ k ‖ v and contiguous [slots, kv_size] pool buffers")
+    epilogue = 1 if out is not None else 2 if silu_pairs else 3 if rope is not None else 0
+    width = n // 2 if silu_pairs else rope.q_size if rope is not None else n
+    y = out if out is not None else torch.empty(1, width, dtype=x.dtype, device=x.device)
+    r = rope if rope is not None else RopeStore(x, x, 2, 0, 0, x, x, x)
     pdl_on = pdl.mode(x.device, 1, small=False)
     if len(rest) > 1 and rest[1] and pdl_on == 1:
         pdl_on = 3
     nw, eps = norm if norm is not None else (x, 0.0)
     _gemv_h2_kernel[(triton.cdiv(n, block_n), 1)](
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, y, y, n, w.in_features, kw,
-        w.scales.shape[1], -(-(kw // WORDS_PER_BLOCK) // block_b) * block_b, nw, eps, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b,
+        w.scales.shape[1], -(-(kw // WORDS_PER_BLOCK) // block_b) * block_b, nw, eps, r.positions, r.cos_sin, r.k_buf,
+        r.v_buf, r.slots, r.q_size, r.kv_size, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b,
         SPLIT_K=1, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, PDL=pdl_on,
         PREFETCH=prefetch, NORM=0 if norm is None else 2 if FUSED_NORM_AT == "start" else 1, EPILOGUE=epilogue,
-        num_warps=num_warps,
+        HALF=r.head_dim // 2, num_warps=num_warps,
         **pdl.launch_kwargs(pdl_on))
     return y

@@ -40,6 +40,18 @@ class AttentionBackend(ABC):
             return self.forward_decode(q, k, v, layer, forward_batch)
         return self.forward_extend(q, k, v, layer, forward_batch)
 
+    def fused_kv_target(self, layer: RadixAttention, forward_batch: ForwardBatch):
+        """(k_buf, v_buf, slots): where a decode step's caller may write the new K/V itself (with
+        the rotary already applied to q and k) and then call `forward_decode_stored`; None where this
+        backend or step does not take that (the default)."""
+        return None
+
+    def forward_decode_stored(self, q: torch.Tensor, layer: RadixAttention, forward_batch: ForwardBatch,
+                              k_buf: torch.Tensor, v_buf: torch.Tensor) -> torch.Tensor:
+        """Decode attention of the rotated q [T, H * D] over the pool, the step's K/V written already
+        (at the slots `fused_kv_target` gave)."""
+        raise NotImplementedError
+
     # CUDA-graph hooks: backends that support graphs override these.
     def init_cuda_graph_state(self, max_bs: int, max_context_len: int) -> None:
         raise NotImplementedError

@@ -65,6 +65,39 @@ def decode_ablations() -> list[str]:
                         f"{', '.join(dates)}</sub>", ""]
 
 
+def step_ab() -> list[str]:
+    """Batch-1 A/B runs of one device call: the attention's K/V prefetch (results/ablations/prefetch_kv) and
+    the fused int4 decoder layer (results/int4_variants_bs1_fused_*.json)."""
+    lines: list[str] = []
+    runs = _load(os.path.join("ablations", "prefetch_kv", "prefetch_kv_*.json"))
+    if runs:
+        d0 = runs[0][1]
+        lines += [f"**Decode attention's K/V prefetch, off and on twice in one device call** ({d0['model']}, batch 1, "
+                  f"input {d0['results'][0]['input_len']}; DecodeConfig.prefetch_kv: each split's first K/V block "
+                  "loaded before the PDL wait; `benchmarks/gpu/prefetch_kv_run.sh`; the first int4wo-128 'on' run's "
+                  "JSON did not come back from the device: its line is in `results/logs/prefetch_kv_run_h100_2026-12-06.txt`)",
+                  "", "| weights | run | ITL median (ms) | decode tok/s |", "| --- | --- | ---: | ---: |"]
+        order = {"off": 0, "on": 1, "off2": 2, "on2": 3}
+        keyed = []
+        for name, d in runs:
+            quant, run = name[len("prefetch_kv_"):].rsplit("_", 1)[0].rsplit("_", 1)
+            keyed.append(((quant != "bf16", order.get(run, 9)), quant, run, d))
+        for _, quant, run, d in sorted(keyed, key=lambda t: t[0]):
+            r = d["results"][0]
+            lines.append(f"| {quant} | {run} | {r['decode_median_latency_s'] * 1e3:.2f} | {r['decode_tok_s']:.1f} |")
+        lines += ["", f"<sub>`results/ablations/prefetch_kv/` · {d0.get('device', '?')} · {str(d0.get('date', '?'))[:10]} · "
+                      f"`{d0.get('command', '?')}` (EDGELM_DECODE_CONFIG=prefetch_kv=0/1)</sub>", ""]
+    for name, d in _load("int4_variants_bs1_fused_*.json"):
+        lines += [f"**The fused int4 decoder layer against the layer-by-layer step** ({d.get('device', '?')}, "
+                  f"Llama-3.1-8B shape, int4wo-128, batch 1, input {d.get('input_len')}; median inter-token "
+                  "latency of one loaded model, graphs recaptured per run" + (f"; {d['note']}" if d.get("note") else "")
+                  + ")", "",
+                  "| run | ITL median (µs) |", "| --- | ---: |"]
+        lines += [f"| {r['label']} | {r['itl_us']:.1f} |" for r in d["results"]]
+        lines += ["", _source(name, d), ""]
+    return lines
+
+
 def scheduler_loop() -> list[str]:
     lines = []
     for name, d in _load("scheduler_loop_*.json"):
@@ -322,7 +355,7 @@ def decode_profile() -> list[str]:
 
 
 def render() -> str:
-    parts = gpu_latency() + decode_ablations() + scheduler_loop() + decode_profile() + attention_backends() + flashinfer_overhead() + int4_vs_bf16() + int4_speedup() + int4_kernels() + gemlite_eval() + quality() + grammar() + cpu_decode() + serving()
+    parts = gpu_latency() + decode_ablations() + step_ab() + scheduler_loop() + decode_profile() + attention_backends() + flashinfer_overhead() + int4_vs_bf16() + int4_speedup() + int4_kernels() + gemlite_eval() + quality() + grammar() + cpu_decode() + serving()
     return "\n".join(parts).rstrip() + "\n"
 
 

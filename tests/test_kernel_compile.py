@@ -46,8 +46,8 @@ CASES = [  # (capability, WEIGHTS, bf16, BLOCK_N, SPLIT_K[, ONE_ROW])
 H2_CASES = [(87, False, 1, 0), (90, True, 4, 0), (80, True, 1, 0), (90, True, 1, 1), (87, True, 2, 1), (90, True, 1, 2),
             (90, False, 2, 2), (87, True, 1, 2), (90, True, 1, 2, 3)]
 # the fused decoder layer's gemv_h2 (SPLIT_K 1): (capability, bf16, PREFETCH, NORM, EPILOGUE; 3: rotary + KV write)
-H2_FUSED_CASES = [(87, False, 0, 1, 0), (87, True, 2, 0, 1), (90, True, 2, 2, 0), (90, True, 0, 1, 2),
-                  (90, False, 1, 0, 1), (80, True, 1, 2, 2), (90, True, 1, 2, 2), (90, True, 2, 1, 3), (87, False, 0, 2, 3)]
+H2_FUSED_CASES = [(87, False, 0, True, 0), (87, True, 2, False, 1), (90, True, 2, True, 0), (90, True, 0, True, 2),
+                  (90, False, 1, False, 1), (80, True, 1, True, 2), (90, True, 2, True, 3), (87, False, 0, True, 3)]
 CHILD = r"""
 import json, sys
 import triton
@@ -91,7 +91,7 @@ for cap, weights, bf16, block_n, split_k, *one_row in json.loads(sys.argv[1]):
 for cap, bf16, split_k, prefetch, *pdl_mode in json.loads(sys.argv[2]):  # the packed-16-bit GEMV
     const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
              "USE_ASM": True, "PDL": pdl_mode[0] if pdl_mode else int(cap >= 90), "PREFETCH": prefetch,
-             "NORM": 0, "EPILOGUE": 0, "HALF": 1}
+             "NORM": False, "EPILOGUE": 0, "HALF": 1}
     out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False))
 for cap, bf16, prefetch, norm, epilogue in json.loads(sys.argv[3]):  # its fused forms
     const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": 1, "HAS_BIAS": True, "BF16": bf16, "USE_ASM": True,

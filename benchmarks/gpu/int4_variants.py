@@ -12,8 +12,7 @@ comma-separated list; none: only the shipped tables) picks the configs tried (al
 Jetson with its own model). --ablate-gemv adds one run of the shipped step with every int4 GEMV launching
 nothing: the step minus it is what the int4 GEMVs cost inside the step. --fused-ab adds the shipped tables
 with the fused int4 decoder layer (triton_ops "fused_int4": norms, SiLU·mul and residual adds inside the
-GEMVs; its norm's squares summed after or before the K loop; the rotary + KV write in qkv_proj's epilogue or
-apart) in six runs after the sweep, one of them off.
+GEMVs; the rotary + KV write in qkv_proj's epilogue or apart) on, off, on, off after the sweep.
 
     python benchmarks/gpu/int4_variants.py --model-path llama-3.1-8b --load-format dummy --dtype bfloat16 \
         --torchao-config int4wo-128 --batch-size 1 --input-len 1024 --output-len 64 \
@@ -238,21 +237,20 @@ def main(argv=None) -> dict:
     if fused_ab:
         from edgelm.layers import triton_ops
         from edgelm.models import llama
-        from edgelm.quantization import int4_ptx
 
         plain_ops = ",".join(sorted(triton_ops._enabled))
-        # (where the norm sums its squares, qkv_proj's epilogue takes the rotary + KV write), None: off
-        for fused in (("end", True), None, ("start", True), ("end", False), ("end", True), ("start", True)):
-            triton_ops.set_enabled(plain_ops + (",fused_int4" if fused else ""))
-            int4_ptx.FUSED_NORM_AT, llama.FUSED_INT4_ROPE = fused or ("end", True)
+        # on with qkv_proj's epilogue taking the rotary + KV write (True) or not (False), None: off
+        for rope in (True, None, False, True, None):
+            triton_ops.set_enabled(plain_ops + ("" if rope is None else ",fused_int4"))
+            llama.FUSED_INT4_ROPE = bool(rope)
             try:
                 r = measure({})
             finally:
                 triton_ops.set_enabled(plain_ops)
-                int4_ptx.FUSED_NORM_AT, llama.FUSED_INT4_ROPE = "end", True
-            r["label"] = (f"shipped, fused int4 layer on (norm at {fused[0]}, rotary {'in qkv' if fused[1] else 'apart'})"
-                          if fused else "shipped, fused int4 layer off")
-            r["fused_int4"] = list(fused) if fused else False
+                llama.FUSED_INT4_ROPE = True
+            r["label"] = ("shipped, fused int4 layer off" if rope is None else
+                          f"shipped, fused int4 layer on (rotary {'in qkv_proj' if rope else 'apart'})")
+            r["fused_int4"] = rope is not None
     if ablate:  # the shipped step with every batch-1 int4 GEMV launching nothing: what the rest of the step costs
         kernels = dict(int4_kernels.KERNELS)
         int4_kernels.KERNELS.update({k: _no_gemv for k in kernels})

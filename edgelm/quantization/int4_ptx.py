@@ -264,15 +264,16 @@ _PAIR_ASM = tl.constexpr("mov.b32 $0, {$1, $2};")
 
 
 @triton.jit
-def _x_pair(x_ptr, k_lo, K, nw_ptr, BITS: tl.constexpr, NORM: tl.constexpr):
+def _x_pair(x_ptr, k_lo, K, nw_ptr, rstd, BITS: tl.constexpr, NORM: tl.constexpr):
     """x[k_lo] and x[k_lo + 64] (0 past K: blocks past the last one included) and their float32 sum.
     BITS: the pair as one int32 holding the two 16-bit values (for the PTX); else as two float32.
-    NORM: each x times nw (an RMSNorm's weight), rounded back to 16 bits."""
+    NORM: RMSNorm applied, (x·rstd)·nw rounded back to 16 bits as the RMSNorm kernel rounds it."""
     lo = tl.load(x_ptr + k_lo, mask=k_lo < K, other=0.0)
     hi = tl.load(x_ptr + k_lo + 64, mask=k_lo + 64 < K, other=0.0)
     if NORM:
-        lo = (lo.to(tl.float32) * tl.load(nw_ptr + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)).to(lo.dtype)
-        hi = (hi.to(tl.float32) * tl.load(nw_ptr + k_lo + 64, mask=k_lo + 64 < K, other=0.0).to(tl.float32)
+        lo = ((lo.to(tl.float32) * rstd) * tl.load(nw_ptr + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)
+              ).to(lo.dtype)
+        hi = ((hi.to(tl.float32) * rstd) * tl.load(nw_ptr + k_lo + 64, mask=k_lo + 64 < K, other=0.0).to(tl.float32)
               ).to(hi.dtype)
     total = lo.to(tl.float32) + hi.to(tl.float32)
     if BITS:
@@ -322,14 +323,14 @@ def _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP: tl.constexpr):
 
 @triton.jit
 def _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16: tl.constexpr, USE_ASM: tl.constexpr,
-                 nw_ptr=None, NORM: tl.constexpr = False):
-    """[BLOCK_N, BLOCK_B]: s·Σ q·x + m·Σ x of each row's blocks b against x (x·nw with NORM)."""
+                 nw_ptr=None, rstd=None, NORM: tl.constexpr = False):
+    """[BLOCK_N, BLOCK_B]: s·Σ q·x + m·Σ x of each row's blocks b against x (RMSNorm(x) with NORM)."""
     ri = tl.arange(0, 16)
     k0 = (b * 128)[:, None] + ri[None, :]  # [BLOCK_B, 16]: input 128·b + i, then + 16·j
-    p0, x0 = _x_pair(x_ptr, k0, K, nw_ptr, USE_ASM, NORM)
-    p1, x1 = _x_pair(x_ptr, k0 + 16, K, nw_ptr, USE_ASM, NORM)
-    p2, x2 = _x_pair(x_ptr, k0 + 32, K, nw_ptr, USE_ASM, NORM)
-    p3, x3 = _x_pair(x_ptr, k0 + 48, K, nw_ptr, USE_ASM, NORM)
+    p0, x0 = _x_pair(x_ptr, k0, K, nw_ptr, rstd, USE_ASM, NORM)
+    p1, x1 = _x_pair(x_ptr, k0 + 16, K, nw_ptr, rstd, USE_ASM, NORM)
+    p2, x2 = _x_pair(x_ptr, k0 + 32, K, nw_ptr, rstd, USE_ASM, NORM)
+    p3, x3 = _x_pair(x_ptr, k0 + 48, K, nw_ptr, rstd, USE_ASM, NORM)
     xsum = tl.sum(x0 + x1 + x2 + x3, axis=1)  # [BLOCK_B]: Σ x over each block
     qx = tl.sum(_word_dot(words, p0, p1, p2, p3, BF16, USE_ASM), axis=2)
     return sc.to(tl.float32) * qx + off.to(tl.float32) * tl.where(b < b_end, xsum, 0.0)[None, :]
@@ -351,7 +352,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
                     nw_ptr, eps, pos_ptr, cs_ptr, k_buf_ptr, v_buf_ptr, slot_ptr, q_size, kv_size,
                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
-                    PREFETCH: tl.constexpr, NORM: tl.constexpr = 0, EPILOGUE: tl.constexpr = 0,
+                    PREFETCH: tl.constexpr, NORM: tl.constexpr = False, EPILOGUE: tl.constexpr = 0,
                     HALF: tl.constexpr = 1):
     """y [1, N] = x [1, K] · dequant(W)ᵀ on the CUDA cores in packed 16-bit arithmetic (GROUP >= 128).
 
@@ -366,8 +367,8 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
 
     The fused batch-1 decoder layer (SPLIT_K 1; edgelm.models.llama): NORM: x is the residual stream
     and the input is RMSNorm(x) with weight nw: x·nw is rounded to 16 bits as it streams in and the
-    row's 1/rms (from x's sum of squares, over all of K) multiplies the sums at the end; NORM 1 sums
-    the squares after the K loop, NORM 2 right after the PDL wait (while the first weights load). EPILOGUE 1:
+    row's 1/rms is computed right after the PDL wait (while the first weights load); each x is then
+    normalised as it streams in, rounded as the RMSNorm kernel rounds it. EPILOGUE 1:
     y is the residual stream, updated in place: y = round(round(x Wᵀ + b) + y). EPILOGUE 2: W is
     gate ‖ up [2I, K]; a program's rows are I_0.. of gate and of up, interleaved, and it writes
     y [1, I] = silu(gate) · up, each rounded as the SiLU·mul kernel rounds it. EPILOGUE 3: W is
@@ -398,37 +399,30 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
     if PREFETCH == 2:
         words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b_start + rb, b_end, GROUP)
         wait_and_release(PDL)
-        if NORM == 2:
-            rstd = _row_rstd(x_ptr, K, eps)
-        acc += _h2_tile_dot(x_ptr, K, b_start + rb, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, NORM)
+        rstd = _row_rstd(x_ptr, K, eps) if NORM else 1.0
+        acc += _h2_tile_dot(x_ptr, K, b_start + rb, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM)
         for b0 in range(b_start + BLOCK_B, b_start + blocks_per_split, BLOCK_B):
             b = b0 + rb
             words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP)
-            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, NORM)
+            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM)
     elif PREFETCH == 1:
         words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b_start + rb, b_end, GROUP)
         wait_and_release(PDL)  # triton_ops.pdl: launched while the previous kernel finishes
-        if NORM == 2:
-            rstd = _row_rstd(x_ptr, K, eps)
+        rstd = _row_rstd(x_ptr, K, eps) if NORM else 1.0
         for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
             b = b0 + rb
             words_next, sc_next, off_next = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b + BLOCK_B, b_end, GROUP)
-            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, NORM)
+            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM)
             words, sc, off = words_next, sc_next, off_next
     else:
         wait_and_release(PDL)
-        if NORM == 2:
-            rstd = _row_rstd(x_ptr, K, eps)
+        rstd = _row_rstd(x_ptr, K, eps) if NORM else 1.0
         for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
             b = b0 + rb
             words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP)
-            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, NORM)
+            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM)
     release_late(PDL)
     out = tl.sum(acc, axis=1)
-    if NORM == 1:  # 1/rms of the residual row (x is in L1 or L2 by now)
-        rstd = _row_rstd(x_ptr, K, eps)
-    if NORM:
-        out = out * rstd
     if EPILOGUE == 0:
         _store_row(y_ptr, ws_ptr, cnt_ptr, bias_ptr, out, rn, n_ok, N, pid_n, pid_k, SPLIT_K, HAS_BIAS, BLOCK_N)
     else:
@@ -588,11 +582,6 @@ def fusable(w: Int4Weight, config) -> bool:
             and not (len(rest) > 2 and rest[2]))
 
 
-# where gemv_h2_fused's RMSNorm sums the row's squares: "end" (after the K loop) or "start" (after the PDL
-# wait); int4_variants.py --fused-ab times both
-FUSED_NORM_AT = os.environ.get("EDGELM_FUSED_INT4_NORM_AT", "end")
-
-
 class RopeStore(NamedTuple):
     """gemv_h2_fused's rotary + KV-write epilogue: position [1] (int), the cos ‖ sin table
     [positions, head_dim] float32, the q / k widths, the KV pool's buffers [slots, kv_heads, head_dim]
@@ -642,7 +631,7 @@ def gemv_h2_fused(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, con
         w.scales.shape[1], -(-(kw // WORDS_PER_BLOCK) // block_b) * block_b, nw, eps, r.positions, r.cos_sin, r.k_buf,
         r.v_buf, r.slots, r.q_size, r.kv_size, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b,
         SPLIT_K=1, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, PDL=pdl_on,
-        PREFETCH=prefetch, NORM=0 if norm is None else 2 if FUSED_NORM_AT == "start" else 1, EPILOGUE=epilogue,
+        PREFETCH=prefetch, NORM=norm is not None, EPILOGUE=epilogue,
         HALF=r.head_dim // 2, num_warps=num_warps,
         **pdl.launch_kwargs(pdl_on))
     return y

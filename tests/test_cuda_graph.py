@@ -36,6 +36,30 @@ class GraphTorchBackend(TorchNativeAttnBackend):
     init_forward_metadata_replay_cuda_graph = _fill_graph_metadata
 
 
+def _paired_greedy(plain, plain_ops, other, other_ops, seed, max_len, steps):
+    """For 1 and then 3 random prompts: greedy decode with `plain` (its Triton ops switched on), then
+    `other` fed plain's tokens; yields (n, tokens_p, logits_p, tokens_o, logits_o)."""
+    from edgelm.layers import triton_ops
+
+    gen = torch.Generator().manual_seed(seed)
+    for n in (1, 3):
+        prompts = [torch.randint(0, 512, (int(L),), generator=gen).tolist()
+                   for L in torch.randint(3, max_len, (n,), generator=gen)]
+        triton_ops.set_enabled(plain_ops)
+        tokens_p, logits_p = _greedy(plain, prompts, steps)
+        triton_ops.set_enabled(other_ops)
+        tokens_o, logits_o = _greedy(other, prompts, steps, forced=tokens_p)
+        yield n, tokens_p, logits_p, tokens_o, logits_o
+
+
+def _assert_decode_close(n, tokens_p, logits_p, tokens_f, logits_f):
+    """Two runs' decode logits within bf16 rounding of each other, their greedy tokens 90 % the same."""
+    for lf, lp in zip(logits_f, logits_p):
+        torch.testing.assert_close(lf, lp, rtol=3e-2, atol=3e-2)
+    agree = sum(a == b for tf, tp in zip(tokens_f, tokens_p) for a, b in zip(tf, tp))
+    assert agree >= 0.9 * n * len(tokens_p[0]), (tokens_f, tokens_p)
+
+
 def test_capture_batch_sizes():
     assert capture_batch_sizes(1) == [1]
     assert capture_batch_sizes(6) == [1, 2, 4, 6]
@@ -170,57 +194,46 @@ def test_fused_decode_layers_match_unfused(tiny_llama, graphs, monkeypatch):
         fused = _runner(tiny_llama, "triton", "bfloat16", disable_cuda_graph=not graphs)
         triton_ops.set_enabled("rmsnorm,add_rmsnorm,silu_and_mul,rotary,gemv")
         plain = _runner(tiny_llama, "triton", "bfloat16", disable_cuda_graph=not graphs)
-        gen = torch.Generator().manual_seed(3)
-        for n in (1, 3):
-            prompts = [torch.randint(0, 512, (int(L),), generator=gen).tolist()
-                       for L in torch.randint(3, 20, (n,), generator=gen)]
-            triton_ops.set_enabled("rmsnorm,add_rmsnorm,silu_and_mul,rotary,gemv")
-            tokens_p, logits_p = _greedy(plain, prompts, 8)
-            triton_ops.set_enabled(fused_ops)
-            tokens_f, logits_f = _greedy(fused, prompts, 8, forced=tokens_p)
+        for n, tokens_p, logits_p, tokens_f, logits_f in _paired_greedy(
+                plain, "rmsnorm,add_rmsnorm,silu_and_mul,rotary,gemv", fused, fused_ops, 3, 20, 8):
             plans = fused.model.model._fused_plans
             # n rows (eager) or the graph of the next captured size up (3 → 4)
             assert any(n <= k[0] <= 4 * n and v is not None for k, v in plans.items()), plans
-            for lf, lp in zip(logits_f, logits_p):
-                torch.testing.assert_close(lf, lp, rtol=3e-2, atol=3e-2)
-            agree = sum(a == b for tf, tp in zip(tokens_f, tokens_p) for a, b in zip(tf, tp))
-            assert agree >= 0.9 * n * 9, (tokens_f, tokens_p)
+            _assert_decode_close(n, tokens_p, logits_p, tokens_f, logits_f)
     finally:
         triton_ops.set_enabled(",".join(sorted(old)) or "0")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("graphs", [True, False])
-def test_fused_int4_layers_match_unfused(tiny_llama, graphs):
-    """The fused int4 decoder layer (int4_ptx.gemv_h2_fused: norms, SiLU·mul and residual adds inside
-    the four gemv_h2 launches) against the layer-by-layer kernels, int4wo-128 on the tiny model: the
-    batch-1 plan is the fused one, batch 3 keeps the plain layers."""
+@pytest.mark.parametrize("op", ["fused_int4", "int4_rope"])
+def test_fused_int4_layers_match_unfused(tiny_llama, graphs, op, monkeypatch):
+    """The fused int4 decoder layer (int4_ptx.gemv_h2_fused: norms, SiLU·mul, residual adds and the
+    rotary + KV write inside the four gemv_h2 launches; int4_rope: only the rotary + KV write, in
+    qkv_proj's) against the layer-by-layer kernels, int4wo-128 on the tiny model: batch 1 takes the
+    fused path (qkv_proj writing the pool), batch 3 keeps the plain layers."""
     from edgelm.layers import triton_ops
+    from edgelm.layers.attention.triton_backend import TritonAttnBackend
 
     pytest.importorskip("triton")
+    stored = []
+    plain_stored = TritonAttnBackend.forward_decode_stored
+    monkeypatch.setattr(TritonAttnBackend, "forward_decode_stored",
+                        lambda self, q, *a: stored.append(q.shape[0]) or plain_stored(self, q, *a))
     base = "rmsnorm,add_rmsnorm,silu_and_mul,rotary,gemv,argmax,rope_kv"
-    old = triton_ops.set_enabled(base + ",fused_int4")
+    old = triton_ops.set_enabled(base + "," + op)
     try:
         fused = _runner(tiny_llama, "triton", "bfloat16", disable_cuda_graph=not graphs, torchao_config="int4wo-128")
         triton_ops.set_enabled(base)
         plain = _runner(tiny_llama, "triton", "bfloat16", disable_cuda_graph=not graphs, torchao_config="int4wo-128")
-        gen = torch.Generator().manual_seed(4)
-        for n in (1, 3):
-            prompts = [torch.randint(0, 512, (int(L),), generator=gen).tolist()
-                       for L in torch.randint(3, 20, (n,), generator=gen)]
-            triton_ops.set_enabled(base)
-            tokens_p, logits_p = _greedy(plain, prompts, 8)
-            triton_ops.set_enabled(base + ",fused_int4")
-            tokens_f, logits_f = _greedy(fused, prompts, 8, forced=tokens_p)
+        for n, tokens_p, logits_p, tokens_f, logits_f in _paired_greedy(plain, base, fused, base + "," + op, 4, 20, 8):
             plans = {k[0]: v for k, v in fused.model.model._fused_plans.items()}
             if n == 1:
-                assert plans[1] is not None and plans[1].int4, plans
+                assert (plans[1] is not None and plans[1].int4) == (op == "fused_int4"), plans
+                assert stored and set(stored) == {1}, stored  # qkv_proj wrote K/V, batch 1 only
             else:
                 assert all(v is None for k, v in plans.items() if k > 1), plans
-            for lf, lp in zip(logits_f, logits_p):
-                torch.testing.assert_close(lf, lp, rtol=3e-2, atol=3e-2)
-            agree = sum(a == b for tf, tp in zip(tokens_f, tokens_p) for a, b in zip(tf, tp))
-            assert agree >= 0.9 * n * 9, (tokens_f, tokens_p)
+            _assert_decode_close(n, tokens_p, logits_p, tokens_f, logits_f)
     finally:
         triton_ops.set_enabled(",".join(sorted(old)) or "0")
 
@@ -276,14 +289,7 @@ def test_pdl_decode_matches_plain_launches(tiny_llama, fused, quant, monkeypatch
         assert not pdl.active(torch.device("cuda"))
         plain = _runner(tiny_llama, "triton", "bfloat16", **overrides)
         assert plain.cuda_graph_runner.recapture_bs() == []
-        gen = torch.Generator().manual_seed(5)
-        for n in (1, 3):
-            prompts = [torch.randint(0, 512, (int(L),), generator=gen).tolist()
-                       for L in torch.randint(3, 40, (n,), generator=gen)]
-            triton_ops.set_enabled(ops)
-            tokens_p, logits_p = _greedy(plain, prompts, 12)
-            triton_ops.set_enabled(ops + ",pdl")
-            tokens_d, logits_d = _greedy(with_pdl, prompts, 12, forced=tokens_p)
+        for _, tokens_p, logits_p, tokens_d, logits_d in _paired_greedy(plain, ops, with_pdl, ops + ",pdl", 5, 40, 12):
             assert tokens_d == tokens_p
             for ld, lp in zip(logits_d, logits_p):
                 assert torch.equal(ld, lp)

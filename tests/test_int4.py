@@ -209,9 +209,9 @@ def _check_gemv_h2_fused(n, k, group, config, dtype, device):
         gemv_h2_fused(residual, w, bias, config, norm=(nw, 1e-5), out=residual)
 
 
-def _check_gemv_h2_rope(heads, kv_heads, head_dim, k, config, dtype, device):
-    """gemv_h2_fused's q ‖ k ‖ v epilogue (RMSNorm in, rotary and KV write out) against the unfused
-    ops: the GEMV, the rotary (torch path), k and v stored at the token's slot, no other slot touched."""
+def _check_gemv_h2_rope(heads, kv_heads, head_dim, k, config, dtype, device, norm=True):
+    """gemv_h2_fused's q ‖ k ‖ v epilogue (RMSNorm in where `norm`, rotary and KV write out) against the
+    unfused ops: the GEMV, the rotary (torch path), k and v stored at the token's slot, no other slot touched."""
     from edgelm.layers.layernorm import rms_norm_ref
     from edgelm.layers.rotary import RotaryEmbedding
     from edgelm.quantization.int4_ptx import RopeStore, gemv_h2_fused
@@ -222,7 +222,7 @@ def _check_gemv_h2_rope(heads, kv_heads, head_dim, k, config, dtype, device):
     bias = torch.randn(q_size + 2 * kv_size, device=device).to(dtype)
     residual = (3 * torch.randn(1, k, device=device)).to(dtype)
     nw = (1 + 0.3 * torch.randn(k, device=device)).to(dtype)
-    qkv = reference(rms_norm_ref(residual, nw, 1e-5), w, bias).to(dtype)
+    qkv = reference(rms_norm_ref(residual, nw, 1e-5) if norm else residual, w, bias).to(dtype)
     rotary = RotaryEmbedding(head_dim, 64, 10000.0).to(device)
     positions = torch.tensor([37], device=device)
     q_ref, k_ref = rotary.forward_native(positions, *qkv[:, :q_size + kv_size].split([q_size, kv_size], dim=-1))
@@ -230,7 +230,7 @@ def _check_gemv_h2_rope(heads, kv_heads, head_dim, k, config, dtype, device):
     v_buf = torch.zeros_like(k_buf)
     slots = torch.tensor([4], device=device)
     rope = RopeStore(positions, rotary.cos_sin_cache, head_dim, q_size, kv_size, k_buf, v_buf, slots)
-    q = gemv_h2_fused(residual, w, bias, config, norm=(nw, 1e-5), rope=rope)
+    q = gemv_h2_fused(residual, w, bias, config, norm=(nw, 1e-5) if norm else None, rope=rope)
     assert q.shape == (1, q_size)
     assert rel_err(q, q_ref) < 1e-2
     assert rel_err(k_buf[4].reshape(1, -1), k_ref) < 1e-2
@@ -239,12 +239,13 @@ def _check_gemv_h2_rope(heads, kv_heads, head_dim, k, config, dtype, device):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-@pytest.mark.parametrize("heads,kv_heads,head_dim,config,dtype", [(3, 1, 16, (8, 2, 1, 4), torch.bfloat16),
-                                                                  (2, 1, 12, (16, 2, 1, 4, 2), torch.float16)])
-def test_gemv_h2_rope_small(heads, kv_heads, head_dim, config, dtype):
+@pytest.mark.parametrize("heads,kv_heads,head_dim,config,dtype,norm", [(3, 1, 16, (8, 2, 1, 4), torch.bfloat16, True),
+                                                                       (2, 1, 12, (16, 2, 1, 4, 2), torch.float16, True),
+                                                                       (3, 1, 16, (8, 2, 1, 4, 1), torch.float16, False)])
+def test_gemv_h2_rope_small(heads, kv_heads, head_dim, config, dtype, norm):
     """The fused qkv_proj's rotary + KV-write epilogue (plain-op path): pairs of a head across row
-    tiles, a tile past the last pair, head_dim / 2 not a power of two."""
-    _check_gemv_h2_rope(heads, kv_heads, head_dim, 300, config, dtype, DEVICE)
+    tiles, a tile past the last pair, head_dim / 2 not a power of two, with and without the norm."""
+    _check_gemv_h2_rope(heads, kv_heads, head_dim, 300, config, dtype, DEVICE, norm)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
@@ -259,9 +260,10 @@ def test_gemv_h2_fused_small(group, n, k, config, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gemv_h2_rope_gpu(dtype):
+@pytest.mark.parametrize("norm", [True, False])
+def test_gemv_h2_rope_gpu(dtype, norm):
     """The rotary + KV-write epilogue's inline-PTX path on Llama-3.1-8B's qkv_proj (32 + 8 + 8 heads of 128)."""
-    _check_gemv_h2_rope(32, 8, 128, 4096, (8, 16, 1, 4, 2), dtype, "cuda")
+    _check_gemv_h2_rope(32, 8, 128, 4096, (8, 16, 1, 4, 2), dtype, "cuda", norm)
 
 
 @pytest.mark.gpu

@@ -12,7 +12,8 @@ comma-separated list; none: only the shipped tables) picks the configs tried (al
 Jetson with its own model). --ablate-gemv adds one run of the shipped step with every int4 GEMV launching
 nothing: the step minus it is what the int4 GEMVs cost inside the step. --fused-ab adds the shipped tables
 with the fused int4 decoder layer (triton_ops "fused_int4": norms, SiLU·mul and residual adds inside the
-GEMVs; the rotary + KV write in qkv_proj's epilogue or apart) on, off, on, off after the sweep.
+GEMVs, the rotary + KV write in qkv_proj's epilogue) and int4_rope (only the rotary + KV write moved into
+qkv_proj's gemv_h2) on and off after the sweep.
 
     python benchmarks/gpu/int4_variants.py --model-path llama-3.1-8b --load-format dummy --dtype bfloat16 \
         --torchao-config int4wo-128 --batch-size 1 --input-len 1024 --output-len 64 \
@@ -236,21 +237,16 @@ def main(argv=None) -> dict:
             measure(v)
     if fused_ab:
         from edgelm.layers import triton_ops
-        from edgelm.models import llama
-
         plain_ops = ",".join(sorted(triton_ops._enabled))
-        # on with qkv_proj's epilogue taking the rotary + KV write (True) or not (False), None: off
-        for rope in (True, None, False, True, None):
-            triton_ops.set_enabled(plain_ops + ("" if rope is None else ",fused_int4"))
-            llama.FUSED_INT4_ROPE = bool(rope)
+        # int4_rope: only the rotary + KV write in qkv_proj's gemv_h2; fused_int4: the whole layer fused
+        for op in ("int4_rope", None, "int4_rope", None, "fused_int4", "int4_rope"):
+            triton_ops.set_enabled(plain_ops + (f",{op}" if op else ""))
             try:
                 r = measure({})
             finally:
                 triton_ops.set_enabled(plain_ops)
-                llama.FUSED_INT4_ROPE = True
-            r["label"] = ("shipped, fused int4 layer off" if rope is None else
-                          f"shipped, fused int4 layer on (rotary {'in qkv_proj' if rope else 'apart'})")
-            r["fused_int4"] = rope is not None
+            r["label"] = f"shipped + {op}" if op else "shipped (A/B baseline)"
+            r["ops_added"] = op
     if ablate:  # the shipped step with every batch-1 int4 GEMV launching nothing: what the rest of the step costs
         kernels = dict(int4_kernels.KERNELS)
         int4_kernels.KERNELS.update({k: _no_gemv for k in kernels})

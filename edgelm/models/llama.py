@@ -52,7 +52,27 @@ class LlamaAttention(nn.Module):
         self.attn = RadixAttention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads, layer_id)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch) -> torch.Tensor:
+        if hidden.is_cuda and hidden.shape[0] == 1 and self.q_norm is None and triton_ops.enabled("int4_rope"):
+            config = _int4_fused_config(self.qkv_proj, hidden.device)
+            out = None if config is None else self.attend_stored(positions, hidden, forward_batch, config)
+            if out is not None:
+                return self.o_proj(out)
         return self.o_proj(self.attend(positions, self.qkv_proj(hidden), forward_batch))
+
+    def attend_stored(self, positions, x, forward_batch, config, norm=None) -> torch.Tensor | None:
+        """Batch-1 decode with an int4 qkv_proj whose gemv_h2 applies the rotary to q and k and writes
+        k and v into the KV pool itself (int4_ptx.gemv_h2_fused; norm: (weight, eps) of an RMSNorm
+        applied to x first): the attention output, or None (nothing done) where the attention
+        backend does not take that (AttentionBackend.fused_kv_target)."""
+        from edgelm.quantization.int4_ptx import RopeStore, gemv_h2_fused
+
+        backend = forward_batch.attn_backend
+        target = backend.fused_kv_target(self.attn, forward_batch)
+        if target is None:
+            return None
+        rope = RopeStore(positions, self.rotary_emb.cos_sin_cache, self.head_dim, self.q_size, self.kv_size, *target)
+        q = gemv_h2_fused(x, self.qkv_proj.packed, self.qkv_proj.bias, config, norm=norm, rope=rope)
+        return backend.forward_decode_stored(q, self.attn, forward_batch, target[0], target[1])
 
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor, forward_batch) -> torch.Tensor:
         """Attention output [tokens, heads * head_dim] (before o_proj) of the projected q ‖ k ‖ v."""
@@ -91,21 +111,13 @@ class LlamaDecoderLayer(nn.Module):
         int4_ptx.gemv_h2_fused): every GEMV normalises its own input; SiLU·mul is gate_up's epilogue."""
         attn, mlp = self.self_attn, self.mlp
         if plan.int4:
-            from edgelm.quantization.int4_ptx import RopeStore
             from edgelm.quantization.int4_ptx import gemv_h2_fused as fused
 
-            norm = self.input_layernorm
-            backend = forward_batch.attn_backend
-            target = backend.fused_kv_target(attn.attn, forward_batch) if plan.rope and FUSED_INT4_ROPE else None
-            if target is not None:  # qkv_proj's epilogue rotates q and k and writes k and v to the pool
-                rope = RopeStore(positions, attn.rotary_emb.cos_sin_cache, attn.head_dim, attn.q_size, attn.kv_size,
-                                 *target)
-                q = fused(residual, attn.qkv_proj.packed, attn.qkv_proj.bias, plan.qkv, norm=(norm.weight, norm.eps),
-                          rope=rope)
-                out = backend.forward_decode_stored(q, attn.attn, forward_batch, target[0], target[1])
-            else:
-                qkv = fused(residual, attn.qkv_proj.packed, attn.qkv_proj.bias, plan.qkv,
-                            norm=(norm.weight, norm.eps))
+            norm = (self.input_layernorm.weight, self.input_layernorm.eps)
+            # qkv_proj's epilogue rotates q and k and writes k and v to the pool where the backend takes it
+            out = attn.attend_stored(positions, residual, forward_batch, plan.qkv, norm=norm) if plan.rope else None
+            if out is None:
+                qkv = fused(residual, attn.qkv_proj.packed, attn.qkv_proj.bias, plan.qkv, norm=norm)
                 out = attn.attend(positions, qkv, forward_batch)
             fused(out, attn.o_proj.packed, attn.o_proj.bias, plan.o, out=residual)
             norm = self.post_attention_layernorm
@@ -140,11 +152,6 @@ class FusedPlan(NamedTuple):
     rope: bool = False  # int4: qkv_proj's epilogue may take the rotary and the KV write (no q/k norm)
 
 
-# int4 plans with `rope`: qkv_proj's gemv_h2 applies the rotary and writes K/V into the pool itself where
-# the attention backend takes that (fused_kv_target); EDGELM_FUSED_INT4_ROPE=0 keeps the rotary launch
-FUSED_INT4_ROPE = os.environ.get("EDGELM_FUSED_INT4_ROPE", "1") != "0"
-
-
 def fused_plan(layer: LlamaDecoderLayer, hidden: torch.Tensor) -> FusedPlan | None:
     """The fused decode path's configs, or None where it does not apply: a CPU tensor, the switch
     off ("fused_decode" for dense weights, "fused_int4" for int4), mixed or non-half weights, or a
@@ -171,20 +178,21 @@ def fused_plan(layer: LlamaDecoderLayer, hidden: torch.Tensor) -> FusedPlan | No
 
 def _int4_plan(linears, device: torch.device) -> FusedPlan | None:
     """One-row configs of four int4 linears on `device` that int4_ptx.gemv_h2_fused runs, or None."""
+    configs = [_int4_fused_config(lin, device) for lin in linears]
+    return None if None in configs else FusedPlan(*configs, int4=True)
+
+
+def _int4_fused_config(lin, device: torch.device):
+    """The one-row gemv_h2 config of an int4 linear on `device` that int4_ptx.gemv_h2_fused runs, or None."""
     from edgelm.quantization.int4_kernels import choose_kernel
     from edgelm.quantization.int4_linear import Int4Linear
     from edgelm.quantization.int4_ptx import fusable
 
-    configs = []
-    for lin in linears:
-        if not (isinstance(lin, Int4Linear) and lin.qweight.device == device and lin.input_perm is None
-                and lin.dense_weight is None and lin.cpu_weight is None):
-            return None
-        choice = choose_kernel(1, lin.packed)
-        if choice is None or choice[0] != "gemv_h2" or not fusable(lin.packed, choice[1]):
-            return None
-        configs.append(choice[1])
-    return FusedPlan(*configs, int4=True)
+    if not (isinstance(lin, Int4Linear) and lin.qweight.device == device and lin.input_perm is None
+            and lin.dense_weight is None and lin.cpu_weight is None):
+        return None
+    choice = choose_kernel(1, lin.packed)
+    return choice[1] if choice is not None and choice[0] == "gemv_h2" and fusable(lin.packed, choice[1]) else None
 
 
 class LlamaModel(nn.Module):

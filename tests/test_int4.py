@@ -467,13 +467,22 @@ def test_apply_on_tiny_model(tmp_path, cfg):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-def test_fused_int4_layer_matches_unfused_on_cpu(tmp_path, monkeypatch):
-    """The batch-1 decoder layer with its norms, SiLU·mul and residual adds inside its four gemv_h2
-    launches (triton_ops "fused_int4"), the kernels' plain-op path on the CPU (EDGELM_INT4_CPU=triton),
-    against the layer-by-layer path: decode logits of a qwen2 (q/k/v bias) int4wo-128 model, fed the
-    same tokens, are the same to the bit (fp16: the interpreter rounds to bf16 otherwise than torch)."""
+@pytest.mark.parametrize("op", ["fused_int4", "int4_rope"])
+def test_fused_int4_layer_matches_unfused_on_cpu(tmp_path, monkeypatch, op):
+    """The batch-1 decoder layer with its norms, SiLU·mul, residual adds and rotary + KV write inside
+    its four gemv_h2 launches (triton_ops "fused_int4"), or only the rotary + KV write in qkv_proj's
+    ("int4_rope"), the kernels' plain-op path on the CPU (EDGELM_INT4_CPU=triton, torch_native
+    attention), against the layer-by-layer path: decode logits of a qwen2 (q/k/v bias) int4wo-128
+    model, fed the same tokens, are the same to the bit (fp16: the interpreter rounds to bf16 otherwise
+    than torch)."""
     from edgelm.layers import triton_ops
+    from edgelm.layers.attention.torch_native_backend import TorchNativeAttnBackend
     from tests.tiny_models import Driver, make_checkpoint, make_runner
+
+    backend_writes = []  # decode steps whose K/V the attention backend wrote (not qkv_proj's kernel)
+    plain_decode = TorchNativeAttnBackend.forward_decode
+    monkeypatch.setattr(TorchNativeAttnBackend, "forward_decode",
+                        lambda self, q, *a: backend_writes.append(q.shape[0]) or plain_decode(self, q, *a))
 
     monkeypatch.setenv("EDGELM_INT4_CPU", "triton")
     make_checkpoint("qwen2", tmp_path)
@@ -483,7 +492,8 @@ def test_fused_int4_layer_matches_unfused_on_cpu(tmp_path, monkeypatch):
     old = triton_ops.set_enabled("0")
     try:
         runs = []
-        for ops in ("0", "fused_int4"):
+        for ops in ("0", op):
+            backend_writes.clear()
             triton_ops.set_enabled(ops)
             runner.allocator.clear()
             runner.req_to_token_pool.clear()
@@ -497,8 +507,10 @@ def test_fused_int4_layer_matches_unfused_on_cpu(tmp_path, monkeypatch):
                 logits.append(driver.decode(reqs, [tokens[step]]))
             runs.append((logits, tokens))
         plans = runner.model.model._fused_plans
-        assert any(k[0] == 1 and k[-1] and v is not None and v.int4 for k, v in plans.items()), plans
+        if op == "fused_int4":
+            assert any(k[0] == 1 and k[-1] and v is not None and v.int4 for k, v in plans.items()), plans
         assert all(v is None for k, v in plans.items() if not k[-1])
+        assert backend_writes == []  # the op's run: qkv_proj's kernel wrote every decode step's K/V
         for got, want in zip(runs[1][0][1:], runs[0][0][1:]):
             assert torch.equal(got, want)
     finally:

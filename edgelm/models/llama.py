@@ -52,7 +52,7 @@ class LlamaAttention(nn.Module):
         self.attn = RadixAttention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads, layer_id)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch) -> torch.Tensor:
-        if hidden.is_cuda and hidden.shape[0] == 1 and self.q_norm is None and triton_ops.enabled("int4_rope"):
+        if hidden.shape[0] == 1 and self.q_norm is None and triton_ops.enabled("int4_rope") and _int4_kernels_run(hidden):
             config = _int4_fused_config(self.qkv_proj, hidden.device)
             out = None if config is None else self.attend_stored(positions, hidden, forward_batch, config)
             if out is not None:
@@ -160,8 +160,7 @@ def fused_plan(layer: LlamaDecoderLayer, hidden: torch.Tensor) -> FusedPlan | No
     if not (hidden.dim() == 2 and hidden.dtype in (torch.bfloat16, torch.float16)):
         return None
     linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
-    if (triton_ops.enabled("fused_int4") and hidden.shape[0] == 1
-            and (hidden.is_cuda or os.environ.get("EDGELM_INT4_CPU") == "triton")):
+    if triton_ops.enabled("fused_int4") and hidden.shape[0] == 1 and _int4_kernels_run(hidden):
         plan = _int4_plan(linears, hidden.device)
         if plan is not None:
             return plan._replace(rope=layer.self_attn.q_norm is None and layer.self_attn.head_dim % 2 == 0)
@@ -174,6 +173,12 @@ def fused_plan(layer: LlamaDecoderLayer, hidden: torch.Tensor) -> FusedPlan | No
         return None
     configs = [gemv.config_for(hidden.shape[0], hidden.device, lin.weight) for lin in linears]
     return None if None in configs else FusedPlan(*configs)
+
+
+def _int4_kernels_run(hidden: torch.Tensor) -> bool:
+    """Whether edgelm's int4 Triton kernels run on hidden's device: CUDA, or the CPU with
+    EDGELM_INT4_CPU=triton (tests, under TRITON_INTERPRET)."""
+    return hidden.is_cuda or os.environ.get("EDGELM_INT4_CPU") == "triton"
 
 
 def _int4_plan(linears, device: torch.device) -> FusedPlan | None:

@@ -59,9 +59,20 @@ class TorchNativeAttnBackend(AttentionBackend):
 
     def forward_decode(self, q, k, v, layer, forward_batch):
         pool = forward_batch.token_to_kv_pool
-        bs, hkv, d = q.shape[0], layer.tp_k_head_num, layer.head_dim
+        hkv, d = layer.tp_k_head_num, layer.head_dim
         pool.set_kv_buffer(layer.layer_id, forward_batch.out_cache_loc, k.view(-1, hkv, d), v.view(-1, hkv, d))
-        k_buf, v_buf = pool.get_kv_buffer(layer.layer_id)
+        return self.forward_decode_stored(q, layer, forward_batch, *pool.get_kv_buffer(layer.layer_id))
+
+    def fused_kv_target(self, layer, forward_batch):
+        if not forward_batch.forward_mode.is_decode():
+            return None
+        k_buf, v_buf = forward_batch.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+        if k_buf.dim() != 3 or not (k_buf.is_contiguous() and v_buf.is_contiguous()) or v_buf.shape != k_buf.shape:
+            return None
+        return k_buf, v_buf, forward_batch.out_cache_loc
+
+    def forward_decode_stored(self, q, layer, forward_batch, k_buf, v_buf):
+        bs, hkv, d = q.shape[0], layer.tp_k_head_num, layer.head_dim
         slots = self.decode_kv_slots
         mask = None if self.decode_mask is None else self.decode_mask.view(bs, 1, 1, slots.shape[1])
         qh = q.view(bs, layer.tp_q_head_num, 1, d).float()

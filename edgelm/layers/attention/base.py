@@ -46,6 +46,17 @@ class AttentionBackend(ABC):
         backend or step does not take that (the default)."""
         return None
 
+    @staticmethod
+    def decode_pool_target(layer: RadixAttention, forward_batch: ForwardBatch):
+        """fused_kv_target for a backend that takes it: a decode step's pool buffers, where they are
+        [S, Hkv, D] and contiguous (the layout callers write), and the step's slots."""
+        if not forward_batch.forward_mode.is_decode():
+            return None
+        k_buf, v_buf = forward_batch.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+        if k_buf.dim() != 3 or not (k_buf.is_contiguous() and v_buf.is_contiguous()) or v_buf.shape != k_buf.shape:
+            return None
+        return k_buf, v_buf, forward_batch.out_cache_loc
+
     def forward_decode_stored(self, q: torch.Tensor, layer: RadixAttention, forward_batch: ForwardBatch,
                               k_buf: torch.Tensor, v_buf: torch.Tensor) -> torch.Tensor:
         """Decode attention of the rotated q [T, H * D] over the pool, the step's K/V written already

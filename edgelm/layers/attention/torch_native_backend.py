@@ -64,12 +64,7 @@ class TorchNativeAttnBackend(AttentionBackend):
         return self.forward_decode_stored(q, layer, forward_batch, *pool.get_kv_buffer(layer.layer_id))
 
     def fused_kv_target(self, layer, forward_batch):
-        if not forward_batch.forward_mode.is_decode():
-            return None
-        k_buf, v_buf = forward_batch.token_to_kv_pool.get_kv_buffer(layer.layer_id)
-        if k_buf.dim() != 3 or not (k_buf.is_contiguous() and v_buf.is_contiguous()) or v_buf.shape != k_buf.shape:
-            return None
-        return k_buf, v_buf, forward_batch.out_cache_loc
+        return self.decode_pool_target(layer, forward_batch)
 
     def forward_decode_stored(self, q, layer, forward_batch, k_buf, v_buf):
         bs, hkv, d = q.shape[0], layer.tp_k_head_num, layer.head_dim

@@ -146,13 +146,10 @@ class TritonAttnBackend(AttentionBackend):
     def fused_kv_target(self, layer, forward_batch):
         from edgelm.layers import triton_ops as switches
 
-        # as the rotary + KV-write launch (switch rope_kv) takes them: pool buffers [S, Hkv, D], contiguous
-        if not (forward_batch.forward_mode.is_decode() and switches.enabled("rotary") and switches.enabled("rope_kv")):
+        # where the rotary + KV-write launch is switched on (rotary, rope_kv)
+        if not (switches.enabled("rotary") and switches.enabled("rope_kv")):
             return None
-        k_buf, v_buf = forward_batch.token_to_kv_pool.get_kv_buffer(layer.layer_id)
-        if k_buf.dim() != 3 or not (k_buf.is_contiguous() and v_buf.is_contiguous()) or v_buf.shape != k_buf.shape:
-            return None
-        return k_buf, v_buf, forward_batch.out_cache_loc
+        return self.decode_pool_target(layer, forward_batch)
 
     def forward_decode_stored(self, q, layer, forward_batch, k_buf, v_buf):
         return self._decode(q, layer, forward_batch, k_buf, v_buf)

@@ -24,8 +24,12 @@ import tempfile
 
 TC_ARGS = ["x_ptr", "qw_ptr", "s_ptr", "m_ptr", "bias_ptr", "y_ptr", "ws_ptr", "cnt_ptr", "M", "N", "K", "KW", "NG",
            "stride_xm", "stride_ym", "blocks_per_split"]
-H2_ARGS = [a for a in TC_ARGS if a not in ("M", "stride_xm", "stride_ym")]
-TYPES = {"qw_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+# gemv_h2's arguments: tc's without M and the strides, then its fused forms' (int4_fused; unused here)
+H2_ARGS = [a for a in TC_ARGS if a not in ("M", "stride_xm", "stride_ym")] + [
+    "nw_ptr", "eps", "pos_ptr", "cs_ptr", "k_buf_ptr", "v_buf_ptr", "slot_ptr", "q_size", "kv_size"]
+TYPES = {"qw_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "eps": "fp32",
+         "pos_ptr": "*i64", "cs_ptr": "*fp32", "slot_ptr": "*i64"}
+H2_PLAIN = {"NORM": False, "EPILOGUE": 0, "HALF": 1}  # gemv_h2 itself, not a fused form
 _LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)")
 _BRANCH = re.compile(r"BRA\b.*?0x([0-9a-f]+)")
 
@@ -87,7 +91,8 @@ def main(argv=None) -> dict:
             for text in args.h2_configs:
                 block_n, block_b, split_k, warps, *rest = (int(v) for v in text.split(","))
                 const = {"GROUP": 128, "BLOCK_N": block_n, "BLOCK_B": block_b, "SPLIT_K": split_k, "HAS_BIAS": False,
-                         "BF16": True, "USE_ASM": True, "PDL": int(cap >= 90), "PREFETCH": rest[0] if rest else 0}
+                         "BF16": True, "USE_ASM": True, "PDL": int(cap >= 90), "PREFETCH": rest[0] if rest else 0,
+                         **H2_PLAIN}
                 usage: list[str] = []
                 ops = longest_loop(compile_sass(int4_ptx._gemv_h2_kernel, H2_ARGS, True, cap, const, warps, True, usage))
                 per_iter = block_n * block_b * 128 // (32 * warps)
@@ -113,7 +118,7 @@ def main(argv=None) -> dict:
                          "top_opcodes": dict(ops.most_common(10))})
         block_n, block_b, warps = 8, 4, 4
         const = {"GROUP": 128, "BLOCK_N": block_n, "BLOCK_B": block_b, "SPLIT_K": 1, "HAS_BIAS": False, "BF16": True,
-                 "USE_ASM": True, "PDL": 0}
+                 "USE_ASM": True, "PDL": 0, "PREFETCH": 0, **H2_PLAIN}
         ops = longest_loop(compile_sass(int4_ptx._gemv_h2_kernel, H2_ARGS, True, cap, const, warps))
         per_iter = block_n * block_b * 128 // (32 * warps)
         rows.append({"kernel": "gemv_h2", "one_row": None, "sm": cap, "block_n": block_n, "num_warps": warps,

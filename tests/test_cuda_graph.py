@@ -208,7 +208,7 @@ def test_fused_decode_layers_match_unfused(tiny_llama, graphs, monkeypatch):
 @pytest.mark.parametrize("graphs", [True, False])
 @pytest.mark.parametrize("op", ["fused_int4", "int4_rope"])
 def test_fused_int4_layers_match_unfused(tiny_llama, graphs, op, monkeypatch):
-    """The fused int4 decoder layer (int4_ptx.gemv_h2_fused: norms, SiLU·mul, residual adds and the
+    """The fused int4 decoder layer (int4_fused.gemv_h2_fused: norms, SiLU·mul, residual adds and the
     rotary + KV write inside the four gemv_h2 launches; int4_rope: only the rotary + KV write, in
     qkv_proj's) against the layer-by-layer kernels, int4wo-128 on the tiny model: batch 1 takes the
     fused path (qkv_proj writing the pool), batch 3 keeps the plain layers."""

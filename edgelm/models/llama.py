@@ -61,10 +61,10 @@ class LlamaAttention(nn.Module):
 
     def attend_stored(self, positions, x, forward_batch, config, norm=None) -> torch.Tensor | None:
         """Batch-1 decode with an int4 qkv_proj whose gemv_h2 applies the rotary to q and k and writes
-        k and v into the KV pool itself (int4_ptx.gemv_h2_fused; norm: (weight, eps) of an RMSNorm
+        k and v into the KV pool itself (int4_fused.gemv_h2_fused; norm: (weight, eps) of an RMSNorm
         applied to x first): the attention output, or None (nothing done) where the attention
         backend does not take that (AttentionBackend.fused_kv_target)."""
-        from edgelm.quantization.int4_ptx import RopeStore, gemv_h2_fused
+        from edgelm.quantization.int4_fused import RopeStore, gemv_h2_fused
 
         backend = forward_batch.attn_backend
         target = backend.fused_kv_target(self.attn, forward_batch)
@@ -108,10 +108,10 @@ class LlamaDecoderLayer(nn.Module):
         residual [rows, hidden] is updated in place. Dense weights (triton_ops.gemv): the input norm
         comes either done (`normed`, first layer) or as `ss`, the sums of squares the previous layer's
         down_proj left; returns this layer's `ss` for the next. int4 weights (plan.int4, one row;
-        int4_ptx.gemv_h2_fused): every GEMV normalises its own input; SiLU·mul is gate_up's epilogue."""
+        int4_fused.gemv_h2_fused): every GEMV normalises its own input; SiLU·mul is gate_up's epilogue."""
         attn, mlp = self.self_attn, self.mlp
         if plan.int4:
-            from edgelm.quantization.int4_ptx import gemv_h2_fused as fused
+            from edgelm.quantization.int4_fused import gemv_h2_fused as fused
 
             norm = (self.input_layernorm.weight, self.input_layernorm.eps)
             # qkv_proj's epilogue rotates q and k and writes k and v to the pool where the backend takes it
@@ -182,16 +182,16 @@ def _int4_kernels_run(hidden: torch.Tensor) -> bool:
 
 
 def _int4_plan(linears, device: torch.device) -> FusedPlan | None:
-    """One-row configs of four int4 linears on `device` that int4_ptx.gemv_h2_fused runs, or None."""
+    """One-row configs of four int4 linears on `device` that int4_fused.gemv_h2_fused runs, or None."""
     configs = [_int4_fused_config(lin, device) for lin in linears]
     return None if None in configs else FusedPlan(*configs, int4=True)
 
 
 def _int4_fused_config(lin, device: torch.device):
-    """The one-row gemv_h2 config of an int4 linear on `device` that int4_ptx.gemv_h2_fused runs, or None."""
+    """The one-row gemv_h2 config of an int4 linear on `device` that int4_fused.gemv_h2_fused runs, or None."""
+    from edgelm.quantization.int4_fused import fusable
     from edgelm.quantization.int4_kernels import choose_kernel
     from edgelm.quantization.int4_linear import Int4Linear
-    from edgelm.quantization.int4_ptx import fusable
 
     if not (isinstance(lin, Int4Linear) and lin.qweight.device == device and lin.input_perm is None
             and lin.dense_weight is None and lin.cpu_weight is None):

@@ -365,10 +365,10 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
     PREFETCH 2: only the first tile is loaded before the wait; no more registers than without.
     PDL 3 (triton_ops.pdl): the next kernel may launch only once this program's loads are done.
 
-    The fused batch-1 decoder layer (SPLIT_K 1; edgelm.models.llama): NORM: x is the residual stream
-    and the input is RMSNorm(x) with weight nw: x·nw is rounded to 16 bits as it streams in and the
-    row's 1/rms is computed right after the PDL wait (while the first weights load); each x is then
-    normalised as it streams in, rounded as the RMSNorm kernel rounds it. EPILOGUE 1:
+    The fused batch-1 decoder layer (SPLIT_K 1; int4_fused, edgelm.models.llama): NORM: x is the
+    residual stream and the input is RMSNorm(x) with weight nw: the row's 1/rms is computed right after
+    the PDL wait (while the first weights load), then each x is normalised as it streams in, rounded as
+    the RMSNorm kernel rounds it. EPILOGUE 1:
     y is the residual stream, updated in place: y = round(round(x Wᵀ + b) + y). EPILOGUE 2: W is
     gate ‖ up [2I, K]; a program's rows are I_0.. of gate and of up, interleaved, and it writes
     y [1, I] = silu(gate) · up, each rounded as the SiLU·mul kernel rounds it. EPILOGUE 3: W is
@@ -539,25 +539,41 @@ def gemm_tc(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     return y
 
 
+class H2Launch(NamedTuple):
+    """A gemv_h2 config (BLOCK_N, BLOCK_B, SPLIT_K, num_warps[, PREFETCH 0/1/2[, LATE[, PERSIST]]]) resolved
+    for a weight and device: the split K actually run, the 128-input blocks a split covers, the PDL mode."""
+    block_n: int
+    block_b: int
+    split_k: int
+    blocks_per_split: int
+    num_warps: int
+    prefetch: int
+    persist: int
+    pdl: int
+
+
+def h2_launch(config, w: Int4Weight, device: torch.device) -> H2Launch:
+    block_n, block_b, split_k, num_warps, *rest = config or (8, 4, 1, 4)
+    split_k, per = split_tiles(-(-(w.qweight.shape[1] // WORDS_PER_BLOCK) // block_b), split_k)
+    pdl_on = pdl.mode(device, 1, small=False)
+    if len(rest) > 1 and rest[1] and pdl_on == 1:  # LATE: PDL 3
+        pdl_on = 3
+    return H2Launch(block_n, block_b, split_k, per * block_b, num_warps, int(rest[0]) if rest else 0,
+                    int(rest[2]) if len(rest) > 2 else 0, pdl_on)
+
+
 def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
     """x [1, K] → y [1, N] with _gemv_h2_kernel; config (BLOCK_N, BLOCK_B, SPLIT_K, num_warps[, PREFETCH 0/1/2
     [, LATE[, PERSIST]]]): LATE 1, where PDL is on, lets the next kernel launch only after this one's loads
     (PDL 3); PERSIST p > 0 (SPLIT_K 1 only) runs _gemv_h2_persistent_kernel on p programs an SM."""
-    block_n, block_b, split_k, num_warps, *rest = config or (8, 4, 1, 4)
-    prefetch = int(rest[0]) if rest else 0
-    late = len(rest) > 1 and bool(rest[1])
-    persist = int(rest[2]) if len(rest) > 2 else 0
     n, kw = w.qweight.shape
     if x.shape[0] != 1 or w.group_size < 128 or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError("gemv_h2: needs one row, group size >= 128 and fp16/bf16 activations")
-    split_k, per = split_tiles(-(-(kw // WORDS_PER_BLOCK) // block_b), split_k)
+    block_n, block_b, split_k, per_split, num_warps, prefetch, persist, pdl_on = h2_launch(config, w, x.device)
     tiles = triton.cdiv(n, block_n)
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     ws = scratch(x.device, "int4", torch.float32, split_k * n) if split_k > 1 else y
     cnt = scratch(x.device, "int4", torch.int32, tiles) if split_k > 1 else y
-    pdl_on = pdl.mode(x.device, x.shape[0], small=False)
-    if late and pdl_on == 1:
-        pdl_on = 3
     if persist and split_k == 1:
         _gemv_h2_persistent_kernel[(min(tiles, persist * _sm_count(x.device)),)](
             x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, n, w.in_features, kw,
@@ -567,71 +583,7 @@ def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
         return y
     _gemv_h2_kernel[(tiles, split_k)](
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,
-        w.scales.shape[1], per * block_b, x, 0.0, x, x, x, x, x, 0, 0, GROUP=w.group_size, BLOCK_N=block_n,
-        BLOCK_B=block_b,
-        SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET,
+        w.scales.shape[1], per_split, x, 0.0, x, x, x, x, x, 0, 0, GROUP=w.group_size, BLOCK_N=block_n,
+        BLOCK_B=block_b, SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET,
         PDL=pdl_on, PREFETCH=prefetch, num_warps=num_warps, **pdl.launch_kwargs(pdl_on))
-    return y
-
-
-def fusable(w: Int4Weight, config) -> bool:
-    """Whether gemv_h2_fused runs `config` (gemv_h2's) on w: no split K, not the persistent kernel."""
-    block_n, block_b, split_k, _num_warps, *rest = config
-    return (w.group_size >= 128 and block_n % 2 == 0
-            and split_tiles(-(-(w.qweight.shape[1] // WORDS_PER_BLOCK) // block_b), split_k)[0] == 1
-            and not (len(rest) > 2 and rest[2]))
-
-
-class RopeStore(NamedTuple):
-    """gemv_h2_fused's rotary + KV-write epilogue: position [1] (int), the cos ‖ sin table
-    [positions, head_dim] float32, the q / k widths, the KV pool's buffers [slots, kv_heads, head_dim]
-    and the token's slot [1]."""
-    positions: torch.Tensor
-    cos_sin: torch.Tensor
-    head_dim: int
-    q_size: int
-    kv_size: int
-    k_buf: torch.Tensor
-    v_buf: torch.Tensor
-    slots: torch.Tensor
-
-
-def gemv_h2_fused(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config, out: torch.Tensor | None = None,
-                  norm: tuple[torch.Tensor, float] | None = None, silu_pairs: bool = False,
-                  rope: RopeStore | None = None) -> torch.Tensor:
-    """_gemv_h2_kernel for the fused batch-1 decoder layer (edgelm.models.llama), x [1, K]:
-    norm (weight, eps): the input is RMSNorm(x); out given: out [1, N] += the result, in place, rounded
-    as the add+RMSNorm kernel rounds it (the residual stream); silu_pairs: w is gate ‖ up and the
-    result is silu(gate) · up [1, N / 2]; rope: w is q ‖ k ‖ v, q comes back rotated [1, q_size] and
-    the rotated k and v go to the KV pool (EPILOGUE 3). config as gemv_h2's, where `fusable`."""
-    block_n, block_b, split_k, num_warps, *rest = config
-    prefetch = int(rest[0]) if rest else 0
-    n, kw = w.qweight.shape
-    if x.shape[0] != 1 or x.stride(-1) != 1 or x.dtype not in (torch.float16, torch.bfloat16) or not fusable(w, config):
-        raise ValueError("gemv_h2_fused: needs one contiguous fp16/bf16 row and a config without split K")
-    if silu_pairs and (out is not None or n % 2):
-        raise ValueError("gemv_h2_fused: silu_pairs needs gate ‖ up and no residual")
-    if norm is not None and out is not None:
-        raise ValueError("gemv_h2_fused: the norm reads the residual stream that `out` would update")
-    if rope is not None and (out is not None or silu_pairs or rope.head_dim % 2 or n != rope.q_size + 2 * rope.kv_size
-                             or rope.k_buf.dtype != x.dtype or not rope.k_buf.is_contiguous()
-                             or rope.cos_sin.shape[1] != rope.head_dim or not rope.cos_sin.is_contiguous()
-                             or not rope.v_buf.is_contiguous() or rope.k_buf[0].numel() != rope.kv_size):
-        raise ValueError("gemv_h2_fused: rope needs q ‖ k ‖ v and contiguous [slots, kv_size] pool buffers")
-    epilogue = 1 if out is not None else 2 if silu_pairs else 3 if rope is not None else 0
-    width = n // 2 if silu_pairs else rope.q_size if rope is not None else n
-    y = out if out is not None else torch.empty(1, width, dtype=x.dtype, device=x.device)
-    r = rope if rope is not None else RopeStore(x, x, 2, 0, 0, x, x, x)
-    pdl_on = pdl.mode(x.device, 1, small=False)
-    if len(rest) > 1 and rest[1] and pdl_on == 1:
-        pdl_on = 3
-    nw, eps = norm if norm is not None else (x, 0.0)
-    _gemv_h2_kernel[(triton.cdiv(n, block_n), 1)](
-        x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, y, y, n, w.in_features, kw,
-        w.scales.shape[1], -(-(kw // WORDS_PER_BLOCK) // block_b) * block_b, nw, eps, r.positions, r.cos_sin, r.k_buf,
-        r.v_buf, r.slots, r.q_size, r.kv_size, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b,
-        SPLIT_K=1, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, PDL=pdl_on,
-        PREFETCH=prefetch, NORM=norm is not None, EPILOGUE=epilogue,
-        HALF=r.head_dim // 2, num_warps=num_warps,
-        **pdl.launch_kwargs(pdl_on))
     return y

@@ -26,7 +26,7 @@ ALL_OPS = ("rmsnorm", "add_rmsnorm", "silu_and_mul", "rotary", "gemv", "argmax",
 # inside its attention launch instead of a second kernel; "pdl" launches the decode step's Triton
 # kernels with programmatic dependent launch on SM 9.0+ (triton_ops.pdl; nothing changes elsewhere);
 # "fused_int4": the batch-1 decoder layer of int4 weights with its norms, SiLU·mul and residual adds
-# inside its four gemv_h2 launches (int4_ptx.gemv_h2_fused), where all four run gemv_h2 without split K;
+# inside its four gemv_h2 launches (int4_fused.gemv_h2_fused), where all four run gemv_h2 without split K;
 # "int4_rope": only the rotary + KV write moved into an int4 qkv_proj's gemv_h2 (batch 1, Triton attention)
 # "fused_decode" is off: on the H100 its prologues made the GEMVs slower than the kernels they
 # replace saved (graph step 6042 vs 5918 us, Llama-3.1-8B shape bs1, benchmarks/gpu/dev_check.sh).

@@ -19,7 +19,7 @@ echo "($((SECONDS - t0)) s)"
 EDGELM_TRITON_OPS=$ops timeout 110 $b --torchao-config int4wo-128 --batch-size ${TABLE_BS:-1 8 32} --input-len 1024 --output-len 64 \
     --result-file $OUT/bench_one_batch_llama-3.1-8b_int4wo-128_${OP:-int4_rope}_$dev.json 2>&1 | grep -v -i warn | tail -5
 echo "($((SECONDS - t0)) s)"
-timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_int4.py \
+timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_int4.py tests/test_int4_fused.py \
     tests/test_cuda_graph.py::test_fused_int4_layers_match_unfused tests/test_cuda_graph.py::test_pdl_decode_matches_plain_launches \
     2>&1 | tee $OUT/gpu_tests_fused_int4.txt | tail -4
 echo "($((SECONDS - t0)) s)"

@@ -348,6 +348,13 @@ def _row_rstd(x_ptr, K, eps):
 
 
 @triton.jit
+def _wait_then_rstd(x_ptr, K, eps, PDL: tl.constexpr, NORM: tl.constexpr):
+    """The PDL wait (x is the previous kernel's output), then the 1/rms the NORM prologue scales x by."""
+    wait_and_release(PDL)
+    return _row_rstd(x_ptr, K, eps) if NORM else 1.0
+
+
+@triton.jit
 def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, KW, NG, blocks_per_split,
                     nw_ptr, eps, pos_ptr, cs_ptr, k_buf_ptr, v_buf_ptr, slot_ptr, q_size, kv_size,
                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -398,8 +405,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
     acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
     if PREFETCH == 2:
         words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b_start + rb, b_end, GROUP)
-        wait_and_release(PDL)
-        rstd = _row_rstd(x_ptr, K, eps) if NORM else 1.0
+        rstd = _wait_then_rstd(x_ptr, K, eps, PDL, NORM)
         acc += _h2_tile_dot(x_ptr, K, b_start + rb, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM)
         for b0 in range(b_start + BLOCK_B, b_start + blocks_per_split, BLOCK_B):
             b = b0 + rb
@@ -407,16 +413,14 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
             acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM)
     elif PREFETCH == 1:
         words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b_start + rb, b_end, GROUP)
-        wait_and_release(PDL)  # triton_ops.pdl: launched while the previous kernel finishes
-        rstd = _row_rstd(x_ptr, K, eps) if NORM else 1.0
+        rstd = _wait_then_rstd(x_ptr, K, eps, PDL, NORM)  # triton_ops.pdl: launched while the previous kernel finishes
         for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
             b = b0 + rb
             words_next, sc_next, off_next = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b + BLOCK_B, b_end, GROUP)
             acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM)
             words, sc, off = words_next, sc_next, off_next
     else:
-        wait_and_release(PDL)
-        rstd = _row_rstd(x_ptr, K, eps) if NORM else 1.0
+        rstd = _wait_then_rstd(x_ptr, K, eps, PDL, NORM)
         for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
             b = b0 + rb
             words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP)

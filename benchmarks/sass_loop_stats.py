@@ -81,6 +81,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--h2-configs", nargs="+", metavar="BN,BB,SK,NW[,PF]",
                     help="instead: gemv_h2 launch configs (int4_kernels.DISPATCH's form), compiled as launched "
                          "(aligned arguments), with their registers and stack")
+    ap.add_argument("--fp16", action="store_true", help="with --h2-configs: compile for fp16 activations, not bf16")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     from edgelm.quantization import int4_ptx
@@ -91,14 +92,14 @@ def main(argv=None) -> dict:
             for text in args.h2_configs:
                 block_n, block_b, split_k, warps, *rest = (int(v) for v in text.split(","))
                 const = {"GROUP": 128, "BLOCK_N": block_n, "BLOCK_B": block_b, "SPLIT_K": split_k, "HAS_BIAS": False,
-                         "BF16": True, "USE_ASM": True, "PDL": int(cap >= 90), "PREFETCH": rest[0] if rest else 0,
+                         "BF16": not args.fp16, "USE_ASM": True, "PDL": int(cap >= 90), "PREFETCH": rest[0] if rest else 0,
                          **H2_PLAIN}
                 usage: list[str] = []
-                ops = longest_loop(compile_sass(int4_ptx._gemv_h2_kernel, H2_ARGS, True, cap, const, warps, True, usage))
+                ops = longest_loop(compile_sass(int4_ptx._gemv_h2_kernel, H2_ARGS, not args.fp16, cap, const, warps, True, usage))
                 per_iter = block_n * block_b * 128 // (32 * warps)
                 regs = re.search(r"REG:(\d+)", usage[0])
                 stack = re.search(r"STACK:(\d+)", usage[0])
-                rows.append({"kernel": "gemv_h2", "config": text, "sm": cap, "loop_instructions": sum(ops.values()),
+                rows.append({"kernel": "gemv_h2", "config": text, "dtype": "fp16" if args.fp16 else "bf16", "sm": cap, "loop_instructions": sum(ops.values()),
                              "weights_per_thread": per_iter,
                              "instructions_per_weight": round(sum(ops.values()) / per_iter, 2),
                              "registers": int(regs.group(1)) if regs else None,

@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--fp16", action="store_true", help="with --h2-configs: compile for fp16 activations, not bf16")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
-    from edgelm.quantization import int4_ptx
+    from edgelm.quantization import int4_ptx, int4_tc
 
     rows = []
     if args.h2_configs:
@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
             block_n, warps = 128, 4
             const = {"GROUP": 128, "BLOCK_M": 16, "BLOCK_N": block_n, "SPLIT_K": 8, "HAS_BIAS": False, "BF16": True,
                      "USE_ASM": True, "EVEN_K": True, "WEIGHTS": weights, "ONE_ROW": one_row, "PDL": 0}
-            ops = longest_loop(compile_sass(int4_ptx._tc_kernel, TC_ARGS, True, cap, const, warps))
+            ops = longest_loop(compile_sass(int4_tc._tc_kernel, TC_ARGS, True, cap, const, warps))
             per_iter = block_n * 128 // (32 * warps)  # one 128-input block of BLOCK_N rows per iteration
             rows.append({"kernel": "tcw" if weights else "tc", "one_row": one_row, "sm": cap, "block_n": block_n,
                          "num_warps": warps, "loop_instructions": sum(ops.values()), "weights_per_thread": per_iter,

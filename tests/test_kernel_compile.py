@@ -53,7 +53,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from edgelm.quantization import int4_ptx
+from edgelm.quantization import int4_ptx, int4_tc
 
 TC = ["x_ptr", "qw_ptr", "s_ptr", "m_ptr", "bias_ptr", "y_ptr", "ws_ptr", "cnt_ptr", "M", "N", "K", "KW", "NG",
       "stride_xm", "stride_ym", "blocks_per_split"]
@@ -87,7 +87,7 @@ for cap, weights, bf16, block_n, split_k, *one_row in json.loads(sys.argv[1]):
     const = {"GROUP": 128, "BLOCK_M": 16, "BLOCK_N": block_n, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
              "USE_ASM": True, "EVEN_K": True, "WEIGHTS": weights, "ONE_ROW": bool(one_row and one_row[0]),
              "PDL": int(cap >= 90)}
-    out.append(compile_case(int4_ptx._tc_kernel, TC, bf16, cap, const, True))
+    out.append(compile_case(int4_tc._tc_kernel, TC, bf16, cap, const, True))
 for cap, bf16, split_k, prefetch, *pdl_mode in json.loads(sys.argv[2]):  # the packed-16-bit GEMV
     const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
              "USE_ASM": True, "PDL": pdl_mode[0] if pdl_mode else int(cap >= 90), "PREFETCH": prefetch,

@@ -3,7 +3,7 @@ one runs for a given batch (DISPATCH, SHAPE_DISPATCH, `int4_linear`).
 
 - M == 1, groups >= 128 (the default): int4_ptx's "gemv_h2" (packed 16-bit FMAs on the CUDA cores);
   also swept: int4_gemv's "gemv_xs" (x held in registers; lost on H100/H200).
-- 1 < M <= MAX_M_DOT, groups >= 128: the tensor-core kernels of int4_ptx ("tcw", "tc").
+- 1 < M <= MAX_M_DOT, groups >= 128: the tensor-core kernels of int4_tc ("tcw", "tc").
 - M == 1, groups of 32/64: `_gemv_unit_kernel` here, CUDA-core FMAs on [rows, 128-input blocks,
   16 words] tiles (a code becomes the float 1 + q/16 by one shift and one and-or).
 - 1 < M <= MAX_M_DOT, groups of 32/64: `_gemm_kernel`, dequantizes a [16, BLOCK_N] slice per nibble
@@ -23,7 +23,8 @@ import triton.language as tl
 
 from edgelm.quantization.int4_gemv import gemv_xs
 from edgelm.quantization.int4_pack import WORDS_PER_BLOCK, Int4Weight
-from edgelm.quantization.int4_ptx import MAX_M_DOT, gemm_tc, gemm_tcw, gemv_h2, split_tiles
+from edgelm.quantization.int4_ptx import gemv_h2, split_tiles
+from edgelm.quantization.int4_tc import MAX_M_DOT, gemm_tc, gemm_tcw
 
 
 @triton.jit

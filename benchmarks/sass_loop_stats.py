@@ -26,16 +26,16 @@ TC_ARGS = ["x_ptr", "qw_ptr", "s_ptr", "m_ptr", "bias_ptr", "y_ptr", "ws_ptr", "
            "stride_xm", "stride_ym", "blocks_per_split"]
 # gemv_h2's arguments: tc's without M and the strides, then its fused forms' (int4_fused; unused here)
 H2_ARGS = [a for a in TC_ARGS if a not in ("M", "stride_xm", "stride_ym")] + [
-    "nw_ptr", "eps", "pos_ptr", "cs_ptr", "k_buf_ptr", "v_buf_ptr", "slot_ptr", "q_size", "kv_size"]
+    "nw_ptr", "eps", "pos_ptr", "cs_ptr", "k_buf_ptr", "v_buf_ptr", "slot_ptr", "q_size", "kv_size", "xs_ptr", "xd_ptr"]
 TYPES = {"qw_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "eps": "fp32",
-         "pos_ptr": "*i64", "cs_ptr": "*fp32", "slot_ptr": "*i64"}
-H2_PLAIN = {"NORM": False, "EPILOGUE": 0, "HALF": 1}  # gemv_h2 itself, not a fused form
+         "pos_ptr": "*i64", "cs_ptr": "*fp32", "slot_ptr": "*i64", "xs_ptr": "*fp32", "xd_ptr": "*fp32"}
+H2_PLAIN = {"NORM": False, "EPILOGUE": 0, "HALF": 1, "PREP": False}  # gemv_h2 itself, not a fused form
 _LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)")
 _BRANCH = re.compile(r"BRA\b.*?0x([0-9a-f]+)")
 
 
 def compile_sass(fn, args: list[str], bf16: bool, capability: int, constexprs: dict, num_warps: int,
-                 aligned: bool = False, resources: list | None = None) -> str:
+                 aligned: bool = False, resources: list | None = None, types: dict | None = None) -> str:
     """The SASS of fn compiled for sm_<capability>. aligned: every pointer and integer argument marked
     divisible by 16, as Triton specializes them at launch for the Llama shapes (16-byte vector loads);
     resources: gets cuobjdump's resource usage line (registers, stack) appended."""
@@ -44,7 +44,7 @@ def compile_sass(fn, args: list[str], bf16: bool, capability: int, constexprs: d
     from triton.compiler import ASTSource
 
     act = "*bf16" if bf16 else "*fp16"
-    sig = {a: TYPES.get(a, act if a.endswith("_ptr") else "i32") for a in args}
+    sig = {a: {**TYPES, **(types or {})}.get(a, act if a.endswith("_ptr") else "i32") for a in args}
     sig.update({k: "constexpr" for k in constexprs})
     names = list(sig)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in args} if aligned else {}
@@ -82,6 +82,7 @@ def main(argv=None) -> dict:
                     help="instead: gemv_h2 launch configs (int4_kernels.DISPATCH's form), compiled as launched "
                          "(aligned arguments), with their registers and stack")
     ap.add_argument("--fp16", action="store_true", help="with --h2-configs: compile for fp16 activations, not bf16")
+    ap.add_argument("--prep", action="store_true", help="with --h2-configs: the PREP form (int4_xprep: prepared x)")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     from edgelm.quantization import int4_ptx, int4_tc
@@ -93,13 +94,14 @@ def main(argv=None) -> dict:
                 block_n, block_b, split_k, warps, *rest = (int(v) for v in text.split(","))
                 const = {"GROUP": 128, "BLOCK_N": block_n, "BLOCK_B": block_b, "SPLIT_K": split_k, "HAS_BIAS": False,
                          "BF16": not args.fp16, "USE_ASM": True, "PDL": int(cap >= 90), "PREFETCH": rest[0] if rest else 0,
-                         **H2_PLAIN}
+                         **H2_PLAIN, "PREP": args.prep}
                 usage: list[str] = []
-                ops = longest_loop(compile_sass(int4_ptx._gemv_h2_kernel, H2_ARGS, not args.fp16, cap, const, warps, True, usage))
+                ops = longest_loop(compile_sass(int4_ptx._gemv_h2_kernel, H2_ARGS, not args.fp16, cap, const, warps, True, usage,
+                                                {"x_ptr": "*i32"} if args.prep else None))
                 per_iter = block_n * block_b * 128 // (32 * warps)
                 regs = re.search(r"REG:(\d+)", usage[0])
                 stack = re.search(r"STACK:(\d+)", usage[0])
-                rows.append({"kernel": "gemv_h2", "config": text, "dtype": "fp16" if args.fp16 else "bf16", "sm": cap, "loop_instructions": sum(ops.values()),
+                rows.append({"kernel": "gemv_h2", "config": text, "dtype": "fp16" if args.fp16 else "bf16", "prep": args.prep, "sm": cap, "loop_instructions": sum(ops.values()),
                              "weights_per_thread": per_iter,
                              "instructions_per_weight": round(sum(ops.values()) / per_iter, 2),
                              "registers": int(regs.group(1)) if regs else None,

@@ -45,6 +45,8 @@ CASES = [  # (capability, WEIGHTS, bf16, BLOCK_N, SPLIT_K[, ONE_ROW])
 # gemv_h2: (capability, bf16, SPLIT_K, PREFETCH[, PDL 3: release late])
 H2_CASES = [(87, False, 1, 0), (90, True, 4, 0), (80, True, 1, 0), (90, True, 1, 1), (87, True, 2, 1), (90, True, 1, 2),
             (90, False, 2, 2), (87, True, 1, 2), (90, True, 1, 2, 3)]
+# gemv_h2 on prepared x (PREP; its _x_prep_kernel compiled too): (capability, bf16, SPLIT_K, PREFETCH)
+H2_PREP_CASES = [(87, False, 1, 0), (87, True, 2, 1), (80, True, 1, 0), (90, True, 1, 2), (90, False, 4, 1)]
 # the fused decoder layer's gemv_h2 (SPLIT_K 1): (capability, bf16, PREFETCH, NORM, EPILOGUE; 3: rotary + KV write)
 H2_FUSED_CASES = [(87, False, 0, True, 0), (87, True, 2, False, 1), (90, True, 2, True, 0), (90, True, 0, True, 2),
                   (90, False, 1, False, 1), (80, True, 1, True, 2), (90, True, 2, True, 3), (87, False, 0, True, 3)]
@@ -58,14 +60,15 @@ from edgelm.quantization import int4_ptx, int4_tc
 TC = ["x_ptr", "qw_ptr", "s_ptr", "m_ptr", "bias_ptr", "y_ptr", "ws_ptr", "cnt_ptr", "M", "N", "K", "KW", "NG",
       "stride_xm", "stride_ym", "blocks_per_split"]
 H2 = [a for a in TC if a not in ("M", "stride_xm", "stride_ym")] + ["nw_ptr", "eps", "pos_ptr", "cs_ptr", "k_buf_ptr",
-                                                                     "v_buf_ptr", "slot_ptr", "q_size", "kv_size"]
+                                                                     "v_buf_ptr", "slot_ptr", "q_size", "kv_size",
+                                                                     "xs_ptr", "xd_ptr"]
 TYPES = {"qw_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "eps": "fp32",
-         "pos_ptr": "*i64", "cs_ptr": "*fp32", "slot_ptr": "*i64"}
+         "pos_ptr": "*i64", "cs_ptr": "*fp32", "slot_ptr": "*i64", "xs_ptr": "*fp32", "xd_ptr": "*fp32"}
 
 
-def compile_case(fn, args, bf16, cap, const, need_prmt):
+def compile_case(fn, args, bf16, cap, const, need_prmt, types=None):
     act = "*bf16" if bf16 else "*fp16"
-    sig = {a: TYPES.get(a, act if a.endswith("_ptr") else "i32") for a in args}
+    sig = {a: {**TYPES, **(types or {})}.get(a, act if a.endswith("_ptr") else "i32") for a in args}
     sig.update({k: "constexpr" for k in const})
     names = list(sig)
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
@@ -79,7 +82,8 @@ def compile_case(fn, args, bf16, cap, const, need_prmt):
     return {"ok": True, "lop3": "lop3.b32" in ptx and ("prmt.b32" in ptx or not need_prmt),
             "pdl": wait >= 0, "load_before_wait": 0 <= ptx.find("ld.global") < wait,
             "release_after_loop": release > ptx.rfind("lop3.b32"), "release_before_loop": release < ptx.find("lop3.b32"),
-            "fma2": "fma.rn.bf16x2" in ptx or "fma.rn.f16x2" in ptx, "cubin": len(c.asm["cubin"])}
+            "fma2": "fma.rn.bf16x2" in ptx or "fma.rn.f16x2" in ptx, "cubin": len(c.asm["cubin"]),
+            "subnormal_dot": "mul.rn.f16x2" in ptx and "lop3.b32" not in ptx}
 
 
 out = []
@@ -91,21 +95,29 @@ for cap, weights, bf16, block_n, split_k, *one_row in json.loads(sys.argv[1]):
 for cap, bf16, split_k, prefetch, *pdl_mode in json.loads(sys.argv[2]):  # the packed-16-bit GEMV
     const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
              "USE_ASM": True, "PDL": pdl_mode[0] if pdl_mode else int(cap >= 90), "PREFETCH": prefetch,
-             "NORM": False, "EPILOGUE": 0, "HALF": 1}
+             "NORM": False, "EPILOGUE": 0, "HALF": 1, "PREP": False}
     out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False))
 for cap, bf16, prefetch, norm, epilogue in json.loads(sys.argv[3]):  # its fused forms
     const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": 1, "HAS_BIAS": True, "BF16": bf16, "USE_ASM": True,
-             "PDL": int(cap >= 90), "PREFETCH": prefetch, "NORM": norm, "EPILOGUE": epilogue, "HALF": 64}
+             "PDL": int(cap >= 90), "PREFETCH": prefetch, "NORM": norm, "EPILOGUE": epilogue, "HALF": 64, "PREP": False}
     out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False))
+for cap, bf16, split_k, prefetch in json.loads(sys.argv[4]):  # on prepared x (int4_xprep), then the prep kernel
+    const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
+             "USE_ASM": True, "PDL": int(cap >= 90), "PREFETCH": prefetch, "NORM": False, "EPILOGUE": 0, "HALF": 1,
+             "PREP": True}
+    out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False, {"x_ptr": "*i32"}))
+    prep = compile_case(int4_ptx._x_prep_kernel, ["x_ptr", "xp_ptr", "xs_ptr", "xd_ptr", "K", "NB"], bf16, cap,
+                        {"BLOCKS": 8, "PDL": 2 * int(cap >= 90)}, False, {"xp_ptr": "*i32"})
+    out[-1]["prep_ok"], out[-1]["prep_error"] = prep["ok"], prep.get("error")
 print("RESULT " + json.dumps(out))
 """
 
 
 def test_int4_kernels_compile_for_sm80_sm87_sm90():
-    results = run_child(CHILD, CASES, H2_CASES, H2_FUSED_CASES)
+    results = run_child(CHILD, CASES, H2_CASES, H2_FUSED_CASES, H2_PREP_CASES)
     if all(not r["ok"] and "ptxas" in r["error"] for r in results):
         pytest.skip("this triton has no ptxas to compile with")
-    assert len(results) == len(CASES) + len(H2_CASES) + len(H2_FUSED_CASES)
+    assert len(results) == len(CASES) + len(H2_CASES) + len(H2_FUSED_CASES) + len(H2_PREP_CASES)
     for case, r in zip(CASES, results):
         assert r["ok"], (case, r.get("error"))
         assert r["lop3"] and r["cubin"] > 0, case  # the inline PTX made it into the kernel
@@ -126,6 +138,12 @@ def test_int4_kernels_compile_for_sm80_sm87_sm90():
         assert r["lop3"] and r["fma2"] and r["cubin"] > 0, case
         assert r["pdl"] == (case[0] >= 90), case
         if r["pdl"] and case[2]:
+            assert r["load_before_wait"], case
+    for case, r in zip(H2_PREP_CASES, results[len(CASES) + len(H2_CASES) + len(H2_FUSED_CASES):]):
+        assert r["ok"] and r["prep_ok"], (case, r.get("error"), r.get("prep_error"))
+        assert r["subnormal_dot"] and r["fma2"] and r["cubin"] > 0, case  # the and/FMA dot, no code base
+        assert r["pdl"] == (case[0] >= 90), case
+        if r["pdl"] and case[3]:
             assert r["load_before_wait"], case
 
 

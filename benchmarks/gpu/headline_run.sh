@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# One device call (carry .whl; ~9.5 min): the int4wo-128 batch-1 sweep of rounds 6-7 with the int4_rope /
-# fused_int4 A/B (int4_variants.py --candidates $CANDS --fused-ab), then the two headline tables in one call
-# — bf16 batch 1/8/32/64 and int4wo-128 batch 1/8/32, the int4 one with the sweep's winning tables
-# (EDGELM_INT4_DISPATCH) and with int4_rope on where it beat the shipped step in every pairing — then the int4
-# GPU tests (kernels, fused forms, fused/PDL model tests) in what time is left under BUDGET.
+# One device call (carry .whl; ~9.5 min): the int4wo-128 batch-1 sweep of $CANDS (default rounds 6-7) with the
+# A/B of the triton_ops switches $OPS (int4_variants.py --ops-ab; default int4_xprep,int4_rope), then the two
+# headline tables in one call — bf16 batch 1/8/32/64 and int4wo-128 batch 1/8/32, the int4 one with the
+# sweep's winning tables (EDGELM_INT4_DISPATCH) and with each switch on whose every run beat every shipped
+# baseline of the A/B — then the int4 GPU tests (GEMV on prepared x, kernels, fused forms, fused/PDL model
+# tests) in what time is left under BUDGET.
 source benchmarks/gpu/site_setup.sh
 dev=${DEV:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo h200 || echo h100)}
 echo "DEV=$dev"; t0=$SECONDS
 m="--model-path llama-3.1-8b --load-format dummy --dtype bfloat16"
 b="python3 -m edgelm.bench_one_batch $m"
 timeout ${VT:-270} python3 benchmarks/gpu/int4_variants.py $m --torchao-config int4wo-128 --batch-size 1 --input-len 1024 \
-    --output-len 64 --candidates ${CANDS:-round6,round7} --fused-ab --out $OUT/int4_variants_bs1_round67_$dev.json \
+    --output-len 64 --candidates ${CANDS:-round6,round7} --ops-ab ${OPS:-int4_xprep,int4_rope} --out $OUT/int4_variants_bs1_round67_$dev.json \
     --dispatch-out $OUT/int4_dispatch_step_$dev.json 2>&1 | grep -v -i warn | tail -30
 echo "($((SECONDS - t0)) s)"
-# int4_rope ships in the table only if each of its runs beat both shipped baselines of the A/B
-ops=$(python3 - $OUT/int4_variants_bs1_round67_$dev.json <<'PY'
+# a switch goes into the table only if each run with it (alone) beat every shipped baseline of the A/B
+ops=$(python3 - $OUT/int4_variants_bs1_round67_$dev.json ${OPS:-int4_xprep,int4_rope} <<'PY'
 import json, sys
 from edgelm.layers import triton_ops as t
 try:
@@ -22,8 +23,11 @@ try:
 except (OSError, KeyError, ValueError):
     rs = []
 base = [r["itl_us"] for r in rs if r.get("label") == "shipped (A/B baseline)"]
-rope = [r["itl_us"] for r in rs if r.get("ops_added") == "int4_rope"]
-on = set(t.DEFAULT_ON) | ({"int4_rope"} if base and len(rope) == 3 and max(rope) < min(base) else set())
+on = set(t.DEFAULT_ON)
+for op in sys.argv[2].split(","):
+    runs = [r["itl_us"] for r in rs if r.get("ops_added") == op]
+    if base and len(runs) == 2 and max(runs) < min(base):
+        on.add(op)
 print(",".join(sorted(on)))
 PY
 )
@@ -41,7 +45,7 @@ EDGELM_TRITON_OPS=$ops timeout 110 $b --torchao-config int4wo-128 --batch-size 1
 unset EDGELM_INT4_DISPATCH
 echo "($((SECONDS - t0)) s)"
 left=$(( ${BUDGET:-570} - (SECONDS - t0) ))
-(( left > 30 )) && timeout $left python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_int4_fused.py \
+(( left > 30 )) && timeout $left python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_int4_xprep.py tests/test_int4_fused.py \
     tests/test_cuda_graph.py::test_fused_int4_layers_match_unfused tests/test_cuda_graph.py::test_pdl_decode_matches_plain_launches \
     tests/test_int4.py 2>&1 | tee $OUT/gpu_tests_int4.txt | tail -4
 echo "total $((SECONDS - t0)) s"

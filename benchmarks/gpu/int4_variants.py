@@ -10,10 +10,10 @@ together twice around one more baseline, and their tables are written in load_di
 the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|...|round7|all (or a
 comma-separated list; none: only the shipped tables) picks the configs tried (all: every round, for a GPU or model not swept yet, e.g. a
 Jetson with its own model). --ablate-gemv adds one run of the shipped step with every int4 GEMV launching
-nothing: the step minus it is what the int4 GEMVs cost inside the step. --fused-ab adds the shipped tables
-with the fused int4 decoder layer (triton_ops "fused_int4": norms, SiLU·mul and residual adds inside the
-GEMVs, the rotary + KV write in qkv_proj's epilogue) and int4_rope (only the rotary + KV write moved into
-qkv_proj's gemv_h2) on and off after the sweep.
+nothing: the step minus it is what the int4 GEMVs cost inside the step. --ops-ab OP[,OP..] adds the shipped
+tables with each triton_ops switch on, off, on (then all together, then off) after the sweep: e.g. int4_xprep
+(x prepared for the GEMVs), int4_rope (the rotary + KV write in qkv_proj's gemv_h2), fused_int4 (the whole
+decoder layer fused); --fused-ab is --ops-ab int4_rope,fused_int4.
 
     python benchmarks/gpu/int4_variants.py --model-path llama-3.1-8b --load-format dummy --dtype bfloat16 \
         --torchao-config int4wo-128 --batch-size 1 --input-len 1024 --output-len 64 \
@@ -190,9 +190,14 @@ def main(argv=None) -> dict:
     ablate = "--ablate-gemv" in argv
     if ablate:
         argv.remove("--ablate-gemv")
-    fused_ab = "--fused-ab" in argv
-    if fused_ab:
+    ops_ab: list[str] = []
+    if "--fused-ab" in argv:
         argv.remove("--fused-ab")
+        ops_ab = ["int4_rope", "fused_int4"]
+    if "--ops-ab" in argv:
+        i = argv.index("--ops-ab")
+        ops_ab = [op for op in argv[i + 1].split(",") if op]
+        del argv[i:i + 2]
     server_args, bench, _ = bench_one_batch.prepare_args(argv)
     device = server_args.resolved_device()
     config = ModelConfig.load(resolve_model(server_args.model_path), server_args.dtype, device,
@@ -235,11 +240,11 @@ def main(argv=None) -> dict:
     if combo:
         for v in (combo, {}, combo):
             measure(v)
-    if fused_ab:
+    if ops_ab:  # each op on, off, on around the shipped step; then all of them together
         from edgelm.layers import triton_ops
         plain_ops = ",".join(sorted(triton_ops._enabled))
-        # int4_rope: only the rotary + KV write in qkv_proj's gemv_h2; fused_int4: the whole layer fused
-        for op in ("int4_rope", None, "int4_rope", None, "fused_int4", "int4_rope"):
+        order = [x for op in ops_ab for x in (op, None, op)] + ([",".join(ops_ab), None] if len(ops_ab) > 1 else [])
+        for op in order:
             triton_ops.set_enabled(plain_ops + (f",{op}" if op else ""))
             try:
                 r = measure({})

@@ -64,7 +64,7 @@ def gemv_h2_fused(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, con
     _gemv_h2_kernel[(triton.cdiv(n, launch.block_n), 1)](
         x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, y, y, n, w.in_features, kw,
         w.scales.shape[1], launch.blocks_per_split, nw, eps, r.positions, r.cos_sin, r.k_buf, r.v_buf, r.slots,
-        r.q_size, r.kv_size, GROUP=w.group_size, BLOCK_N=launch.block_n, BLOCK_B=launch.block_b, SPLIT_K=1,
+        r.q_size, r.kv_size, y, y, GROUP=w.group_size, BLOCK_N=launch.block_n, BLOCK_B=launch.block_b, SPLIT_K=1,
         HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, PDL=launch.pdl,
         PREFETCH=launch.prefetch, NORM=norm is not None, EPILOGUE=epilogue, HALF=r.head_dim // 2,
         num_warps=launch.num_warps, **pdl.launch_kwargs(launch.pdl))

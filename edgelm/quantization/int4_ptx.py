@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from edgelm.layers import triton_ops
 from edgelm.layers.triton_ops import pdl
 from edgelm.layers.triton_ops.pdl import release_late, wait_and_release
 from edgelm.layers.triton_ops.scratch import scratch
@@ -136,6 +137,76 @@ def _nibble_pair_dot(words, shift: tl.constexpr, pair):
             + ((words >> (shift + 16)) & 0xF).to(tl.float32) * hi[None, :, :])
 
 
+def _dot_subnormal_asm() -> str:
+    """PTX for the PREP form of `_gemv_h2_kernel` (pack=1): word $1 and four fp16 x pairs $2..$5 from
+    _x_prep_kernel → $0, the float32 sum of the word's 8 products q·x'·2^-24. A masked nibble is itself
+    an fp16 subnormal (q·2^-24 at bits 0-3, 16q·2^-24 at bits 4-7; the odd pairs' x' carry the 1/16), so
+    a pair costs one and plus one FMA (no code base to set and subtract), and a word one shift."""
+    lines = ["{", ".reg .b32 t, c, acc;", ".reg .f16 a, b;", ".reg .f32 lo, hi;"]
+    for j in range(4):
+        if j == 2:
+            lines.append("shr.u32 t, $1, 8;")
+        lines.append(f"and.b32 c, {'$1' if j < 2 else 't'}, {'0x00F000F0' if j % 2 else '0x000F000F'};")
+        lines.append("mul.rn.f16x2 acc, c, $2;" if j == 0 else f"fma.rn.f16x2 acc, c, ${2 + j}, acc;")
+    lines += ["mov.b32 {a, b}, acc;", "cvt.f32.f16 lo, a;", "cvt.f32.f16 hi, b;", "add.f32 $0, lo, hi;", "}"]
+    return "\n".join(lines)
+
+
+_DOT_SUBNORMAL = tl.constexpr(_dot_subnormal_asm())
+
+
+@triton.jit
+def _x_prep_kernel(x_ptr, xp_ptr, xs_ptr, xd_ptr, K, NB, BLOCKS: tl.constexpr, PDL: tl.constexpr):
+    """x [K] (fp16/bf16) → what the PREP gemv_h2 reads, per 128-input block b < NB: xp [b, 64] int32, the fp16
+    pairs (x[128b + p], x[128b + 64 + p])·up·(1/16 where (p // 16) is odd), up the power of two that brings the
+    block's largest |x| into [2^14, 2^15) (exact in fp16 down to 2^-29 of it); xs [b] = Σ x (float32); xd [b] =
+    2^24 / up, which turns the subnormal-code products of _dot_subnormal_asm back into Σ q·x."""
+    b = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    p = tl.arange(0, 64)
+    k = b[:, None] * 128 + p[None, :]
+    wait_and_release(PDL)
+    lo = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    hi = tl.load(x_ptr + k + 64, mask=k + 64 < K, other=0.0).to(tl.float32)
+    amax = tl.max(tl.maximum(tl.abs(lo), tl.abs(hi)), axis=1)
+    e = tl.minimum(tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 15), 244)  # biased exponent
+    up = (((268 - e) << 23).to(tl.float32, bitcast=True))[:, None] * tl.where((p // 16) % 2 == 1, 0.0625, 1.0)[None, :]
+    lo16 = (lo * up).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi16 = (hi * up).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16
+    b_ok = b < NB
+    tl.store(xp_ptr + (b * 64)[:, None] + p[None, :], lo16 | hi16, mask=b_ok[:, None])
+    tl.store(xs_ptr + b, tl.sum(lo + hi, axis=1), mask=b_ok)
+    tl.store(xd_ptr + b, ((e + 10) << 23).to(tl.float32, bitcast=True), mask=b_ok)
+
+
+@triton.jit
+def _subnormal_pair_dot(words, shift: tl.constexpr, pair, f: tl.constexpr):
+    """The interpreter's twin of one pair step of _dot_subnormal_asm: Σ q·x'·f·2^-24 over the two halves."""
+    lo = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = ((pair >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return (((words >> shift) & 0xF).to(tl.float32) * (lo * (f * 5.9604644775390625e-08))[None, :, :]
+            + ((words >> (shift + 16)) & 0xF).to(tl.float32) * (hi * (f * 5.9604644775390625e-08))[None, :, :])
+
+
+@triton.jit
+def _h2_tile_dot_prep(xp_ptr, xs_ptr, xd_ptr, b, b_end, words, sc, off, USE_ASM: tl.constexpr):
+    """_h2_tile_dot on _x_prep_kernel's output: [BLOCK_N, BLOCK_B] s·Σ q·x + m·Σ x of each row's blocks b."""
+    b_ok = b < b_end
+    q0 = (b * 64)[:, None] + tl.arange(0, 16)[None, :]
+    p0 = tl.load(xp_ptr + q0, mask=b_ok[:, None], other=0)
+    p1 = tl.load(xp_ptr + q0 + 16, mask=b_ok[:, None], other=0)
+    p2 = tl.load(xp_ptr + q0 + 32, mask=b_ok[:, None], other=0)
+    p3 = tl.load(xp_ptr + q0 + 48, mask=b_ok[:, None], other=0)
+    if USE_ASM:
+        qx = tl.inline_asm_elementwise(_DOT_SUBNORMAL, "=r,r,r,r,r,r", [words, p0[None, :, :], p1[None, :, :],
+                                       p2[None, :, :], p3[None, :, :]], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        qx = (_subnormal_pair_dot(words, 0, p0, 1.0) + _subnormal_pair_dot(words, 4, p1, 16.0)
+              + _subnormal_pair_dot(words, 8, p2, 1.0) + _subnormal_pair_dot(words, 12, p3, 16.0))
+    down = tl.load(xd_ptr + b, mask=b_ok, other=0.0)
+    xsum = tl.load(xs_ptr + b, mask=b_ok, other=0.0)
+    return sc.to(tl.float32) * (tl.sum(qx, axis=2) * down[None, :]) + off.to(tl.float32) * xsum[None, :]
+
+
 @triton.jit
 def _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP: tl.constexpr):
     """The weights of blocks b ([BLOCK_B]) of rows rn: words [BLOCK_N, BLOCK_B, 16] and their scales
@@ -151,17 +222,23 @@ def _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP: tl.constexpr):
 
 @triton.jit
 def _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16: tl.constexpr, USE_ASM: tl.constexpr,
-                 nw_ptr=None, rstd=None, NORM: tl.constexpr = False):
-    """[BLOCK_N, BLOCK_B]: s·Σ q·x + m·Σ x of each row's blocks b against x (RMSNorm(x) with NORM)."""
-    ri = tl.arange(0, 16)
-    k0 = (b * 128)[:, None] + ri[None, :]  # [BLOCK_B, 16]: input 128·b + i, then + 16·j
-    p0, x0 = _x_pair(x_ptr, k0, K, nw_ptr, rstd, USE_ASM, NORM)
-    p1, x1 = _x_pair(x_ptr, k0 + 16, K, nw_ptr, rstd, USE_ASM, NORM)
-    p2, x2 = _x_pair(x_ptr, k0 + 32, K, nw_ptr, rstd, USE_ASM, NORM)
-    p3, x3 = _x_pair(x_ptr, k0 + 48, K, nw_ptr, rstd, USE_ASM, NORM)
-    xsum = tl.sum(x0 + x1 + x2 + x3, axis=1)  # [BLOCK_B]: Σ x over each block
-    qx = tl.sum(_word_dot(words, p0, p1, p2, p3, BF16, USE_ASM), axis=2)
-    return sc.to(tl.float32) * qx + off.to(tl.float32) * tl.where(b < b_end, xsum, 0.0)[None, :]
+                 nw_ptr=None, rstd=None, NORM: tl.constexpr = False, xs_ptr=None, xd_ptr=None,
+                 PREP: tl.constexpr = False):
+    """[BLOCK_N, BLOCK_B]: s·Σ q·x + m·Σ x of each row's blocks b against x (RMSNorm(x) with NORM;
+    PREP: x_ptr, xs_ptr, xd_ptr are _x_prep_kernel's xp, xs, xd)."""
+    if PREP:
+        out = _h2_tile_dot_prep(x_ptr, xs_ptr, xd_ptr, b, b_end, words, sc, off, USE_ASM)
+    else:
+        ri = tl.arange(0, 16)
+        k0 = (b * 128)[:, None] + ri[None, :]  # [BLOCK_B, 16]: input 128·b + i, then + 16·j
+        p0, x0 = _x_pair(x_ptr, k0, K, nw_ptr, rstd, USE_ASM, NORM)
+        p1, x1 = _x_pair(x_ptr, k0 + 16, K, nw_ptr, rstd, USE_ASM, NORM)
+        p2, x2 = _x_pair(x_ptr, k0 + 32, K, nw_ptr, rstd, USE_ASM, NORM)
+        p3, x3 = _x_pair(x_ptr, k0 + 48, K, nw_ptr, rstd, USE_ASM, NORM)
+        xsum = tl.sum(x0 + x1 + x2 + x3, axis=1)  # [BLOCK_B]: Σ x over each block
+        qx = tl.sum(_word_dot(words, p0, p1, p2, p3, BF16, USE_ASM), axis=2)
+        out = sc.to(tl.float32) * qx + off.to(tl.float32) * tl.where(b < b_end, xsum, 0.0)[None, :]
+    return out
 
 
 @triton.jit
@@ -184,11 +261,11 @@ def _wait_then_rstd(x_ptr, K, eps, PDL: tl.constexpr, NORM: tl.constexpr):
 
 @triton.jit
 def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, N, K, KW, NG, blocks_per_split,
-                    nw_ptr, eps, pos_ptr, cs_ptr, k_buf_ptr, v_buf_ptr, slot_ptr, q_size, kv_size,
+                    nw_ptr, eps, pos_ptr, cs_ptr, k_buf_ptr, v_buf_ptr, slot_ptr, q_size, kv_size, xs_ptr, xd_ptr,
                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
                     PREFETCH: tl.constexpr, NORM: tl.constexpr = False, EPILOGUE: tl.constexpr = 0,
-                    HALF: tl.constexpr = 1):
+                    HALF: tl.constexpr = 1, PREP: tl.constexpr = False):
     """y [1, N] = x [1, K] · dequant(W)ᵀ on the CUDA cores in packed 16-bit arithmetic (GROUP >= 128).
 
     Tile [BLOCK_N rows, BLOCK_B blocks, 16 words]. Per word one inline-PTX call (_dot_pairs_asm) forms
@@ -210,7 +287,9 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
     q ‖ k ‖ v (heads of 2·HALF rows); a program's rows are pairs (d, d + HALF) of heads, and it writes
     the rotary (cos ‖ sin at position pos_ptr[0] of cs_ptr's [positions, 2·HALF] table) of q into
     y [1, q_size] and of k into the KV pool's row slot_ptr[0] of k_buf, v as it is into v_buf's
-    (k_buf, v_buf [slots, kv_size]), rounded as the rotary + KV-write kernel rounds them."""
+    (k_buf, v_buf [slots, kv_size]), rounded as the rotary + KV-write kernel rounds them.
+    PREP (triton_ops "int4_xprep"): x_ptr, xs_ptr, xd_ptr are _x_prep_kernel's output: x already in
+    fp16 pairs scaled per block, its block sums and scales; a word then costs ~12 instructions, not 18."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     r = tl.arange(0, BLOCK_N)
@@ -234,25 +313,25 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
     if PREFETCH == 2:
         words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b_start + rb, b_end, GROUP)
         rstd = _wait_then_rstd(x_ptr, K, eps, PDL, NORM)
-        acc += _h2_tile_dot(x_ptr, K, b_start + rb, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM)
+        acc += _h2_tile_dot(x_ptr, K, b_start + rb, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM, xs_ptr, xd_ptr, PREP)
         for b0 in range(b_start + BLOCK_B, b_start + blocks_per_split, BLOCK_B):
             b = b0 + rb
             words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP)
-            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM)
+            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM, xs_ptr, xd_ptr, PREP)
     elif PREFETCH == 1:
         words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b_start + rb, b_end, GROUP)
         rstd = _wait_then_rstd(x_ptr, K, eps, PDL, NORM)  # triton_ops.pdl: launched while the previous kernel finishes
         for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
             b = b0 + rb
             words_next, sc_next, off_next = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b + BLOCK_B, b_end, GROUP)
-            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM)
+            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM, xs_ptr, xd_ptr, PREP)
             words, sc, off = words_next, sc_next, off_next
     else:
         rstd = _wait_then_rstd(x_ptr, K, eps, PDL, NORM)
         for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
             b = b0 + rb
             words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP)
-            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM)
+            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM, xs_ptr, xd_ptr, PREP)
     release_late(PDL)
     out = tl.sum(acc, axis=1)
     if EPILOGUE == 0:
@@ -381,9 +460,24 @@ def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
             BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, PDL=pdl_on, num_warps=num_warps,
             **pdl.launch_kwargs(pdl_on))
         return y
+    prep = triton_ops.enabled("int4_xprep")
+    xp, xs, xd = x_prep(x) if prep else (x, y, y)
     _gemv_h2_kernel[(tiles, split_k)](
-        x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,
-        w.scales.shape[1], per_split, x, 0.0, x, x, x, x, x, 0, 0, GROUP=w.group_size, BLOCK_N=block_n,
+        xp, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,
+        w.scales.shape[1], per_split, x, 0.0, x, x, x, x, x, 0, 0, xs, xd, GROUP=w.group_size, BLOCK_N=block_n,
         BLOCK_B=block_b, SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET,
-        PDL=pdl_on, PREFETCH=prefetch, num_warps=num_warps, **pdl.launch_kwargs(pdl_on))
+        PDL=pdl_on, PREFETCH=prefetch, PREP=prep, num_warps=num_warps, **pdl.launch_kwargs(pdl_on))
     return y
+
+
+def x_prep(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """_x_prep_kernel on x [1, K]: (xp [⌈K/128⌉·64] int32, xs, xd [⌈K/128⌉] float32) in scratch buffers that
+    every batch-1 int4 GEMV shares (each reads them before the next prep may write: PDL waits)."""
+    k = x.shape[1]
+    nb = -(-k // 128)
+    xp = scratch(x.device, "int4_xp", torch.int32, nb * 64)
+    xsd = scratch(x.device, "int4_xsd", torch.float32, 2 * nb)
+    pdl_on = pdl.mode(x.device, 1)
+    _x_prep_kernel[(triton.cdiv(nb, 8),)](x, xp, xsd, xsd[nb:], k, nb, BLOCKS=8, PDL=pdl_on, num_warps=4,
+                                          **pdl.launch_kwargs(pdl_on))
+    return xp, xsd[:nb], xsd[nb:2 * nb]

@@ -1,0 +1,136 @@
+"""The batch-1 int4 GEMV on prepared x (triton_ops "int4_xprep"; int4_ptx.x_prep and gemv_h2's PREP
+form): the prep kernel's pairs, block sums and scales exactly, and the GEMV against
+dequantize-then-matmul (plain-op twin under TRITON_INTERPRET on the CPU, the PTX on a GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from edgelm.quantization.int4_pack import dequantize_int4, quantize_int4
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-12))
+
+
+def reference(x: torch.Tensor, w, bias=None) -> torch.Tensor:
+    y = x.double() @ dequantize_int4(w, torch.float64).T
+    return y + bias.double() if bias is not None else y
+
+
+@pytest.fixture
+def xprep_on():
+    from edgelm.layers import triton_ops
+
+    old = triton_ops.set_enabled(",".join(sorted(triton_ops.DEFAULT_ON | {"int4_xprep"})))
+    yield
+    triton_ops.set_enabled(",".join(sorted(old)))
+
+
+def _x(k: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Random x [1, k] with a large outlier, a block of zeros and a block of tiny values."""
+    x = torch.randn(1, k) * 3
+    x[0, 5] = 3000.0  # would overflow an unscaled fp16 sum of four q·x
+    if k > 256:
+        x[0, 128:256] = 0.0
+    if k > 384:
+        x[0, 256:384] *= 1e-6
+    return x.to(dtype).to(device)
+
+
+@needs_triton
+@pytest.mark.parametrize("k,dtype", [(300, torch.bfloat16), (1024, torch.float16), (2200, torch.bfloat16)])
+def test_x_prep_exact(k, dtype):
+    """Each pair holds x·up (odd 16-blocks also ·1/16) exactly in fp16, up a power of two with the block's
+    largest |x|·up in [2^14, 2^15); xs the block sums; xd·up = 2^24; inputs past K are zero."""
+    from edgelm.quantization.int4_ptx import x_prep
+
+    x = _x(k, dtype, DEVICE)
+    xp, xs, xd = (t.cpu() for t in x_prep(x))
+    nb = -(-k // 128)
+    xf = torch.nn.functional.pad(x.float().cpu()[0], (0, nb * 128 - k)).view(nb, 2, 64)
+    halves = xp[:nb * 64].view(nb, 64)
+    lo = (halves & 0xFFFF).to(torch.int16).view(torch.float16).float()
+    hi = ((halves >> 16) & 0xFFFF).to(torch.int16).view(torch.float16).float()
+    up = 2.0 ** 24 / xd.double()
+    f = torch.where((torch.arange(64) // 16) % 2 == 1, 1 / 16, 1.0).double()
+    for b in range(nb):
+        amax = xf[b].abs().max().item()
+        if amax > 0:
+            assert 2 ** 14 <= amax * up[b] < 2 ** 15, b
+        assert torch.equal(up[b].log2(), up[b].log2().round())  # a power of two
+        want_lo = (xf[b, 0].double() * up[b] * f).to(torch.float16).float()
+        want_hi = (xf[b, 1].double() * up[b] * f).to(torch.float16).float()
+        assert torch.equal(lo[b], want_lo) and torch.equal(hi[b], want_hi), b
+        if amax > 0:  # exact: the scaling only moved exponents
+            assert torch.equal(want_lo.double(), xf[b, 0].double() * up[b] * f), b
+    assert torch.allclose(xs.double(), xf.double().sum(dim=(1, 2)), rtol=1e-6, atol=1e-3)
+
+
+@needs_triton
+@pytest.mark.parametrize("group,k,config,dtype", [(128, 300, (8, 2, 1, 4), torch.float16),
+                                                  (128, 520, (16, 1, 3, 4), torch.bfloat16),
+                                                  (256, 1024, (8, 4, 2, 4, 1), torch.float16),
+                                                  (128, 1000, (8, 2, 3, 4, 2), torch.bfloat16),
+                                                  (128, 2200, (16, 4, 1, 4, 1, 1), torch.bfloat16)])
+def test_gemv_h2_prep_small(group, k, config, dtype, xprep_on):
+    """gemv_h2 on prepared x: ragged K, split K, prefetch and late release, group 256, an outlier of 3000,
+    zero and tiny blocks; against dequantize-then-matmul, twice (the scratch buffers are reused)."""
+    from edgelm.quantization import int4_kernels as kern
+
+    w = quantize_int4(torch.randn(40, k, device=DEVICE) * 0.05, group, "minmax", meta_precision=dtype)
+    bias = torch.randn(40, device=DEVICE).to(dtype)
+    for seed in range(2):
+        torch.manual_seed(seed)
+        x = _x(k, dtype, DEVICE)
+        assert rel_err(kern.gemv_h2(x, w, bias, config), reference(x, w, bias)) < 1e-2
+
+
+@needs_triton
+def test_gemv_h2_prep_is_switched(monkeypatch, xprep_on):
+    """With int4_xprep on, gemv_h2 launches the prep kernel (and not without)."""
+    from edgelm.layers import triton_ops
+    from edgelm.quantization import int4_ptx
+
+    calls = []
+    real = int4_ptx.x_prep
+    monkeypatch.setattr(int4_ptx, "x_prep", lambda x: calls.append(x.shape) or real(x))
+    w = quantize_int4(torch.randn(16, 256, device=DEVICE) * 0.05, 128, "minmax")
+    x = torch.randn(1, 256, device=DEVICE).half()
+    int4_ptx.gemv_h2(x, w, None, (8, 2, 1, 4))
+    assert calls == [(1, 256)]
+    triton_ops.set_enabled(",".join(sorted(triton_ops.DEFAULT_ON)))
+    int4_ptx.gemv_h2(x, w, None, (8, 2, 1, 4))
+    assert calls == [(1, 256)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n,k,config", [(6144, 4096, (8, 16, 1, 4, 2)), (4096, 4096, (8, 16, 1, 4, 1)),
+                                        (28672, 4096, (16, 8, 1, 4)), (4096, 14336, (8, 16, 1, 4, 1)),
+                                        (4096, 14336, (16, 8, 4, 4))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemv_h2_prep_gpu(n, k, config, dtype, xprep_on):
+    """The PTX of the prepared-x GEMV on the Llama-3.1-8B shapes: as close to dequantize-then-matmul as
+    the plain gemv_h2 is (bf16: closer, its products carry 11 bits, not 8), an outlier included, and
+    bit-identical run to run."""
+    from edgelm.layers import triton_ops
+    from edgelm.quantization import int4_ptx
+
+    torch.manual_seed(n + k)
+    w = quantize_int4(torch.randn(n, k, device="cuda") * 0.02, 128, "search", meta_precision=dtype)
+    x = _x(k, dtype, "cuda")
+    ref = reference(x, w)
+    y = int4_ptx.gemv_h2(x, w, None, config)
+    assert torch.equal(y, int4_ptx.gemv_h2(x, w, None, config))
+    triton_ops.set_enabled(",".join(sorted(triton_ops.DEFAULT_ON)))
+    plain = int4_ptx.gemv_h2(x, w, None, config)
+    assert rel_err(y, ref) < 1e-2
+    assert rel_err(y, ref) <= 1.5 * rel_err(plain, ref) + 1e-4, (rel_err(y, ref), rel_err(plain, ref))

@@ -183,22 +183,24 @@ def _subnormal_pair_dot(words, shift: tl.constexpr, pair, f: tl.constexpr):
     """The interpreter's twin of one pair step of _dot_subnormal_asm: Σ q·x'·f·2^-24 over the two halves."""
     lo = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     hi = ((pair >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return (((words >> shift) & 0xF).to(tl.float32) * (lo * (f * 5.9604644775390625e-08))[None, :, :]
-            + ((words >> (shift + 16)) & 0xF).to(tl.float32) * (hi * (f * 5.9604644775390625e-08))[None, :, :])
+    return (((words >> shift) & 0xF).to(tl.float32) * (lo * (f * 5.9604644775390625e-08))
+            + ((words >> (shift + 16)) & 0xF).to(tl.float32) * (hi * (f * 5.9604644775390625e-08)))
 
 
 @triton.jit
 def _h2_tile_dot_prep(xp_ptr, xs_ptr, xd_ptr, b, b_end, words, sc, off, USE_ASM: tl.constexpr):
     """_h2_tile_dot on _x_prep_kernel's output: [BLOCK_N, BLOCK_B] s·Σ q·x + m·Σ x of each row's blocks b."""
     b_ok = b < b_end
-    q0 = (b * 64)[:, None] + tl.arange(0, 16)[None, :]
-    p0 = tl.load(xp_ptr + q0, mask=b_ok[:, None], other=0)
-    p1 = tl.load(xp_ptr + q0 + 16, mask=b_ok[:, None], other=0)
-    p2 = tl.load(xp_ptr + q0 + 32, mask=b_ok[:, None], other=0)
-    p3 = tl.load(xp_ptr + q0 + 48, mask=b_ok[:, None], other=0)
+    # loaded in the words' own shape (each row's threads read the same pairs, from L1): no layout
+    # conversion through shared memory, and no barrier, between the pairs and the words
+    q0 = (b * 64)[None, :, None] + tl.arange(0, 16)[None, None, :] + tl.zeros(words.shape, tl.int32)
+    p0 = tl.load(xp_ptr + q0)  # unmasked: x_prep pads xp by zero pairs past the last block a tile reads
+    p1 = tl.load(xp_ptr + q0 + 16)
+    p2 = tl.load(xp_ptr + q0 + 32)
+    p3 = tl.load(xp_ptr + q0 + 48)
     if USE_ASM:
-        qx = tl.inline_asm_elementwise(_DOT_SUBNORMAL, "=r,r,r,r,r,r", [words, p0[None, :, :], p1[None, :, :],
-                                       p2[None, :, :], p3[None, :, :]], dtype=tl.float32, is_pure=True, pack=1)
+        qx = tl.inline_asm_elementwise(_DOT_SUBNORMAL, "=r,r,r,r,r,r", [words, p0, p1, p2, p3], dtype=tl.float32,
+                                       is_pure=True, pack=1)
     else:
         qx = (_subnormal_pair_dot(words, 0, p0, 1.0) + _subnormal_pair_dot(words, 4, p1, 16.0)
               + _subnormal_pair_dot(words, 8, p2, 1.0) + _subnormal_pair_dot(words, 12, p3, 16.0))
@@ -471,11 +473,13 @@ def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
 
 
 def x_prep(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """_x_prep_kernel on x [1, K]: (xp [⌈K/128⌉·64] int32, xs, xd [⌈K/128⌉] float32) in scratch buffers that
-    every batch-1 int4 GEMV shares (each reads them before the next prep may write: PDL waits)."""
+    """_x_prep_kernel on x [1, K]: (xp [⌈K/128⌉·64 + 32·64] int32, xs, xd [⌈K/128⌉] float32) in scratch buffers
+    that every batch-1 int4 GEMV shares (each reads them before the next prep may write: PDL waits). Past the
+    last block xp holds zeros or an earlier prep's pairs, finite either way: the GEMV reads it unmasked and
+    multiplies it by masked (zero) words."""
     k = x.shape[1]
     nb = -(-k // 128)
-    xp = scratch(x.device, "int4_xp", torch.int32, nb * 64)
+    xp = scratch(x.device, "int4_xp", torch.int32, (nb + 32) * 64)  # + BLOCK_B's most: read unmasked, finite
     xsd = scratch(x.device, "int4_xsd", torch.float32, 2 * nb)
     pdl_on = pdl.mode(x.device, 1)
     _x_prep_kernel[(triton.cdiv(nb, 8),)](x, xp, xsd, xsd[nb:], k, nb, BLOCKS=8, PDL=pdl_on, num_warps=4,

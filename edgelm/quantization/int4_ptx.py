@@ -138,16 +138,20 @@ def _nibble_pair_dot(words, shift: tl.constexpr, pair):
 
 
 def _dot_subnormal_asm() -> str:
-    """PTX for the PREP form of `_gemv_h2_kernel` (pack=1): word $1 and four fp16 x pairs $2..$5 from
-    _x_prep_kernel → $0, the float32 sum of the word's 8 products q·x'·2^-24. A masked nibble is itself
-    an fp16 subnormal (q·2^-24 at bits 0-3, 16q·2^-24 at bits 4-7; the odd pairs' x' carry the 1/16), so
-    a pair costs one and plus one FMA (no code base to set and subtract), and a word one shift."""
+    """PTX for the PREP form of `_gemv_h2_kernel` (pack=1): words $1, $2 (two of a block's 16) and their
+    x pairs $3..$6, $7..$10 from _x_prep_kernel → $0, the float32 sum of the 16 products q·x'·2^-24. A
+    masked nibble is itself an fp16 subnormal (q·2^-24 at bits 0-3, 16q·2^-24 at bits 4-7; the odd pairs'
+    x' carry the 1/16), so a pair costs one and plus one FMA (no code base to set and subtract), a word
+    one shift; the 16-bit sums of both words share one accumulator pair (no overflow: the products are
+    below 2^-4), converted to float32 once."""
     lines = ["{", ".reg .b32 t, c, acc;", ".reg .f16 a, b;", ".reg .f32 lo, hi;"]
-    for j in range(4):
-        if j == 2:
-            lines.append("shr.u32 t, $1, 8;")
-        lines.append(f"and.b32 c, {'$1' if j < 2 else 't'}, {'0x00F000F0' if j % 2 else '0x000F000F'};")
-        lines.append("mul.rn.f16x2 acc, c, $2;" if j == 0 else f"fma.rn.f16x2 acc, c, ${2 + j}, acc;")
+    for w in range(2):
+        for j in range(4):
+            if j == 2:
+                lines.append(f"shr.u32 t, ${1 + w}, 8;")
+            lines.append(f"and.b32 c, {f'${1 + w}' if j < 2 else 't'}, {'0x00F000F0' if j % 2 else '0x000F000F'};")
+            x = f"${3 + 4 * w + j}"
+            lines.append(f"mul.rn.f16x2 acc, c, {x};" if w == j == 0 else f"fma.rn.f16x2 acc, c, {x}, acc;")
     lines += ["mov.b32 {a, b}, acc;", "cvt.f32.f16 lo, a;", "cvt.f32.f16 hi, b;", "add.f32 $0, lo, hi;", "}"]
     return "\n".join(lines)
 
@@ -179,6 +183,12 @@ def _x_prep_kernel(x_ptr, xp_ptr, xs_ptr, xd_ptr, K, NB, BLOCKS: tl.constexpr, P
 
 
 @triton.jit
+def _halves(t):
+    """[R, B, 16] → its even and odd words, [R, B, 8] each (neighbours in one thread's registers)."""
+    return tl.split(tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2] // 2, 2)))
+
+
+@triton.jit
 def _subnormal_pair_dot(words, shift: tl.constexpr, pair, f: tl.constexpr):
     """The interpreter's twin of one pair step of _dot_subnormal_asm: Σ q·x'·f·2^-24 over the two halves."""
     lo = (pair & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -199,8 +209,13 @@ def _h2_tile_dot_prep(xp_ptr, xs_ptr, xd_ptr, b, b_end, words, sc, off, USE_ASM:
     p2 = tl.load(xp_ptr + q0 + 32)
     p3 = tl.load(xp_ptr + q0 + 48)
     if USE_ASM:
-        qx = tl.inline_asm_elementwise(_DOT_SUBNORMAL, "=r,r,r,r,r,r", [words, p0, p1, p2, p3], dtype=tl.float32,
-                                       is_pure=True, pack=1)
+        w0, w1 = _halves(words)
+        a0, a1 = _halves(p0)
+        b0, b1 = _halves(p1)
+        c0, c1 = _halves(p2)
+        d0, d1 = _halves(p3)
+        qx = tl.inline_asm_elementwise(_DOT_SUBNORMAL, "=r" + ",r" * 10, [w0, w1, a0, b0, c0, d0, a1, b1, c1, d1],
+                                       dtype=tl.float32, is_pure=True, pack=1)
     else:
         qx = (_subnormal_pair_dot(words, 0, p0, 1.0) + _subnormal_pair_dot(words, 4, p1, 16.0)
               + _subnormal_pair_dot(words, 8, p2, 1.0) + _subnormal_pair_dot(words, 12, p3, 16.0))

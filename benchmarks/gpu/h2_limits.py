@@ -8,6 +8,8 @@ shapes with the shipped batch-1 configs, three times, each in a fresh process wi
 - "no_alu": the per-word PTX is two instructions that still consume the word and one x pair.
 If "half_alu" is much faster than "full", the kernel is short of instruction issue; if "no_alu" is no
 faster than "full", its loads are what it waits for. Results are timings only (the outputs are garbage).
+- "prep": the GEMV on prepared x (triton_ops "int4_xprep"), each call its x_prep kernel then the GEMV;
+- "prep_gemv": the same GEMV with x prepared once, outside the timed calls (what it costs without the prep).
 
     python benchmarks/gpu/h2_limits.py --out $OUT/h2_limits_h100.json
 """
@@ -25,14 +27,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from edgelm.bench_utils import result_header, write_json  # noqa: E402
 
-VARIANTS = ("full", "half_alu", "no_alu")
+VARIANTS = ("full", "half_alu", "no_alu", "prep", "prep_gemv")
 
 
 def _ptx(variant: str) -> str | None:
     """The replacement for int4_ptx._DOT_PAIRS_BF16 (None: keep it)."""
     from edgelm.quantization import int4_ptx
 
-    if variant == "full":
+    if variant in ("full", "prep", "prep_gemv"):
         return None
     if variant == "no_alu":
         return "\n".join(["{", ".reg .b32 t;", "xor.b32 t, $1, $2;", "and.b32 $0, t, 0x3F803F80;", "}"])
@@ -54,6 +56,11 @@ def child(variant: str) -> list[dict]:
     text = _ptx(variant)
     if text is not None:
         int4_ptx._DOT_PAIRS_BF16 = tl.constexpr(text)
+    if variant.startswith("prep"):
+        from edgelm.layers import triton_ops
+
+        triton_ops.set_enabled(",".join(sorted(triton_ops.DEFAULT_ON | {"int4_xprep"})))
+    real_prep = int4_ptx.x_prep
     sys.path.insert(0, os.path.dirname(__file__))
     from int4_bench import SHAPES, int4_bytes, int4_copies, time_calls
 
@@ -62,6 +69,9 @@ def child(variant: str) -> list[dict]:
         ws = int4_copies(n, k, 128)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         kernel, config = kern.choose_kernel(1, ws[0])
+        if variant == "prep_gemv":  # x prepared once; every timed call reads the same buffers
+            prepared = tuple(t.clone() for t in real_prep(x))
+            int4_ptx.x_prep = lambda _x, p=prepared: p
         fn = kern.KERNELS[kernel]
         t = time_calls([lambda w=w, fn=fn, x=x, c=config: fn(x, w, None, c) for w in ws])
         rows.append({"variant": variant, "shape": name, "N": n, "K": k, "kernel": kernel, "config": list(config),
@@ -74,12 +84,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out")
     ap.add_argument("--child")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ", ".join(VARIANTS))
     args = ap.parse_args()
     if args.child:
         print("ROWS " + json.dumps(child(args.child)), flush=True)
         return
     rows = []
-    for variant in VARIANTS:
+    for variant in args.variants.split(","):
         with tempfile.TemporaryDirectory() as cache:
             env = dict(os.environ, TRITON_CACHE_DIR=cache)
             proc = subprocess.run([sys.executable, __file__, "--child", variant], capture_output=True, text=True,

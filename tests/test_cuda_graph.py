@@ -239,6 +239,32 @@ def test_fused_int4_layers_match_unfused(tiny_llama, graphs, op, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [True, False])
+def test_int4_xprep_matches_plain(tiny_llama, graphs, monkeypatch):
+    """int4wo-128 with the batch-1 GEMVs on prepared x (int4_xprep: the norms and SiLU·mul write it, o_proj's
+    own prep kernel) against the plain GEMVs: the producers' prepared x is taken by the GEMVs, decode logits
+    close, greedy tokens the same."""
+    from edgelm.layers import triton_ops
+    from edgelm.layers.triton_ops import xprep
+
+    pytest.importorskip("triton")
+    hits = []
+    plain_take = xprep.take
+    monkeypatch.setattr(xprep, "take", lambda x: (lambda r: hits.append(r is not None) or r)(plain_take(x)))
+    base = "rmsnorm,add_rmsnorm,silu_and_mul,rotary,gemv,argmax,rope_kv"
+    old = triton_ops.set_enabled(base + ",int4_xprep")
+    try:
+        prep = _runner(tiny_llama, "triton", "bfloat16", disable_cuda_graph=not graphs, torchao_config="int4wo-128")
+        triton_ops.set_enabled(base)
+        plain = _runner(tiny_llama, "triton", "bfloat16", disable_cuda_graph=not graphs, torchao_config="int4wo-128")
+        for n, tokens_p, logits_p, tokens_x, logits_x in _paired_greedy(plain, base, prep, base + ",int4_xprep", 5, 20, 8):
+            _assert_decode_close(n, tokens_p, logits_p, tokens_x, logits_x)
+        assert any(hits), "no GEMV took its producer's prepared x"
+    finally:
+        triton_ops.set_enabled(",".join(sorted(old)) or "0")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("quant", ["int4wo-128", "gptq-act-order"])
 def test_int4_model_graph_decode_matches_eager(tiny_llama, quant, tmp_path):
     """The int4 layers inside captured graphs: --torchao-config int4wo-128 (quantized while loading)

@@ -50,7 +50,7 @@ def _x(k: int, dtype: torch.dtype, device: str) -> torch.Tensor:
 def test_x_prep_exact(k, dtype):
     """Each pair holds x·up (odd 16-blocks also ·1/16) exactly in fp16, up a power of two with the block's
     largest |x|·up in [2^14, 2^15); xs the block sums; xd·up = 2^24; inputs past K are zero."""
-    from edgelm.quantization.int4_ptx import x_prep
+    from edgelm.layers.triton_ops.xprep import x_prep
 
     x = _x(k, dtype, DEVICE)
     xp, xs, xd = (t.cpu() for t in x_prep(x))
@@ -97,11 +97,12 @@ def test_gemv_h2_prep_small(group, k, config, dtype, xprep_on):
 def test_gemv_h2_prep_is_switched(monkeypatch, xprep_on):
     """With int4_xprep on, gemv_h2 launches the prep kernel (and not without)."""
     from edgelm.layers import triton_ops
+    from edgelm.layers.triton_ops import xprep
     from edgelm.quantization import int4_ptx
 
     calls = []
-    real = int4_ptx.x_prep
-    monkeypatch.setattr(int4_ptx, "x_prep", lambda x: calls.append(x.shape) or real(x))
+    real = xprep.x_prep
+    monkeypatch.setattr(xprep, "x_prep", lambda x: calls.append(x.shape) or real(x))
     w = quantize_int4(torch.randn(16, 256, device=DEVICE) * 0.05, 128, "minmax")
     x = torch.randn(1, 256, device=DEVICE).half()
     int4_ptx.gemv_h2(x, w, None, (8, 2, 1, 4))
@@ -109,6 +110,75 @@ def test_gemv_h2_prep_is_switched(monkeypatch, xprep_on):
     triton_ops.set_enabled(",".join(sorted(triton_ops.DEFAULT_ON)))
     int4_ptx.gemv_h2(x, w, None, (8, 2, 1, 4))
     assert calls == [(1, 256)]
+
+
+@needs_triton
+@pytest.mark.parametrize("producer,n", [("rmsnorm", 520), ("add_rmsnorm", 1024), ("silu_and_mul", 2200)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_producers_write_the_prepared_form(producer, n, dtype):
+    """RMSNorm, add+RMSNorm and SiLU·mul told that an int4 GEMV comes next write x's prepared form in
+    their own kernel, bit for bit what x_prep makes of their output, and offer it for that output only."""
+    from edgelm.layers.triton_ops import xprep
+    from edgelm.layers.triton_ops.rmsnorm import rms_norm
+    from edgelm.layers.triton_ops.silu_mul import silu_and_mul
+
+    torch.manual_seed(n)
+    x = _x(2 * n if producer == "silu_and_mul" else n, dtype, DEVICE)
+    if producer == "silu_and_mul":
+        out = silu_and_mul(x, prep=True)
+    else:
+        w = (torch.rand(n) + 0.5).to(dtype).to(DEVICE)
+        res = torch.randn(1, n).to(dtype).to(DEVICE) if producer == "add_rmsnorm" else None
+        out = rms_norm(x, w, 1e-5, res, prep=True)
+        out = out[0] if res is not None else out
+    got = xprep.take(out)
+    assert got is not None and xprep.take(out) is None  # offered once, for this tensor
+    got = tuple(t.clone() for t in got)
+    want = xprep.x_prep(out)
+    nb = want[1].numel()
+    assert torch.equal(got[0][:nb * 64], want[0][:nb * 64])
+    assert torch.equal(got[2], want[2])
+    assert torch.allclose(got[1], want[1], rtol=1e-5, atol=1e-3)  # block sums: another summation order
+
+
+def test_take_only_the_offered_unchanged_tensor():
+    from edgelm.layers.triton_ops import xprep
+
+    a, b = torch.zeros(1, 256), torch.zeros(1, 256)
+    xprep.offer(a, "bufs")
+    assert xprep.take(b) is None and xprep.take(a) is None  # any take clears the offer
+    xprep.offer(a, "bufs")
+    assert xprep.take(a.view(256)[None]) == "bufs"  # a view of the same tensor
+    xprep.offer(a, "bufs")
+    a.add_(1)  # changed since it was offered
+    assert xprep.take(a) is None
+
+
+def test_mark_int4_producers():
+    """The norms and SiLU·mul of a decoder layer are marked where their consumer is an int4 linear reading x
+    as it is (no act-order permutation, groups of 128 or more, on the GPU kernels)."""
+    from torch import nn
+
+    from edgelm.layers.activation import SiluAndMul
+    from edgelm.layers.layernorm import RMSNorm
+    from edgelm.quantization.int4_linear import Int4Linear, mark_int4_producers
+
+    def layer(group, perm=False):
+        lin = {k: Int4Linear.from_linear(nn.Linear(256, 256), group) for k in ("qkv", "gu", "down")}
+        for v in lin.values():
+            v.cpu_weight = None  # as on the GPU
+        if perm:
+            lin["qkv"].input_perm = torch.arange(256)
+        m = nn.Module()
+        m.input_layernorm, m.post_attention_layernorm = RMSNorm(256), RMSNorm(256)
+        m.self_attn, m.mlp = nn.Module(), nn.Module()
+        m.self_attn.qkv_proj, m.mlp.gate_up_proj, m.mlp.down_proj, m.mlp.act_fn = lin["qkv"], lin["gu"], lin["down"], SiluAndMul()
+        return m
+
+    model = nn.ModuleList([layer(128), layer(128, perm=True), layer(64)])
+    assert mark_int4_producers(model) == 5
+    assert [(m.input_layernorm.int4_prep, m.post_attention_layernorm.int4_prep, m.mlp.act_fn.int4_prep)
+            for m in model] == [(True, True, True), (False, True, True), (False, False, False)]
 
 
 @pytest.mark.gpu

@@ -45,7 +45,7 @@ CASES = [  # (capability, WEIGHTS, bf16, BLOCK_N, SPLIT_K[, ONE_ROW])
 # gemv_h2: (capability, bf16, SPLIT_K, PREFETCH[, PDL 3: release late])
 H2_CASES = [(87, False, 1, 0), (90, True, 4, 0), (80, True, 1, 0), (90, True, 1, 1), (87, True, 2, 1), (90, True, 1, 2),
             (90, False, 2, 2), (87, True, 1, 2), (90, True, 1, 2, 3)]
-# gemv_h2 on prepared x (PREP; its _x_prep_kernel compiled too): (capability, bf16, SPLIT_K, PREFETCH)
+# gemv_h2 on prepared x (PREP; the prep kernel and the PREP norm and SiLU·mul compiled too): (capability, bf16, SPLIT_K, PREFETCH)
 H2_PREP_CASES = [(87, False, 1, 0), (87, True, 2, 1), (80, True, 1, 0), (90, True, 1, 2), (90, False, 4, 1)]
 # the fused decoder layer's gemv_h2 (SPLIT_K 1): (capability, bf16, PREFETCH, NORM, EPILOGUE; 3: rotary + KV write)
 H2_FUSED_CASES = [(87, False, 0, True, 0), (87, True, 2, False, 1), (90, True, 2, True, 0), (90, True, 0, True, 2),
@@ -55,6 +55,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from edgelm.layers.triton_ops import rmsnorm, silu_mul, xprep
 from edgelm.quantization import int4_ptx, int4_tc
 
 TC = ["x_ptr", "qw_ptr", "s_ptr", "m_ptr", "bias_ptr", "y_ptr", "ws_ptr", "cnt_ptr", "M", "N", "K", "KW", "NG",
@@ -106,9 +107,16 @@ for cap, bf16, split_k, prefetch in json.loads(sys.argv[4]):  # on prepared x (i
              "USE_ASM": True, "PDL": int(cap >= 90), "PREFETCH": prefetch, "NORM": False, "EPILOGUE": 0, "HALF": 1,
              "PREP": True}
     out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False, {"x_ptr": "*i32"}))
-    prep = compile_case(int4_ptx._x_prep_kernel, ["x_ptr", "xp_ptr", "xs_ptr", "xd_ptr", "K", "NB"], bf16, cap,
-                        {"BLOCKS": 8, "PDL": 2 * int(cap >= 90)}, False, {"xp_ptr": "*i32"})
-    out[-1]["prep_ok"], out[-1]["prep_error"] = prep["ok"], prep.get("error")
+    xp = {"xp_ptr": "*i32"}
+    preps = [compile_case(xprep._x_prep_kernel, ["x_ptr", "xp_ptr", "xs_ptr", "xd_ptr", "K", "NB"], bf16, cap,
+                          {"BLOCKS": 8, "PDL": 2 * int(cap >= 90)}, False, xp),
+             compile_case(rmsnorm._rms_norm_kernel, ["x_ptr", "x_stride", "res_ptr", "res_stride", "w_ptr", "out_ptr",
+                          "out_stride", "res_out_ptr", "res_out_stride", "n_cols", "eps", "xp_ptr", "xs_ptr", "xd_ptr"],
+                          bf16, cap, {"HAS_RESIDUAL": True, "BLOCK": 4096, "PDL": int(cap >= 90), "PREP": True}, False, xp),
+             compile_case(silu_mul._silu_and_mul_kernel, ["x_ptr", "x_stride", "out_ptr", "out_stride", "d", "xp_ptr",
+                          "xs_ptr", "xd_ptr"], bf16, cap, {"BLOCK": 1024, "PDL": int(cap >= 90), "PREP": True}, False, xp)]
+    out[-1]["prep_ok"] = all(r["ok"] for r in preps)
+    out[-1]["prep_error"] = next((r["error"] for r in preps if not r["ok"]), None)
 print("RESULT " + json.dumps(out))
 """
 

@@ -60,7 +60,9 @@ def child(variant: str) -> list[dict]:
         from edgelm.layers import triton_ops
 
         triton_ops.set_enabled(",".join(sorted(triton_ops.DEFAULT_ON | {"int4_xprep"})))
-    real_prep = int4_ptx.x_prep
+    from edgelm.layers.triton_ops import xprep
+
+    real_prep = xprep.x_prep
     sys.path.insert(0, os.path.dirname(__file__))
     from int4_bench import SHAPES, int4_bytes, int4_copies, time_calls
 
@@ -71,7 +73,7 @@ def child(variant: str) -> list[dict]:
         kernel, config = kern.choose_kernel(1, ws[0])
         if variant == "prep_gemv":  # x prepared once; every timed call reads the same buffers
             prepared = tuple(t.clone() for t in real_prep(x))
-            int4_ptx.x_prep = lambda _x, p=prepared: p
+            xprep.x_prep = lambda _x, p=prepared: p
         fn = kern.KERNELS[kernel]
         t = time_calls([lambda w=w, fn=fn, x=x, c=config: fn(x, w, None, c) for w in ws])
         rows.append({"variant": variant, "shape": name, "N": n, "K": k, "kernel": kernel, "config": list(config),

@@ -11,7 +11,8 @@ echo "DEV=$dev"; t0=$SECONDS
 m="--model-path llama-3.1-8b --load-format dummy --dtype bfloat16"
 OPS=${OPS:-int4_xprep,int4_rope}
 if [[ ,$OPS, == *,int4_xprep,* ]]; then  # its kernels first: a wrong GEMV is not timed
-    timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_int4_xprep.py 2>&1 | tee $OUT/gpu_tests_int4_xprep.txt | tail -3
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_int4_xprep.py \
+        tests/test_cuda_graph.py::test_int4_xprep_matches_plain 2>&1 | tee $OUT/gpu_tests_int4_xprep.txt | tail -3
     grep -q "failed\|error" $OUT/gpu_tests_int4_xprep.txt && OPS=$(echo ,$OPS, | sed 's/,int4_xprep,/,/; s/^,//; s/,$//')
     echo "OPS=$OPS ($((SECONDS - t0)) s)"
 fi

@@ -10,11 +10,13 @@ from edgelm.layers import triton_ops
 class SiluAndMul(nn.Module):
     """[..., 2 * d] (gate ‖ up) → silu(gate) * up, [..., d]."""
 
+    int4_prep = False  # its output goes straight into a batch-1 int4 GEMV (triton_ops.xprep.mark_int4_producers)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and triton_ops.enabled("silu_and_mul"):
             from edgelm.layers.triton_ops.silu_mul import silu_and_mul
 
-            return silu_and_mul(x)
+            return silu_and_mul(x, prep=self.int4_prep and triton_ops.enabled("int4_xprep"))
         return self.forward_native(x)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 
 
 class RMSNorm(nn.Module):
+    int4_prep = False  # its output goes straight into a batch-1 int4 GEMV (triton_ops.xprep.mark_int4_producers)
+
     def __init__(self, hidden_size: int, eps: float = 1e-6, dtype=None, device=None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
@@ -31,7 +33,8 @@ class RMSNorm(nn.Module):
             from edgelm.layers.triton_ops.rmsnorm import rms_norm, supports
 
             if supports(x, self.weight, residual):
-                return rms_norm(x, self.weight, self.eps, residual)
+                return rms_norm(x, self.weight, self.eps, residual,
+                                prep=self.int4_prep and triton_ops.enabled("int4_xprep"))
         return self.forward_native(x, residual)
 
     def forward_native(self, x: torch.Tensor, residual: torch.Tensor | None = None):

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from edgelm.layers.triton_ops import pdl
+from edgelm.layers.triton_ops import pdl, xprep
 from edgelm.quantization.int4_pack import Int4Weight
 from edgelm.quantization.int4_ptx import _INTERPRET, _gemv_h2_kernel, h2_launch
 
@@ -48,6 +48,7 @@ def gemv_h2_fused(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, con
         raise ValueError("gemv_h2_fused: needs one contiguous fp16/bf16 row and a config without split K")
     if silu_pairs and (out is not None or n % 2):
         raise ValueError("gemv_h2_fused: silu_pairs needs gate ‖ up and no residual")
+    xprep.take(x)  # a producer's prepared x is not read here; never left for a later GEMV
     if norm is not None and out is not None:
         raise ValueError("gemv_h2_fused: the norm reads the residual stream that `out` would update")
     if rope is not None and (out is not None or silu_pairs or rope.head_dim % 2 or n != rope.q_size + 2 * rope.kv_size

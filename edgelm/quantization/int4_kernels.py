@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from edgelm.layers.triton_ops import xprep
 from edgelm.quantization.int4_gemv import gemv_xs
 from edgelm.quantization.int4_pack import WORDS_PER_BLOCK, Int4Weight
 from edgelm.quantization.int4_ptx import gemv_h2, split_tiles
@@ -308,6 +309,8 @@ def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None
     if x2.stride(-1) != 1:  # rows may be strided (gemm takes the row stride), elements not
         x2 = x2.contiguous()
     choice = choose_kernel(x2.shape[0], w) if x.dtype in (torch.float16, torch.bfloat16) else None
+    if choice is None or choice[0] != "gemv_h2":
+        xprep.take(x2)  # x prepared by its producer is for gemv_h2 only: never left for a later GEMV
     if choice is None:
         y = torch.nn.functional.linear(x2, dequantize(w, x.dtype), bias)
     else:

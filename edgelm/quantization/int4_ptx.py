@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from edgelm.layers import triton_ops
-from edgelm.layers.triton_ops import pdl
+from edgelm.layers.triton_ops import pdl, xprep
 from edgelm.layers.triton_ops.pdl import release_late, wait_and_release
 from edgelm.layers.triton_ops.scratch import scratch
 from edgelm.quantization.int4_pack import WORDS_PER_BLOCK, Int4Weight
@@ -139,7 +139,7 @@ def _nibble_pair_dot(words, shift: tl.constexpr, pair):
 
 def _dot_subnormal_asm() -> str:
     """PTX for the PREP form of `_gemv_h2_kernel` (pack=1): words $1, $2 (two of a block's 16) and their
-    x pairs $3..$6, $7..$10 from _x_prep_kernel → $0, the float32 sum of the 16 products q·x'·2^-24. A
+    x pairs $3..$6, $7..$10 (triton_ops.xprep) → $0, the float32 sum of the 16 products q·x'·2^-24. A
     masked nibble is itself an fp16 subnormal (q·2^-24 at bits 0-3, 16q·2^-24 at bits 4-7; the odd pairs'
     x' carry the 1/16), so a pair costs one and plus one FMA (no code base to set and subtract), a word
     one shift; the 16-bit sums of both words share one accumulator pair (no overflow: the products are
@@ -160,29 +160,6 @@ _DOT_SUBNORMAL = tl.constexpr(_dot_subnormal_asm())
 
 
 @triton.jit
-def _x_prep_kernel(x_ptr, xp_ptr, xs_ptr, xd_ptr, K, NB, BLOCKS: tl.constexpr, PDL: tl.constexpr):
-    """x [K] (fp16/bf16) → what the PREP gemv_h2 reads, per 128-input block b < NB: xp [b, 64] int32, the fp16
-    pairs (x[128b + p], x[128b + 64 + p])·up·(1/16 where (p // 16) is odd), up the power of two that brings the
-    block's largest |x| into [2^14, 2^15) (exact in fp16 down to 2^-29 of it); xs [b] = Σ x (float32); xd [b] =
-    2^24 / up, which turns the subnormal-code products of _dot_subnormal_asm back into Σ q·x."""
-    b = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
-    p = tl.arange(0, 64)
-    k = b[:, None] * 128 + p[None, :]
-    wait_and_release(PDL)
-    lo = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-    hi = tl.load(x_ptr + k + 64, mask=k + 64 < K, other=0.0).to(tl.float32)
-    amax = tl.max(tl.maximum(tl.abs(lo), tl.abs(hi)), axis=1)
-    e = tl.minimum(tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 15), 244)  # biased exponent
-    up = (((268 - e) << 23).to(tl.float32, bitcast=True))[:, None] * tl.where((p // 16) % 2 == 1, 0.0625, 1.0)[None, :]
-    lo16 = (lo * up).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    hi16 = (hi * up).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16
-    b_ok = b < NB
-    tl.store(xp_ptr + (b * 64)[:, None] + p[None, :], lo16 | hi16, mask=b_ok[:, None])
-    tl.store(xs_ptr + b, tl.sum(lo + hi, axis=1), mask=b_ok)
-    tl.store(xd_ptr + b, ((e + 10) << 23).to(tl.float32, bitcast=True), mask=b_ok)
-
-
-@triton.jit
 def _halves(t):
     """[R, B, 16] → its even and odd words, [R, B, 8] each (neighbours in one thread's registers)."""
     return tl.split(tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2] // 2, 2)))
@@ -199,12 +176,12 @@ def _subnormal_pair_dot(words, shift: tl.constexpr, pair, f: tl.constexpr):
 
 @triton.jit
 def _h2_tile_dot_prep(xp_ptr, xs_ptr, xd_ptr, b, b_end, words, sc, off, USE_ASM: tl.constexpr):
-    """_h2_tile_dot on _x_prep_kernel's output: [BLOCK_N, BLOCK_B] s·Σ q·x + m·Σ x of each row's blocks b."""
+    """_h2_tile_dot on prepared x (triton_ops.xprep): [BLOCK_N, BLOCK_B] s·Σ q·x + m·Σ x of each row's blocks b."""
     b_ok = b < b_end
     # loaded in the words' own shape (each row's threads read the same pairs, from L1): no layout
     # conversion through shared memory, and no barrier, between the pairs and the words
     q0 = (b * 64)[None, :, None] + tl.arange(0, 16)[None, None, :] + tl.zeros(words.shape, tl.int32)
-    p0 = tl.load(xp_ptr + q0)  # unmasked: x_prep pads xp by zero pairs past the last block a tile reads
+    p0 = tl.load(xp_ptr + q0)  # unmasked: xprep.buffers pads xp past the last block a tile reads
     p1 = tl.load(xp_ptr + q0 + 16)
     p2 = tl.load(xp_ptr + q0 + 32)
     p3 = tl.load(xp_ptr + q0 + 48)
@@ -242,7 +219,7 @@ def _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16: tl.constexpr, USE_ASM
                  nw_ptr=None, rstd=None, NORM: tl.constexpr = False, xs_ptr=None, xd_ptr=None,
                  PREP: tl.constexpr = False):
     """[BLOCK_N, BLOCK_B]: s·Σ q·x + m·Σ x of each row's blocks b against x (RMSNorm(x) with NORM;
-    PREP: x_ptr, xs_ptr, xd_ptr are _x_prep_kernel's xp, xs, xd)."""
+    PREP: x_ptr, xs_ptr, xd_ptr are triton_ops.xprep's xp, xs, xd)."""
     if PREP:
         out = _h2_tile_dot_prep(x_ptr, xs_ptr, xd_ptr, b, b_end, words, sc, off, USE_ASM)
     else:
@@ -305,7 +282,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
     the rotary (cos ‖ sin at position pos_ptr[0] of cs_ptr's [positions, 2·HALF] table) of q into
     y [1, q_size] and of k into the KV pool's row slot_ptr[0] of k_buf, v as it is into v_buf's
     (k_buf, v_buf [slots, kv_size]), rounded as the rotary + KV-write kernel rounds them.
-    PREP (triton_ops "int4_xprep"): x_ptr, xs_ptr, xd_ptr are _x_prep_kernel's output: x already in
+    PREP (triton_ops "int4_xprep"): x_ptr, xs_ptr, xd_ptr are x prepared (triton_ops.xprep): already in
     fp16 pairs scaled per block, its block sums and scales; a word then costs ~12 instructions, not 18."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -478,25 +455,10 @@ def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
             **pdl.launch_kwargs(pdl_on))
         return y
     prep = triton_ops.enabled("int4_xprep")
-    xp, xs, xd = x_prep(x) if prep else (x, y, y)
+    xp, xs, xd = (xprep.take(x) or xprep.x_prep(x)) if prep else (x, y, y)
     _gemv_h2_kernel[(tiles, split_k)](
         xp, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,
         w.scales.shape[1], per_split, x, 0.0, x, x, x, x, x, 0, 0, xs, xd, GROUP=w.group_size, BLOCK_N=block_n,
         BLOCK_B=block_b, SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET,
         PDL=pdl_on, PREFETCH=prefetch, PREP=prep, num_warps=num_warps, **pdl.launch_kwargs(pdl_on))
     return y
-
-
-def x_prep(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """_x_prep_kernel on x [1, K]: (xp [⌈K/128⌉·64 + 32·64] int32, xs, xd [⌈K/128⌉] float32) in scratch buffers
-    that every batch-1 int4 GEMV shares (each reads them before the next prep may write: PDL waits). Past the
-    last block xp holds zeros or an earlier prep's pairs, finite either way: the GEMV reads it unmasked and
-    multiplies it by masked (zero) words."""
-    k = x.shape[1]
-    nb = -(-k // 128)
-    xp = scratch(x.device, "int4_xp", torch.int32, (nb + 32) * 64)  # + BLOCK_B's most: read unmasked, finite
-    xsd = scratch(x.device, "int4_xsd", torch.float32, 2 * nb)
-    pdl_on = pdl.mode(x.device, 1)
-    _x_prep_kernel[(triton.cdiv(nb, 8),)](x, xp, xsd, xsd[nb:], k, nb, BLOCKS=8, PDL=pdl_on, num_warps=4,
-                                          **pdl.launch_kwargs(pdl_on))
-    return xp, xsd[:nb], xsd[nb:2 * nb]

@@ -310,8 +310,9 @@ def _fold_down_perm(model: nn.Module) -> None:
 
 def finish_model(model: nn.Module) -> None:
     """After loading: down_proj's act-order permutation folded into gate_up's rows; an identity
-    permutation dropped; CPU layers prepare their kernel layout (see Int4Linear)."""
-    from edgelm.quantization.int4_linear import Int4Linear
+    permutation dropped; CPU layers prepare their kernel layout (see Int4Linear); the norms and
+    SiLU·mul feeding int4 GEMVs marked (mark_int4_producers)."""
+    from edgelm.quantization.int4_linear import Int4Linear, mark_int4_producers
 
     _fold_down_perm(model)
     for module in model.modules():
@@ -320,6 +321,7 @@ def finish_model(model: nn.Module) -> None:
             if perm is not None and torch.equal(perm, torch.arange(perm.numel(), device=perm.device)):
                 module.input_perm = None
             module.finish_loading()
+    mark_int4_producers(model)
 
 
 _PIECES = ("qweight", "qzeros", "scales")  # of every quantized linear, AWQ and GPTQ alike

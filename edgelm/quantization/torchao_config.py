@@ -107,7 +107,9 @@ def apply_torchao_config(model: nn.Module, cfg: str | None, device: str) -> None
     check_torchao_config(cfg, device)
     if cfg in INT4_GROUP_SIZES:
         count = quantize_int4_model(model, INT4_GROUP_SIZES[cfg])
-        from edgelm.quantization.int4_linear import cpu_kernel_available
+        from edgelm.quantization.int4_linear import cpu_kernel_available, mark_int4_producers
+
+        mark_int4_producers(model)
 
         where = ("Triton W4A16 kernels" if device == "cuda" else "torch's CPU int4 kernel" if cpu_kernel_available()
                  else "emulated on the CPU (weights kept dense)")

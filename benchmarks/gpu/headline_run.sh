@@ -4,7 +4,7 @@
 # headline tables in one call — bf16 batch 1/8/32/64 and int4wo-128 batch 1/8/32, the int4 one with the
 # sweep's winning tables (EDGELM_INT4_DISPATCH) and with each switch on whose every run beat every shipped
 # baseline of the A/B — then the int4 GPU tests (GEMV on prepared x, kernels, fused forms, fused/PDL model
-# tests) in what time is left under BUDGET.
+# tests) in what time is left under BUDGET. BF16_BS / INT4_BS: the tables' batch sizes.
 source benchmarks/gpu/site_setup.sh
 dev=${DEV:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo h200 || echo h100)}
 echo "DEV=$dev"; t0=$SECONDS
@@ -39,7 +39,7 @@ print(",".join(sorted(on)))
 PY
 )
 echo "triton ops for the int4 table: $ops"
-timeout 100 $b --batch-size 1 8 32 64 --input-len 1024 --output-len 64 \
+timeout 100 $b --batch-size ${BF16_BS:-1 8 32 64} --input-len 1024 --output-len 64 \
     --result-file $OUT/bench_one_batch_llama-3.1-8b_bf16_$dev.json 2>&1 | grep -v -i warn | tail -5
 echo "($((SECONDS - t0)) s)"
 if grep -q '"combo": "shipped"' $OUT/int4_dispatch_step_$dev.json 2>/dev/null || [ ! -f $OUT/int4_dispatch_step_$dev.json ]; then
@@ -47,7 +47,7 @@ if grep -q '"combo": "shipped"' $OUT/int4_dispatch_step_$dev.json 2>/dev/null ||
 else
     export EDGELM_INT4_DISPATCH=$OUT/int4_dispatch_step_$dev.json
 fi
-EDGELM_TRITON_OPS=$ops timeout 110 $b --torchao-config int4wo-128 --batch-size 1 8 32 --input-len 1024 --output-len 64 \
+EDGELM_TRITON_OPS=$ops timeout 110 $b --torchao-config int4wo-128 --batch-size ${INT4_BS:-1 8 32} --input-len 1024 --output-len 64 \
     --result-file $OUT/bench_one_batch_llama-3.1-8b_int4wo-128_$dev.json 2>&1 | grep -v -i warn | tail -5
 unset EDGELM_INT4_DISPATCH
 echo "($((SECONDS - t0)) s)"

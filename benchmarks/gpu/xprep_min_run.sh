@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The shortest device call for int4_xprep (carry .whl; ~4 min): its GPU tests, the int4wo-128 batch-1 step
+# with it on/off/on around the shipped step (int4_variants.py --ops-ab int4_xprep), bf16 batch 1 in the same
+# call for the ratio. File names carry the GPU (h100/h200).
+source benchmarks/gpu/site_setup.sh
+dev=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo h200 || echo h100)
+echo "DEV=$dev"; t0=$SECONDS
+m="--model-path llama-3.1-8b --load-format dummy --dtype bfloat16"
+timeout ${TT:-90} python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_int4_xprep.py 2>&1 | tee $OUT/gpu_tests_int4_xprep_$dev.txt | tail -3
+echo "($((SECONDS - t0)) s)"
+timeout ${VT:-110} python3 benchmarks/gpu/int4_variants.py $m --torchao-config int4wo-128 --batch-size 1 --input-len 1024 \
+    --output-len 64 --candidates none --ops-ab int4_xprep --out $OUT/int4_variants_bs1_xprep_$dev.json 2>&1 | grep -v -i warn | tail -6
+echo "($((SECONDS - t0)) s)"
+timeout ${BT:-40} python3 -m edgelm.bench_one_batch $m --batch-size 1 --input-len 1024 --output-len 64 \
+    --result-file $OUT/bench_one_batch_llama-3.1-8b_bf16_bs1_$dev.json 2>&1 | grep -v -i warn | tail -2
+echo "total $((SECONDS - t0)) s"

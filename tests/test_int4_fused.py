@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgelm.quantization import torchao_config as tc
 from tests.test_int4 import DEVICE, HAS_TRITON, _random_int4, reference, rel_err
 
 
@@ -118,43 +117,20 @@ def test_fused_int4_layer_matches_unfused_on_cpu(tmp_path, monkeypatch, op):
     attention), against the layer-by-layer path: decode logits of a qwen2 (q/k/v bias) int4wo-128
     model, fed the same tokens, are the same to the bit (fp16: the interpreter rounds to bf16 otherwise
     than torch)."""
-    from edgelm.layers import triton_ops
     from edgelm.layers.attention.torch_native_backend import TorchNativeAttnBackend
-    from tests.tiny_models import Driver, make_checkpoint, make_runner
+    from tests.tiny_models import forced_decode_runs, int4_cpu_runner
 
     backend_writes = []  # decode steps whose K/V the attention backend wrote (not qkv_proj's kernel)
     plain_decode = TorchNativeAttnBackend.forward_decode
     monkeypatch.setattr(TorchNativeAttnBackend, "forward_decode",
                         lambda self, q, *a: backend_writes.append(q.shape[0]) or plain_decode(self, q, *a))
 
-    monkeypatch.setenv("EDGELM_INT4_CPU", "triton")
-    make_checkpoint("qwen2", tmp_path)
-    runner = make_runner(str(tmp_path), dtype="float16")
-    tc.apply_torchao_config(runner.model, "int4wo-128", "cpu")
-    ids = list(range(3, 20))
-    old = triton_ops.set_enabled("0")
-    try:
-        runs = []
-        for ops in ("0", op):
-            backend_writes.clear()
-            triton_ops.set_enabled(ops)
-            runner.allocator.clear()
-            runner.req_to_token_pool.clear()
-            driver = Driver(runner)
-            reqs = driver.add_requests(1)
-            logits = [driver.extend(reqs, [ids])]
-            tokens = runs[0][1] if runs else []
-            for step in range(4):
-                if not runs:
-                    tokens.append(int(logits[-1].argmax(-1)))
-                logits.append(driver.decode(reqs, [tokens[step]]))
-            runs.append((logits, tokens))
-        plans = runner.model.model._fused_plans
-        if op == "fused_int4":
-            assert any(k[0] == 1 and k[-1] and v is not None and v.int4 for k, v in plans.items()), plans
-        assert all(v is None for k, v in plans.items() if not k[-1])
-        assert backend_writes == []  # the op's run: qkv_proj's kernel wrote every decode step's K/V
-        for got, want in zip(runs[1][0][1:], runs[0][0][1:]):
-            assert torch.equal(got, want)
-    finally:
-        triton_ops.set_enabled(",".join(sorted(old)) or "0")
+    runner = int4_cpu_runner(tmp_path, monkeypatch)
+    runs = forced_decode_runs(runner, ("0", op), before_run=backend_writes.clear)
+    plans = runner.model.model._fused_plans
+    if op == "fused_int4":
+        assert any(k[0] == 1 and k[-1] and v is not None and v.int4 for k, v in plans.items()), plans
+    assert all(v is None for k, v in plans.items() if not k[-1])
+    assert backend_writes == []  # the op's run: qkv_proj's kernel wrote every decode step's K/V
+    for got, want in zip(runs[1][0][1:], runs[0][0][1:]):
+        assert torch.equal(got, want)

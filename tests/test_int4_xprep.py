@@ -211,38 +211,14 @@ def test_model_decode_with_xprep_on_cpu(tmp_path, monkeypatch):
     """A qwen2 (q/k/v bias) int4wo-128 model decoding with int4_xprep on (every batch-1 GEMV on prepared x:
     on the CPU the prep kernel makes it, the plain-op twins compute) against int4_xprep off, fed the same
     tokens: decode logits within fp16 rounding, the same greedy tokens."""
-    from edgelm.layers import triton_ops
     from edgelm.layers.triton_ops import xprep
-    from edgelm.quantization import torchao_config as tc
-    from tests.tiny_models import Driver, make_checkpoint, make_runner
+    from tests.tiny_models import forced_decode_runs, int4_cpu_runner
 
     preps = []
     plain_prep = xprep.x_prep
     monkeypatch.setattr(xprep, "x_prep", lambda x: preps.append(x.shape[1]) or plain_prep(x))
-    monkeypatch.setenv("EDGELM_INT4_CPU", "triton")
-    make_checkpoint("qwen2", tmp_path)
-    runner = make_runner(str(tmp_path), dtype="float16")
-    tc.apply_torchao_config(runner.model, "int4wo-128", "cpu")
-    ids = list(range(3, 20))
-    old = triton_ops.set_enabled("0")
-    try:
-        runs = []
-        for ops in ("0", "int4_xprep"):
-            triton_ops.set_enabled(ops)
-            runner.allocator.clear()
-            runner.req_to_token_pool.clear()
-            driver = Driver(runner)
-            reqs = driver.add_requests(1)
-            logits = [driver.extend(reqs, [ids])]
-            tokens = runs[0][1] if runs else []
-            for step in range(4):
-                if not runs:
-                    tokens.append(int(logits[-1].argmax(-1)))
-                logits.append(driver.decode(reqs, [tokens[step]]))
-            runs.append((logits, tokens))
-        assert len(preps) >= 4 * 4  # four decode steps, every layer's GEMVs on prepared x
-        for got, want in zip(runs[1][0][1:], runs[0][0][1:]):
-            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
-            assert int(got.argmax(-1)) == int(want.argmax(-1))
-    finally:
-        triton_ops.set_enabled(",".join(sorted(old)) or "0")
+    runs = forced_decode_runs(int4_cpu_runner(tmp_path, monkeypatch), ("0", "int4_xprep"))
+    assert len(preps) >= 4 * 4  # four decode steps, every layer's GEMVs on prepared x
+    for got, want in zip(runs[1][0][1:], runs[0][0][1:]):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+        assert int(got.argmax(-1)) == int(want.argmax(-1))

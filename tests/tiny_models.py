@@ -120,3 +120,45 @@ class Driver:
         for o, t in zip(out, logits.argmax(-1).tolist()):
             o.append(t)
         return out, all_logits
+
+
+def int4_cpu_runner(directory, monkeypatch, family: str = "qwen2") -> ModelRunner:
+    """A tiny int4wo-128 fp16 model whose int4 layers run edgelm's Triton kernels (their plain-op path under
+    the interpreter) on the CPU (EDGELM_INT4_CPU=triton)."""
+    from edgelm.quantization import torchao_config as tc
+
+    monkeypatch.setenv("EDGELM_INT4_CPU", "triton")
+    make_checkpoint(family, directory)
+    runner = make_runner(str(directory), dtype="float16")
+    tc.apply_torchao_config(runner.model, "int4wo-128", "cpu")
+    return runner
+
+
+def forced_decode_runs(runner: ModelRunner, ops_runs, steps: int = 4, before_run=None) -> list:
+    """For each triton_ops setting of ops_runs: prefill one prompt, then `steps` decode steps fed the first
+    run's greedy tokens (so every run sees the same inputs). [(logits, tokens)] a run, logits[0] the
+    prefill's. before_run() is called before each run; the switches are restored after."""
+    from edgelm.layers import triton_ops
+
+    ids = list(range(3, 20))
+    old = triton_ops.set_enabled("0")
+    runs: list = []
+    try:
+        for ops in ops_runs:
+            if before_run is not None:
+                before_run()
+            triton_ops.set_enabled(ops)
+            runner.allocator.clear()
+            runner.req_to_token_pool.clear()
+            driver = Driver(runner)
+            reqs = driver.add_requests(1)
+            logits = [driver.extend(reqs, [ids])]
+            tokens = runs[0][1] if runs else []
+            for step in range(steps):
+                if not runs:
+                    tokens.append(int(logits[-1].argmax(-1)))
+                logits.append(driver.decode(reqs, [tokens[step]]))
+            runs.append((logits, tokens))
+    finally:
+        triton_ops.set_enabled(",".join(sorted(old)) or "0")
+    return runs

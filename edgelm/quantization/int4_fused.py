@@ -48,7 +48,6 @@ def gemv_h2_fused(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, con
         raise ValueError("gemv_h2_fused: needs one contiguous fp16/bf16 row and a config without split K")
     if silu_pairs and (out is not None or n % 2):
         raise ValueError("gemv_h2_fused: silu_pairs needs gate ‖ up and no residual")
-    xprep.take(x)  # a producer's prepared x is not read here; never left for a later GEMV
     if norm is not None and out is not None:
         raise ValueError("gemv_h2_fused: the norm reads the residual stream that `out` would update")
     if rope is not None and (out is not None or silu_pairs or rope.head_dim % 2 or n != rope.q_size + 2 * rope.kv_size
@@ -56,6 +55,7 @@ def gemv_h2_fused(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, con
                              or rope.cos_sin.shape[1] != rope.head_dim or not rope.cos_sin.is_contiguous()
                              or not rope.v_buf.is_contiguous() or rope.k_buf[0].numel() != rope.kv_size):
         raise ValueError("gemv_h2_fused: rope needs q ‖ k ‖ v and contiguous [slots, kv_size] pool buffers")
+    xprep.take(x)  # a producer's prepared x is not read here; never left for a later GEMV
     launch = h2_launch(config, w, x.device)
     epilogue = 1 if out is not None else 2 if silu_pairs else 3 if rope is not None else 0
     width = n // 2 if silu_pairs else rope.q_size if rope is not None else n

@@ -4,7 +4,8 @@
 # headline tables in one call — bf16 batch 1/8/32/64 and int4wo-128 batch 1/8/32, the int4 one with the
 # sweep's winning tables (EDGELM_INT4_DISPATCH) and with each switch on whose every run beat every shipped
 # baseline of the A/B — then the int4 GPU tests (GEMV on prepared x, kernels, fused forms, fused/PDL model
-# tests) in what time is left under BUDGET. BF16_BS / INT4_BS: the tables' batch sizes.
+# tests) in what time is left under BUDGET. BF16_BS / INT4_BS: the tables' batch sizes. H2L (optional): h2_limits.py
+# variants timed after the switches' tests (e.g. full,prep,prep_gemv).
 source benchmarks/gpu/site_setup.sh
 dev=${DEV:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo h200 || echo h100)}
 echo "DEV=$dev"; t0=$SECONDS
@@ -15,6 +16,11 @@ if [[ ,$OPS, == *,int4_xprep,* ]]; then  # its kernels first: a wrong GEMV is no
         tests/test_cuda_graph.py::test_int4_xprep_matches_plain 2>&1 | tee $OUT/gpu_tests_int4_xprep.txt | tail -3
     grep -q "failed\|error" $OUT/gpu_tests_int4_xprep.txt && OPS=$(echo ,$OPS, | sed 's/,int4_xprep,/,/; s/^,//; s/,$//')
     echo "OPS=$OPS ($((SECONDS - t0)) s)"
+fi
+if [ -n "${H2L:-}" ]; then  # the batch-1 GEMVs alone (h2_limits.py variants), before the whole-step timings
+    timeout ${H2T:-90} python3 benchmarks/gpu/h2_limits.py --variants $H2L --out $OUT/h2_limits_${H2L//,/_}_$dev.json \
+        2>&1 | grep -v -i warn | tail -20
+    echo "($((SECONDS - t0)) s)"
 fi
 b="python3 -m edgelm.bench_one_batch $m"
 timeout ${VT:-270} python3 benchmarks/gpu/int4_variants.py $m --torchao-config int4wo-128 --batch-size 1 --input-len 1024 \

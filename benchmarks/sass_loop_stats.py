@@ -29,7 +29,7 @@ H2_ARGS = [a for a in TC_ARGS if a not in ("M", "stride_xm", "stride_ym")] + [
     "nw_ptr", "eps", "pos_ptr", "cs_ptr", "k_buf_ptr", "v_buf_ptr", "slot_ptr", "q_size", "kv_size", "xs_ptr", "xd_ptr"]
 TYPES = {"qw_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "eps": "fp32",
          "pos_ptr": "*i64", "cs_ptr": "*fp32", "slot_ptr": "*i64", "xs_ptr": "*fp32", "xd_ptr": "*fp32"}
-H2_PLAIN = {"NORM": False, "EPILOGUE": 0, "HALF": 1, "PREP": False}  # gemv_h2 itself, not a fused form
+H2_PLAIN = {"NORM": False, "EPILOGUE": 0, "HALF": 1, "PREP": 0}  # gemv_h2 itself, not a fused form
 _LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)")
 _BRANCH = re.compile(r"BRA\b.*?0x([0-9a-f]+)")
 
@@ -82,7 +82,8 @@ def main(argv=None) -> dict:
                     help="instead: gemv_h2 launch configs (int4_kernels.DISPATCH's form), compiled as launched "
                          "(aligned arguments), with their registers and stack")
     ap.add_argument("--fp16", action="store_true", help="with --h2-configs: compile for fp16 activations, not bf16")
-    ap.add_argument("--prep", action="store_true", help="with --h2-configs: the PREP form (int4_xprep: prepared x)")
+    ap.add_argument("--prep", type=int, default=0, nargs="?", const=2,
+                    help="with --h2-configs: the PREP form 1 or 2 (int4_xprep: prepared x; bare --prep: 2)")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     from edgelm.quantization import int4_ptx, int4_tc

@@ -45,8 +45,10 @@ CASES = [  # (capability, WEIGHTS, bf16, BLOCK_N, SPLIT_K[, ONE_ROW])
 # gemv_h2: (capability, bf16, SPLIT_K, PREFETCH[, PDL 3: release late])
 H2_CASES = [(87, False, 1, 0), (90, True, 4, 0), (80, True, 1, 0), (90, True, 1, 1), (87, True, 2, 1), (90, True, 1, 2),
             (90, False, 2, 2), (87, True, 1, 2), (90, True, 1, 2, 3)]
-# gemv_h2 on prepared x (PREP; the prep kernel and the PREP norm and SiLU·mul compiled too): (capability, bf16, SPLIT_K, PREFETCH)
-H2_PREP_CASES = [(87, False, 1, 0), (87, True, 2, 1), (80, True, 1, 0), (90, True, 1, 2), (90, False, 4, 1)]
+# gemv_h2 on prepared x (PREP; the prep kernel and the PREP norm and SiLU·mul compiled too):
+# (capability, bf16, SPLIT_K, PREFETCH, PREP form)
+H2_PREP_CASES = [(87, False, 1, 0, 2), (87, True, 2, 1, 1), (80, True, 1, 0, 2), (90, True, 1, 2, 1), (90, False, 4, 1, 2),
+                 (90, True, 1, 2, 2)]
 # the fused decoder layer's gemv_h2 (SPLIT_K 1): (capability, bf16, PREFETCH, NORM, EPILOGUE; 3: rotary + KV write)
 H2_FUSED_CASES = [(87, False, 0, True, 0), (87, True, 2, False, 1), (90, True, 2, True, 0), (90, True, 0, True, 2),
                   (90, False, 1, False, 1), (80, True, 1, True, 2), (90, True, 2, True, 3), (87, False, 0, True, 3)]
@@ -96,16 +98,16 @@ for cap, weights, bf16, block_n, split_k, *one_row in json.loads(sys.argv[1]):
 for cap, bf16, split_k, prefetch, *pdl_mode in json.loads(sys.argv[2]):  # the packed-16-bit GEMV
     const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
              "USE_ASM": True, "PDL": pdl_mode[0] if pdl_mode else int(cap >= 90), "PREFETCH": prefetch,
-             "NORM": False, "EPILOGUE": 0, "HALF": 1, "PREP": False}
+             "NORM": False, "EPILOGUE": 0, "HALF": 1, "PREP": 0}
     out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False))
 for cap, bf16, prefetch, norm, epilogue in json.loads(sys.argv[3]):  # its fused forms
     const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": 1, "HAS_BIAS": True, "BF16": bf16, "USE_ASM": True,
-             "PDL": int(cap >= 90), "PREFETCH": prefetch, "NORM": norm, "EPILOGUE": epilogue, "HALF": 64, "PREP": False}
+             "PDL": int(cap >= 90), "PREFETCH": prefetch, "NORM": norm, "EPILOGUE": epilogue, "HALF": 64, "PREP": 0}
     out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False))
-for cap, bf16, split_k, prefetch in json.loads(sys.argv[4]):  # on prepared x (int4_xprep), then the prep kernel
+for cap, bf16, split_k, prefetch, form in json.loads(sys.argv[4]):  # on prepared x (int4_xprep), then the prep kernel
     const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
              "USE_ASM": True, "PDL": int(cap >= 90), "PREFETCH": prefetch, "NORM": False, "EPILOGUE": 0, "HALF": 1,
-             "PREP": True}
+             "PREP": form}
     out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False, {"x_ptr": "*i32"}))
     xp = {"xp_ptr": "*i32"}
     preps = [compile_case(xprep._x_prep_kernel, ["x_ptr", "xp_ptr", "xs_ptr", "xd_ptr", "K", "NB"], bf16, cap,

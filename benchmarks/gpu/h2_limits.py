@@ -9,7 +9,8 @@ shapes with the shipped batch-1 configs, three times, each in a fresh process wi
 If "half_alu" is much faster than "full", the kernel is short of instruction issue; if "no_alu" is no
 faster than "full", its loads are what it waits for. Results are timings only (the outputs are garbage).
 - "prep": the GEMV on prepared x (triton_ops "int4_xprep"), each call its x_prep kernel then the GEMV;
-- "prep_gemv": the same GEMV with x prepared once, outside the timed calls (what it costs without the prep).
+- "prep_gemv": the same GEMV with x prepared once, outside the timed calls (what it costs without the prep);
+  "prep@1" / "prep_gemv@1": the same with the pairs loaded in the words' shape (int4_ptx.PREP_FORM 1).
 
     python benchmarks/gpu/h2_limits.py --out $OUT/h2_limits_h100.json
 """
@@ -34,7 +35,7 @@ def _ptx(variant: str) -> str | None:
     """The replacement for int4_ptx._DOT_PAIRS_BF16 (None: keep it)."""
     from edgelm.quantization import int4_ptx
 
-    if variant in ("full", "prep", "prep_gemv"):
+    if variant == "full" or variant.startswith("prep"):
         return None
     if variant == "no_alu":
         return "\n".join(["{", ".reg .b32 t;", "xor.b32 t, $1, $2;", "and.b32 $0, t, 0x3F803F80;", "}"])
@@ -71,7 +72,7 @@ def child(variant: str) -> list[dict]:
         ws = int4_copies(n, k, 128)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         kernel, config = kern.choose_kernel(1, ws[0])
-        if variant == "prep_gemv":  # x prepared once; every timed call reads the same buffers
+        if variant.startswith("prep_gemv"):  # x prepared once; every timed call reads the same buffers
             prepared = tuple(t.clone() for t in real_prep(x))
             xprep.x_prep = lambda _x, p=prepared: p
         fn = kern.KERNELS[kernel]
@@ -95,6 +96,8 @@ def main() -> None:
     for variant in args.variants.split(","):
         with tempfile.TemporaryDirectory() as cache:
             env = dict(os.environ, TRITON_CACHE_DIR=cache)
+            if "@" in variant:  # prep@1, prep_gemv@2: the PREP form's x-pair loads (int4_ptx.PREP_FORM)
+                env["EDGELM_INT4_PREP_FORM"] = variant.split("@")[1]
             proc = subprocess.run([sys.executable, __file__, "--child", variant], capture_output=True, text=True,
                                   env=env, timeout=300)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROWS ")), None)
@@ -103,7 +106,7 @@ def main() -> None:
             continue
         rows += json.loads(line[5:])
     for r in rows:
-        print(f"{r['variant']:>9} {r['shape']:>13} {r['kernel']} {r['config']}: {r['us']:7.2f} us {r['GBps']:7.1f} GB/s")
+        print(f"{r['variant']:>11} {r['shape']:>13} {r['kernel']} {r['config']}: {r['us']:7.2f} us {r['GBps']:7.1f} GB/s")
     result = {**result_header("gemv_h2 alone with its arithmetic cut (timings only)", "benchmarks/gpu/h2_limits.py",
                               sys.argv[1:]), "rows": rows}
     if args.out:

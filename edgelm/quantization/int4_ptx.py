@@ -23,6 +23,8 @@ from edgelm.layers.triton_ops.scratch import scratch
 from edgelm.quantization.int4_pack import WORDS_PER_BLOCK, Int4Weight
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# how the PREP gemv_h2 (triton_ops "int4_xprep") loads its x pairs: _h2_tile_dot_prep's FORM (1 or 2)
+PREP_FORM = int(os.environ.get("EDGELM_INT4_PREP_FORM", "2"))
 
 
 @triton.jit
@@ -172,25 +174,44 @@ def _subnormal_pair_dot(words, shift: tl.constexpr, pair, f: tl.constexpr):
 
 
 @triton.jit
-def _h2_tile_dot_prep(xp_ptr, xs_ptr, xd_ptr, b, b_end, words, sc, off, USE_ASM: tl.constexpr):
-    """_h2_tile_dot on prepared x (triton_ops.xprep): [BLOCK_N, BLOCK_B] s·Σ q·x + m·Σ x of each row's blocks b."""
+def _pair_halves(t):
+    """[B, 16] → its even and odd columns [1, B, 8] each, to meet _halves(words)."""
+    lo, hi = tl.split(tl.reshape(t, (t.shape[0], t.shape[1] // 2, 2)))
+    return lo[None, :, :], hi[None, :, :]
+
+
+@triton.jit
+def _h2_tile_dot_prep(xp_ptr, xs_ptr, xd_ptr, b, b_end, words, sc, off, USE_ASM: tl.constexpr, FORM: tl.constexpr):
+    """_h2_tile_dot on prepared x (triton_ops.xprep): [BLOCK_N, BLOCK_B] s·Σ q·x + m·Σ x of each row's blocks b.
+    FORM 1: the pairs loaded in the words' own shape (every row's threads load them: no layout conversion
+    through shared memory, but BLOCK_N times the loads); FORM 2: loaded once [BLOCK_B, 16] and broadcast
+    to the rows (the plain form's way). Unmasked: xprep.buffers pads xp past the last block a tile reads."""
     b_ok = b < b_end
-    # loaded in the words' own shape (each row's threads read the same pairs, from L1): no layout
-    # conversion through shared memory, and no barrier, between the pairs and the words
-    q0 = (b * 64)[None, :, None] + tl.arange(0, 16)[None, None, :] + tl.zeros(words.shape, tl.int32)
-    p0 = tl.load(xp_ptr + q0)  # unmasked: xprep.buffers pads xp past the last block a tile reads
+    if FORM == 1:
+        q0 = (b * 64)[None, :, None] + tl.arange(0, 16)[None, None, :] + tl.zeros(words.shape, tl.int32)
+    else:
+        q0 = (b * 64)[:, None] + tl.arange(0, 16)[None, :]
+    p0 = tl.load(xp_ptr + q0)
     p1 = tl.load(xp_ptr + q0 + 16)
     p2 = tl.load(xp_ptr + q0 + 32)
     p3 = tl.load(xp_ptr + q0 + 48)
     if USE_ASM:
         w0, w1 = _halves(words)
-        a0, a1 = _halves(p0)
-        b0, b1 = _halves(p1)
-        c0, c1 = _halves(p2)
-        d0, d1 = _halves(p3)
+        if FORM == 1:
+            a0, a1 = _halves(p0)
+            b0, b1 = _halves(p1)
+            c0, c1 = _halves(p2)
+            d0, d1 = _halves(p3)
+        else:
+            a0, a1 = _pair_halves(p0)
+            b0, b1 = _pair_halves(p1)
+            c0, c1 = _pair_halves(p2)
+            d0, d1 = _pair_halves(p3)
         qx = tl.inline_asm_elementwise(_DOT_SUBNORMAL, "=r" + ",r" * 10, [w0, w1, a0, b0, c0, d0, a1, b1, c1, d1],
                                        dtype=tl.float32, is_pure=True, pack=1)
     else:
+        if FORM != 1:
+            p0, p1, p2, p3 = p0[None, :, :], p1[None, :, :], p2[None, :, :], p3[None, :, :]
         qx = (_subnormal_pair_dot(words, 0, p0, 1.0) + _subnormal_pair_dot(words, 4, p1, 16.0)
               + _subnormal_pair_dot(words, 8, p2, 1.0) + _subnormal_pair_dot(words, 12, p3, 16.0))
     down = tl.load(xd_ptr + b, mask=b_ok, other=0.0)
@@ -214,11 +235,12 @@ def _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP: tl.constexpr):
 @triton.jit
 def _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16: tl.constexpr, USE_ASM: tl.constexpr,
                  nw_ptr=None, rstd=None, NORM: tl.constexpr = False, xs_ptr=None, xd_ptr=None,
-                 PREP: tl.constexpr = False):
+                 PREP: tl.constexpr = 0):
     """[BLOCK_N, BLOCK_B]: s·Σ q·x + m·Σ x of each row's blocks b against x (RMSNorm(x) with NORM;
-    PREP: x_ptr, xs_ptr, xd_ptr are triton_ops.xprep's xp, xs, xd)."""
+    PREP 1 or 2: x_ptr, xs_ptr, xd_ptr are triton_ops.xprep's xp, xs, xd, the pairs loaded in _h2_tile_dot_prep's
+    FORM PREP)."""
     if PREP:
-        out = _h2_tile_dot_prep(x_ptr, xs_ptr, xd_ptr, b, b_end, words, sc, off, USE_ASM)
+        out = _h2_tile_dot_prep(x_ptr, xs_ptr, xd_ptr, b, b_end, words, sc, off, USE_ASM, PREP)
     else:
         ri = tl.arange(0, 16)
         k0 = (b * 128)[:, None] + ri[None, :]  # [BLOCK_B, 16]: input 128·b + i, then + 16·j
@@ -256,7 +278,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
                     PREFETCH: tl.constexpr, NORM: tl.constexpr = False, EPILOGUE: tl.constexpr = 0,
-                    HALF: tl.constexpr = 1, PREP: tl.constexpr = False):
+                    HALF: tl.constexpr = 1, PREP: tl.constexpr = 0):
     """y [1, N] = x [1, K] · dequant(W)ᵀ on the CUDA cores in packed 16-bit arithmetic (GROUP >= 128).
 
     Tile [BLOCK_N rows, BLOCK_B blocks, 16 words]. Per word one inline-PTX call (_dot_pairs_asm) forms
@@ -451,7 +473,7 @@ def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
             BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, PDL=pdl_on, num_warps=num_warps,
             **pdl.launch_kwargs(pdl_on))
         return y
-    prep = triton_ops.enabled("int4_xprep")
+    prep = PREP_FORM if triton_ops.enabled("int4_xprep") else 0
     xp, xs, xd = (xprep.take(x) or xprep.x_prep(x)) if prep else (x, y, y)
     _gemv_h2_kernel[(tiles, split_k)](
         xp, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,

@@ -174,10 +174,10 @@ def int4_vs_bf16() -> list[str]:
     if same_call:
         with open(os.path.join(RESULTS, same_call)) as f:
             base.update({(r["batch_size"], r["input_len"]): (r, "same call") for r in json.load(f)["results"]})
-    lines = [f"**{int4['model']} decode: int4wo-128 against bf16** (same device, same day; int4 weights "
+    lines = [f"**{int4['model']} decode: int4wo-128 against bf16** (same device; int4 weights "
              f"{int4['decode_weight_bytes'] / 1e9:.2f} GB read per step against {bf16['decode_weight_bytes'] / 1e9:.2f} GB; "
              "bf16 from the same device call where one was made"
-             + (f": `{same_call}`" if same_call else "") + ", else from the bf16 table above)",
+             + (f": `{same_call}`" if same_call else "") + ", else from the bf16 table above, of its own date)",
              "", "| batch | bf16 tok/s | int4wo-128 tok/s | int4 / bf16 | int4 roofline ratio | bf16 from |",
              "| ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in int4["results"]:

@@ -4,8 +4,9 @@
 # headline tables in one call — bf16 batch 1/8/32/64 and int4wo-128 batch 1/8/32, the int4 one with the
 # sweep's winning tables (EDGELM_INT4_DISPATCH) and with each switch on whose every run beat every shipped
 # baseline of the A/B — then the int4 GPU tests (GEMV on prepared x, kernels, fused forms, fused/PDL model
-# tests) in what time is left under BUDGET. int4_xprep goes into the table only if its GPU tests pass. BF16_BS / INT4_BS: the tables' batch sizes. H2L (optional): h2_limits.py
-# variants timed after the switches' tests (e.g. full,prep,prep_gemv).
+# tests) in what time is left under BUDGET. int4_xprep goes into the table only if its GPU tests pass.
+# BF16_BS / INT4_BS: the tables' batch sizes. H2L (optional): h2_limits.py variants timed after the switches'
+# tests (e.g. full,prep,prep_gemv).
 source benchmarks/gpu/site_setup.sh
 dev=${DEV:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo h200 || echo h100)}
 echo "DEV=$dev"; t0=$SECONDS

@@ -80,10 +80,15 @@ def test_x_prep_exact(k, dtype):
                                                   (256, 1024, (8, 4, 2, 4, 1), torch.float16),
                                                   (128, 1000, (8, 2, 3, 4, 2), torch.bfloat16),
                                                   (128, 2200, (16, 4, 1, 4, 1, 1), torch.bfloat16)])
-def test_gemv_h2_prep_small(group, k, config, dtype, xprep_on):
-    """gemv_h2 on prepared x: ragged K, split K, prefetch and late release, group 256, an outlier of 3000,
-    zero and tiny blocks; against dequantize-then-matmul, twice (the scratch buffers are reused)."""
+@pytest.mark.parametrize("form", [1, 2])
+def test_gemv_h2_prep_small(group, k, config, dtype, form, xprep_on, monkeypatch):
+    """gemv_h2 on prepared x, the pairs loaded either way (PREP_FORM): ragged K, split K, prefetch and late
+    release, group 256, an outlier of 3000, zero and tiny blocks; against dequantize-then-matmul, twice (the
+    scratch buffers are reused)."""
     from edgelm.quantization import int4_kernels as kern
+    from edgelm.quantization import int4_ptx
+
+    monkeypatch.setattr(int4_ptx, "PREP_FORM", form)
 
     w = quantize_int4(torch.randn(40, k, device=DEVICE) * 0.05, group, "minmax", meta_precision=dtype)
     bias = torch.randn(40, device=DEVICE).to(dtype)
@@ -187,13 +192,15 @@ def test_mark_int4_producers():
                                         (28672, 4096, (16, 8, 1, 4)), (4096, 14336, (8, 16, 1, 4, 1)),
                                         (4096, 14336, (16, 8, 4, 4))])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gemv_h2_prep_gpu(n, k, config, dtype, xprep_on):
+@pytest.mark.parametrize("form", [1, 2])
+def test_gemv_h2_prep_gpu(n, k, config, dtype, form, xprep_on, monkeypatch):
     """The PTX of the prepared-x GEMV on the Llama-3.1-8B shapes: as close to dequantize-then-matmul as
     the plain gemv_h2 is (bf16: closer, its products carry 11 bits, not 8), an outlier included, and
     bit-identical run to run."""
     from edgelm.layers import triton_ops
     from edgelm.quantization import int4_ptx
 
+    monkeypatch.setattr(int4_ptx, "PREP_FORM", form)
     torch.manual_seed(n + k)
     w = quantize_int4(torch.randn(n, k, device="cuda") * 0.02, 128, "search", meta_precision=dtype)
     x = _x(k, dtype, "cuda")

@@ -256,23 +256,19 @@ def test_int4_xprep_matches_plain(tiny_llama, graphs, monkeypatch):
     monkeypatch.setattr(xprep, "take", lambda x: (lambda r: hits.append(r is not None) or r)(plain_take(x)))
     base = "rmsnorm,add_rmsnorm,silu_and_mul,rotary,gemv,argmax,rope_kv"
     old = triton_ops.set_enabled(base + ",int4_xprep")
-    real_choose = int4_kernels.choose_kernel
     try:
         prep = _runner(tiny_llama, "triton", "bfloat16", disable_cuda_graph=not graphs, torchao_config="int4wo-128")
         triton_ops.set_enabled(base)
         plain = _runner(tiny_llama, "triton", "bfloat16", disable_cuda_graph=not graphs, torchao_config="int4wo-128")
-        monkeypatch.setattr(int4_kernels, "choose_kernel", lambda m, w: None)
-        ref = _runner(tiny_llama, "triton", "bfloat16", disable_cuda_graph=not graphs, torchao_config="int4wo-128")
-        monkeypatch.setattr(int4_kernels, "choose_kernel", real_choose)
-        gen = torch.Generator().manual_seed(5)
-        prompt = torch.randint(0, 512, (11,), generator=gen).tolist()
+        prompt = torch.randint(0, 512, (11,), generator=torch.Generator().manual_seed(5)).tolist()
         tokens_p, logits_p = _greedy(plain, [prompt], 8)
         triton_ops.set_enabled(base + ",int4_xprep")
         tokens_x, logits_x = _greedy(prep, [prompt], 8, forced=tokens_p)
         triton_ops.set_enabled(base)
-        monkeypatch.setattr(int4_kernels, "choose_kernel", lambda m, w: None)
-        tokens_r, logits_r = _greedy(ref, [prompt], 8, forced=tokens_p)
-        monkeypatch.setattr(int4_kernels, "choose_kernel", real_choose)
+        with monkeypatch.context() as mp:  # the reference: every int4 linear dequantizes, then cuBLAS
+            mp.setattr(int4_kernels, "choose_kernel", lambda m, w: None)
+            ref = _runner(tiny_llama, "triton", "bfloat16", disable_cuda_graph=not graphs, torchao_config="int4wo-128")
+            _, logits_r = _greedy(ref, [prompt], 8, forced=tokens_p)
         err_x = max(float((x.float() - r.float()).abs().max()) for x, r in zip(logits_x, logits_r))
         err_p = max(float((p.float() - r.float()).abs().max()) for p, r in zip(logits_p, logits_r))
         assert err_x <= 1.25 * err_p + 2e-2, (err_x, err_p)

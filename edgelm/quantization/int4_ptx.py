@@ -174,10 +174,15 @@ def _subnormal_pair_dot(words, shift: tl.constexpr, pair, f: tl.constexpr):
 
 
 @triton.jit
-def _pair_halves(t):
-    """[B, 16] → its even and odd columns [1, B, 8] each, to meet _halves(words)."""
-    lo, hi = tl.split(tl.reshape(t, (t.shape[0], t.shape[1] // 2, 2)))
-    return lo[None, :, :], hi[None, :, :]
+def _pair_halves(t, FORM: tl.constexpr):
+    """The even and odd words' x pairs, to meet _halves(words): FORM 1, t in the words' shape [R, B, 16]
+    → [R, B, 8] each; FORM 2, t [B, 16] → [1, B, 8] each."""
+    if FORM == 1:
+        lo, hi = _halves(t)
+    else:
+        lo, hi = tl.split(tl.reshape(t, (t.shape[0], t.shape[1] // 2, 2)))
+        lo, hi = lo[None, :, :], hi[None, :, :]
+    return lo, hi
 
 
 @triton.jit
@@ -197,16 +202,10 @@ def _h2_tile_dot_prep(xp_ptr, xs_ptr, xd_ptr, b, b_end, words, sc, off, USE_ASM:
     p3 = tl.load(xp_ptr + q0 + 48)
     if USE_ASM:
         w0, w1 = _halves(words)
-        if FORM == 1:
-            a0, a1 = _halves(p0)
-            b0, b1 = _halves(p1)
-            c0, c1 = _halves(p2)
-            d0, d1 = _halves(p3)
-        else:
-            a0, a1 = _pair_halves(p0)
-            b0, b1 = _pair_halves(p1)
-            c0, c1 = _pair_halves(p2)
-            d0, d1 = _pair_halves(p3)
+        a0, a1 = _pair_halves(p0, FORM)
+        b0, b1 = _pair_halves(p1, FORM)
+        c0, c1 = _pair_halves(p2, FORM)
+        d0, d1 = _pair_halves(p3, FORM)
         qx = tl.inline_asm_elementwise(_DOT_SUBNORMAL, "=r" + ",r" * 10, [w0, w1, a0, b0, c0, d0, a1, b1, c1, d1],
                                        dtype=tl.float32, is_pure=True, pack=1)
     else:

@@ -240,9 +240,10 @@ def test_fused_int4_layers_match_unfused(tiny_llama, graphs, op, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("graphs", [True, False])
-def test_int4_xprep_matches_plain(tiny_llama, graphs, monkeypatch):
+@pytest.mark.parametrize("op", ["int4_xprep", "int4_xprep_qkv"])
+def test_int4_xprep_matches_plain(tiny_llama, graphs, op, monkeypatch):
     """int4wo-128 with the batch-1 GEMVs on prepared x (int4_xprep: the norms and SiLU·mul write it, o_proj's
-    own prep kernel) against the plain GEMVs, both fed the same tokens and held against a third run that
+    own prep kernel; int4_xprep_qkv: qkv_proj's alone, from the input norm) against the plain GEMVs, both fed the same tokens and held against a third run that
     dequantizes then multiplies (cuBLAS, float32 sums): the prepared-x logits at least about as close to it as
     the plain GEMVs' (they differ from each other by more than bf16 rounding: the plain GEMV's products carry
     bf16's 8 bits, the prepared x's 11), greedy tokens the same; the producers' prepared x is taken."""
@@ -255,14 +256,14 @@ def test_int4_xprep_matches_plain(tiny_llama, graphs, monkeypatch):
     plain_take = xprep.take
     monkeypatch.setattr(xprep, "take", lambda x: (lambda r: hits.append(r is not None) or r)(plain_take(x)))
     base = "rmsnorm,add_rmsnorm,silu_and_mul,rotary,gemv,argmax,rope_kv"
-    old = triton_ops.set_enabled(base + ",int4_xprep")
+    old = triton_ops.set_enabled(base + "," + op)
     try:
         prep = _runner(tiny_llama, "triton", "bfloat16", disable_cuda_graph=not graphs, torchao_config="int4wo-128")
         triton_ops.set_enabled(base)
         plain = _runner(tiny_llama, "triton", "bfloat16", disable_cuda_graph=not graphs, torchao_config="int4wo-128")
         prompt = torch.randint(0, 512, (11,), generator=torch.Generator().manual_seed(5)).tolist()
         tokens_p, logits_p = _greedy(plain, [prompt], 8)
-        triton_ops.set_enabled(base + ",int4_xprep")
+        triton_ops.set_enabled(base + "," + op)
         tokens_x, logits_x = _greedy(prep, [prompt], 8, forced=tokens_p)
         triton_ops.set_enabled(base)
         with monkeypatch.context() as mp:  # the reference: every int4 linear dequantizes, then cuBLAS

@@ -118,6 +118,36 @@ def test_gemv_h2_prep_is_switched(monkeypatch, xprep_on):
 
 
 @needs_triton
+def test_xprep_qkv_only_where_offered(monkeypatch):
+    """int4_xprep_qkv: only the input norm (site "qkv") writes x prepared, and gemv_h2 runs the prepared form
+    only on an offered x; no prep kernel of its own anywhere. int4_xprep: every marked site."""
+    from edgelm.layers import triton_ops
+    from edgelm.layers.triton_ops import xprep
+    from edgelm.layers.triton_ops.rmsnorm import rms_norm
+    from edgelm.quantization import int4_ptx
+
+    old = triton_ops.set_enabled(",".join(sorted(triton_ops.DEFAULT_ON | {"int4_xprep_qkv"})))
+    try:
+        assert [xprep.wanted(s) for s in ("qkv", "gate_up", "down", False)] == [True, False, False, False]
+        calls, preps = [], []
+        monkeypatch.setattr(xprep, "x_prep", lambda x: calls.append(x.shape))
+        real_for = xprep.for_gemv
+        monkeypatch.setattr(xprep, "for_gemv", lambda x: (lambda r: preps.append(r is not None) or r)(real_for(x)))
+        torch.manual_seed(0)
+        w = quantize_int4(torch.randn(16, 256, device=DEVICE) * 0.05, 128, "minmax")
+        x = torch.randn(1, 256, device=DEVICE).half()
+        plain = int4_ptx.gemv_h2(x, w, None, (8, 2, 1, 4))  # nothing offered: x as it is
+        xn = rms_norm(x, torch.ones(256, dtype=x.dtype, device=DEVICE), 1e-5, None, prep=xprep.wanted("qkv"))
+        y = int4_ptx.gemv_h2(xn, w, None, (8, 2, 1, 4))  # offered by the norm: prepared
+        assert preps == [False, True] and calls == []
+        assert rel_err(y, reference(xn, w)) < 1e-2 and rel_err(plain, reference(x, w)) < 1e-2
+        triton_ops.set_enabled(",".join(sorted(triton_ops.DEFAULT_ON | {"int4_xprep"})))
+        assert [xprep.wanted(s) for s in ("qkv", "gate_up", "down", False)] == [True, True, True, False]
+    finally:
+        triton_ops.set_enabled(",".join(sorted(old)))
+
+
+@needs_triton
 @pytest.mark.parametrize("producer,n", [("rmsnorm", 520), ("add_rmsnorm", 1024), ("silu_and_mul", 2200)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_producers_write_the_prepared_form(producer, n, dtype):
@@ -183,7 +213,7 @@ def test_mark_int4_producers():
     model = nn.ModuleList([layer(128), layer(128, perm=True), layer(64)])
     assert mark_int4_producers(model) == 5
     assert [(m.input_layernorm.int4_prep, m.post_attention_layernorm.int4_prep, m.mlp.act_fn.int4_prep)
-            for m in model] == [(True, True, True), (False, True, True), (False, False, False)]
+            for m in model] == [("qkv", "gate_up", "down"), (False, "gate_up", "down"), (False, False, False)]
 
 
 @pytest.mark.gpu

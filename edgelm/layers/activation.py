@@ -14,9 +14,10 @@ class SiluAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and triton_ops.enabled("silu_and_mul"):
+            from edgelm.layers.triton_ops import xprep
             from edgelm.layers.triton_ops.silu_mul import silu_and_mul
 
-            return silu_and_mul(x, prep=self.int4_prep and triton_ops.enabled("int4_xprep"))
+            return silu_and_mul(x, prep=xprep.wanted(self.int4_prep))
         return self.forward_native(x)
 
     def forward_native(self, x: torch.Tensor) -> torch.Tensor:

@@ -30,11 +30,12 @@ class RMSNorm(nn.Module):
 
         CUDA tensors take one Triton kernel (add and norm in one pass) where it is switched on."""
         if x.is_cuda and triton_ops.enabled("rmsnorm" if residual is None else "add_rmsnorm"):
+            from edgelm.layers.triton_ops import xprep
             from edgelm.layers.triton_ops.rmsnorm import rms_norm, supports
 
             if supports(x, self.weight, residual):
                 return rms_norm(x, self.weight, self.eps, residual,
-                                prep=self.int4_prep and triton_ops.enabled("int4_xprep"))
+                                prep=xprep.wanted(self.int4_prep))
         return self.forward_native(x, residual)
 
     def forward_native(self, x: torch.Tensor, residual: torch.Tensor | None = None):

@@ -137,7 +137,8 @@ class Int4Linear(nn.Module):
 def mark_int4_producers(model: torch.nn.Module) -> int:
     """Set `int4_prep` on the norms and SiLU·mul whose output goes straight into an int4 linear that runs
     the batch-1 GEMV on x as it is (Llama-family decoder layers: input_layernorm → qkv_proj,
-    post_attention_layernorm → gate_up_proj, act_fn → down_proj). Returns how many were marked."""
+    post_attention_layernorm → gate_up_proj, act_fn → down_proj), with the site's name (xprep.wanted).
+    Returns how many were marked."""
     def direct(lin) -> bool:
         return (isinstance(lin, Int4Linear) and lin.input_perm is None and lin.packed.group_size >= 128
                 and lin.dense_weight is None and lin.cpu_weight is None)
@@ -145,11 +146,11 @@ def mark_int4_producers(model: torch.nn.Module) -> int:
     marked = 0
     for layer in model.modules():
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        pairs = [(getattr(layer, "input_layernorm", None), getattr(attn, "qkv_proj", None)),
-                 (getattr(layer, "post_attention_layernorm", None), getattr(mlp, "gate_up_proj", None)),
-                 (getattr(mlp, "act_fn", None), getattr(mlp, "down_proj", None))]
-        for producer, lin in pairs:
+        pairs = [("qkv", getattr(layer, "input_layernorm", None), getattr(attn, "qkv_proj", None)),
+                 ("gate_up", getattr(layer, "post_attention_layernorm", None), getattr(mlp, "gate_up_proj", None)),
+                 ("down", getattr(mlp, "act_fn", None), getattr(mlp, "down_proj", None))]
+        for site, producer, lin in pairs:
             if producer is not None and direct(lin):
-                producer.int4_prep = True
+                producer.int4_prep = site
                 marked += 1
     return marked

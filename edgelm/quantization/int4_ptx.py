@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from edgelm.layers import triton_ops
 from edgelm.layers.triton_ops import pdl, xprep
 from edgelm.layers.triton_ops.pdl import release_late, wait_and_release
 from edgelm.layers.triton_ops.scratch import scratch
@@ -472,8 +471,9 @@ def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
             BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, PDL=pdl_on, num_warps=num_warps,
             **pdl.launch_kwargs(pdl_on))
         return y
-    prep = PREP_FORM if triton_ops.enabled("int4_xprep") else 0
-    xp, xs, xd = (xprep.take(x) or xprep.x_prep(x)) if prep else (x, y, y)
+    bufs = xprep.for_gemv(x)
+    prep = PREP_FORM if bufs else 0
+    xp, xs, xd = bufs or (x, y, y)
     _gemv_h2_kernel[(tiles, split_k)](
         xp, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,
         w.scales.shape[1], per_split, x, 0.0, x, x, x, x, x, 0, 0, xs, xd, GROUP=w.group_size, BLOCK_N=block_n,

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from edgelm.layers import triton_ops
 from edgelm.layers.triton_ops import pdl
 from edgelm.layers.triton_ops.pdl import wait_and_release
 from edgelm.layers.triton_ops.scratch import scratch
@@ -57,6 +58,21 @@ def _x_prep_kernel(x_ptr, xp_ptr, xs_ptr, xd_ptr, K, NB, BLOCKS: tl.constexpr, P
     lo = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
     hi = tl.load(x_ptr + k + 64, mask=k + 64 < K, other=0.0).to(tl.float32)
     prep_store(lo, hi, b, NB, xp_ptr, xs_ptr, xd_ptr)
+
+
+def wanted(site) -> bool:
+    """Whether a producer marked for `site` (int4_linear.mark_int4_producers: "qkv", "gate_up", "down"; False
+    when unmarked) writes its output prepared: every site under "int4_xprep", qkv alone under "int4_xprep_qkv"."""
+    return bool(site) and (triton_ops.enabled("int4_xprep")
+                           or (site == "qkv" and triton_ops.enabled("int4_xprep_qkv")))
+
+
+def for_gemv(x: torch.Tensor):
+    """The prepared form gemv_h2 runs on, or None for x as it is: under "int4_xprep" x's producer's offer,
+    else x_prep's; under "int4_xprep_qkv" the offer alone (only the input norm makes one)."""
+    if triton_ops.enabled("int4_xprep"):
+        return take(x) or x_prep(x)
+    return take(x) if triton_ops.enabled("int4_xprep_qkv") else None
 
 
 def buffers(device: torch.device, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

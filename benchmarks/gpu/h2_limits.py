@@ -10,7 +10,9 @@ If "half_alu" is much faster than "full", the kernel is short of instruction iss
 faster than "full", its loads are what it waits for. Results are timings only (the outputs are garbage).
 - "prep": the GEMV on prepared x (triton_ops "int4_xprep"), each call its x_prep kernel then the GEMV;
 - "prep_gemv": the same GEMV with x prepared once, outside the timed calls (what it costs without the prep);
-  "prep@1" / "prep_gemv@1": the same with the pairs loaded in the words' shape (int4_ptx.PREP_FORM 1).
+  "prep@1" / "prep_gemv@1": the same with the pairs loaded in the words' shape (int4_ptx.PREP_FORM 1);
+- "l2hot": the shipped kernel on one weight copy every call (in the L2 where it fits: qkv, o): what a GEMV
+  whose weights were prefetched into the L2 beforehand could take.
 
     python benchmarks/gpu/h2_limits.py --out $OUT/h2_limits_h100.json
 """
@@ -28,14 +30,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from edgelm.bench_utils import result_header, write_json  # noqa: E402
 
-VARIANTS = ("full", "half_alu", "no_alu", "prep", "prep_gemv")
+VARIANTS = ("full", "half_alu", "no_alu", "prep", "prep_gemv", "l2hot")
 
 
 def _ptx(variant: str) -> str | None:
     """The replacement for int4_ptx._DOT_PAIRS_BF16 (None: keep it)."""
     from edgelm.quantization import int4_ptx
 
-    if variant == "full" or variant.startswith("prep"):
+    if variant in ("full", "l2hot") or variant.startswith("prep"):
         return None
     if variant == "no_alu":
         return "\n".join(["{", ".reg .b32 t;", "xor.b32 t, $1, $2;", "and.b32 $0, t, 0x3F803F80;", "}"])
@@ -70,6 +72,8 @@ def child(variant: str) -> list[dict]:
     rows = []
     for name, (n, k) in SHAPES.items():
         ws = int4_copies(n, k, 128)
+        if variant == "l2hot":
+            ws = [ws[0]] * len(ws)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         kernel, config = kern.choose_kernel(1, ws[0])
         if variant.startswith("prep_gemv"):  # x prepared once; every timed call reads the same buffers

@@ -12,7 +12,7 @@ m="--model-path llama-3.1-8b --load-format dummy --dtype bfloat16"
 timeout ${TT:-90} python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_int4_xprep.py \
     tests/test_cuda_graph.py::test_int4_xprep_matches_plain 2>&1 | tee $OUT/gpu_tests_int4_xprep_$dev.txt | tail -3
 echo "($((SECONDS - t0)) s)"
-timeout ${HT:-80} python3 benchmarks/gpu/h2_limits.py --variants ${H2L:-full,prep_gemv@1,prep_gemv} \
+timeout ${HT:-80} python3 benchmarks/gpu/h2_limits.py --variants ${H2L:-full,prep_gemv@1,prep_gemv,l2hot} \
     --out $OUT/h2_limits_prep_forms_$dev.json 2>&1 | grep -v -i warn | tail -12
 echo "($((SECONDS - t0)) s)"
 timeout ${VT:-110} python3 benchmarks/gpu/int4_variants.py $m --torchao-config int4wo-128 --batch-size 1 --input-len 1024 \

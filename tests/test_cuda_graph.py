@@ -280,6 +280,34 @@ def test_int4_xprep_matches_plain(tiny_llama, graphs, op, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("quant", [None, "int4wo-128"])
+def test_l2_prefetch_changes_nothing(tiny_llama, quant):
+    """triton_ops "l2_prefetch" only pulls the next weights into the L2: graph decode with it gives the same
+    tokens and bit-identical logits as without; each layer's attention holds o_proj's weights first."""
+    from edgelm.layers import triton_ops
+
+    pytest.importorskip("triton")
+    base = ",".join(sorted(triton_ops.DEFAULT_ON))
+    overrides = {"torchao_config": quant} if quant else {}
+    old = triton_ops.set_enabled(base + ",l2_prefetch")
+    try:
+        pf = _runner(tiny_llama, "triton", "bfloat16", **overrides)
+        attn = pf.model.model.layers[0].self_attn
+        o_w = attn.o_proj.packed.qweight if quant else attn.o_proj.weight
+        assert attn.attn.l2_prefetch and attn.attn.l2_prefetch[0][0].data_ptr() == o_w.data_ptr()
+        triton_ops.set_enabled(base)
+        plain = _runner(tiny_llama, "triton", "bfloat16", **overrides)
+        prompt = torch.randint(0, 512, (13,), generator=torch.Generator().manual_seed(7)).tolist()
+        tokens_p, logits_p = _greedy(plain, [prompt], 8)
+        triton_ops.set_enabled(base + ",l2_prefetch")
+        tokens_x, logits_x = _greedy(pf, [prompt], 8, forced=tokens_p)
+        assert tokens_x == tokens_p
+        assert all(torch.equal(a, b) for a, b in zip(logits_x, logits_p))
+    finally:
+        triton_ops.set_enabled(",".join(sorted(old)) or "0")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("quant", ["int4wo-128", "gptq-act-order"])
 def test_int4_model_graph_decode_matches_eager(tiny_llama, quant, tmp_path):
     """The int4 layers inside captured graphs: --torchao-config int4wo-128 (quantized while loading)

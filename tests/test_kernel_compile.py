@@ -270,3 +270,47 @@ def test_gemv_h2_persistent_compiles_for_sm87_sm90():
     hopper, hopper_late, orin = run_child(PERSIST_CHILD, [[90, 1], [90, 3], [87, 0]], skip_without_ptxas=True)
     assert hopper["load_before_wait"] and hopper_late["load_before_wait"] and hopper["fma2"]
     assert orin["wait"] == -1 and orin["fma2"]
+
+
+L2PF_CHILD = r"""
+import importlib, inspect, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+da = importlib.import_module("edgelm.layers.attention.triton_ops.decode_attention")
+
+names = [p for p in inspect.signature(da._decode_partial_kernel.fn).parameters]
+ptrs = {"Q": "*bf16", "K_buf": "*bf16", "V_buf": "*bf16", "req_to_token": "*i32", "req_pool_indices": "*i64",
+        "seq_lens": "*i32", "Mid_O": "*fp32", "Mid_LSE": "*fp32", "Out": "*bf16", "Counter": "*i32", "PF0": "*u8",
+        "PF1": "*u8"}
+out = []
+for cap, pdl in json.loads(sys.argv[1]):
+    const = dict(GROUP=4, HEADS=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_H=16, BLOCK_N=64, MIN_SPLIT=64, PRECISION="tf32",
+                 DIRECT=False, MERGE=False, MAX_SPLITS=16, PDL=pdl, PREFETCH_KV=bool(pdl), L2PF=True)
+    sig = {n: ptrs.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
+    sig.update({k: "constexpr" for k in const})
+    src = ASTSource(fn=da._decode_partial_kernel, signature=sig,
+                    constexprs={(names.index(k),): v for k, v in const.items()})
+    opts = {"num_warps": 4, "num_stages": 2}
+    if pdl:
+        opts["launch_pdl"] = True
+    ptx = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=opts).asm["ptx"]
+    lines = ptx.splitlines()
+    pf = [i for i, ln in enumerate(lines) if "prefetch.global.L2" in ln]
+    wait = next((i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln), None)
+    out.append({"prefetches": len(pf), "first_prefetch": pf[0] if pf else None, "wait": wait})
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_decode_attention_l2_prefetch_compiles():
+    """The decode attention with the L2 weight prefetch (triton_ops "l2_prefetch") compiles for Orin and for
+    Hopper with PDL; its prefetch instructions are in the PTX, on Hopper before the PDL wait."""
+    from edgelm.layers.triton_ops import pdl
+
+    cases = [[87, 0]] + ([[90, 1]] if pdl._TRITON_OK else [])
+    results = run_child(L2PF_CHILD, cases, skip_without_ptxas=True)
+    for (cap, pdl_on), r in zip(cases, results):
+        assert r["prefetches"] >= 2, (cap, r)  # the two regions' loops
+        if pdl_on:
+            assert r["wait"] is not None and r["first_prefetch"] < r["wait"], r

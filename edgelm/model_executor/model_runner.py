@@ -123,6 +123,12 @@ class ModelRunner:
         logger.info("loaded weights (%s) in %.1f s", server_args.load_format, time.perf_counter() - start)
         if device == "cuda":
             torch.cuda.empty_cache()
+            from edgelm.layers import triton_ops
+
+            if triton_ops.HAS_TRITON:
+                from edgelm.layers.triton_ops.l2_prefetch import mark_l2_prefetch
+
+                mark_l2_prefetch(self.model)  # used where triton_ops "l2_prefetch" is on
         self.weight_bytes = module_bytes(self.model)
         available_after = available_before - self.weight_bytes
         if device == "cuda":  # on shared memory (Jetson) the OS may not report the weights yet: take the lower

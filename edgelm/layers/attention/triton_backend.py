@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edgelm.layers import triton_ops as switches
 from edgelm.layers.attention.base import AttentionBackend
 from edgelm.layers.triton_ops.scratch import scratch
 
@@ -144,8 +145,6 @@ class TritonAttnBackend(AttentionBackend):
         return super().forward(q, k, v, layer, forward_batch, rope)
 
     def fused_kv_target(self, layer, forward_batch):
-        from edgelm.layers import triton_ops as switches
-
         # where the rotary + KV-write launch is switched on (rotary, rope_kv)
         if not (switches.enabled("rotary") and switches.enabled("rope_kv")):
             return None
@@ -165,7 +164,8 @@ class TritonAttnBackend(AttentionBackend):
         meta = self.forward_metadata
         self.ops.decode_attention(q.reshape(bs, h, d), k_buf, v_buf, o.view(bs, h, d), self.req_to_token,
                          forward_batch.req_pool_indices, forward_batch.seq_lens, meta.mid_o[:bs], meta.mid_lse[:bs],
-                         layer.scaling, self.decode_config, meta.counters)
+                         layer.scaling, self.decode_config, meta.counters,
+                         prefetch=getattr(layer, "l2_prefetch", None) if switches.enabled("l2_prefetch") else None)
         return o
 
     def forward_extend(self, q, k, v, layer, forward_batch):

@@ -17,7 +17,7 @@ import importlib.util
 import os
 
 ALL_OPS = ("rmsnorm", "add_rmsnorm", "silu_and_mul", "rotary", "gemv", "argmax", "fused_decode", "rope_kv",
-           "attn_merge", "pdl", "fused_int4", "int4_rope", "int4_xprep", "int4_xprep_qkv")
+           "attn_merge", "pdl", "fused_int4", "int4_rope", "int4_xprep", "int4_xprep_qkv", "l2_prefetch")
 # every op measured faster than its torch path on an H100 (benchmarks/results/decode_ops_h100.json);
 # "gemv" applies only to the GPUs and shapes listed in triton_ops.gemv.WINS; "fused_decode" runs a
 # decoder layer's norms, SiLU·mul and residual adds inside its GEMVs where all four GEMVs of the
@@ -31,7 +31,9 @@ ALL_OPS = ("rmsnorm", "add_rmsnorm", "silu_and_mul", "rotary", "gemv", "argmax",
 # "int4_xprep": x reaches each batch-1 gemv_h2 as scaled fp16 pairs, block sums and scales (triton_ops.xprep;
 # written by the RMSNorm / SiLU·mul kernel that makes x, else by a small kernel), so that the GEMV's dot
 # costs ~2.1 SASS instructions a weight instead of ~3.6-3.9; "int4_xprep_qkv": only qkv_proj's GEMV on x
-# prepared (by the input norm; the one shape where the prepared GEMV measured faster than the plain one)
+# prepared (by the input norm; the one shape where the prepared GEMV measured faster than the plain one);
+# "l2_prefetch": the batch-1 Triton decode attention prefetches o_proj's and the start of gate_up_proj's
+# weights into the L2 (triton_ops.l2_prefetch), off until timed
 # "fused_decode" is off: on the H100 its prologues made the GEMVs slower than the kernels they
 # replace saved (graph step 6042 vs 5918 us, Llama-3.1-8B shape bs1, benchmarks/gpu/dev_check.sh).
 # "attn_merge" is off: on an H200 the attention launch with the merge inside took 11.2 us a layer
@@ -39,7 +41,7 @@ ALL_OPS = ("rmsnorm", "add_rmsnorm", "silu_and_mul", "rotary", "gemv", "argmax",
 # "fused_int4" is off: on the H100 the step took 2.63-2.66 ms with it against 2.58 without
 # (benchmarks/results/int4_variants_bs1_fused_h100.json). "int4_rope" and "int4_xprep" are off until timed on a GPU.
 DEFAULT_ON = frozenset(ALL_OPS) - {"fused_decode", "attn_merge", "fused_int4", "int4_rope", "int4_xprep",
-                                       "int4_xprep_qkv"}
+                                       "int4_xprep_qkv", "l2_prefetch"}
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 

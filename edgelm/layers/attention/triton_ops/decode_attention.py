@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from edgelm.layers import triton_ops as switches
-from edgelm.layers.triton_ops import pdl
+from edgelm.layers.triton_ops import l2_prefetch, pdl
 from edgelm.layers.triton_ops.pdl import wait_and_release
 
 LOG2E = 1.4426950408889634
@@ -124,10 +124,11 @@ def _decode_partial_kernel(
     num_splits,
     stride_qb, stride_qh, stride_kbs, stride_kbh, stride_vbs, stride_vbh, stride_r2t,
     stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
+    PF0, PF0_N, PF1, PF1_N,
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
     DIRECT: tl.constexpr, MERGE: tl.constexpr, MAX_SPLITS: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH_KV: tl.constexpr,
+    PREFETCH_KV: tl.constexpr, L2PF: tl.constexpr = False,
 ):
     """Q [B, H, D]; K_buf, V_buf [S, Hkv, D]; req_to_token [R, L]; Mid_O [B, H, splits, D] and
     Mid_LSE [B, H, splits] (float32, log2 domain) receive this split's normalised output.
@@ -137,7 +138,14 @@ def _decode_partial_kernel(
     PREFETCH_KV: the split's first block of K and V is loaded before the PDL wait, all but the newest
     token's (which the kernel before this one writes; loaded after the wait). Safe because seq_lens,
     req_pool_indices and req_to_token are written before the step's first layer and older K/V in
-    earlier steps, and with PDL this kernel starts only after the GEMV before it passed its own wait."""
+    earlier steps, and with PDL this kernel starts only after the GEMV before it passed its own wait.
+    L2PF (batch 1, triton_ops "l2_prefetch"): first, each program prefetches into the L2 its share of the
+    bytes PF0[:PF0_N] and PF1[:PF1_N] (the next GEMVs' weights)."""
+    if L2PF:
+        part = tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
+        parts = tl.num_programs(1) * tl.num_programs(2)
+        l2_prefetch.prefetch_region(PF0, PF0_N, part, parts, True, 256)
+        l2_prefetch.prefetch_region(PF1, PF1_N, part, parts, True, 256)
     b = tl.program_id(0)
     head0 = tl.program_id(1) * HEADS
     split = tl.program_id(2)
@@ -259,12 +267,14 @@ def _precision(dtype: torch.dtype) -> str:
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, o: torch.Tensor,
                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
                      mid_o: torch.Tensor, mid_lse: torch.Tensor, scaling: float, cfg: DecodeConfig,
-                     counters: torch.Tensor | None = None) -> None:
+                     counters: torch.Tensor | None = None, prefetch=None) -> None:
     """q, o [B, H, D] (last dim contiguous); k_buf, v_buf [S, Hkv, D]; req_to_token [R, L];
     req_pool_indices, seq_lens [B]; mid_o [B, H, splits, D] and mid_lse [B, H, splits] float32
     scratch, whose split count sets the grid (one split: stage 1 writes o, no merge). counters:
     int32 zeros, at least decode_counters(B, H, Hkv) of them, for the in-kernel merge of
-    cfg.merge_in_kernel (left zero); None: the separate merge kernel. Writes o; no host synchronisation. Every request needs seq_len >= 1."""
+    cfg.merge_in_kernel (left zero); None: the separate merge kernel. prefetch: (tensor, bytes) regions pulled
+    into the L2 by the kernel's programs (l2_prefetch; batch 1 on a CUDA GPU only). Writes o; no host
+    synchronisation. Every request needs seq_len >= 1."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_buf.shape[1]
     splits = mid_o.shape[2]
@@ -278,6 +288,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     pdl_on = pdl.mode(q.device, batch)
     if merge and counters.numel() < decode_counters(batch, num_heads, num_kv_heads):
         raise ValueError("decode_attention: too few merge counters for this batch")
+    l2pf = bool(prefetch) and batch == 1 and q.device.type == "cuda"
     _decode_partial_kernel[(batch, num_heads // heads, splits)](
         q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse, o,
         counters if merge else seq_lens, scaling * LOG2E, splits,
@@ -285,13 +296,14 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         o.stride(0), o.stride(1),
+        *l2_prefetch.launch_args(prefetch if l2pf else None, q),
         GROUP=group, HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_N=cfg.block_n, MIN_SPLIT=min_split,
         PRECISION=_precision(q.dtype), DIRECT=splits == 1, MERGE=merge,
         MAX_SPLITS=max(2, triton.next_power_of_2(splits)), PDL=pdl_on,
         # without PDL (Ampere, Orin, batch > 1) a CUDA GPU keeps the load order (the prefetch untimed there);
         # the CPU interpreter (no PDL) runs the prefetch order, for the tests
-        PREFETCH_KV=cfg.prefetch_kv and (bool(pdl_on) or q.device.type != "cuda"),
+        PREFETCH_KV=cfg.prefetch_kv and (bool(pdl_on) or q.device.type != "cuda"), L2PF=l2pf,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **pdl.launch_kwargs(pdl_on),
     )

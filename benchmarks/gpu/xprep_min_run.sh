@@ -16,7 +16,7 @@ timeout ${HT:-80} python3 benchmarks/gpu/h2_limits.py --variants ${H2L:-full,pre
     --out $OUT/h2_limits_prep_forms_$dev.json 2>&1 | grep -v -i warn | tail -12
 echo "($((SECONDS - t0)) s)"
 timeout ${VT:-110} python3 benchmarks/gpu/int4_variants.py $m --torchao-config int4wo-128 --batch-size 1 --input-len 1024 \
-    --output-len 64 --candidates none --ops-ab ${AB:-int4_xprep,int4_xprep_qkv,l2_prefetch,l2_prefetch@30} --out $OUT/int4_variants_bs1_xprep_$dev.json 2>&1 | grep -v -i warn | tail -14
+    --output-len 64 --candidates none --ops-ab ${AB:-int4_xprep,int4_xprep_qkv,l2_prefetch,l2_prefetch@30,int4_rope} --out $OUT/int4_variants_bs1_xprep_$dev.json 2>&1 | grep -v -i warn | tail -14
 echo "($((SECONDS - t0)) s)"
 timeout ${BT:-40} python3 -m edgelm.bench_one_batch $m --batch-size 1 --input-len 1024 --output-len 64 \
     --result-file $OUT/bench_one_batch_llama-3.1-8b_bf16_bs1_$dev.json 2>&1 | grep -v -i warn | tail -2

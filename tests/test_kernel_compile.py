@@ -212,31 +212,41 @@ from triton.compiler import ASTSource
 da = importlib.import_module("edgelm.layers.attention.triton_ops.decode_attention")
 ARGS = ["Q", "K_buf", "V_buf", "req_to_token", "req_pool_indices", "seq_lens", "Mid_O", "Mid_LSE", "Out", "Counter",
         "qk_scale", "num_splits", "stride_qb", "stride_qh", "stride_kbs", "stride_kbh", "stride_vbs", "stride_vbh",
-        "stride_r2t", "stride_mob", "stride_moh", "stride_mos", "stride_mlb", "stride_mlh", "stride_ob", "stride_oh"]
+        "stride_r2t", "stride_mob", "stride_moh", "stride_mos", "stride_mlb", "stride_mlh", "stride_ob", "stride_oh",
+        "PF0", "PF0_N", "PF1", "PF1_N"]
 TYPES = {"Q": "*bf16", "K_buf": "*bf16", "V_buf": "*bf16", "req_to_token": "*i32", "req_pool_indices": "*i64",
-         "seq_lens": "*i32", "Mid_O": "*fp32", "Mid_LSE": "*fp32", "Out": "*bf16", "Counter": "*i32", "qk_scale": "fp32"}
+         "seq_lens": "*i32", "Mid_O": "*fp32", "Mid_LSE": "*fp32", "Out": "*bf16", "Counter": "*i32", "qk_scale": "fp32",
+         "PF0": "*u8", "PF1": "*u8"}
 out = []
-for cap, prefetch in json.loads(sys.argv[1]):
+for cap, prefetch, l2pf in json.loads(sys.argv[1]):
     sig = {a: TYPES.get(a, "i32") for a in ARGS}
     const = dict(GROUP=4, HEADS=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_H=16, BLOCK_N=64, MIN_SPLIT=64, PRECISION="tf32",
-                 DIRECT=False, MERGE=False, MAX_SPLITS=16, PDL=2 if cap >= 90 else 0, PREFETCH_KV=prefetch)
+                 DIRECT=False, MERGE=False, MAX_SPLITS=16, PDL=2 if cap >= 90 else 0, PREFETCH_KV=prefetch,
+                 L2PF=l2pf)
     sig.update({k: "constexpr" for k in const})
     names = list(sig)
     src = ASTSource(fn=da._decode_partial_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
     ptx = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 4, "num_stages": 2}).asm["ptx"]
     wait = ptx.find("griddepcontrol.wait")
-    out.append({"wait": wait, "loads_before_wait": ptx[:wait].count("ld.global") if wait >= 0 else None})
+    out.append({"wait": wait, "loads_before_wait": ptx[:wait].count("ld.global") if wait >= 0 else None,
+                "l2_prefetches": ptx.count("prefetch.global.L2"), "first_l2_prefetch": ptx.find("prefetch.global.L2")})
 print("RESULT " + json.dumps(out))
 """
 
 
 def test_decode_attention_prefetch_kv_loads_before_the_wait():
     """DecodeConfig.prefetch_kv: compiled for Hopper with PDL, the split's first K/V block is loaded
-    before griddepcontrol.wait; without it nothing is; for Orin (no PDL) it compiles without a wait."""
-    hopper, hopper_off, orin = run_child(ATTN_CHILD, [[90, True], [90, False], [87, True]], skip_without_ptxas=True)
+    before griddepcontrol.wait; without it nothing is; for Orin (no PDL) it compiles without a wait.
+    L2PF (triton_ops "l2_prefetch"): the weights' L2 prefetches are in the PTX, on Hopper before the wait."""
+    hopper, hopper_off, orin, hopper_pf, orin_pf = run_child(
+        ATTN_CHILD, [[90, True, False], [90, False, False], [87, True, False], [90, True, True], [87, False, True]],
+        skip_without_ptxas=True)
     assert hopper["wait"] >= 0 and hopper["loads_before_wait"] > 0
     assert hopper_off["wait"] >= 0 and hopper_off["loads_before_wait"] == 0
     assert orin["wait"] == -1
+    assert hopper["l2_prefetches"] == orin["l2_prefetches"] == 0
+    assert hopper_pf["l2_prefetches"] >= 2 and 0 <= hopper_pf["first_l2_prefetch"] < hopper_pf["wait"]
+    assert orin_pf["l2_prefetches"] >= 2 and orin_pf["wait"] == -1
 
 
 PERSIST_CHILD = r"""
@@ -271,46 +281,3 @@ def test_gemv_h2_persistent_compiles_for_sm87_sm90():
     assert hopper["load_before_wait"] and hopper_late["load_before_wait"] and hopper["fma2"]
     assert orin["wait"] == -1 and orin["fma2"]
 
-
-L2PF_CHILD = r"""
-import importlib, inspect, json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-da = importlib.import_module("edgelm.layers.attention.triton_ops.decode_attention")
-
-names = [p for p in inspect.signature(da._decode_partial_kernel.fn).parameters]
-ptrs = {"Q": "*bf16", "K_buf": "*bf16", "V_buf": "*bf16", "req_to_token": "*i32", "req_pool_indices": "*i64",
-        "seq_lens": "*i32", "Mid_O": "*fp32", "Mid_LSE": "*fp32", "Out": "*bf16", "Counter": "*i32", "PF0": "*u8",
-        "PF1": "*u8"}
-out = []
-for cap, pdl in json.loads(sys.argv[1]):
-    const = dict(GROUP=4, HEADS=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_H=16, BLOCK_N=64, MIN_SPLIT=64, PRECISION="tf32",
-                 DIRECT=False, MERGE=False, MAX_SPLITS=16, PDL=pdl, PREFETCH_KV=bool(pdl), L2PF=True)
-    sig = {n: ptrs.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
-    sig.update({k: "constexpr" for k in const})
-    src = ASTSource(fn=da._decode_partial_kernel, signature=sig,
-                    constexprs={(names.index(k),): v for k, v in const.items()})
-    opts = {"num_warps": 4, "num_stages": 2}
-    if pdl:
-        opts["launch_pdl"] = True
-    ptx = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=opts).asm["ptx"]
-    lines = ptx.splitlines()
-    pf = [i for i, ln in enumerate(lines) if "prefetch.global.L2" in ln]
-    wait = next((i for i, ln in enumerate(lines) if "griddepcontrol.wait" in ln), None)
-    out.append({"prefetches": len(pf), "first_prefetch": pf[0] if pf else None, "wait": wait})
-print("RESULT " + json.dumps(out))
-"""
-
-
-def test_decode_attention_l2_prefetch_compiles():
-    """The decode attention with the L2 weight prefetch (triton_ops "l2_prefetch") compiles for Orin and for
-    Hopper with PDL; its prefetch instructions are in the PTX, on Hopper before the PDL wait."""
-    from edgelm.layers.triton_ops import pdl
-
-    cases = [[87, 0]] + ([[90, 1]] if pdl._TRITON_OK else [])
-    results = run_child(L2PF_CHILD, cases, skip_without_ptxas=True)
-    for (cap, pdl_on), r in zip(cases, results):
-        assert r["prefetches"] >= 2, (cap, r)  # the two regions' loops
-        if pdl_on:
-            assert r["wait"] is not None and r["first_prefetch"] < r["wait"], r

@@ -242,11 +242,12 @@ def test_fused_int4_layers_match_unfused(tiny_llama, graphs, op, monkeypatch):
 @pytest.mark.parametrize("graphs", [True, False])
 @pytest.mark.parametrize("op", ["int4_xprep", "int4_xprep_qkv"])
 def test_int4_xprep_matches_plain(tiny_llama, graphs, op, monkeypatch):
-    """int4wo-128 with the batch-1 GEMVs on prepared x (int4_xprep: the norms and SiLU·mul write it, o_proj's
-    own prep kernel; int4_xprep_qkv: qkv_proj's alone, from the input norm) against the plain GEMVs, both fed the same tokens and held against a third run that
-    dequantizes then multiplies (cuBLAS, float32 sums): the prepared-x logits at least about as close to it as
-    the plain GEMVs' (they differ from each other by more than bf16 rounding: the plain GEMV's products carry
-    bf16's 8 bits, the prepared x's 11), greedy tokens the same; the producers' prepared x is taken."""
+    """int4wo-128 with the batch-1 GEMVs on prepared x (int4_xprep: the norms and SiLU·mul write it, o_proj's own prep
+    kernel; int4_xprep_qkv: qkv_proj's alone, from the input norm) against the plain GEMVs, both fed the same tokens
+    and held against a third run that dequantizes then multiplies (cuBLAS, float32 sums): the prepared-x logits at
+    least about as close to it as the plain GEMVs' (they differ from each other by more than bf16 rounding: the
+    plain GEMV's products carry bf16's 8 bits, the prepared x's 11); greedy tokens the same except at near-ties
+    (plain's top two closer than the two runs' distances to the reference); the producers' prepared x is taken."""
     from edgelm.layers import triton_ops
     from edgelm.layers.triton_ops import xprep
     from edgelm.quantization import int4_kernels
@@ -273,7 +274,11 @@ def test_int4_xprep_matches_plain(tiny_llama, graphs, op, monkeypatch):
         err_x = max(float((x.float() - r.float()).abs().max()) for x, r in zip(logits_x, logits_r))
         err_p = max(float((p.float() - r.float()).abs().max()) for p, r in zip(logits_p, logits_r))
         assert err_x <= 1.25 * err_p + 2e-2, (err_x, err_p)
-        assert sum(a == b for a, b in zip(tokens_x[0], tokens_p[0])) >= 0.9 * len(tokens_p[0]), (tokens_x, tokens_p)
+        assert tokens_x[0][0] == tokens_p[0][0]  # prefill: not a batch-1 GEMV
+        for step, (a, b) in enumerate(zip(tokens_x[0][1:], tokens_p[0][1:])):  # decode steps
+            lp = logits_p[step].float().flatten()
+            # a different greedy token only where plain's top two are within both runs' distance to the reference
+            assert a == b or float(lp[b] - lp[a]) <= err_x + err_p, (step, a, b, float(lp[b] - lp[a]), err_x, err_p)
         assert any(hits), "no GEMV took its producer's prepared x"
     finally:
         triton_ops.set_enabled(",".join(sorted(old)) or "0")

@@ -12,11 +12,11 @@ dev=${DEV:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 &&
 echo "DEV=$dev"; t0=$SECONDS
 m="--model-path llama-3.1-8b --load-format dummy --dtype bfloat16"
 OPS=${OPS:-int4_xprep,int4_rope}
-if [[ ,$OPS, == *,int4_xprep,* ]]; then  # its GPU tests first
+if [[ ,$OPS, == *,int4_xprep* ]]; then  # int4_xprep / int4_xprep_qkv: their GPU tests first
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_int4_xprep.py \
         tests/test_cuda_graph.py::test_int4_xprep_matches_plain 2>&1 | tee $OUT/gpu_tests_int4_xprep.txt | tail -3
     # a failing test keeps it out of the int4 table (still timed in the A/B: the numbers say what it would give)
-    grep -q "failed\|error" $OUT/gpu_tests_int4_xprep.txt && NOT_OK=int4_xprep
+    grep -q "failed\|error" $OUT/gpu_tests_int4_xprep.txt && NOT_OK="int4_xprep int4_xprep_qkv"
     echo "OPS=$OPS not for the table: ${NOT_OK:-none} ($((SECONDS - t0)) s)"
 fi
 if [ -n "${H2L:-}" ]; then  # the batch-1 GEMVs alone (h2_limits.py variants), before the whole-step timings
@@ -38,14 +38,18 @@ try:
 except (OSError, KeyError, ValueError):
     rs = []
 base = [r["itl_us"] for r in rs if r.get("label") == "shipped (A/B baseline)"]
-on = set(t.DEFAULT_ON)
+won = {}
 for op in sys.argv[2].split(","):
     if op in sys.argv[3:]:
         continue
     runs = [r["itl_us"] for r in rs if r.get("ops_added") == op]
     if base and len(runs) == 2 and max(runs) < min(base):
-        on.add(op)
-print(",".join(sorted(on)))
+        won[op] = sum(runs) / 2
+# switches that change the same GEMV (qkv_proj: its rotary epilogue or x prepared): the faster one alone
+for pair in (("int4_rope", "int4_xprep_qkv"), ("int4_xprep", "int4_xprep_qkv")):
+    if all(op in won for op in pair):
+        del won[max(pair, key=won.get)]
+print(",".join(sorted(set(t.DEFAULT_ON) | set(won))))
 PY
 )
 echo "triton ops for the int4 table: $ops"

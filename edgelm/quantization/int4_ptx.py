@@ -16,14 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
+from edgelm.layers import triton_ops
 from edgelm.layers.triton_ops import pdl, xprep
 from edgelm.layers.triton_ops.pdl import release_late, wait_and_release
 from edgelm.layers.triton_ops.scratch import scratch
 from edgelm.quantization.int4_pack import WORDS_PER_BLOCK, Int4Weight
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# how the PREP gemv_h2 (triton_ops "int4_xprep") loads its x pairs: _h2_tile_dot_prep's FORM (1 or 2)
-PREP_FORM = int(os.environ.get("EDGELM_INT4_PREP_FORM", "2"))
+# how the PREP gemv_h2 loads its x pairs: _h2_tile_dot_prep's FORM (1 or 2); unset: 2 under triton_ops "int4_xprep"
+# (every shape; form 2 measured faster than 1 on all but qkv), 1 under "int4_xprep_qkv" (qkv: 6.6 against 9.0 us)
+PREP_FORM = int(os.environ.get("EDGELM_INT4_PREP_FORM", "0")) or None
 
 
 @triton.jit
@@ -472,7 +474,7 @@ def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
             **pdl.launch_kwargs(pdl_on))
         return y
     bufs = xprep.for_gemv(x)
-    prep = PREP_FORM if bufs else 0
+    prep = (PREP_FORM or (2 if triton_ops.enabled("int4_xprep") else 1)) if bufs else 0
     xp, xs, xd = bufs or (x, y, y)
     _gemv_h2_kernel[(tiles, split_k)](
         xp, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,

@@ -33,15 +33,18 @@ ALL_OPS = ("rmsnorm", "add_rmsnorm", "silu_and_mul", "rotary", "gemv", "argmax",
 # costs ~2.1 SASS instructions a weight instead of ~3.6-3.9; "int4_xprep_qkv": only qkv_proj's GEMV on x
 # prepared (by the input norm; the one shape where the prepared GEMV measured faster than the plain one);
 # "l2_prefetch": the batch-1 Triton decode attention prefetches o_proj's and the start of gate_up_proj's
-# weights into the L2 (triton_ops.l2_prefetch), off until timed
+# weights into the L2 (triton_ops.l2_prefetch)
 # "fused_decode" is off: on the H100 its prologues made the GEMVs slower than the kernels they
 # replace saved (graph step 6042 vs 5918 us, Llama-3.1-8B shape bs1, benchmarks/gpu/dev_check.sh).
 # "attn_merge" is off: on an H200 the attention launch with the merge inside took 11.2 us a layer
 # against 5.0 + 2.9 us for the two launches (benchmarks/results/decode_profile_*_h200.json).
 # "fused_int4" is off: on the H100 the step took 2.63-2.66 ms with it against 2.58 without
-# (benchmarks/results/int4_variants_bs1_fused_h100.json). "int4_rope" and "int4_xprep" are off until timed on a GPU.
-DEFAULT_ON = frozenset(ALL_OPS) - {"fused_decode", "attn_merge", "fused_int4", "int4_rope", "int4_xprep",
-                                       "int4_xprep_qkv", "l2_prefetch"}
+# (benchmarks/results/int4_variants_bs1_fused_h100.json). "int4_rope" is on: in two H100 calls each of its four
+# runs beat every baseline of the A/B (2524-2547 us against 2550-2561; results/ablations/xprep/). Off, measured
+# slower or even on the H100 (2026-12-07, the same files): "int4_xprep" (form 1: 2.82 ms against 2.55; form 2:
+# 2.61-2.62 against 2.56), "int4_xprep_qkv" (2.556 / 2.556 against 2.550-2.557), "l2_prefetch" (2.58-2.59 against 2.56).
+DEFAULT_ON = frozenset(ALL_OPS) - {"fused_decode", "attn_merge", "fused_int4", "int4_xprep", "int4_xprep_qkv",
+                                   "l2_prefetch"}
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 

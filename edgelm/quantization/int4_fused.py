@@ -1,7 +1,7 @@
 """The fused forms of the int4 GEMV `gemv_h2` (int4_ptx._gemv_h2_kernel's NORM and EPILOGUE) that the
 batch-1 int4 decoder layer of edgelm.models.llama launches: RMSNorm on the way in; the residual add,
 SiLU·mul over gate ‖ up, or the rotary + KV-pool write on the way out. Switched by triton_ops
-"fused_int4" (the whole layer) and "int4_rope" (only the rotary + KV write), both off by default."""
+"fused_int4" (the whole layer; off by default) and "int4_rope" (only the rotary + KV write; on)."""
 
 from __future__ import annotations
 

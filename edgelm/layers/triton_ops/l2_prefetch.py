@@ -5,8 +5,8 @@ microseconds and read little from memory (K/V, a few MB at 1k context). Each pro
 kernel issues `prefetch.global.L2` for its share of the next weights (o_proj's, then the start of
 gate_up's, up to a byte budget), so that those GEMVs find part of their bytes in the L2 instead of DRAM.
 
-The targets are set once after load (`mark_l2_prefetch`) on each layer's RadixAttention as `l2_prefetch`:
-up to two (tensor, bytes) regions. The budget defaults to a third of the GPU's L2 (EDGELM_L2_PREFETCH_MB
+The targets are set once at load, where the switch is on (`mark_l2_prefetch`), on each layer's
+RadixAttention as `l2_prefetch`: up to two (tensor, bytes) regions. The budget defaults to a third of the GPU's L2 (EDGELM_L2_PREFETCH_MB
 overrides); a GPU with a small L2 (Orin: 4 MB) prefetches little, which costs a few instructions a thread.
 """
 
@@ -24,19 +24,18 @@ LINE = 128  # bytes an L2 prefetch brings in
 
 
 @triton.jit
-def prefetch_region(base_ptr, nbytes, part, parts, USE_ASM: tl.constexpr, BLOCK: tl.constexpr):
+def prefetch_region(base_ptr, nbytes, part, parts, BLOCK: tl.constexpr):
     """Prefetch into the L2 the lines of base_ptr's first nbytes (a byte pointer) that belong to `part` of
-    `parts` equal shares. No-op without USE_ASM (the CPU interpreter)."""
-    if USE_ASM:
-        lines = tl.cdiv(nbytes, 128)
-        per = tl.cdiv(lines, parts)
-        first = part * per
-        last = tl.minimum(first + per, lines)
-        for l0 in range(first, last, BLOCK):
-            offs = l0 + tl.arange(0, BLOCK)
-            ptrs = base_ptr + tl.minimum(offs, last - 1).to(tl.int64) * 128  # past the share: its last line again
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                      is_pure=False, pack=1)
+    `parts` equal shares (inline PTX: CUDA GPUs only, never launched under the interpreter)."""
+    lines = tl.cdiv(nbytes, 128)
+    per = tl.cdiv(lines, parts)
+    first = part * per
+    last = tl.minimum(first + per, lines)
+    for l0 in range(first, last, BLOCK):
+        offs = l0 + tl.arange(0, BLOCK)
+        ptrs = base_ptr + tl.minimum(offs, last - 1).to(tl.int64) * 128  # past the share: its last line again
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
 
 def budget_bytes(device: torch.device) -> int:
@@ -68,7 +67,9 @@ def mark_l2_prefetch(model: torch.nn.Module, budget: int | None = None) -> int:
         regions = _weight_regions(getattr(attn, "o_proj", None)) + _weight_regions(getattr(mlp, "gate_up_proj", None))
         if not regions:
             continue
-        left = budget if budget is not None else budget_bytes(regions[0].device)
+        if budget is None:  # once, from the first layer's device
+            budget = budget_bytes(regions[0].device)
+        left = budget
         targets = []
         for t in regions:
             nbytes = min(t.numel() * t.element_size(), left) // LINE * LINE

@@ -144,8 +144,8 @@ def _decode_partial_kernel(
     if L2PF:
         part = tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
         parts = tl.num_programs(1) * tl.num_programs(2)
-        l2_prefetch.prefetch_region(PF0, PF0_N, part, parts, True, 256)
-        l2_prefetch.prefetch_region(PF1, PF1_N, part, parts, True, 256)
+        l2_prefetch.prefetch_region(PF0, PF0_N, part, parts, 256)
+        l2_prefetch.prefetch_region(PF1, PF1_N, part, parts, 256)
     b = tl.program_id(0)
     head0 = tl.program_id(1) * HEADS
     split = tl.program_id(2)

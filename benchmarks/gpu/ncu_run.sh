@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Nsight Compute reports of the batch-1 GEMVs (int4 gemv_h2 and bf16 skinny GEMM, Llama-3.1-8B shapes):
+# the "details" page of each (CSV) and the int4 kernels' per-SASS-instruction stall samples ("source" page),
+# tarred into $OUT/ncu_gemv.tar.gz. Run on the device from the repo root with OUT set:
+#     bash benchmarks/gpu/ncu_run.sh
+set -u
+dir=/tmp/ncu; mkdir -p $dir
+ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+echo "ncu: $ncu_bin" > $dir/info.txt; $ncu_bin --version >> $dir/info.txt 2>&1
+for shape in ${SHAPES_NCU:-qkv_proj o_proj gate_up_proj down_proj}; do
+  for dt in ${DTYPES_NCU:-int4 bf16}; do
+    rep=$dir/${dt}_${shape}
+    timeout 120 $ncu_bin --clock-control none --set full --import-source no -k 'regex:gemv_h2|skinny' \
+      --launch-skip 4 --launch-count 1 -f -o $rep python3 benchmarks/gpu/ncu_gemv.py --shape $shape --dtype $dt \
+      > $rep.log 2>&1
+    $ncu_bin -i $rep.ncu-rep --page details --csv > $rep.details.csv 2>> $rep.log
+    if [ $dt = int4 ]; then
+      $ncu_bin -i $rep.ncu-rep --page source --csv --print-source sass > $rep.source.csv 2>> $rep.log
+    fi
+  done
+done
+tar -czf $OUT/ncu_gemv.tar.gz -C $dir .

@@ -74,7 +74,8 @@ def _check_gemv_h2_rope(heads, kv_heads, head_dim, k, config, dtype, device, nor
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 @pytest.mark.parametrize("heads,kv_heads,head_dim,config,dtype,norm", [(3, 1, 16, (8, 2, 1, 4), torch.bfloat16, True),
                                                                        (2, 1, 12, (16, 2, 1, 4, 2), torch.float16, True),
-                                                                       (3, 1, 16, (8, 2, 1, 4, 1), torch.float16, False)])
+                                                                       (3, 1, 16, (8, 2, 1, 4, 1), torch.float16, False),
+                                                                       (3, 1, 16, (8, 2, 1, 4, 4), torch.bfloat16, True)])
 def test_gemv_h2_rope_small(heads, kv_heads, head_dim, config, dtype, norm):
     """The fused qkv_proj's rotary + KV-write epilogue (plain-op path): pairs of a head across row
     tiles, a tile past the last pair, head_dim / 2 not a power of two, with and without the norm."""
@@ -84,7 +85,8 @@ def test_gemv_h2_rope_small(heads, kv_heads, head_dim, config, dtype, norm):
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 @pytest.mark.parametrize("group,n,k,config,dtype", [(128, 40, 300, (8, 2, 1, 4), torch.bfloat16),
                                                     (128, 44, 2200, (8, 4, 1, 4, 2), torch.float16),
-                                                    (256, 40, 1000, (16, 2, 1, 4, 1), torch.bfloat16)])
+                                                    (256, 40, 1000, (16, 2, 1, 4, 1), torch.bfloat16),
+                                                    (128, 44, 2200, (8, 4, 1, 4, 3), torch.bfloat16)])
 def test_gemv_h2_fused_small(group, n, k, config, dtype):
     """The fused decoder layer's int4 GEMV (its plain-op path here): row tiles past N, K not a
     multiple of the tile, each weight-prefetch mode."""
@@ -101,7 +103,8 @@ def test_gemv_h2_rope_gpu(dtype, norm):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,config", [(6144, 4096, (8, 16, 1, 4, 2)), (4096, 4096, (8, 16, 1, 4, 1, 1)),
-                                        (28672, 4096, (16, 8, 1, 4)), (4096, 14336, (8, 16, 1, 4, 1))])
+                                        (28672, 4096, (16, 8, 1, 4)), (4096, 14336, (8, 16, 1, 4, 1)),
+                                        (6144, 4096, (8, 16, 1, 4, 4)), (4096, 14336, (8, 16, 1, 4, 3))])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gemv_h2_fused_gpu(n, k, config, dtype):
     """gemv_h2_fused's inline-PTX path on the Llama-3.1-8B shapes and shipped configs."""

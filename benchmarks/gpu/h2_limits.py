@@ -11,6 +11,7 @@ faster than "full", its loads are what it waits for. Results are timings only (t
 - "prep": the GEMV on prepared x (triton_ops "int4_xprep"), each call its x_prep kernel then the GEMV;
 - "prep_gemv": the same GEMV with x prepared once, outside the timed calls (what it costs without the prep);
   "prep@1" / "prep_gemv@1": the same with the pairs loaded in the words' shape (int4_ptx.PREP_FORM 1);
+- "pf@N": the shipped config with PREFETCH mode N (int4_ptx: 3 / 4 load x a tile ahead as well);
 - "l2hot": the shipped kernel on one weight copy every call (in the L2 where it fits: qkv, o): what a GEMV
   whose weights were prefetched into the L2 beforehand could take.
 
@@ -37,7 +38,7 @@ def _ptx(variant: str) -> str | None:
     """The replacement for int4_ptx._DOT_PAIRS_BF16 (None: keep it)."""
     from edgelm.quantization import int4_ptx
 
-    if variant in ("full", "l2hot") or variant.startswith("prep"):
+    if variant in ("full", "l2hot") or variant.startswith(("prep", "pf@")):
         return None
     if variant == "no_alu":
         return "\n".join(["{", ".reg .b32 t;", "xor.b32 t, $1, $2;", "and.b32 $0, t, 0x3F803F80;", "}"])
@@ -76,6 +77,9 @@ def child(variant: str) -> list[dict]:
             ws = [ws[0]] * len(ws)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         kernel, config = kern.choose_kernel(1, ws[0])
+        if variant.startswith("pf@"):  # the shipped config with its PREFETCH mode (config[4]) replaced
+            config = tuple(list(config) + [0] * (5 - len(config)))
+            config = config[:4] + (int(variant[3:]),) + config[5:]
         if variant.startswith("prep_gemv"):  # x prepared once; every timed call reads the same buffers
             prepared = tuple(t.clone() for t in real_prep(x))
             xprep.x_prep = lambda _x, p=prepared: p
@@ -91,7 +95,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out")
     ap.add_argument("--child")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ", ".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma-separated, of " + ", ".join(VARIANTS) + ", pf@N")
     args = ap.parse_args()
     if args.child:
         print("ROWS " + json.dumps(child(args.child)), flush=True)

@@ -32,13 +32,15 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), required=True)
     ap.add_argument("--dtype", choices=("int4", "bf16"), default="int4")
     ap.add_argument("--calls", type=int, default=6)
+    ap.add_argument("--config", help="int4: a gemv_h2 config instead of the dispatched one, e.g. 16,8,1,4,4")
     args = ap.parse_args()
     n, k = SHAPES[args.shape]
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     if args.dtype == "int4":
         q = quantize_int4(w, 128, "minmax", meta_precision=torch.bfloat16)
-        kernel, config = kern.choose_kernel(1, q)
+        kernel, config = ("gemv_h2", tuple(int(v) for v in args.config.split(","))) if args.config else \
+            kern.choose_kernel(1, q)
         print(f"{args.shape}: {kernel} {config}")
         for _ in range(args.calls):
             kern.KERNELS[kernel](x, q, None, config)

@@ -93,12 +93,26 @@ _PAIR_ASM = tl.constexpr("mov.b32 $0, {$1, $2};")
 
 
 @triton.jit
-def _x_pair(x_ptr, k_lo, K, nw_ptr, rstd, BITS: tl.constexpr, NORM: tl.constexpr):
-    """x[k_lo] and x[k_lo + 64] (0 past K: blocks past the last one included) and their float32 sum.
-    BITS: the pair as one int32 holding the two 16-bit values (for the PTX); else as two float32.
-    NORM: RMSNorm applied, (x·rstd)·nw rounded back to 16 bits as the RMSNorm kernel rounds it."""
-    lo = tl.load(x_ptr + k_lo, mask=k_lo < K, other=0.0)
-    hi = tl.load(x_ptr + k_lo + 64, mask=k_lo + 64 < K, other=0.0)
+def _x_raw(x_ptr, K, b):
+    """The x a tile of blocks b ([BLOCK_B]) multiplies, as loaded: x[128·b + 16j + i] and x[128·b + 64 + 16j + i]
+    for j = 0..3, eight [BLOCK_B, 16] tensors (lo_j, hi_j; 0 past K: blocks past the last one included)."""
+    k0 = (b * 128)[:, None] + tl.arange(0, 16)[None, :]
+    l0 = tl.load(x_ptr + k0, mask=k0 < K, other=0.0)
+    h0 = tl.load(x_ptr + k0 + 64, mask=k0 + 64 < K, other=0.0)
+    l1 = tl.load(x_ptr + k0 + 16, mask=k0 + 16 < K, other=0.0)
+    h1 = tl.load(x_ptr + k0 + 80, mask=k0 + 80 < K, other=0.0)
+    l2 = tl.load(x_ptr + k0 + 32, mask=k0 + 32 < K, other=0.0)
+    h2 = tl.load(x_ptr + k0 + 96, mask=k0 + 96 < K, other=0.0)
+    l3 = tl.load(x_ptr + k0 + 48, mask=k0 + 48 < K, other=0.0)
+    h3 = tl.load(x_ptr + k0 + 112, mask=k0 + 112 < K, other=0.0)
+    return l0, h0, l1, h1, l2, h2, l3, h3
+
+
+@triton.jit
+def _x_pair(lo, hi, k_lo, K, nw_ptr, rstd, BITS: tl.constexpr, NORM: tl.constexpr):
+    """x[k_lo] and x[k_lo + 64] as loaded by _x_raw → the pair and its float32 sum. BITS: the pair as one
+    int32 holding the two 16-bit values (for the PTX); else as two float32. NORM: RMSNorm applied,
+    (x·rstd)·nw rounded back to 16 bits as the RMSNorm kernel rounds it."""
     if NORM:
         lo = ((lo.to(tl.float32) * rstd) * tl.load(nw_ptr + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)
               ).to(lo.dtype)
@@ -242,16 +256,23 @@ def _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16: tl.constexpr, USE_ASM
     if PREP:
         out = _h2_tile_dot_prep(x_ptr, xs_ptr, xd_ptr, b, b_end, words, sc, off, USE_ASM, PREP)
     else:
-        ri = tl.arange(0, 16)
-        k0 = (b * 128)[:, None] + ri[None, :]  # [BLOCK_B, 16]: input 128·b + i, then + 16·j
-        p0, x0 = _x_pair(x_ptr, k0, K, nw_ptr, rstd, USE_ASM, NORM)
-        p1, x1 = _x_pair(x_ptr, k0 + 16, K, nw_ptr, rstd, USE_ASM, NORM)
-        p2, x2 = _x_pair(x_ptr, k0 + 32, K, nw_ptr, rstd, USE_ASM, NORM)
-        p3, x3 = _x_pair(x_ptr, k0 + 48, K, nw_ptr, rstd, USE_ASM, NORM)
-        xsum = tl.sum(x0 + x1 + x2 + x3, axis=1)  # [BLOCK_B]: Σ x over each block
-        qx = tl.sum(_word_dot(words, p0, p1, p2, p3, BF16, USE_ASM), axis=2)
-        out = sc.to(tl.float32) * qx + off.to(tl.float32) * tl.where(b < b_end, xsum, 0.0)[None, :]
+        l0, h0, l1, h1, l2, h2, l3, h3 = _x_raw(x_ptr, K, b)
+        out = _h2_dot_x(l0, h0, l1, h1, l2, h2, l3, h3, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM)
     return out
+
+
+@triton.jit
+def _h2_dot_x(l0, h0, l1, h1, l2, h2, l3, h3, K, b, b_end, words, sc, off, BF16: tl.constexpr, USE_ASM: tl.constexpr,
+              nw_ptr, rstd, NORM: tl.constexpr):
+    """_h2_tile_dot's plain form on x already loaded (_x_raw of blocks b)."""
+    k0 = (b * 128)[:, None] + tl.arange(0, 16)[None, :]  # [BLOCK_B, 16]: input 128·b + i, then + 16·j
+    p0, x0 = _x_pair(l0, h0, k0, K, nw_ptr, rstd, USE_ASM, NORM)
+    p1, x1 = _x_pair(l1, h1, k0 + 16, K, nw_ptr, rstd, USE_ASM, NORM)
+    p2, x2 = _x_pair(l2, h2, k0 + 32, K, nw_ptr, rstd, USE_ASM, NORM)
+    p3, x3 = _x_pair(l3, h3, k0 + 48, K, nw_ptr, rstd, USE_ASM, NORM)
+    xsum = tl.sum(x0 + x1 + x2 + x3, axis=1)  # [BLOCK_B]: Σ x over each block
+    qx = tl.sum(_word_dot(words, p0, p1, p2, p3, BF16, USE_ASM), axis=2)
+    return sc.to(tl.float32) * qx + off.to(tl.float32) * tl.where(b < b_end, xsum, 0.0)[None, :]
 
 
 @triton.jit
@@ -288,6 +309,8 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
     (weights never depend on the previous kernel): the stream of weight bytes starts while the
     previous kernel finishes, and twice the bytes are in flight per program (and twice the registers).
     PREFETCH 2: only the first tile is loaded before the wait; no more registers than without.
+    PREFETCH 3 / 4: 1 / 2, and x one tile ahead too (its loads, L2 hits queued behind the weights', were
+    where the warps stalled most: Nsight Compute, benchmarks/gpu/ncu_run.sh); with PREP, 1 / 2.
     PDL 3 (triton_ops.pdl): the next kernel may launch only once this program's loads are done.
 
     The fused batch-1 decoder layer (SPLIT_K 1; int4_fused, edgelm.models.llama): NORM: x is the
@@ -323,7 +346,23 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
     b_end = tl.minimum(KW // 16, b_start + blocks_per_split)
     w_rows = qw_ptr + rn[:, None, None] * KW + ri[None, None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
-    if PREFETCH == 2:
+    if PREFETCH >= 3 and PREP == 0:  # x one tile ahead as well
+        words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b_start + rb, b_end, GROUP)
+        rstd = _wait_then_rstd(x_ptr, K, eps, PDL, NORM)
+        l0, h0, l1, h1, l2, h2, l3, h3 = _x_raw(x_ptr, K, b_start + rb)
+        for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
+            b = b0 + rb
+            if PREFETCH == 3:
+                words_next, sc_next, off_next = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b + BLOCK_B, b_end, GROUP)
+            n0, m0, n1, m1, n2, m2, n3, m3 = _x_raw(x_ptr, K, b + BLOCK_B)
+            acc += _h2_dot_x(l0, h0, l1, h1, l2, h2, l3, h3, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd,
+                             NORM)
+            l0, h0, l1, h1, l2, h2, l3, h3 = n0, m0, n1, m1, n2, m2, n3, m3
+            if PREFETCH == 3:
+                words, sc, off = words_next, sc_next, off_next
+            else:
+                words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b + BLOCK_B, b_end, GROUP)
+    elif PREFETCH == 2 or PREFETCH == 4:
         words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b_start + rb, b_end, GROUP)
         rstd = _wait_then_rstd(x_ptr, K, eps, PDL, NORM)
         acc += _h2_tile_dot(x_ptr, K, b_start + rb, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM, xs_ptr, xd_ptr, PREP)
@@ -331,7 +370,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
             b = b0 + rb
             words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP)
             acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM, xs_ptr, xd_ptr, PREP)
-    elif PREFETCH == 1:
+    elif PREFETCH == 1 or PREFETCH == 3:
         words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b_start + rb, b_end, GROUP)
         rstd = _wait_then_rstd(x_ptr, K, eps, PDL, NORM)  # triton_ops.pdl: launched while the previous kernel finishes
         for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
@@ -432,7 +471,7 @@ def split_tiles(total: int, split: int) -> tuple[int, int]:
 
 
 class H2Launch(NamedTuple):
-    """A gemv_h2 config (BLOCK_N, BLOCK_B, SPLIT_K, num_warps[, PREFETCH 0/1/2[, LATE[, PERSIST]]]) resolved
+    """A gemv_h2 config (BLOCK_N, BLOCK_B, SPLIT_K, num_warps[, PREFETCH 0-4[, LATE[, PERSIST]]]) resolved
     for a weight and device: the split K actually run, the 128-input blocks a split covers, the PDL mode."""
     block_n: int
     block_b: int

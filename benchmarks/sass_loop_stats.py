@@ -29,7 +29,7 @@ H2_ARGS = [a for a in TC_ARGS if a not in ("M", "stride_xm", "stride_ym")] + [
     "nw_ptr", "eps", "pos_ptr", "cs_ptr", "k_buf_ptr", "v_buf_ptr", "slot_ptr", "q_size", "kv_size", "xs_ptr", "xd_ptr"]
 TYPES = {"qw_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "eps": "fp32",
          "pos_ptr": "*i64", "cs_ptr": "*fp32", "slot_ptr": "*i64", "xs_ptr": "*fp32", "xd_ptr": "*fp32"}
-H2_PLAIN = {"NORM": False, "EPILOGUE": 0, "HALF": 1, "PREP": 0}  # gemv_h2 itself, not a fused form
+H2_PLAIN = {"NORM": False, "EPILOGUE": 0, "HALF": 1, "PREP": 0, "META": 0}  # gemv_h2 itself, not a fused form
 _LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)")
 _BRANCH = re.compile(r"BRA\b.*?0x([0-9a-f]+)")
 

@@ -117,7 +117,8 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
             for name, b in m.named_buffers(recurse=False):
                 if on_cpu and name in ("qweight", "scales", "offsets"):
                     continue
-                if b is not None and name != "dense_weight" and id(b) not in seen:
+                # meta: scales and offsets again, paired (int4_meta_pairs): a step reads one form or the other
+                if b is not None and name not in ("dense_weight", "meta") and id(b) not in seen:
                     seen.add(id(b))
                     total += tensor_bytes(b)
     return total

@@ -313,6 +313,33 @@ def test_l2_prefetch_changes_nothing(tiny_llama, quant):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_int4_meta_pairs_changes_nothing(tiny_llama, dtype):
+    """triton_ops "int4_meta_pairs": every CUDA int4 linear gets its paired scales/offsets at load, and graph
+    decode (qkv_proj's rotary epilogue included) gives the same tokens and bit-identical logits as without."""
+    from edgelm.layers import triton_ops
+
+    pytest.importorskip("triton")
+    base = ",".join(sorted(triton_ops.DEFAULT_ON))
+    old = triton_ops.set_enabled(base + ",int4_meta_pairs")
+    try:
+        paired = _runner(tiny_llama, "triton", dtype, torchao_config="int4wo-128")
+        qkv = paired.model.model.layers[0].self_attn.qkv_proj
+        assert qkv.meta is not None and qkv.meta.shape == qkv.scales.shape
+        triton_ops.set_enabled(base)
+        plain = _runner(tiny_llama, "triton", dtype, torchao_config="int4wo-128")
+        assert plain.model.model.layers[0].self_attn.qkv_proj.meta is None
+        prompt = torch.randint(0, 512, (13,), generator=torch.Generator().manual_seed(7)).tolist()
+        tokens_p, logits_p = _greedy(plain, [prompt], 8)
+        triton_ops.set_enabled(base + ",int4_meta_pairs")
+        tokens_x, logits_x = _greedy(paired, [prompt], 8, forced=tokens_p)
+        assert tokens_x == tokens_p
+        assert all(torch.equal(a, b) for a, b in zip(logits_x, logits_p))
+    finally:
+        triton_ops.set_enabled(",".join(sorted(old)) or "0")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("quant", ["int4wo-128", "gptq-act-order"])
 def test_int4_model_graph_decode_matches_eager(tiny_llama, quant, tmp_path):
     """The int4 layers inside captured graphs: --torchao-config int4wo-128 (quantized while loading)

@@ -272,6 +272,54 @@ def test_int4_linear_gpu(n, k, group):
         assert rel_err(y, reference(x, w, bias if m % 2 else None)) < 1e-2, m
 
 
+def _check_meta_pairs(n, k, config, dtype, meta, device):
+    """gemv_h2 reading Int4Weight.meta (triton_ops "int4_meta_pairs") gives the very numbers it gives from the
+    scales and offsets, and matches the reference."""
+    from edgelm.layers import triton_ops
+    from edgelm.quantization import int4_kernels as kern
+    from edgelm.quantization.int4_pack import meta_pairs
+
+    w = _random_int4(n, k, 128, device, meta=meta)
+    x = torch.randn(1, k, device=device).to(dtype)
+    bias = torch.randn(n, device=device).to(dtype)
+    plain = kern.gemv_h2(x, w, bias, config)
+    w.meta = meta_pairs(w.scales, w.offsets)
+    assert w.meta.dtype == torch.int32 and w.meta.shape == w.scales.shape
+    old = triton_ops.set_enabled(",".join(sorted(triton_ops.DEFAULT_ON | {"int4_meta_pairs"})))
+    try:
+        paired = kern.gemv_h2(x, w, bias, config)
+    finally:
+        triton_ops.set_enabled(",".join(sorted(old)) or "0")
+    assert torch.equal(paired, plain)
+    assert rel_err(paired, reference(x, w, bias)) < 1e-2
+
+
+def test_meta_pairs_layout():
+    """meta_pairs: each group's scale bits low, offset bits high."""
+    from edgelm.quantization.int4_pack import meta_pairs
+
+    s = torch.tensor([[1.5, -2.0]], dtype=torch.float16)
+    m = torch.tensor([[-0.25, 3.0]], dtype=torch.float16)
+    got = meta_pairs(s, m)
+    assert torch.equal((got & 0xFFFF).to(torch.int16).view(torch.float16), s)
+    assert torch.equal((got >> 16).to(torch.int16).view(torch.float16), m)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("config,dtype,meta", [((8, 2, 1, 4), torch.bfloat16, torch.float16),
+                                               ((16, 4, 2, 4, 3), torch.float16, torch.float16),
+                                               ((8, 2, 1, 4, 4), torch.bfloat16, torch.bfloat16)])
+def test_gemv_h2_meta_pairs_small(config, dtype, meta):
+    _check_meta_pairs(40, 1000, config, dtype, meta, DEVICE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [(8, 16, 1, 4, 1), (16, 8, 1, 4), (8, 16, 1, 4, 3), (8, 16, 2, 4, 2)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv_h2_meta_pairs_gpu(config, dtype):
+    _check_meta_pairs(4096, 14336, config, dtype, dtype, "cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel,config", [("gemv_unit", (16, 8, 2, 4, 1)), ("gemv_unit", (32, 2, 1, 8, 0)),
                                            ("gemv_h2", (8, 4, 1, 4)), ("gemv_h2", (16, 4, 2, 8)),

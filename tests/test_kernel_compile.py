@@ -44,7 +44,10 @@ CASES = [  # (capability, WEIGHTS, bf16, BLOCK_N, SPLIT_K[, ONE_ROW])
 ]
 # gemv_h2: (capability, bf16, SPLIT_K, PREFETCH[, PDL 3: release late])
 H2_CASES = [(87, False, 1, 0), (90, True, 4, 0), (80, True, 1, 0), (90, True, 1, 1), (87, True, 2, 1), (90, True, 1, 2),
-            (90, False, 2, 2), (87, True, 1, 2), (90, True, 1, 2, 3)]
+            (90, False, 2, 2), (87, True, 1, 2), (90, True, 1, 2, 3), (87, True, 1, 3), (90, True, 1, 3), (90, False, 2, 4),
+            (87, False, 1, 4)]
+# gemv_h2 reading Int4Weight.meta (int4_meta_pairs; s_ptr = m_ptr int32): (capability, bf16, PREFETCH, META)
+H2_META_CASES = [(87, True, 3, 2), (90, True, 3, 1), (90, False, 2, 2), (80, True, 0, 1)]
 # gemv_h2 on prepared x (PREP; the prep kernel and the PREP norm and SiLU·mul compiled too):
 # (capability, bf16, SPLIT_K, PREFETCH, PREP form)
 H2_PREP_CASES = [(87, False, 1, 0, 2), (87, True, 2, 1, 1), (80, True, 1, 0, 2), (90, True, 1, 2, 1), (90, False, 4, 1, 2),
@@ -98,16 +101,18 @@ for cap, weights, bf16, block_n, split_k, *one_row in json.loads(sys.argv[1]):
 for cap, bf16, split_k, prefetch, *pdl_mode in json.loads(sys.argv[2]):  # the packed-16-bit GEMV
     const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
              "USE_ASM": True, "PDL": pdl_mode[0] if pdl_mode else int(cap >= 90), "PREFETCH": prefetch,
-             "NORM": False, "EPILOGUE": 0, "HALF": 1, "PREP": 0}
+             "NORM": False, "EPILOGUE": 0, "HALF": 1, "PREP": 0,
+             "META": 0}
     out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False))
 for cap, bf16, prefetch, norm, epilogue in json.loads(sys.argv[3]):  # its fused forms
     const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": 1, "HAS_BIAS": True, "BF16": bf16, "USE_ASM": True,
-             "PDL": int(cap >= 90), "PREFETCH": prefetch, "NORM": norm, "EPILOGUE": epilogue, "HALF": 64, "PREP": 0}
+             "PDL": int(cap >= 90), "PREFETCH": prefetch, "NORM": norm, "EPILOGUE": epilogue, "HALF": 64, "PREP": 0,
+             "META": 0}
     out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False))
 for cap, bf16, split_k, prefetch, form in json.loads(sys.argv[4]):  # on prepared x (int4_xprep), then the prep kernel
     const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
              "USE_ASM": True, "PDL": int(cap >= 90), "PREFETCH": prefetch, "NORM": False, "EPILOGUE": 0, "HALF": 1,
-             "PREP": form}
+             "PREP": form, "META": 0}
     out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False, {"x_ptr": "*i32"}))
     xp = {"xp_ptr": "*i32"}
     preps = [compile_case(xprep._x_prep_kernel, ["x_ptr", "xp_ptr", "xs_ptr", "xd_ptr", "K", "NB"], bf16, cap,
@@ -119,15 +124,21 @@ for cap, bf16, split_k, prefetch, form in json.loads(sys.argv[4]):  # on prepare
                           "xs_ptr", "xd_ptr"], bf16, cap, {"BLOCK": 1024, "PDL": int(cap >= 90), "PREP": True}, False, xp)]
     out[-1]["prep_ok"] = all(r["ok"] for r in preps)
     out[-1]["prep_error"] = next((r["error"] for r in preps if not r["ok"]), None)
+for cap, bf16, prefetch, meta in json.loads(sys.argv[5]):  # scales and offsets paired in one int32
+    const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": 1, "HAS_BIAS": True, "BF16": bf16, "USE_ASM": True,
+             "PDL": int(cap >= 90), "PREFETCH": prefetch, "NORM": False, "EPILOGUE": 0, "HALF": 1, "PREP": 0,
+             "META": meta}
+    out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False, {"s_ptr": "*i32", "m_ptr": "*i32"}))
 print("RESULT " + json.dumps(out))
 """
 
 
 def test_int4_kernels_compile_for_sm80_sm87_sm90():
-    results = run_child(CHILD, CASES, H2_CASES, H2_FUSED_CASES, H2_PREP_CASES)
+    results = run_child(CHILD, CASES, H2_CASES, H2_FUSED_CASES, H2_PREP_CASES, H2_META_CASES)
     if all(not r["ok"] and "ptxas" in r["error"] for r in results):
         pytest.skip("this triton has no ptxas to compile with")
-    assert len(results) == len(CASES) + len(H2_CASES) + len(H2_FUSED_CASES) + len(H2_PREP_CASES)
+    assert len(results) == (len(CASES) + len(H2_CASES) + len(H2_FUSED_CASES) + len(H2_PREP_CASES)
+                            + len(H2_META_CASES))
     for case, r in zip(CASES, results):
         assert r["ok"], (case, r.get("error"))
         assert r["lop3"] and r["cubin"] > 0, case  # the inline PTX made it into the kernel
@@ -154,6 +165,12 @@ def test_int4_kernels_compile_for_sm80_sm87_sm90():
         assert r["subnormal_dot"] and r["fma2"] and r["cubin"] > 0, case  # the and/FMA dot, no code base
         assert r["pdl"] == (case[0] >= 90), case
         if r["pdl"] and case[3]:
+            assert r["load_before_wait"], case
+    for case, r in zip(H2_META_CASES, results[-len(H2_META_CASES):]):
+        assert r["ok"], (case, r.get("error"))
+        assert r["lop3"] and r["fma2"] and r["cubin"] > 0, case
+        assert r["pdl"] == (case[0] >= 90), case
+        if r["pdl"] and case[2]:
             assert r["load_before_wait"], case
 
 

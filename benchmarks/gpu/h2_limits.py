@@ -12,6 +12,8 @@ faster than "full", its loads are what it waits for. Results are timings only (t
 - "prep_gemv": the same GEMV with x prepared once, outside the timed calls (what it costs without the prep);
   "prep@1" / "prep_gemv@1": the same with the pairs loaded in the words' shape (int4_ptx.PREP_FORM 1);
 - "pf@N": the shipped config with PREFETCH mode N (int4_ptx: 3 / 4 load x a tile ahead as well);
+- "<variant>+meta" (e.g. full+meta, pf@3+meta): with each group's scale and offset read as one int32
+  (Int4Weight.meta, triton_ops "int4_meta_pairs");
 - "l2hot": the shipped kernel on one weight copy every call (in the L2 where it fits: qkv, o): what a GEMV
   whose weights were prefetched into the L2 beforehand could take.
 
@@ -54,17 +56,20 @@ def child(variant: str) -> list[dict]:
     import torch
     import triton.language as tl
 
+    variant, *extra = variant.split("+")  # "+meta": with the scales / offsets paired (int4_meta_pairs)
+
     from edgelm.quantization import int4_kernels as kern
     from edgelm.quantization import int4_ptx
 
     text = _ptx(variant)
     if text is not None:
         int4_ptx._DOT_PAIRS_BF16 = tl.constexpr(text)
-    if variant.startswith("prep"):
-        from edgelm.layers import triton_ops
+    from edgelm.layers import triton_ops
 
-        triton_ops.set_enabled(",".join(sorted(triton_ops.DEFAULT_ON | {"int4_xprep"})))
+    added = ({"int4_xprep"} if variant.startswith("prep") else set()) | ({"int4_meta_pairs"} if "meta" in extra else set())
+    triton_ops.set_enabled(",".join(sorted(triton_ops.DEFAULT_ON | added)))
     from edgelm.layers.triton_ops import xprep
+    from edgelm.quantization.int4_pack import meta_pairs
 
     real_prep = xprep.x_prep
     sys.path.insert(0, os.path.dirname(__file__))
@@ -75,6 +80,9 @@ def child(variant: str) -> list[dict]:
         ws = int4_copies(n, k, 128)
         if variant == "l2hot":
             ws = [ws[0]] * len(ws)
+        if "meta" in extra:
+            for w in ws:
+                w.meta = meta_pairs(w.scales, w.offsets)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         kernel, config = kern.choose_kernel(1, ws[0])
         if variant.startswith("pf@"):  # the shipped config with its PREFETCH mode (config[4]) replaced
@@ -85,7 +93,7 @@ def child(variant: str) -> list[dict]:
             xprep.x_prep = lambda _x, p=prepared: p
         fn = kern.KERNELS[kernel]
         t = time_calls([lambda w=w, fn=fn, x=x, c=config: fn(x, w, None, c) for w in ws])
-        rows.append({"variant": variant, "shape": name, "N": n, "K": k, "kernel": kernel, "config": list(config),
+        rows.append({"variant": "+".join([variant] + extra), "shape": name, "N": n, "K": k, "kernel": kernel, "config": list(config),
                      "us": round(t * 1e6, 2), "GBps": round(int4_bytes(ws[0], 1) / t / 1e9, 1)})
         del ws
     return rows

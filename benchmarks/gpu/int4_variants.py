@@ -13,7 +13,8 @@ Jetson with its own model). --ablate-gemv adds one run of the shipped step with 
 nothing: the step minus it is what the int4 GEMVs cost inside the step. --ops-ab OP[,OP..] adds the shipped
 tables with each triton_ops switch on, off, on (then all together, then off) after the sweep: e.g. int4_xprep
 (x prepared for the GEMVs), int4_rope (the rotary + KV write in qkv_proj's gemv_h2), fused_int4 (the whole
-decoder layer fused), l2_prefetch (l2_prefetch@MB: with that byte budget a layer); --fused-ab is --ops-ab
+decoder layer fused), l2_prefetch (l2_prefetch@MB: with that byte budget a layer), int4_meta_pairs (each
+group's scale and offset read as one int32); --fused-ab is --ops-ab
 int4_rope,fused_int4.
 
     python benchmarks/gpu/int4_variants.py --model-path llama-3.1-8b --load-format dummy --dtype bfloat16 \
@@ -257,11 +258,13 @@ def main(argv=None) -> dict:
         plain_ops = ",".join(sorted(triton_ops._enabled))
         order = [x for op in ops_ab for x in (op, None, op)] + ([",".join(ops_ab), None] if len(ops_ab) > 1 else [])
         from edgelm.layers.triton_ops.l2_prefetch import mark_l2_prefetch
+        from edgelm.quantization.int4_linear import set_meta_pairs
         for op in order:
             names = [o.split("@")[0] for o in (op or "").split(",") if o]
             mb = [float(o.split("@")[1]) for o in (op or "").split(",") if "@" in o]
             triton_ops.set_enabled(",".join([plain_ops] + names))
             mark_l2_prefetch(runner.model, int(mb[0] * 2**20) if mb else None)  # l2_prefetch@MB: that budget
+            set_meta_pairs(runner.model)  # int4_meta_pairs: built where on, dropped where off
             try:
                 r = measure({})
             finally:

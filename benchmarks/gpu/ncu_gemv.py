@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("int4", "bf16"), default="int4")
     ap.add_argument("--calls", type=int, default=6)
     ap.add_argument("--config", help="int4: a gemv_h2 config instead of the dispatched one, e.g. 16,8,1,4,4")
+    ap.add_argument("--meta", action="store_true", help="int4: scales and offsets paired (int4_meta_pairs)")
     args = ap.parse_args()
     n, k = SHAPES[args.shape]
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -41,7 +42,13 @@ def main() -> None:
         q = quantize_int4(w, 128, "minmax", meta_precision=torch.bfloat16)
         kernel, config = ("gemv_h2", tuple(int(v) for v in args.config.split(","))) if args.config else \
             kern.choose_kernel(1, q)
-        print(f"{args.shape}: {kernel} {config}")
+        if args.meta:
+            from edgelm.layers import triton_ops
+            from edgelm.quantization.int4_pack import meta_pairs
+
+            q.meta = meta_pairs(q.scales, q.offsets)
+            triton_ops.set_enabled(",".join(sorted(triton_ops.DEFAULT_ON | {"int4_meta_pairs"})))
+        print(f"{args.shape}: {kernel} {config} meta={args.meta}")
         for _ in range(args.calls):
             kern.KERNELS[kernel](x, q, None, config)
     else:

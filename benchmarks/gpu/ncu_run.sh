@@ -19,12 +19,15 @@ for shape in ${SHAPES_NCU:-qkv_proj o_proj gate_up_proj down_proj}; do
     fi
   done
 done
-# NCU_EXTRA="gate_up_proj=16,8,1,4,4 ...": int4 reports of other gemv_h2 configs too
+# NCU_EXTRA="gate_up_proj=16,8,1,4,4 down_proj=8,16,1,4,3+meta ...": int4 reports of other gemv_h2 configs too
+# (+meta: with the scales and offsets paired, int4_meta_pairs)
 for case in ${NCU_EXTRA:-}; do
-  shape=${case%%=*}; cfg=${case#*=}; rep=$dir/int4_${shape}_${cfg//,/_}
+  shape=${case%%=*}; cfg=${case#*=}; meta=""
+  if [[ $cfg == *+meta ]]; then cfg=${cfg%+meta}; meta="--meta"; fi
+  rep=$dir/int4_${shape}_${cfg//,/_}${meta:+_meta}
   timeout 120 $ncu_bin --clock-control none --set full --import-source no -k 'regex:gemv_h2' \
     --launch-skip 4 --launch-count 1 -f -o $rep python3 benchmarks/gpu/ncu_gemv.py --shape $shape --config $cfg \
-    > $rep.log 2>&1
+    $meta > $rep.log 2>&1
   $ncu_bin -i $rep.ncu-rep --page details --csv > $rep.details.csv 2>> $rep.log
   $ncu_bin -i $rep.ncu-rep --page source --csv --print-source sass > $rep.source.csv 2>> $rep.log
 done

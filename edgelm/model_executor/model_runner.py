@@ -129,6 +129,10 @@ class ModelRunner:
                 from edgelm.layers.triton_ops.l2_prefetch import mark_l2_prefetch
 
                 mark_l2_prefetch(self.model)
+            if triton_ops.enabled("int4_meta_pairs"):  # off by default (not yet measured faster)
+                from edgelm.quantization.int4_linear import set_meta_pairs
+
+                set_meta_pairs(self.model)
         self.weight_bytes = module_bytes(self.model)
         available_after = available_before - self.weight_bytes
         if device == "cuda":  # on shared memory (Jetson) the OS may not report the weights yet: take the lower

@@ -12,7 +12,7 @@ import triton
 
 from edgelm.layers.triton_ops import pdl, xprep
 from edgelm.quantization.int4_pack import Int4Weight
-from edgelm.quantization.int4_ptx import _INTERPRET, _gemv_h2_kernel, h2_launch
+from edgelm.quantization.int4_ptx import _INTERPRET, _gemv_h2_kernel, h2_launch, meta_args
 
 
 def fusable(w: Int4Weight, config) -> bool:
@@ -62,11 +62,12 @@ def gemv_h2_fused(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, con
     y = out if out is not None else torch.empty(1, width, dtype=x.dtype, device=x.device)
     r = rope if rope is not None else RopeStore(x, x, 2, 0, 0, x, x, x)
     nw, eps = norm if norm is not None else (x, 0.0)
+    s_arg, m_arg, meta = meta_args(w)
     _gemv_h2_kernel[(triton.cdiv(n, launch.block_n), 1)](
-        x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, y, y, n, w.in_features, kw,
+        x, w.qweight, s_arg, m_arg, bias if bias is not None else x, y, y, y, n, w.in_features, kw,
         w.scales.shape[1], launch.blocks_per_split, nw, eps, r.positions, r.cos_sin, r.k_buf, r.v_buf, r.slots,
         r.q_size, r.kv_size, y, y, GROUP=w.group_size, BLOCK_N=launch.block_n, BLOCK_B=launch.block_b, SPLIT_K=1,
         HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, PDL=launch.pdl,
-        PREFETCH=launch.prefetch, NORM=norm is not None, EPILOGUE=epilogue, HALF=r.head_dim // 2,
+        PREFETCH=launch.prefetch, NORM=norm is not None, EPILOGUE=epilogue, HALF=r.head_dim // 2, META=meta,
         num_warps=launch.num_warps, **pdl.launch_kwargs(launch.pdl))
     return y

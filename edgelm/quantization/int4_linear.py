@@ -8,7 +8,7 @@ import os
 import torch
 from torch import nn
 
-from edgelm.quantization.int4_pack import Int4Weight, dequantize_int4, quantize_int4, unpack_int4
+from edgelm.quantization.int4_pack import Int4Weight, dequantize_int4, meta_pairs, quantize_int4, unpack_int4
 
 # Above this many rows the CPU kernel loses to dequantizing the weight for the call and a float32
 # matmul (2 cores of a Xeon, 3072 x 576: 745 vs 6184 us at 16 rows, 5781 vs 7325 at 128, 10428 vs
@@ -68,6 +68,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("dense_weight", None, persistent=False)
         self.register_buffer("cpu_weight", None, persistent=False)
         self.register_buffer("cpu_scale_zero", None, persistent=False)
+        self.register_buffer("meta", None, persistent=False)  # Int4Weight.meta (set_meta_pairs)
         if dense:
             self.finish_loading()
 
@@ -87,7 +88,7 @@ class Int4Linear(nn.Module):
 
     @property
     def packed(self) -> Int4Weight:
-        return Int4Weight(self.qweight, self.scales, self.offsets, self.in_features, self.group_size)
+        return Int4Weight(self.qweight, self.scales, self.offsets, self.in_features, self.group_size, self.meta)
 
     @staticmethod
     @torch.no_grad()
@@ -132,6 +133,20 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+def set_meta_pairs(model: torch.nn.Module) -> int:
+    """Where triton_ops "int4_meta_pairs" is on, give each CUDA Int4Linear its Int4Weight.meta (the scales and
+    offsets paired in one int32 a group, for gemv_h2); where it is off, drop them. Returns how many have one."""
+    from edgelm.layers import triton_ops
+
+    on = triton_ops.enabled("int4_meta_pairs")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Int4Linear) and module.qweight.device.type == "cuda":
+            module.meta = meta_pairs(module.scales, module.offsets) if on else None
+            count += module.meta is not None
+    return count
 
 
 def mark_int4_producers(model: torch.nn.Module) -> int:

@@ -33,6 +33,9 @@ class Int4Weight:
     offsets: torch.Tensor  # fp16 [N, num_groups]
     in_features: int  # K (unpadded)
     group_size: int
+    # int32 [N, num_groups]: scale bits | offset bits << 16 (meta_pairs), what the batch-1 gemv_h2 reads instead
+    # of scales and offsets where triton_ops "int4_meta_pairs" is on (one load, no 16-bit packing); else None
+    meta: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
@@ -40,6 +43,12 @@ class Int4Weight:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.offsets))
+
+
+def meta_pairs(scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """int32 [N, groups]: each group's 16-bit scale in the low half and offset in the high half (Int4Weight.meta)."""
+    lo = scales.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    return lo | (offsets.contiguous().view(torch.int16).to(torch.int32) << 16)
 
 
 def padded_in_features(in_features: int) -> int:

@@ -202,7 +202,8 @@ def _pair_halves(t, FORM: tl.constexpr):
 
 @triton.jit
 def _h2_tile_dot_prep(xp_ptr, xs_ptr, xd_ptr, b, b_end, words, sc, off, USE_ASM: tl.constexpr, FORM: tl.constexpr):
-    """_h2_tile_dot on prepared x (triton_ops.xprep): [BLOCK_N, BLOCK_B] s·Σ q·x + m·Σ x of each row's blocks b.
+    """_h2_tile_dot on prepared x (triton_ops.xprep): [BLOCK_N, BLOCK_B] s·Σ q·x + m·Σ x of each row's blocks b
+    (sc, off float32).
     FORM 1: the pairs loaded in the words' own shape (every row's threads load them: no layout conversion
     through shared memory, but BLOCK_N times the loads); FORM 2: loaded once [BLOCK_B, 16] and broadcast
     to the rows (the plain form's way). Unmasked: xprep.buffers pads xp past the last block a tile reads."""
@@ -230,40 +231,63 @@ def _h2_tile_dot_prep(xp_ptr, xs_ptr, xd_ptr, b, b_end, words, sc, off, USE_ASM:
               + _subnormal_pair_dot(words, 8, p2, 1.0) + _subnormal_pair_dot(words, 12, p3, 16.0))
     down = tl.load(xd_ptr + b, mask=b_ok, other=0.0)
     xsum = tl.load(xs_ptr + b, mask=b_ok, other=0.0)
-    return sc.to(tl.float32) * (tl.sum(qx, axis=2) * down[None, :]) + off.to(tl.float32) * xsum[None, :]
+    return sc * (tl.sum(qx, axis=2) * down[None, :]) + off * xsum[None, :]
 
 
 @triton.jit
-def _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP: tl.constexpr):
+def _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP: tl.constexpr, META: tl.constexpr = 0):
     """The weights of blocks b ([BLOCK_B]) of rows rn: words [BLOCK_N, BLOCK_B, 16] and their scales
-    and offsets [BLOCK_N, BLOCK_B] (zero past b_end)."""
+    and offsets [BLOCK_N, BLOCK_B] (zero past b_end). META (1: bf16, 2: fp16 bits): s_ptr is Int4Weight.meta,
+    one int32 a group holding both, returned twice as loaded (_meta_f32 takes them apart where they are used:
+    no 16-bit packing right after the load, which made the warps wait for it there)."""
     b_ok = b < b_end
     words = tl.load(w_rows + (b * 16)[None, :, None], mask=n_ok[:, None, None] & b_ok[None, :, None], other=0)
     g = (b * 128) // GROUP
     sm_ok = n_ok[:, None] & b_ok[None, :]
-    sc = tl.load(s_ptr + rn[:, None] * NG + g[None, :], mask=sm_ok, other=0.0)
-    off = tl.load(m_ptr + rn[:, None] * NG + g[None, :], mask=sm_ok, other=0.0)
+    if META:
+        sc = tl.load(s_ptr + rn[:, None] * NG + g[None, :], mask=sm_ok, other=0)
+        off = sc
+    else:
+        sc = tl.load(s_ptr + rn[:, None] * NG + g[None, :], mask=sm_ok, other=0.0)
+        off = tl.load(m_ptr + rn[:, None] * NG + g[None, :], mask=sm_ok, other=0.0)
     return words, sc, off
+
+
+@triton.jit
+def _meta_f32(sc, off, META: tl.constexpr):
+    """_h2_tile's scales and offsets as float32."""
+    if META == 1:
+        s = (sc << 16).to(tl.float32, bitcast=True)  # a bf16 is the top half of its float32
+        m = (off & -65536).to(tl.float32, bitcast=True)
+    elif META == 2:
+        s = (sc & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        m = (off >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        s = sc.to(tl.float32)
+        m = off.to(tl.float32)
+    return s, m
 
 
 @triton.jit
 def _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16: tl.constexpr, USE_ASM: tl.constexpr,
                  nw_ptr=None, rstd=None, NORM: tl.constexpr = False, xs_ptr=None, xd_ptr=None,
-                 PREP: tl.constexpr = 0):
+                 PREP: tl.constexpr = 0, META: tl.constexpr = 0):
     """[BLOCK_N, BLOCK_B]: s·Σ q·x + m·Σ x of each row's blocks b against x (RMSNorm(x) with NORM;
     PREP 1 or 2: x_ptr, xs_ptr, xd_ptr are triton_ops.xprep's xp, xs, xd, the pairs loaded in _h2_tile_dot_prep's
     FORM PREP)."""
     if PREP:
-        out = _h2_tile_dot_prep(x_ptr, xs_ptr, xd_ptr, b, b_end, words, sc, off, USE_ASM, PREP)
+        s, m = _meta_f32(sc, off, META)
+        out = _h2_tile_dot_prep(x_ptr, xs_ptr, xd_ptr, b, b_end, words, s, m, USE_ASM, PREP)
     else:
         l0, h0, l1, h1, l2, h2, l3, h3 = _x_raw(x_ptr, K, b)
-        out = _h2_dot_x(l0, h0, l1, h1, l2, h2, l3, h3, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM)
+        out = _h2_dot_x(l0, h0, l1, h1, l2, h2, l3, h3, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM,
+                        META)
     return out
 
 
 @triton.jit
 def _h2_dot_x(l0, h0, l1, h1, l2, h2, l3, h3, K, b, b_end, words, sc, off, BF16: tl.constexpr, USE_ASM: tl.constexpr,
-              nw_ptr, rstd, NORM: tl.constexpr):
+              nw_ptr, rstd, NORM: tl.constexpr, META: tl.constexpr = 0):
     """_h2_tile_dot's plain form on x already loaded (_x_raw of blocks b)."""
     k0 = (b * 128)[:, None] + tl.arange(0, 16)[None, :]  # [BLOCK_B, 16]: input 128·b + i, then + 16·j
     p0, x0 = _x_pair(l0, h0, k0, K, nw_ptr, rstd, USE_ASM, NORM)
@@ -272,7 +296,8 @@ def _h2_dot_x(l0, h0, l1, h1, l2, h2, l3, h3, K, b, b_end, words, sc, off, BF16:
     p3, x3 = _x_pair(l3, h3, k0 + 48, K, nw_ptr, rstd, USE_ASM, NORM)
     xsum = tl.sum(x0 + x1 + x2 + x3, axis=1)  # [BLOCK_B]: Σ x over each block
     qx = tl.sum(_word_dot(words, p0, p1, p2, p3, BF16, USE_ASM), axis=2)
-    return sc.to(tl.float32) * qx + off.to(tl.float32) * tl.where(b < b_end, xsum, 0.0)[None, :]
+    s, m = _meta_f32(sc, off, META)
+    return s * qx + m * tl.where(b < b_end, xsum, 0.0)[None, :]
 
 
 @triton.jit
@@ -299,7 +324,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
                     PREFETCH: tl.constexpr, NORM: tl.constexpr = False, EPILOGUE: tl.constexpr = 0,
-                    HALF: tl.constexpr = 1, PREP: tl.constexpr = 0):
+                    HALF: tl.constexpr = 1, PREP: tl.constexpr = 0, META: tl.constexpr = 0):
     """y [1, N] = x [1, K] · dequant(W)ᵀ on the CUDA cores in packed 16-bit arithmetic (GROUP >= 128).
 
     Tile [BLOCK_N rows, BLOCK_B blocks, 16 words]. Per word one inline-PTX call (_dot_pairs_asm) forms
@@ -324,6 +349,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
     the rotary (cos ‖ sin at position pos_ptr[0] of cs_ptr's [positions, 2·HALF] table) of q into
     y [1, q_size] and of k into the KV pool's row slot_ptr[0] of k_buf, v as it is into v_buf's
     (k_buf, v_buf [slots, kv_size]), rounded as the rotary + KV-write kernel rounds them.
+    META (triton_ops "int4_meta_pairs"): s_ptr = m_ptr = Int4Weight.meta (_h2_tile).
     PREP (triton_ops "int4_xprep"): x_ptr, xs_ptr, xd_ptr are x prepared (triton_ops.xprep): already in
     fp16 pairs scaled per block, its block sums and scales; a word then costs ~12 instructions, not 18."""
     pid_n = tl.program_id(0)
@@ -347,43 +373,49 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
     w_rows = qw_ptr + rn[:, None, None] * KW + ri[None, None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
     if PREFETCH >= 3 and PREP == 0:  # x one tile ahead as well
-        words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b_start + rb, b_end, GROUP)
+        words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b_start + rb, b_end, GROUP, META)
         rstd = _wait_then_rstd(x_ptr, K, eps, PDL, NORM)
         l0, h0, l1, h1, l2, h2, l3, h3 = _x_raw(x_ptr, K, b_start + rb)
         for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
             b = b0 + rb
             if PREFETCH == 3:
-                words_next, sc_next, off_next = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b + BLOCK_B, b_end, GROUP)
+                words_next, sc_next, off_next = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b + BLOCK_B, b_end, GROUP,
+                                                         META)
             n0, m0, n1, m1, n2, m2, n3, m3 = _x_raw(x_ptr, K, b + BLOCK_B)
             acc += _h2_dot_x(l0, h0, l1, h1, l2, h2, l3, h3, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd,
-                             NORM)
+                             NORM, META)
             l0, h0, l1, h1, l2, h2, l3, h3 = n0, m0, n1, m1, n2, m2, n3, m3
             if PREFETCH == 3:
                 words, sc, off = words_next, sc_next, off_next
             else:
-                words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b + BLOCK_B, b_end, GROUP)
+                words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b + BLOCK_B, b_end, GROUP, META)
     elif PREFETCH == 2 or PREFETCH == 4:
-        words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b_start + rb, b_end, GROUP)
+        words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b_start + rb, b_end, GROUP, META)
         rstd = _wait_then_rstd(x_ptr, K, eps, PDL, NORM)
-        acc += _h2_tile_dot(x_ptr, K, b_start + rb, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM, xs_ptr, xd_ptr, PREP)
+        acc += _h2_tile_dot(x_ptr, K, b_start + rb, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM,
+                            xs_ptr, xd_ptr, PREP, META)
         for b0 in range(b_start + BLOCK_B, b_start + blocks_per_split, BLOCK_B):
             b = b0 + rb
-            words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP)
-            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM, xs_ptr, xd_ptr, PREP)
+            words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP, META)
+            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM,
+                                xs_ptr, xd_ptr, PREP, META)
     elif PREFETCH == 1 or PREFETCH == 3:
-        words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b_start + rb, b_end, GROUP)
+        words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b_start + rb, b_end, GROUP, META)
         rstd = _wait_then_rstd(x_ptr, K, eps, PDL, NORM)  # triton_ops.pdl: launched while the previous kernel finishes
         for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
             b = b0 + rb
-            words_next, sc_next, off_next = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b + BLOCK_B, b_end, GROUP)
-            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM, xs_ptr, xd_ptr, PREP)
+            words_next, sc_next, off_next = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b + BLOCK_B, b_end, GROUP,
+                                                     META)
+            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM,
+                                xs_ptr, xd_ptr, PREP, META)
             words, sc, off = words_next, sc_next, off_next
     else:
         rstd = _wait_then_rstd(x_ptr, K, eps, PDL, NORM)
         for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
             b = b0 + rb
-            words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP)
-            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM, xs_ptr, xd_ptr, PREP)
+            words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP, META)
+            acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM,
+                                xs_ptr, xd_ptr, PREP, META)
     release_late(PDL)
     out = tl.sum(acc, axis=1)
     if EPILOGUE == 0:
@@ -493,6 +525,14 @@ def h2_launch(config, w: Int4Weight, device: torch.device) -> H2Launch:
                     int(rest[2]) if len(rest) > 2 else 0, pdl_on)
 
 
+def meta_args(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A gemv_h2 launch's s_ptr, m_ptr and META: Int4Weight.meta where it is set and triton_ops "int4_meta_pairs"
+    is on, else the scales and offsets."""
+    if w.meta is not None and triton_ops.enabled("int4_meta_pairs"):
+        return w.meta, w.meta, 1 if w.scales.dtype == torch.bfloat16 else 2
+    return w.scales, w.offsets, 0
+
+
 def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
     """x [1, K] → y [1, N] with _gemv_h2_kernel; config (BLOCK_N, BLOCK_B, SPLIT_K, num_warps[, PREFETCH 0/1/2
     [, LATE[, PERSIST]]]): LATE 1, where PDL is on, lets the next kernel launch only after this one's loads
@@ -515,9 +555,10 @@ def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     bufs = xprep.for_gemv(x)
     prep = (PREP_FORM or (2 if triton_ops.enabled("int4_xprep") else 1)) if bufs else 0
     xp, xs, xd = bufs or (x, y, y)
+    s_arg, m_arg, meta = meta_args(w)
     _gemv_h2_kernel[(tiles, split_k)](
-        xp, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,
+        xp, w.qweight, s_arg, m_arg, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,
         w.scales.shape[1], per_split, x, 0.0, x, x, x, x, x, 0, 0, xs, xd, GROUP=w.group_size, BLOCK_N=block_n,
         BLOCK_B=block_b, SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET,
-        PDL=pdl_on, PREFETCH=prefetch, PREP=prep, num_warps=num_warps, **pdl.launch_kwargs(pdl_on))
+        PDL=pdl_on, PREFETCH=prefetch, PREP=prep, META=meta, num_warps=num_warps, **pdl.launch_kwargs(pdl_on))
     return y

@@ -17,7 +17,8 @@ import importlib.util
 import os
 
 ALL_OPS = ("rmsnorm", "add_rmsnorm", "silu_and_mul", "rotary", "gemv", "argmax", "fused_decode", "rope_kv",
-           "attn_merge", "pdl", "fused_int4", "int4_rope", "int4_xprep", "int4_xprep_qkv", "l2_prefetch")
+           "attn_merge", "pdl", "fused_int4", "int4_rope", "int4_xprep", "int4_xprep_qkv", "l2_prefetch",
+           "int4_meta_pairs")
 # every op measured faster than its torch path on an H100 (benchmarks/results/decode_ops_h100.json);
 # "gemv" applies only to the GPUs and shapes listed in triton_ops.gemv.WINS; "fused_decode" runs a
 # decoder layer's norms, SiLU·mul and residual adds inside its GEMVs where all four GEMVs of the
@@ -33,7 +34,8 @@ ALL_OPS = ("rmsnorm", "add_rmsnorm", "silu_and_mul", "rotary", "gemv", "argmax",
 # costs ~2.1 SASS instructions a weight instead of ~3.6-3.9; "int4_xprep_qkv": only qkv_proj's GEMV on x
 # prepared (by the input norm; the one shape where the prepared GEMV measured faster than the plain one);
 # "l2_prefetch": the batch-1 Triton decode attention prefetches o_proj's and the start of gate_up_proj's
-# weights into the L2 (triton_ops.l2_prefetch)
+# weights into the L2 (triton_ops.l2_prefetch); "int4_meta_pairs": each batch-1 gemv_h2 reads a group's scale and
+# offset as one int32 (Int4Weight.meta, built at load by int4_linear.set_meta_pairs; a second copy of them)
 # "fused_decode" is off: on the H100 its prologues made the GEMVs slower than the kernels they
 # replace saved (graph step 6042 vs 5918 us, Llama-3.1-8B shape bs1, benchmarks/gpu/dev_check.sh).
 # "attn_merge" is off: on an H200 the attention launch with the merge inside took 11.2 us a layer
@@ -44,7 +46,7 @@ ALL_OPS = ("rmsnorm", "add_rmsnorm", "silu_and_mul", "rotary", "gemv", "argmax",
 # slower or even on the H100 (2026-12-07, the same files): "int4_xprep" (form 1: 2.82 ms against 2.55; form 2:
 # 2.61-2.62 against 2.56), "int4_xprep_qkv" (2.556 / 2.556 against 2.550-2.557), "l2_prefetch" (2.58-2.59 against 2.56).
 DEFAULT_ON = frozenset(ALL_OPS) - {"fused_decode", "attn_merge", "fused_int4", "int4_xprep", "int4_xprep_qkv",
-                                   "l2_prefetch"}
+                                   "l2_prefetch", "int4_meta_pairs"}
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 

@@ -63,21 +63,25 @@ def _store_row(y_ptr, ws_ptr, cnt_ptr, bias_ptr, out, rn, n_ok, N, pid_n, pid_k,
                  BLOCK_N)
 
 
-def _dot_pairs_asm(fp16: bool) -> str:
+def _dot_pairs_asm(fp16: bool, fp16_one_shift: bool = True) -> str:
     """PTX for `_gemv_h2_kernel` (pack=1): word $1 and the four x pairs $2..$5 → $0, the float32 sum of
     the word's 8 products q·x. lop3 on the word shifted by 4j makes the codes of nibbles j and j + 4
     as a 16-bit pair (BASE + q), one FMA subtracts BASE (exact), one multiplies by the x pair
-    (x[16j + i], x[64 + 16j + i]) and accumulates; the pair's halves are then added in float32."""
+    (x[16j + i], x[64 + 16j + i]) and accumulates; the pair's halves are then added in float32.
+    fp16 takes nibbles 1 and 3 where they lie (bits 4-7 of a half: BASE + 16q, scaled by 1/16 in the
+    same FMA), so a word costs one shift instead of three (fp16_one_shift False: three, as bf16)."""
     kind, base, one, nbase = (("f16x2", "0x64006400", "0x3C003C00", "0xE400E400") if fp16 else
                               ("bf16x2", "0x43004300", "0x3F803F80", "0xC300C300"))
-    lines = ["{", ".reg .b32 t, c, acc, one, nbase;", ".reg .f32 lo, hi;", f"mov.b32 one, {one};",
-             f"mov.b32 nbase, {nbase};", "mov.b32 acc, 0;"]
+    lines = ["{", ".reg .b32 t, c, acc, one, nbase, r16, nb16;", ".reg .f32 lo, hi;", f"mov.b32 one, {one};",
+             f"mov.b32 nbase, {nbase};", "mov.b32 acc, 0;"] + (
+        ["mov.b32 r16, 0x2C002C00;", "mov.b32 nb16, 0xD400D400;"] if fp16 else [])  # fp16 1/16 and -64
+    one_shift = fp16 and fp16_one_shift
     for j in range(4):
-        src = "$1"
-        if j:
+        up = one_shift and j % 2  # fp16: nibbles 1 and 3 taken at bits 4-7 (1024 + 16q), ·1/16 − 64 = q
+        if j and (not one_shift or j == 2):  # bf16 (7 mantissa bits): every nibble shifted down to bits 0-3
             lines.append(f"shr.u32 t, $1, {4 * j};")
-            src = "t"
-        lines += [f"lop3.b32 c, {src}, 0x000F000F, {base}, 0xEA;", f"fma.rn.{kind} c, c, one, nbase;",
+        lines += [f"lop3.b32 c, {'$1' if j < (2 if one_shift else 1) else 't'}, {'0x00F000F0' if up else '0x000F000F'}, "
+                  f"{base}, 0xEA;", f"fma.rn.{kind} c, c, {'r16, nb16' if up else 'one, nbase'};",
                   f"fma.rn.{kind} acc, c, ${2 + j}, acc;"]
     if fp16:
         lines += ["{", ".reg .f16 a, b;", "mov.b32 {a, b}, acc;", "cvt.f32.f16 lo, a;", "cvt.f32.f16 hi, b;", "}"]
@@ -87,7 +91,8 @@ def _dot_pairs_asm(fp16: bool) -> str:
     return "\n".join(lines)
 
 
-_DOT_PAIRS_FP16 = tl.constexpr(_dot_pairs_asm(True))
+# EDGELM_INT4_FP16_SHIFTS=3: fp16's word with three shifts (as bf16's), for A/B timings of the one-shift form
+_DOT_PAIRS_FP16 = tl.constexpr(_dot_pairs_asm(True, os.environ.get("EDGELM_INT4_FP16_SHIFTS", "1") != "3"))
 _DOT_PAIRS_BF16 = tl.constexpr(_dot_pairs_asm(False))
 _PAIR_ASM = tl.constexpr("mov.b32 $0, {$1, $2};")
 

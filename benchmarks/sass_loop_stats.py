@@ -29,7 +29,7 @@ H2_ARGS = [a for a in TC_ARGS if a not in ("M", "stride_xm", "stride_ym")] + [
     "nw_ptr", "eps", "pos_ptr", "cs_ptr", "k_buf_ptr", "v_buf_ptr", "slot_ptr", "q_size", "kv_size", "xs_ptr", "xd_ptr"]
 TYPES = {"qw_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "eps": "fp32",
          "pos_ptr": "*i64", "cs_ptr": "*fp32", "slot_ptr": "*i64", "xs_ptr": "*fp32", "xd_ptr": "*fp32"}
-H2_PLAIN = {"NORM": False, "EPILOGUE": 0, "HALF": 1, "PREP": 0, "META": 0}  # gemv_h2 itself, not a fused form
+H2_PLAIN = {"NORM": False, "EPILOGUE": 0, "HALF": 1, "PREP": 0, "META": 0, "STAGES": 1}  # gemv_h2 itself, not a fused form
 _LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)")
 _BRANCH = re.compile(r"BRA\b.*?0x([0-9a-f]+)")
 
@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
                 block_n, block_b, split_k, warps, *rest = (int(v) for v in text.split(","))
                 const = {"GROUP": 128, "BLOCK_N": block_n, "BLOCK_B": block_b, "SPLIT_K": split_k, "HAS_BIAS": False,
                          "BF16": not args.fp16, "USE_ASM": True, "PDL": int(cap >= 90), "PREFETCH": rest[0] if rest else 0,
-                         **H2_PLAIN, "PREP": args.prep}
+                         **H2_PLAIN, "PREP": args.prep, "STAGES": rest[3] if len(rest) > 3 else 1}
                 usage: list[str] = []
                 ops = longest_loop(compile_sass(int4_ptx._gemv_h2_kernel, H2_ARGS, not args.fp16, cap, const, warps, True, usage,
                                                 {"x_ptr": "*i32"} if args.prep else None))

@@ -166,7 +166,9 @@ def test_tc_kernel_small(group, m, config, dtype, kernel):
                                                   (128, 1000, (8, 2, 3, 4, 3), torch.bfloat16),
                                                   (128, 2200, (16, 4, 1, 4, 3), torch.float16),
                                                   (256, 1000, (8, 2, 2, 4, 4), torch.bfloat16),
-                                                  (128, 300, (16, 1, 1, 4, 4, 1), torch.float16)])
+                                                  (128, 300, (16, 1, 1, 4, 4, 1), torch.float16),
+                                                  (128, 2200, (8, 2, 1, 4, 0, 0, 0, 3), torch.bfloat16),
+                                                  (256, 1000, (16, 1, 2, 4, 0, 0, 0, 2), torch.float16)])
 def test_gemv_h2_kernel_small(group, k, config, dtype):
     """The packed-16-bit CUDA-core GEMV (its plain-op path here), split-K, the weight prefetch
     (config[4]; 3 and 4: x a tile ahead too), the late release (config[5]) and the persistent kernel (config[6]: here 2 "SMs", so
@@ -330,6 +332,7 @@ def test_gemv_h2_meta_pairs_gpu(config, dtype):
                                            ("gemv_h2", (16, 8, 1, 4, 0, 0, 4)), ("gemv_h2", (8, 16, 1, 4, 0, 1, 2)),
                                            ("gemv_h2", (8, 16, 1, 4, 3)), ("gemv_h2", (16, 8, 2, 4, 3)),
                                            ("gemv_h2", (16, 8, 1, 4, 4)), ("gemv_h2", (8, 16, 3, 4, 4, 1)),
+                                           ("gemv_h2", (16, 8, 1, 4, 0, 0, 0, 3)), ("gemv_h2", (8, 4, 2, 4, 0, 0, 0, 4)),
                                            ("gemv_xs", (2, 4, 4)), ("gemv_xs", (4, 4, 2)), ("gemv_xs", (1, 8, 8)),
                                            ("gemv_xs", (4, 8, 1)), ("gemv_xs", (2, 4, 3, 4)),
                                            ("gemv_xs", (1, 4, 5, 8)), ("gemv_xs", (2, 4, 4, 1, 2)),

@@ -48,6 +48,8 @@ H2_CASES = [(87, False, 1, 0), (90, True, 4, 0), (80, True, 1, 0), (90, True, 1,
             (87, False, 1, 4)]
 # gemv_h2 reading Int4Weight.meta (int4_meta_pairs; s_ptr = m_ptr int32): (capability, bf16, PREFETCH, META)
 H2_META_CASES = [(87, True, 3, 2), (90, True, 3, 1), (90, False, 2, 2), (80, True, 0, 1)]
+# gemv_h2's K loop software-pipelined (config[7] STAGES, PREFETCH 0): (capability, bf16, STAGES)
+H2_STAGE_CASES = [(87, True, 3), (90, False, 2), (80, True, 4)]
 # gemv_h2 on prepared x (PREP; the prep kernel and the PREP norm and SiLU·mul compiled too):
 # (capability, bf16, SPLIT_K, PREFETCH, PREP form)
 H2_PREP_CASES = [(87, False, 1, 0, 2), (87, True, 2, 1, 1), (80, True, 1, 0, 2), (90, True, 1, 2, 1), (90, False, 4, 1, 2),
@@ -89,7 +91,7 @@ def compile_case(fn, args, bf16, cap, const, need_prmt, types=None):
             "pdl": wait >= 0, "load_before_wait": 0 <= ptx.find("ld.global") < wait,
             "release_after_loop": release > ptx.rfind("lop3.b32"), "release_before_loop": release < ptx.find("lop3.b32"),
             "fma2": "fma.rn.bf16x2" in ptx or "fma.rn.f16x2" in ptx, "cubin": len(c.asm["cubin"]),
-            "subnormal_dot": "mul.rn.f16x2" in ptx and "lop3.b32" not in ptx}
+            "subnormal_dot": "mul.rn.f16x2" in ptx and "lop3.b32" not in ptx, "cp_async": "cp.async" in ptx}
 
 
 out = []
@@ -102,17 +104,17 @@ for cap, bf16, split_k, prefetch, *pdl_mode in json.loads(sys.argv[2]):  # the p
     const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
              "USE_ASM": True, "PDL": pdl_mode[0] if pdl_mode else int(cap >= 90), "PREFETCH": prefetch,
              "NORM": False, "EPILOGUE": 0, "HALF": 1, "PREP": 0,
-             "META": 0}
+             "META": 0, "STAGES": 1}
     out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False))
 for cap, bf16, prefetch, norm, epilogue in json.loads(sys.argv[3]):  # its fused forms
     const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": 1, "HAS_BIAS": True, "BF16": bf16, "USE_ASM": True,
              "PDL": int(cap >= 90), "PREFETCH": prefetch, "NORM": norm, "EPILOGUE": epilogue, "HALF": 64, "PREP": 0,
-             "META": 0}
+             "META": 0, "STAGES": 1}
     out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False))
 for cap, bf16, split_k, prefetch, form in json.loads(sys.argv[4]):  # on prepared x (int4_xprep), then the prep kernel
     const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": split_k, "HAS_BIAS": True, "BF16": bf16,
              "USE_ASM": True, "PDL": int(cap >= 90), "PREFETCH": prefetch, "NORM": False, "EPILOGUE": 0, "HALF": 1,
-             "PREP": form, "META": 0}
+             "PREP": form, "META": 0, "STAGES": 1}
     out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False, {"x_ptr": "*i32"}))
     xp = {"xp_ptr": "*i32"}
     preps = [compile_case(xprep._x_prep_kernel, ["x_ptr", "xp_ptr", "xs_ptr", "xd_ptr", "K", "NB"], bf16, cap,
@@ -127,18 +129,23 @@ for cap, bf16, split_k, prefetch, form in json.loads(sys.argv[4]):  # on prepare
 for cap, bf16, prefetch, meta in json.loads(sys.argv[5]):  # scales and offsets paired in one int32
     const = {"GROUP": 128, "BLOCK_N": 8, "BLOCK_B": 4, "SPLIT_K": 1, "HAS_BIAS": True, "BF16": bf16, "USE_ASM": True,
              "PDL": int(cap >= 90), "PREFETCH": prefetch, "NORM": False, "EPILOGUE": 0, "HALF": 1, "PREP": 0,
-             "META": meta}
+             "META": meta, "STAGES": 1}
     out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False, {"s_ptr": "*i32", "m_ptr": "*i32"}))
+for cap, bf16, stages in json.loads(sys.argv[6]):  # the K loop pipelined through shared memory
+    const = {"GROUP": 128, "BLOCK_N": 16, "BLOCK_B": 8, "SPLIT_K": 1, "HAS_BIAS": True, "BF16": bf16, "USE_ASM": True,
+             "PDL": int(cap >= 90), "PREFETCH": 0, "NORM": False, "EPILOGUE": 0, "HALF": 1, "PREP": 0, "META": 0,
+             "STAGES": stages}
+    out.append(compile_case(int4_ptx._gemv_h2_kernel, H2, bf16, cap, const, False))
 print("RESULT " + json.dumps(out))
 """
 
 
 def test_int4_kernels_compile_for_sm80_sm87_sm90():
-    results = run_child(CHILD, CASES, H2_CASES, H2_FUSED_CASES, H2_PREP_CASES, H2_META_CASES)
+    results = run_child(CHILD, CASES, H2_CASES, H2_FUSED_CASES, H2_PREP_CASES, H2_META_CASES, H2_STAGE_CASES)
     if all(not r["ok"] and "ptxas" in r["error"] for r in results):
         pytest.skip("this triton has no ptxas to compile with")
     assert len(results) == (len(CASES) + len(H2_CASES) + len(H2_FUSED_CASES) + len(H2_PREP_CASES)
-                            + len(H2_META_CASES))
+                            + len(H2_META_CASES) + len(H2_STAGE_CASES))
     for case, r in zip(CASES, results):
         assert r["ok"], (case, r.get("error"))
         assert r["lop3"] and r["cubin"] > 0, case  # the inline PTX made it into the kernel
@@ -166,7 +173,10 @@ def test_int4_kernels_compile_for_sm80_sm87_sm90():
         assert r["pdl"] == (case[0] >= 90), case
         if r["pdl"] and case[3]:
             assert r["load_before_wait"], case
-    for case, r in zip(H2_META_CASES, results[-len(H2_META_CASES):]):
+    for case, r in zip(H2_STAGE_CASES, results[-len(H2_STAGE_CASES):]):
+        assert r["ok"], (case, r.get("error"))
+        assert r["lop3"] and r["fma2"] and r["cp_async"], case  # the weight tiles through cp.async
+    for case, r in zip(H2_META_CASES, results[-len(H2_META_CASES) - len(H2_STAGE_CASES):-len(H2_STAGE_CASES)]):
         assert r["ok"], (case, r.get("error"))
         assert r["lop3"] and r["fma2"] and r["cubin"] > 0, case
         assert r["pdl"] == (case[0] >= 90), case

@@ -69,5 +69,6 @@ def gemv_h2_fused(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, con
         r.q_size, r.kv_size, y, y, GROUP=w.group_size, BLOCK_N=launch.block_n, BLOCK_B=launch.block_b, SPLIT_K=1,
         HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, PDL=launch.pdl,
         PREFETCH=launch.prefetch, NORM=norm is not None, EPILOGUE=epilogue, HALF=r.head_dim // 2, META=meta,
+        STAGES=launch.stages,
         num_warps=launch.num_warps, **pdl.launch_kwargs(launch.pdl))
     return y

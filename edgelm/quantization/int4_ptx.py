@@ -329,7 +329,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BF16: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr,
                     PREFETCH: tl.constexpr, NORM: tl.constexpr = False, EPILOGUE: tl.constexpr = 0,
-                    HALF: tl.constexpr = 1, PREP: tl.constexpr = 0, META: tl.constexpr = 0):
+                    HALF: tl.constexpr = 1, PREP: tl.constexpr = 0, META: tl.constexpr = 0, STAGES: tl.constexpr = 1):
     """y [1, N] = x [1, K] · dequant(W)ᵀ on the CUDA cores in packed 16-bit arithmetic (GROUP >= 128).
 
     Tile [BLOCK_N rows, BLOCK_B blocks, 16 words]. Per word one inline-PTX call (_dot_pairs_asm) forms
@@ -339,6 +339,8 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
     (weights never depend on the previous kernel): the stream of weight bytes starts while the
     previous kernel finishes, and twice the bytes are in flight per program (and twice the registers).
     PREFETCH 2: only the first tile is loaded before the wait; no more registers than without.
+    STAGES > 1 (PREFETCH 0): Triton's software pipeline over the K loop, the weight tiles copied STAGES - 1
+    steps ahead into shared memory (cp.async), not registers.
     PREFETCH 3 / 4: 1 / 2, and x one tile ahead too (its loads, L2 hits queued behind the weights', were
     where the warps stalled most: Nsight Compute, benchmarks/gpu/ncu_run.sh); with PREP, 1 / 2.
     PDL 3 (triton_ops.pdl): the next kernel may launch only once this program's loads are done.
@@ -416,7 +418,7 @@ def _gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
             words, sc, off = words_next, sc_next, off_next
     else:
         rstd = _wait_then_rstd(x_ptr, K, eps, PDL, NORM)
-        for b0 in range(b_start, b_start + blocks_per_split, BLOCK_B):
+        for b0 in tl.range(b_start, b_start + blocks_per_split, BLOCK_B, num_stages=STAGES):
             b = b0 + rb
             words, sc, off = _h2_tile(w_rows, s_ptr, m_ptr, rn, n_ok, NG, b, b_end, GROUP, META)
             acc += _h2_tile_dot(x_ptr, K, b, b_end, words, sc, off, BF16, USE_ASM, nw_ptr, rstd, NORM,
@@ -508,7 +510,7 @@ def split_tiles(total: int, split: int) -> tuple[int, int]:
 
 
 class H2Launch(NamedTuple):
-    """A gemv_h2 config (BLOCK_N, BLOCK_B, SPLIT_K, num_warps[, PREFETCH 0-4[, LATE[, PERSIST]]]) resolved
+    """A gemv_h2 config (BLOCK_N, BLOCK_B, SPLIT_K, num_warps[, PREFETCH 0-4[, LATE[, PERSIST[, STAGES]]]]) resolved
     for a weight and device: the split K actually run, the 128-input blocks a split covers, the PDL mode."""
     block_n: int
     block_b: int
@@ -518,6 +520,7 @@ class H2Launch(NamedTuple):
     prefetch: int
     persist: int
     pdl: int
+    stages: int = 1
 
 
 def h2_launch(config, w: Int4Weight, device: torch.device) -> H2Launch:
@@ -527,7 +530,7 @@ def h2_launch(config, w: Int4Weight, device: torch.device) -> H2Launch:
     if len(rest) > 1 and rest[1] and pdl_on == 1:  # LATE: PDL 3
         pdl_on = 3
     return H2Launch(block_n, block_b, split_k, per * block_b, num_warps, int(rest[0]) if rest else 0,
-                    int(rest[2]) if len(rest) > 2 else 0, pdl_on)
+                    int(rest[2]) if len(rest) > 2 else 0, pdl_on, int(rest[3]) if len(rest) > 3 else 1)
 
 
 def meta_args(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -539,13 +542,14 @@ def meta_args(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
-    """x [1, K] → y [1, N] with _gemv_h2_kernel; config (BLOCK_N, BLOCK_B, SPLIT_K, num_warps[, PREFETCH 0/1/2
-    [, LATE[, PERSIST]]]): LATE 1, where PDL is on, lets the next kernel launch only after this one's loads
-    (PDL 3); PERSIST p > 0 (SPLIT_K 1 only) runs _gemv_h2_persistent_kernel on p programs an SM."""
+    """x [1, K] → y [1, N] with _gemv_h2_kernel; config (BLOCK_N, BLOCK_B, SPLIT_K, num_warps[, PREFETCH 0-4
+    [, LATE[, PERSIST[, STAGES]]]]): LATE 1, where PDL is on, lets the next kernel launch only after this one's
+    loads (PDL 3); PERSIST p > 0 (SPLIT_K 1 only) runs _gemv_h2_persistent_kernel on p programs an SM; STAGES
+    (PREFETCH 0): the K loop software-pipelined that deep (weights through shared memory)."""
     n, kw = w.qweight.shape
     if x.shape[0] != 1 or w.group_size < 128 or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError("gemv_h2: needs one row, group size >= 128 and fp16/bf16 activations")
-    block_n, block_b, split_k, per_split, num_warps, prefetch, persist, pdl_on = h2_launch(config, w, x.device)
+    block_n, block_b, split_k, per_split, num_warps, prefetch, persist, pdl_on, stages = h2_launch(config, w, x.device)
     tiles = triton.cdiv(n, block_n)
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     ws = scratch(x.device, "int4", torch.float32, split_k * n) if split_k > 1 else y
@@ -565,5 +569,6 @@ def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
         xp, w.qweight, s_arg, m_arg, bias if bias is not None else x, y, ws, cnt, n, w.in_features, kw,
         w.scales.shape[1], per_split, x, 0.0, x, x, x, x, x, 0, 0, xs, xd, GROUP=w.group_size, BLOCK_N=block_n,
         BLOCK_B=block_b, SPLIT_K=split_k, HAS_BIAS=bias is not None, BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET,
-        PDL=pdl_on, PREFETCH=prefetch, PREP=prep, META=meta, num_warps=num_warps, **pdl.launch_kwargs(pdl_on))
+        PDL=pdl_on, PREFETCH=prefetch, PREP=prep, META=meta, STAGES=stages, num_warps=num_warps,
+        **pdl.launch_kwargs(pdl_on))
     return y

@@ -284,6 +284,20 @@ def test_int4_xprep_matches_plain(tiny_llama, graphs, op, monkeypatch):
         triton_ops.set_enabled(",".join(sorted(old)) or "0")
 
 
+def _same_decode_with_op(with_op, plain, base: str, op: str) -> None:
+    """Graph decode of `with_op` (a runner loaded with triton_ops `op` on) gives `plain`'s tokens and logits to
+    the bit, `op` on while it runs, off while `plain` does."""
+    from edgelm.layers import triton_ops
+
+    triton_ops.set_enabled(base)
+    prompt = torch.randint(0, 512, (13,), generator=torch.Generator().manual_seed(7)).tolist()
+    tokens_p, logits_p = _greedy(plain, [prompt], 8)
+    triton_ops.set_enabled(base + "," + op)
+    tokens_x, logits_x = _greedy(with_op, [prompt], 8, forced=tokens_p)
+    assert tokens_x == tokens_p
+    assert all(torch.equal(a, b) for a, b in zip(logits_x, logits_p))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("quant", [None, "int4wo-128"])
 def test_l2_prefetch_changes_nothing(tiny_llama, quant):
@@ -302,12 +316,7 @@ def test_l2_prefetch_changes_nothing(tiny_llama, quant):
         assert attn.attn.l2_prefetch and attn.attn.l2_prefetch[0][0].data_ptr() == o_w.data_ptr()
         triton_ops.set_enabled(base)
         plain = _runner(tiny_llama, "triton", "bfloat16", **overrides)
-        prompt = torch.randint(0, 512, (13,), generator=torch.Generator().manual_seed(7)).tolist()
-        tokens_p, logits_p = _greedy(plain, [prompt], 8)
-        triton_ops.set_enabled(base + ",l2_prefetch")
-        tokens_x, logits_x = _greedy(pf, [prompt], 8, forced=tokens_p)
-        assert tokens_x == tokens_p
-        assert all(torch.equal(a, b) for a, b in zip(logits_x, logits_p))
+        _same_decode_with_op(pf, plain, base, "l2_prefetch")
     finally:
         triton_ops.set_enabled(",".join(sorted(old)) or "0")
 
@@ -329,12 +338,7 @@ def test_int4_meta_pairs_changes_nothing(tiny_llama, dtype):
         triton_ops.set_enabled(base)
         plain = _runner(tiny_llama, "triton", dtype, torchao_config="int4wo-128")
         assert plain.model.model.layers[0].self_attn.qkv_proj.meta is None
-        prompt = torch.randint(0, 512, (13,), generator=torch.Generator().manual_seed(7)).tolist()
-        tokens_p, logits_p = _greedy(plain, [prompt], 8)
-        triton_ops.set_enabled(base + ",int4_meta_pairs")
-        tokens_x, logits_x = _greedy(paired, [prompt], 8, forced=tokens_p)
-        assert tokens_x == tokens_p
-        assert all(torch.equal(a, b) for a, b in zip(logits_x, logits_p))
+        _same_decode_with_op(paired, plain, base, "int4_meta_pairs")
     finally:
         triton_ops.set_enabled(",".join(sorted(old)) or "0")
 

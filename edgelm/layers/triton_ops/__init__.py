@@ -44,7 +44,8 @@ ALL_OPS = ("rmsnorm", "add_rmsnorm", "silu_and_mul", "rotary", "gemv", "argmax",
 # (benchmarks/results/int4_variants_bs1_fused_h100.json). "int4_rope" is on: in two H100 calls each of its four
 # runs beat every baseline of the A/B (2524-2547 us against 2550-2561; results/ablations/xprep/). Off, measured
 # slower or even on the H100 (2026-12-07, the same files): "int4_xprep" (form 1: 2.82 ms against 2.55; form 2:
-# 2.61-2.62 against 2.56), "int4_xprep_qkv" (2.556 / 2.556 against 2.550-2.557), "l2_prefetch" (2.58-2.59 against 2.56).
+# 2.61-2.62 against 2.56), "int4_xprep_qkv" (2.556 / 2.556 against 2.550-2.557), "l2_prefetch" (2.58-2.59 against 2.56),
+# "int4_meta_pairs" (2.564 / 2.568 against 2.494; results/ablations/meta_pairs/).
 DEFAULT_ON = frozenset(ALL_OPS) - {"fused_decode", "attn_merge", "fused_int4", "int4_xprep", "int4_xprep_qkv",
                                    "l2_prefetch", "int4_meta_pairs"}
 

@@ -7,7 +7,7 @@ sweep's winners differed from the isolated ones). The shipped tables run first, 
 last, so drift shows; then the per-shape winners (each > 5 us better than the median baseline) run
 together twice around one more baseline, and their tables are written in load_dispatch's format
 (--dispatch-out) so that EDGELM_INT4_DISPATCH=file runs them in any later command. The shapes are
-the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|...|round10|all (or a
+the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|...|round11|all (or a
 comma-separated list; none: only the shipped tables) picks the configs tried (all: every round, for a GPU or model not swept yet, e.g. a
 Jetson with its own model). --ablate-gemv adds one run of the shipped step with every int4 GEMV launching
 nothing: the step minus it is what the int4 GEMVs cost inside the step. --ops-ab OP[,OP..] adds the shipped
@@ -156,6 +156,15 @@ ROUND10: dict[str, list[tuple[str, tuple]]] = {
              ("gemv_h2", (16, 8, 1, 4, 0, 0, 0, 3))],
 }
 
+# round 11: Llama-3.1-8B's shipped batch-1 configs, role by role, for another model's shapes (whose tables
+# otherwise fall back to DISPATCH's default (8, 8, 1, 4)), e.g. Qwen2.5-7B
+ROUND11: dict[str, list[tuple[str, tuple]]] = {
+    "qkv": [("gemv_h2", (8, 16, 1, 4, 2))],
+    "o": [("gemv_h2", (8, 16, 1, 4, 1))],
+    "gate_up": [("gemv_h2", (16, 8, 1, 4))],
+    "down": [("gemv_h2", (8, 16, 1, 4, 3)), ("gemv_h2", (8, 16, 1, 4, 1))],
+}
+
 
 def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """(N, K) of the first int4 linear of each role (qkv, o, gate_up, down) in a loaded model."""
@@ -172,7 +181,8 @@ def candidates(which: str) -> dict[str, list[tuple[str, tuple]]]:
     for a GPU or model not swept yet)."""
     known = {"round1": ROUND1, "round2": CANDIDATES, "round3": ROUND3, "round4": ROUND4, "round5": ROUND5,
              "round6": ROUND6, "round7": ROUND7, "round8": ROUND8,
-             "round9": ROUND9, "round10": ROUND10}
+             "round9": ROUND9, "round10": ROUND10,
+             "round11": ROUND11}
     if which == "none":  # the shipped tables only (with --fused-ab or --ablate-gemv)
         return {}
     names = list(known) if which == "all" else which.split(",")

@@ -274,6 +274,35 @@ def test_int4_linear_gpu(n, k, group):
         assert rel_err(y, reference(x, w, bias if m % 2 else None)) < 1e-2, m
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("n,k", [(16, 3584), (16, 18944)])
+def test_gemv_h2_qwen_shapes_small(n, k):
+    """The batch-1 configs shipped for Qwen2.5-7B (SHAPE_DISPATCH) on its K (3584: 28 blocks, a partial last
+    tile; 18944: 148) with few rows, through int4_linear's dispatch (plain-op path here)."""
+    from edgelm.quantization import int4_kernels as kern
+
+    w = _random_int4(n, k, 128, DEVICE, meta=torch.bfloat16)
+    x = torch.randn(1, k, device=DEVICE).to(torch.bfloat16)
+    shapes = [s for s in kern.SHAPE_DISPATCH if s[1] == k]
+    assert shapes
+    for shape in shapes:
+        config = kern.SHAPE_DISPATCH[shape][1][1]
+        assert rel_err(kern.gemv_h2(x, w, None, config), reference(x, w, None)) < 1e-2, config
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)])
+def test_int4_linear_qwen_shapes_gpu(n, k):
+    """Batch 1 on the Qwen2.5-7B shapes through int4_linear (their SHAPE_DISPATCH entries) against the reference."""
+    from edgelm.quantization.int4_kernels import choose_kernel, int4_linear
+
+    w = quantize_int4(torch.randn(n, k, device="cuda") * 0.02, 128, "minmax")
+    assert choose_kernel(1, w)[0] == "gemv_h2"
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    assert rel_err(int4_linear(x, w, bias), reference(x, w, bias)) < 1e-2
+
+
 def _check_meta_pairs(n, k, config, dtype, meta, device):
     """gemv_h2 reading Int4Weight.meta (triton_ops "int4_meta_pairs") gives the very numbers it gives from the
     scales and offsets, and matches the reference."""

@@ -251,11 +251,17 @@ DISPATCH: dict[int, tuple[str, tuple]] = {
 # 2.61 -> 2.58 ms (twice); the same for gate_up and down was no faster or slower.
 # Round 8 (int4_variants_bs1_round8_h100.json, 2026-12-07): down_proj with x loaded a tile ahead as well
 # (config[4] = 3), 2525-2538 -> 2492-2494 us (three runs); the same for qkv / o / gate_up was even or slower.
+# Qwen2.5-7B's shapes (round 11, int4_variants_bs1_round11_qwen2.5-7b_h100.json): the Llama-3.1-8B configs role by
+# role, each faster than DISPATCH's default alone, together 2948-2962 -> 2446-2458 us a step (twice).
 SHAPE_DISPATCH: dict[tuple[int, int], dict[int, tuple[str, tuple]]] = {
     (6144, 4096): {1: ("gemv_h2", (8, 16, 1, 4, 2))},
     (4096, 4096): {1: ("gemv_h2", (8, 16, 1, 4, 1)), 16: ("tc", (64, 8, 4))},
     (28672, 4096): {1: ("gemv_h2", (16, 8, 1, 4)), 16: ("tcw", (128, 1, 8)), MAX_M_DOT: ("tcw", (128, 1, 4))},
     (4096, 14336): {1: ("gemv_h2", (8, 16, 1, 4, 3)), MAX_M_DOT: ("tcw", (128, 8, 8))},
+    (4608, 3584): {1: ("gemv_h2", (8, 16, 1, 4, 2))},  # Qwen2.5-7B: qkv, o, gate_up, down
+    (3584, 3584): {1: ("gemv_h2", (8, 16, 1, 4, 1))},
+    (37888, 3584): {1: ("gemv_h2", (16, 8, 1, 4))},
+    (3584, 18944): {1: ("gemv_h2", (8, 16, 1, 4, 3))},
 }
 
 

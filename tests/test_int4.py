@@ -151,40 +151,6 @@ def test_tc_kernel_small(group, m, config, dtype, kernel):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-@pytest.mark.parametrize("group,k,config,dtype", [(128, 300, (8, 2, 1, 4), torch.float16),
-                                                  (128, 520, (16, 1, 3, 4), torch.bfloat16),
-                                                  (256, 512, (8, 4, 2, 4), torch.float16),
-                                                  (128, 2200, (16, 16, 1, 4), torch.bfloat16),
-                                                  (128, 300, (8, 2, 1, 4, 1), torch.bfloat16),
-                                                  (128, 1000, (16, 2, 3, 4, 1), torch.float16),
-                                                  (256, 2200, (8, 4, 1, 4, 1), torch.bfloat16),
-                                                  (128, 1000, (8, 2, 3, 4, 2), torch.bfloat16),
-                                                  (128, 300, (16, 4, 1, 4, 2), torch.float16),
-                                                  (128, 1000, (8, 4, 1, 4, 1, 1), torch.bfloat16),
-                                                  (128, 1000, (8, 2, 1, 4, 0, 0, 1), torch.bfloat16),
-                                                  (256, 300, (16, 1, 1, 4, 0, 1, 1), torch.float16),
-                                                  (128, 1000, (8, 2, 3, 4, 3), torch.bfloat16),
-                                                  (128, 2200, (16, 4, 1, 4, 3), torch.float16),
-                                                  (256, 1000, (8, 2, 2, 4, 4), torch.bfloat16),
-                                                  (128, 300, (16, 1, 1, 4, 4, 1), torch.float16),
-                                                  (128, 2200, (8, 2, 1, 4, 0, 0, 0, 3), torch.bfloat16),
-                                                  (256, 1000, (16, 1, 2, 4, 0, 0, 0, 2), torch.float16)])
-def test_gemv_h2_kernel_small(group, k, config, dtype):
-    """The packed-16-bit CUDA-core GEMV (its plain-op path here), split-K, the weight prefetch
-    (config[4]; 3 and 4: x a tile ahead too), the late release (config[5]) and the persistent kernel (config[6]: here 2 "SMs", so
-    a program sums several of the 40 rows' tiles) included, twice."""
-    from edgelm.quantization import int4_kernels as kern
-
-    w = _random_int4(40, k, group, DEVICE, meta=dtype)
-    x = torch.randn(1, k, device=DEVICE).to(dtype)
-    bias = torch.randn(40, device=DEVICE).to(dtype)
-    for _ in range(2):
-        assert rel_err(kern.gemv_h2(x, w, bias, config), reference(x, w, bias)) < 1e-2
-    with pytest.raises(ValueError):
-        kern.gemv_h2(torch.cat([x, x]), w, bias, config)
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 @pytest.mark.parametrize("group,n,k,config,dtype", [(128, 40, 300, (1, 2, 2), torch.float16),
                                                     (128, 37, 2176, (2, 4, 4), torch.bfloat16),
                                                     (256, 16, 1024, (4, 4, 1), torch.bfloat16),
@@ -272,83 +238,6 @@ def test_int4_linear_gpu(n, k, group):
         y = int4_linear(x, w, bias if m % 2 else None)
         assert torch.isfinite(y).all()
         assert rel_err(y, reference(x, w, bias if m % 2 else None)) < 1e-2, m
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-@pytest.mark.parametrize("n,k", [(16, 3584), (16, 18944)])
-def test_gemv_h2_qwen_shapes_small(n, k):
-    """The batch-1 configs shipped for Qwen2.5-7B (SHAPE_DISPATCH) on its K (3584: 28 blocks, a partial last
-    tile; 18944: 148) with few rows, through int4_linear's dispatch (plain-op path here)."""
-    from edgelm.quantization import int4_kernels as kern
-
-    w = _random_int4(n, k, 128, DEVICE, meta=torch.bfloat16)
-    x = torch.randn(1, k, device=DEVICE).to(torch.bfloat16)
-    shapes = [s for s in kern.SHAPE_DISPATCH if s[1] == k]
-    assert shapes
-    for shape in shapes:
-        config = kern.SHAPE_DISPATCH[shape][1][1]
-        assert rel_err(kern.gemv_h2(x, w, None, config), reference(x, w, None)) < 1e-2, config
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("n,k", [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)])
-def test_int4_linear_qwen_shapes_gpu(n, k):
-    """Batch 1 on the Qwen2.5-7B shapes through int4_linear (their SHAPE_DISPATCH entries) against the reference."""
-    from edgelm.quantization.int4_kernels import choose_kernel, int4_linear
-
-    w = quantize_int4(torch.randn(n, k, device="cuda") * 0.02, 128, "minmax")
-    assert choose_kernel(1, w)[0] == "gemv_h2"
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    assert rel_err(int4_linear(x, w, bias), reference(x, w, bias)) < 1e-2
-
-
-def _check_meta_pairs(n, k, config, dtype, meta, device):
-    """gemv_h2 reading Int4Weight.meta (triton_ops "int4_meta_pairs") gives the very numbers it gives from the
-    scales and offsets, and matches the reference."""
-    from edgelm.layers import triton_ops
-    from edgelm.quantization import int4_kernels as kern
-    from edgelm.quantization.int4_pack import meta_pairs
-
-    w = _random_int4(n, k, 128, device, meta=meta)
-    x = torch.randn(1, k, device=device).to(dtype)
-    bias = torch.randn(n, device=device).to(dtype)
-    plain = kern.gemv_h2(x, w, bias, config)
-    w.meta = meta_pairs(w.scales, w.offsets)
-    assert w.meta.dtype == torch.int32 and w.meta.shape == w.scales.shape
-    old = triton_ops.set_enabled(",".join(sorted(triton_ops.DEFAULT_ON | {"int4_meta_pairs"})))
-    try:
-        paired = kern.gemv_h2(x, w, bias, config)
-    finally:
-        triton_ops.set_enabled(",".join(sorted(old)) or "0")
-    assert torch.equal(paired, plain)
-    assert rel_err(paired, reference(x, w, bias)) < 1e-2
-
-
-def test_meta_pairs_layout():
-    """meta_pairs: each group's scale bits low, offset bits high."""
-    from edgelm.quantization.int4_pack import meta_pairs
-
-    s = torch.tensor([[1.5, -2.0]], dtype=torch.float16)
-    m = torch.tensor([[-0.25, 3.0]], dtype=torch.float16)
-    got = meta_pairs(s, m)
-    assert torch.equal((got & 0xFFFF).to(torch.int16).view(torch.float16), s)
-    assert torch.equal((got >> 16).to(torch.int16).view(torch.float16), m)
-
-
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
-@pytest.mark.parametrize("config,dtype,meta", [((8, 2, 1, 4), torch.bfloat16, torch.float16),
-                                               ((16, 4, 2, 4, 3), torch.float16, torch.float16),
-                                               ((8, 2, 1, 4, 4), torch.bfloat16, torch.bfloat16)])
-def test_gemv_h2_meta_pairs_small(config, dtype, meta):
-    _check_meta_pairs(40, 1000, config, dtype, meta, DEVICE)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("config", [(8, 16, 1, 4, 1), (16, 8, 1, 4), (8, 16, 1, 4, 3), (8, 16, 2, 4, 2)])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gemv_h2_meta_pairs_gpu(config, dtype):
-    _check_meta_pairs(4096, 14336, config, dtype, dtype, "cuda")
 
 
 @pytest.mark.gpu

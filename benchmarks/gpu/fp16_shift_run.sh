@@ -5,7 +5,7 @@
 # alternating, and the fp16 dense model at batch 1 for the ratio.
 source benchmarks/gpu/site_setup.sh
 t0=$SECONDS
-timeout ${TT:-170} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_int4.py tests/test_int4_fused.py \
+timeout ${TT:-170} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_int4.py tests/test_gemv_h2.py tests/test_int4_fused.py \
     tests/test_cuda_graph.py::test_int4_model_graph_decode_matches_eager > $OUT/gpu_tests_fp16_shift.txt 2>&1
 tail -2 $OUT/gpu_tests_fp16_shift.txt; echo "($((SECONDS - t0)) s)"
 b="python3 -m edgelm.bench_one_batch --model-path llama-3.1-8b --load-format dummy --dtype float16 --batch-size 1 --input-len 1024 --output-len 64"

@@ -68,5 +68,5 @@ echo "($((SECONDS - t0)) s)"
 left=$(( ${BUDGET:-570} - (SECONDS - t0) ))
 (( left > 30 )) && timeout $left python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_int4_fused.py \
     tests/test_cuda_graph.py::test_fused_int4_layers_match_unfused tests/test_cuda_graph.py::test_pdl_decode_matches_plain_launches \
-    tests/test_int4.py 2>&1 | tee $OUT/gpu_tests_int4.txt | tail -4
+    tests/test_int4.py tests/test_gemv_h2.py 2>&1 | tee $OUT/gpu_tests_int4.txt | tail -4
 echo "total $((SECONDS - t0)) s"

@@ -136,6 +136,7 @@ def test_int4_variants_script(tmp_path, monkeypatch):
     monkeypatch.setattr(mod, "ROUND9", {})
     monkeypatch.setattr(mod, "ROUND10", {})
     monkeypatch.setattr(mod, "ROUND11", {})
+    monkeypatch.setattr(mod, "ROUND12", {})
     assert list(mod.candidates("round2,round3")) == ["qkv", "o"] and len(mod.candidates("round2,round3")["o"]) == 2
     with pytest.raises(SystemExit):
         mod.candidates("round99")
@@ -154,7 +155,11 @@ def test_int4_variants_script(tmp_path, monkeypatch):
     assert int4_kernels.KERNELS["gemv_h2"].__name__ == "gemv_h2"  # put back after the ablation
     monkeypatch.setattr(int4_kernels, "DISPATCH", dict(int4_kernels.DISPATCH))
     monkeypatch.setattr(int4_kernels, "SHAPE_DISPATCH", dict(int4_kernels.SHAPE_DISPATCH))
+    monkeypatch.setattr(int4_kernels, "M1_BY_ROLE", dict(int4_kernels.M1_BY_ROLE))
     tables = json.loads((tmp_path / "d.json").read_text())
+    # every shape's batch-1 choice is written, its role's default where the sweep found nothing better
+    assert {tuple(s) for s in report["shapes"].values()} <= {
+        tuple(int(v) for v in shape.split("x")) for shape, t in tables["dispatch_by_shape"].items() if "1" in t}
     int4_kernels.load_dispatch(str(tmp_path / "d.json"))
     for shape, table in tables["dispatch_by_shape"].items():
         n, k = (int(v) for v in shape.split("x"))

@@ -62,10 +62,78 @@ def test_gemv_h2_qwen_shapes_small(n, k):
         assert rel_err(kern.gemv_h2(x, w, None, config), reference(x, w, None)) < 1e-2, config
 
 
+# the decoder linears (qkv, o, gate_up, down) of models no sweep has timed: their batch-1 config is their role's
+UNSWEPT = {"llama-3.2-3b": [(5120, 3072), (3072, 3072), (16384, 3072), (3072, 8192)],
+           "qwen2.5-1.5b": [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960)]}
+
+
+@pytest.mark.parametrize("name", sorted(UNSWEPT))
+def test_unswept_shapes_are_the_shipped_configs(name):
+    """UNSWEPT's shapes are those of the configs shipped in edgelm/configs (what int4_variants.py loads)."""
+    from transformers import AutoConfig
+
+    from edgelm.bench_one_batch import shipped_config_dir
+
+    cfg = AutoConfig.from_pretrained(shipped_config_dir(name))
+    h, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or h // heads
+    assert UNSWEPT[name] == [((heads + 2 * kv) * hd, h), (h, heads * hd), (2 * cfg.intermediate_size, h),
+                             (h, cfg.intermediate_size)]
+
+
+def test_m1_role_defaults(monkeypatch, tmp_path):
+    """A batch-1 shape without a SHAPE_DISPATCH entry gets the shipped config of the linear it looks like; a shape
+    with one keeps it; a loaded dispatch file (measured on its own GPU) empties the role table, and its batch-1
+    bucket holds."""
+    import json
+    from types import SimpleNamespace
+
+    from edgelm.quantization import int4_kernels as kern
+
+    monkeypatch.setattr(kern, "DISPATCH", dict(kern.DISPATCH))
+    monkeypatch.setattr(kern, "SHAPE_DISPATCH", {s: dict(t) for s, t in kern.SHAPE_DISPATCH.items()})
+    monkeypatch.setattr(kern, "M1_BY_ROLE", dict(kern.M1_BY_ROLE))
+
+    def weight(n, k):  # choose_kernel reads the shape and the group size only
+        return SimpleNamespace(out_features=n, in_features=k, group_size=128)
+
+    llama_8b = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+    for shapes in UNSWEPT.values():
+        for (n, k), role in zip(shapes, ["qkv", "o", "gate_up", "down"]):
+            assert kern.m1_role(n, k) == role
+            assert kern.choose_kernel(1, weight(n, k)) == kern.M1_BY_ROLE[role] == kern.SHAPE_DISPATCH[llama_8b[role]][1]
+            assert kern.choose_kernel(2, weight(n, k)) == kern.DISPATCH[16]  # only batch 1 has role defaults
+    assert kern.m1_role(2560, 4096) == "down"  # an o_proj with heads wider than the hidden size (Qwen3-4B)
+    kern.SHAPE_DISPATCH[(1536, 1536)] = {1: ("gemv_h2", (4, 8, 1, 2))}
+    assert kern.choose_kernel(1, weight(1536, 1536)) == ("gemv_h2", (4, 8, 1, 2))
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"dispatch": {"1": ["gemv_h2", [4, 8, 1, 4]], "16": ["tcw", [64, 4, 4]]}}))
+    kern.load_dispatch(str(path))
+    assert kern.M1_BY_ROLE == {} and kern.choose_kernel(1, weight(3072, 8192)) == ("gemv_h2", (4, 8, 1, 4))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("k", [3072, 8192, 1536, 8960])
+def test_gemv_h2_unswept_shapes_small(k):
+    """The role configs that batch 1 runs on Llama-3.2-3B's and Qwen2.5-1.5B's K (8960: 70 blocks, a partial last
+    tile), with few rows (plain-op path here)."""
+    from edgelm.quantization import int4_kernels as kern
+
+    w = _random_int4(16, k, 128, DEVICE, meta=torch.bfloat16)
+    x = torch.randn(1, k, device=DEVICE).to(torch.bfloat16)
+    for n, kk in (s for shapes in UNSWEPT.values() for s in shapes):
+        if kk == k:
+            kernel, config = kern.m1_unswept(n, k)
+            assert kernel == "gemv_h2"
+            assert rel_err(kern.gemv_h2(x, w, None, config), reference(x, w, None)) < 1e-2, config
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,k", [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)])
+@pytest.mark.parametrize("n,k", [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)]
+                         + [s for shapes in UNSWEPT.values() for s in shapes])
 def test_int4_linear_qwen_shapes_gpu(n, k):
-    """Batch 1 on the Qwen2.5-7B shapes through int4_linear (their SHAPE_DISPATCH entries) against the reference."""
+    """Batch 1 through int4_linear against the reference on the Qwen2.5-7B shapes (their SHAPE_DISPATCH entries) and
+    on Llama-3.2-3B's and Qwen2.5-1.5B's (their roles' configs)."""
     from edgelm.quantization.int4_kernels import choose_kernel, int4_linear
 
     w = quantize_int4(torch.randn(n, k, device="cuda") * 0.02, 128, "minmax")

@@ -194,6 +194,7 @@ def test_dispatch_choice_and_tuned_table(tmp_path, monkeypatch):
 
     monkeypatch.setattr(kern, "DISPATCH", {1: ("tcw", (128, 8, 4)), 64: ("tcw", (64, 4, 4))})
     monkeypatch.setattr(kern, "SHAPE_DISPATCH", {(40, 256): {64: ("tc", (16, 2, 4))}})
+    monkeypatch.setattr(kern, "M1_BY_ROLE", dict(kern.M1_BY_ROLE))
     w128 = _random_int4(40, 256, 128, DEVICE)
     w64 = _random_int4(40, 256, 64, DEVICE)
     assert kern.choose_kernel(1, w128) == ("tcw", (128, 8, 4))
@@ -526,6 +527,7 @@ def test_dispatch_json_round_trip(tmp_path, monkeypatch):
 
     monkeypatch.setattr(kern, "DISPATCH", dict(kern.DISPATCH))
     monkeypatch.setattr(kern, "SHAPE_DISPATCH", {s: dict(t) for s, t in kern.SHAPE_DISPATCH.items()})
+    monkeypatch.setattr(kern, "M1_BY_ROLE", dict(kern.M1_BY_ROLE))
     want = (dict(kern.DISPATCH), {s: dict(t) for s, t in kern.SHAPE_DISPATCH.items()})
     path = tmp_path / "tables.json"
     path.write_text(json.dumps(kern.dispatch_json()))

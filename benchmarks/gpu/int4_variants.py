@@ -7,7 +7,7 @@ sweep's winners differed from the isolated ones). The shipped tables run first, 
 last, so drift shows; then the per-shape winners (each > 5 us better than the median baseline) run
 together twice around one more baseline, and their tables are written in load_dispatch's format
 (--dispatch-out) so that EDGELM_INT4_DISPATCH=file runs them in any later command. The shapes are
-the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|...|round11|all (or a
+the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|...|round12|all (or a
 comma-separated list; none: only the shipped tables) picks the configs tried (all: every round, for a GPU or model not swept yet, e.g. a
 Jetson with its own model). --ablate-gemv adds one run of the shipped step with every int4 GEMV launching
 nothing: the step minus it is what the int4 GEMVs cost inside the step. --ops-ab OP[,OP..] adds the shipped
@@ -165,6 +165,16 @@ ROUND11: dict[str, list[tuple[str, tuple]]] = {
     "down": [("gemv_h2", (8, 16, 1, 4, 3)), ("gemv_h2", (8, 16, 1, 4, 1))],
 }
 
+# round 12: on shapes no sweep had timed (e.g. Llama-3.2-3B, Qwen2.5-1.5B), whose batch-1 choice is now their
+# role's (M1_BY_ROLE, round 11's configs): DISPATCH's old default, narrower row tiles (more programs where the
+# rows are few) and, for down_proj's long K, two programs a row tile
+ROUND12: dict[str, list[tuple[str, tuple]]] = {
+    "qkv": [("gemv_h2", (8, 8, 1, 4)), ("gemv_h2", (4, 16, 1, 4, 2))],
+    "o": [("gemv_h2", (8, 8, 1, 4)), ("gemv_h2", (4, 16, 1, 4, 1))],
+    "gate_up": [("gemv_h2", (8, 8, 1, 4)), ("gemv_h2", (8, 16, 1, 4))],
+    "down": [("gemv_h2", (8, 8, 1, 4)), ("gemv_h2", (4, 16, 1, 4, 3)), ("gemv_h2", (8, 16, 2, 4, 3))],
+}
+
 
 def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """(N, K) of the first int4 linear of each role (qkv, o, gate_up, down) in a loaded model."""
@@ -182,7 +192,7 @@ def candidates(which: str) -> dict[str, list[tuple[str, tuple]]]:
     known = {"round1": ROUND1, "round2": CANDIDATES, "round3": ROUND3, "round4": ROUND4, "round5": ROUND5,
              "round6": ROUND6, "round7": ROUND7, "round8": ROUND8,
              "round9": ROUND9, "round10": ROUND10,
-             "round11": ROUND11}
+             "round11": ROUND11, "round12": ROUND12}
     if which == "none":  # the shipped tables only (with --fused-ab or --ablate-gemv)
         return {}
     names = list(known) if which == "all" else which.split(",")
@@ -256,11 +266,16 @@ def main(argv=None) -> dict:
         raise SystemExit("int4_variants: the model has no int4 layers (--torchao-config int4wo-*, or an AWQ/GPTQ checkpoint)")
     sweep = {role: cands for role, cands in candidates(opts["--candidates"]).items() if role in shapes}
     shipped = {shape: dict(t) for shape, t in int4_kernels.SHAPE_DISPATCH.items()}
+    # the variants replace the batch-1 choice in effect: for a shape no table names, its role's default
+    base = {shape: dict(t) for shape, t in shipped.items()}
+    for n, k in shapes.values():
+        if 1 in int4_kernels.DISPATCH and 1 not in base.get((n, k), {}):
+            base.setdefault((n, k), {})[1] = int4_kernels.m1_unswept(n, k)
     results: list[dict] = []
 
     def measure(v: dict) -> dict:
         int4_kernels.SHAPE_DISPATCH.clear()
-        int4_kernels.SHAPE_DISPATCH.update(tables(v, shipped, shapes))
+        int4_kernels.SHAPE_DISPATCH.update(tables(v, base, shapes))
         runner.set_attention_backend(runner.attention_backend_name)  # recaptures the graphs
         bench_one_batch.run_once(runner, bs, input_len, 8, overlap=True)
         steps = []
@@ -317,7 +332,7 @@ def main(argv=None) -> dict:
     int4_kernels.SHAPE_DISPATCH.clear()
     int4_kernels.SHAPE_DISPATCH.update(shipped)
     if opts.get("--dispatch-out"):
-        write_json(opts["--dispatch-out"], {**int4_kernels.dispatch_json(None, tables(combo, shipped, shapes)),
+        write_json(opts["--dispatch-out"], {**int4_kernels.dispatch_json(None, tables(combo, base, shapes)),
                                             "combo": label(combo)})
     report = {"command": "python benchmarks/gpu/int4_variants.py " + " ".join(sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),

@@ -265,6 +265,34 @@ SHAPE_DISPATCH: dict[tuple[int, int], dict[int, tuple[str, tuple]]] = {
 }
 
 
+# Batch 1 on a shape no sweep has timed (none of SHAPE_DISPATCH's): the shipped Llama-3.1-8B config of the linear
+# the shape looks like (m1_role). DISPATCH's default (8, 8, 1, 4) lost to these role by role on Qwen2.5-7B (round 11,
+# before its shapes were added to SHAPE_DISPATCH). A dispatch file loaded with load_dispatch replaces this too.
+M1_BY_ROLE: dict[str, tuple[str, tuple]] = {
+    "qkv": ("gemv_h2", (8, 16, 1, 4, 2)),
+    "o": ("gemv_h2", (8, 16, 1, 4, 1)),
+    "gate_up": ("gemv_h2", (16, 8, 1, 4)),
+    "down": ("gemv_h2", (8, 16, 1, 4, 3)),
+}
+
+
+def m1_role(n: int, k: int) -> str:
+    """The decoder linear an (N, K) weight most likely is: fewer outputs than inputs, down_proj (or an o_proj whose
+    heads are wider than the hidden size); square, o_proj; at least twice as many outputs, the fused gate_up_proj;
+    a few more, the fused qkv_proj (grouped K/V heads)."""
+    if k > n:
+        return "down"
+    if n == k:
+        return "o"
+    return "gate_up" if n >= 2 * k else "qkv"
+
+
+def m1_unswept(n: int, k: int) -> tuple[str, tuple]:
+    """Batch 1's (kernel, config) for an (N, K) weight of group size 128 that SHAPE_DISPATCH has no batch-1 entry
+    for: its role's (M1_BY_ROLE), or DISPATCH's where a loaded dispatch file emptied that table."""
+    return M1_BY_ROLE[m1_role(n, k)] if M1_BY_ROLE and DISPATCH[1][0] == "gemv_h2" else DISPATCH[1]
+
+
 def dispatch_json(dispatch: dict | None = None, shape_dispatch: dict | None = None) -> dict:
     """The "dispatch" and "dispatch_by_shape" tables (DISPATCH and SHAPE_DISPATCH unless given) as JSON
     values, in the format load_dispatch reads back."""
@@ -299,6 +327,7 @@ def load_dispatch(path: str) -> dict[int, tuple[str, tuple]]:
     DISPATCH.update(buckets)
     SHAPE_DISPATCH.clear()  # the built-in per-shape picks were measured on another GPU
     SHAPE_DISPATCH.update(shapes)
+    M1_BY_ROLE.clear()  # so were the role defaults: the file's own batch-1 bucket holds for its unswept shapes
     return DISPATCH
 
 
@@ -332,6 +361,8 @@ def choose_kernel(m: int, w: Int4Weight) -> tuple[str, tuple] | None:
     for m_max, choice in DISPATCH.items():
         if m <= m_max:
             kernel, config = by_shape.get(m_max, choice)
+            if m_max == 1 and 1 not in by_shape:
+                kernel, config = m1_unswept(w.out_features, w.in_features)
             if kernel in ("tc", "tcw", "gemv_h2", "gemv_xs") and w.group_size < 128:  # their scales are per 128-input block
                 kernel, config = next(c for b, c in SMALL_GROUP_DISPATCH.items() if m <= b)
             return kernel, config

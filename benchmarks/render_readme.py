@@ -163,18 +163,27 @@ def flashinfer_overhead() -> list[str]:
 
 
 def int4_vs_bf16() -> list[str]:
-    """Whole-model decode, int4wo-128 against bf16, from the two latency files of one device session."""
-    runs = dict(_load("bench_one_batch_*.json"))
-    bf16 = next((d for n, d in runs.items() if not d.get("torchao_config") and "prefill" not in n), None)
-    int4 = next((d for d in runs.values() if d.get("torchao_config") == "int4wo-128"), None)
-    if bf16 is None or int4 is None:
-        return []
+    """Whole-model decode, int4wo-128 against bf16, for each model with both latency files."""
+    runs = _load("bench_one_batch_*.json")
+    lines: list[str] = []
+    for _, int4 in runs:
+        if int4.get("torchao_config") != "int4wo-128":
+            continue
+        bf16 = next((d for n, d in runs if not d.get("torchao_config") and "prefill" not in n
+                     and d["model"] == int4["model"]), None)
+        if bf16 is None:
+            continue
+        lines += _int4_vs_bf16_table(int4, bf16)
+    return lines
+
+
+def _int4_vs_bf16_table(int4: dict, bf16: dict) -> list[str]:
     base = {(r["batch_size"], r["input_len"]): (r, "bf16 table") for r in bf16["results"]}
     same_call = int4.get("bf16_same_call")  # results/-relative path of a bf16 run made in the int4 run's call
     if same_call:
         with open(os.path.join(RESULTS, same_call)) as f:
             base.update({(r["batch_size"], r["input_len"]): (r, "same call") for r in json.load(f)["results"]})
-    lines = [f"**{int4['model']} decode: int4wo-128 against bf16** (same device; int4 weights "
+    lines = [f"**{os.path.basename(int4['model'])} decode: int4wo-128 against bf16** (same device; int4 weights "
              f"{int4['decode_weight_bytes'] / 1e9:.2f} GB read per step against {bf16['decode_weight_bytes'] / 1e9:.2f} GB; "
              "bf16 from the same device call where one was made"
              + (f": `{same_call}`" if same_call else "") + ", else from the bf16 table above, of its own date)",
@@ -183,6 +192,8 @@ def int4_vs_bf16() -> list[str]:
     for r in int4["results"]:
         b, source = base.get((r["batch_size"], r["input_len"]), (None, ""))
         if b is not None:
+            if source == "bf16 table" and str(bf16.get("date"))[:13] == str(int4.get("date"))[:13]:
+                source = f"bf16 table ({str(bf16['date'])[:16]}, same call)"
             lines.append(f"| {r['batch_size']} | {b['decode_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
                          f"{r['decode_tok_s'] / b['decode_tok_s']:.2f}× | {r.get('decode_roofline_ratio', 0):.2f} | "
                          f"{source} |")

@@ -167,6 +167,38 @@ def test_int4_variants_script(tmp_path, monkeypatch):
     assert tables["combo"] == report["combo"]
 
 
+def test_int4_variants_ablate_ops(tmp_path):
+    """--ablate-ops: one run with each small kernel launching nothing, then all of them, each followed by a shipped
+    run; the layers' own code is back afterwards; an unknown name stops before the model loads."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import LlamaConfig
+
+    from edgelm.layers.activation import SiluAndMul
+    from edgelm.layers.layernorm import RMSNorm
+
+    decode_attention = importlib.import_module("edgelm.layers.attention.triton_ops.decode_attention")
+    LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128).save_pretrained(str(tmp_path / "m"))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "int4_variants.py"
+    spec = importlib.util.spec_from_file_location("int4_variants", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    before = (RMSNorm.forward, SiluAndMul.forward, decode_attention._decode_merge_kernel)
+    args = ["--model-path", str(tmp_path / "m"), "--load-format", "dummy", "--device", "cpu", "--torchao-config",
+            "int4wo-128", "--batch-size", "1", "--input-len", "8", "--output-len", "3", "--candidates", "none"]
+    report = mod.main(args + ["--ablate-ops", "rmsnorm,silu,merge"])
+    labels = [r["label"] for r in report["results"]]
+    assert labels[:2] == ["shipped", "shipped"]  # the sweep's first and last baselines (no candidates)
+    assert labels[2::2] == [f"shipped, {op} replaced by nothing (ablation)"
+                            for op in ("rmsnorm", "silu", "merge", "rmsnorm+silu+merge")]
+    assert labels[3::2] == ["shipped (ablation baseline)"] * 4
+    assert (RMSNorm.forward, SiluAndMul.forward, decode_attention._decode_merge_kernel) == before
+    with pytest.raises(SystemExit):
+        mod.main(args + ["--ablate-ops", "nothing"])
+
+
 def test_result_header_and_write_json(tmp_path):
     from edgelm.bench_utils import result_header, write_json
 

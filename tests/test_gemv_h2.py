@@ -101,7 +101,9 @@ def test_m1_role_defaults(monkeypatch, tmp_path):
     for shapes in UNSWEPT.values():
         for (n, k), role in zip(shapes, ["qkv", "o", "gate_up", "down"]):
             assert kern.m1_role(n, k) == role
-            assert kern.choose_kernel(1, weight(n, k)) == kern.M1_BY_ROLE[role] == kern.SHAPE_DISPATCH[llama_8b[role]][1]
+            assert kern.m1_unswept(n, k) == kern.M1_BY_ROLE[role] == kern.SHAPE_DISPATCH[llama_8b[role]][1]
+            kern.SHAPE_DISPATCH.pop((n, k), None)  # (a measured entry would win, as below)
+            assert kern.choose_kernel(1, weight(n, k)) == kern.M1_BY_ROLE[role]
             assert kern.choose_kernel(2, weight(n, k)) == kern.DISPATCH[16]  # only batch 1 has role defaults
     assert kern.m1_role(2560, 4096) == "down"  # an o_proj with heads wider than the hidden size (Qwen3-4B)
     kern.SHAPE_DISPATCH[(1536, 1536)] = {1: ("gemv_h2", (4, 8, 1, 2))}
@@ -115,17 +117,17 @@ def test_m1_role_defaults(monkeypatch, tmp_path):
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 @pytest.mark.parametrize("k", [3072, 8192, 1536, 8960])
 def test_gemv_h2_unswept_shapes_small(k):
-    """The role configs that batch 1 runs on Llama-3.2-3B's and Qwen2.5-1.5B's K (8960: 70 blocks, a partial last
-    tile), with few rows (plain-op path here)."""
+    """The configs that batch 1 runs on Llama-3.2-3B's and Qwen2.5-1.5B's K (8960: 70 blocks, a partial last
+    tile), with few rows (plain-op path here); config None is gemv_h2's own default."""
     from edgelm.quantization import int4_kernels as kern
 
     w = _random_int4(16, k, 128, DEVICE, meta=torch.bfloat16)
     x = torch.randn(1, k, device=DEVICE).to(torch.bfloat16)
     for n, kk in (s for shapes in UNSWEPT.values() for s in shapes):
-        if kk == k:
-            kernel, config = kern.m1_unswept(n, k)
-            assert kernel == "gemv_h2"
-            assert rel_err(kern.gemv_h2(x, w, None, config), reference(x, w, None)) < 1e-2, config
+        if kk == k:  # the role's config, and the shape's own where round 12 found one faster
+            for kernel, config in {kern.m1_unswept(n, k), kern.SHAPE_DISPATCH.get((n, k), {}).get(1, ("gemv_h2", None))}:
+                assert kernel == "gemv_h2"
+                assert rel_err(kern.gemv_h2(x, w, None, config), reference(x, w, None)) < 1e-2, config
 
 
 @pytest.mark.gpu

@@ -10,7 +10,9 @@ together twice around one more baseline, and their tables are written in load_di
 the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|...|round12|all (or a
 comma-separated list; none: only the shipped tables) picks the configs tried (all: every round, for a GPU or model not swept yet, e.g. a
 Jetson with its own model). --ablate-gemv adds one run of the shipped step with every int4 GEMV launching
-nothing: the step minus it is what the int4 GEMVs cost inside the step. --ops-ab OP[,OP..] adds the shipped
+nothing: the step minus it is what the int4 GEMVs cost inside the step. --ablate-ops rmsnorm,silu,merge: the
+same for each of those small kernels (both RMSNorms, SiLU·mul, the decode attention's merge), alone and then
+together, each followed by a shipped run: at most what fusing it into a neighbour could save. --ops-ab OP[,OP..] adds the shipped
 tables with each triton_ops switch on, off, on (then all together, then off) after the sweep: e.g. int4_xprep
 (x prepared for the GEMVs), int4_rope (the rotary + KV write in qkv_proj's gemv_h2), fused_int4 (the whole
 decoder layer fused), l2_prefetch (l2_prefetch@MB: with that byte budget a layer), int4_meta_pairs (each
@@ -236,6 +238,30 @@ def _no_gemv(x: torch.Tensor, w, bias, config=None) -> torch.Tensor:
     return torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device)
 
 
+def _ablated(op: str):
+    """--ablate-ops: (object, attribute, replacement) making one kind of small kernel launch nothing in the
+    step (timing only; the values are garbage): "rmsnorm" both RMSNorms (x, and the residual, passed through),
+    "silu" SiLU·mul (gate passed through), "merge" the decode attention's merge of its splits."""
+    import importlib
+
+    from edgelm.layers.activation import SiluAndMul
+    from edgelm.layers.layernorm import RMSNorm
+
+    # the module (the package's name decode_attention is its function)
+    decode_attention = importlib.import_module("edgelm.layers.attention.triton_ops.decode_attention")
+
+    class _NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    table = {"rmsnorm": (RMSNorm, "forward", lambda self, x, residual=None: x if residual is None else (x, residual)),
+             "silu": (SiluAndMul, "forward", lambda self, x: x[..., : x.shape[-1] // 2]),
+             "merge": (decode_attention, "_decode_merge_kernel", _NoLaunch())}
+    if op not in table:
+        raise SystemExit(f"int4_variants: unknown --ablate-ops {op!r}; known: {sorted(table)}")
+    return table[op]
+
+
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = {"--candidates": "round2"}
@@ -245,6 +271,13 @@ def main(argv=None) -> dict:
             opts[flag] = argv[i + 1]
             del argv[i:i + 2]
     ablate = "--ablate-gemv" in argv
+    ablate_ops: list[str] = []
+    if "--ablate-ops" in argv:
+        i = argv.index("--ablate-ops")
+        ablate_ops = [op for op in argv[i + 1].split(",") if op]
+        del argv[i:i + 2]
+        for op in ablate_ops:
+            _ablated(op)  # unknown names stop here, before the model loads
     if ablate:
         argv.remove("--ablate-gemv")
     ops_ab: list[str] = []
@@ -329,6 +362,21 @@ def main(argv=None) -> dict:
             r["ablation"] = True
         finally:
             int4_kernels.KERNELS.update(kernels)
+    # each small kernel launching nothing, alone, then all of them: at most what fusing it away could save
+    for ops in [[op] for op in ablate_ops] + ([ablate_ops] if len(ablate_ops) > 1 else []):
+        saved = []
+        for op in ops:
+            obj, attr, repl = _ablated(op)
+            saved.append((obj, attr, getattr(obj, attr)))
+            setattr(obj, attr, repl)
+        try:
+            r = measure({})
+            r["label"] = f"shipped, {'+'.join(ops)} replaced by nothing (ablation)"
+            r["ablation"] = True
+        finally:
+            for obj, attr, orig in saved:
+                setattr(obj, attr, orig)
+        measure({})["label"] = "shipped (ablation baseline)"
     int4_kernels.SHAPE_DISPATCH.clear()
     int4_kernels.SHAPE_DISPATCH.update(shipped)
     if opts.get("--dispatch-out"):

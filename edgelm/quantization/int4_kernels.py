@@ -253,6 +253,9 @@ DISPATCH: dict[int, tuple[str, tuple]] = {
 # (config[4] = 3), 2525-2538 -> 2492-2494 us (three runs); the same for qkv / o / gate_up was even or slower.
 # Qwen2.5-7B's shapes (round 11, int4_variants_bs1_round11_qwen2.5-7b_h100.json): the Llama-3.1-8B configs role by
 # role, each faster than DISPATCH's default alone, together 2948-2962 -> 2446-2458 us a step (twice).
+# Round 12 (int4_variants_bs1_round12_llama-3.2-3b_h100.json / _qwen2.5-1.5b_): shapes with no entry run their role's
+# config (M1_BY_ROLE); DISPATCH's old default lost to it in every role but one (even); Llama-3.2-3B's down_proj with
+# 4-row tiles 1555-1558 us against 1564-1570 for the role default (three runs, four baselines).
 SHAPE_DISPATCH: dict[tuple[int, int], dict[int, tuple[str, tuple]]] = {
     (6144, 4096): {1: ("gemv_h2", (8, 16, 1, 4, 2))},
     (4096, 4096): {1: ("gemv_h2", (8, 16, 1, 4, 1)), 16: ("tc", (64, 8, 4))},
@@ -262,6 +265,7 @@ SHAPE_DISPATCH: dict[tuple[int, int], dict[int, tuple[str, tuple]]] = {
     (3584, 3584): {1: ("gemv_h2", (8, 16, 1, 4, 1))},
     (37888, 3584): {1: ("gemv_h2", (16, 8, 1, 4))},
     (3584, 18944): {1: ("gemv_h2", (8, 16, 1, 4, 3))},
+    (3072, 8192): {1: ("gemv_h2", (4, 16, 1, 4, 3))},  # Llama-3.2-3B's down_proj (round 12, below)
 }
 
 

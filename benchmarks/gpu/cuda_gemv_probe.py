@@ -201,7 +201,7 @@ def main() -> None:
         for pdl_on in (True, False):
             triton_ops.set_enabled(plain_ops if pdl_on else ",".join(o for o in triton_ops._enabled if o != "pdl"))
             try:
-                t = time_calls([lambda w=w, c=config: kern.gemv_h2(x, w, None, c) for w in ws])
+                t = time_calls([lambda w=w, c=config, x=x: kern.gemv_h2(x, w, None, c) for w in ws])
             finally:
                 triton_ops.set_enabled(plain_ops)
             rows.append({"shape": name, "N": n, "K": k, "kernel": f"gemv_h2 {list(config)}", "pdl": pdl_on,
@@ -215,7 +215,7 @@ def main() -> None:
                 err = ((run(x, ws[0], y).float() - ref).norm() / ref.norm()).item()
                 row["rel_err"] = round(err, 5)
                 if err < 1e-2:
-                    t = time_calls([lambda w=w, y=y: run(x, w, y) for w in ws])
+                    t = time_calls([lambda w=w, y=y, x=x, run=run: run(x, w, y) for w in ws])
                     row.update(us=round(t * 1e6, 2), GBps=round(nbytes / t / 1e9, 1))
             except Exception as e:  # a config that does not compile or launch: say so, go on
                 row["error"] = f"{type(e).__name__}: {e}"[:300]

@@ -185,7 +185,9 @@ def test_int4_variants_ablate_ops(tmp_path):
     spec = importlib.util.spec_from_file_location("int4_variants", script)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    before = (RMSNorm.forward, SiluAndMul.forward, decode_attention._decode_merge_kernel)
+    from edgelm.layers.vocab_embedding import VocabEmbedding
+
+    before = (RMSNorm.forward, SiluAndMul.forward, decode_attention._decode_merge_kernel, VocabEmbedding.forward)
     args = ["--model-path", str(tmp_path / "m"), "--load-format", "dummy", "--device", "cpu", "--torchao-config",
             "int4wo-128", "--batch-size", "1", "--input-len", "8", "--output-len", "3", "--candidates", "none"]
     report = mod.main(args + ["--ablate-ops", "rmsnorm,silu,merge"])
@@ -194,7 +196,8 @@ def test_int4_variants_ablate_ops(tmp_path):
     assert labels[2::2] == [f"shipped, {op} replaced by nothing (ablation)"
                             for op in ("rmsnorm", "silu", "merge", "rmsnorm+silu+merge")]
     assert labels[3::2] == ["shipped (ablation baseline)"] * 4
-    assert (RMSNorm.forward, SiluAndMul.forward, decode_attention._decode_merge_kernel) == before
+    assert [r["ablation"] for r in report["results"][2:]] == [True, False] * 4
+    assert (RMSNorm.forward, SiluAndMul.forward, decode_attention._decode_merge_kernel, VocabEmbedding.forward) == before
     with pytest.raises(SystemExit):
         mod.main(args + ["--ablate-ops", "nothing"])
 

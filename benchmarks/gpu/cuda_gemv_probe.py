@@ -36,6 +36,7 @@ typedef unsigned short u16;
 #define S %(s)d
 #define NB %(nb)d
 #define NCH ((NB + 7) / 8)
+#define DBG %(dbg)d
 #define XPAD(k) ((k) + ((k) >> 7) * 16)
 
 __device__ __forceinline__ float bf16f(u32 h) { return __uint_as_float(h << 16); }
@@ -146,6 +147,16 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
       }
     }
   }
+#if DBG == 1
+  if (lane == 0) { for (int r = 0; r < R; r++) if (row0 + r < N) y[row0 + r] = f2bf(1.0f + row0 + r); }
+  return;
+#elif DBG == 2
+  if (lane == 0) { for (int r = 0; r < R; r++) if (row0 + r < N) y[row0 + r] = f2bf(xsum[(row0 + r) %% NB]); }
+  return;
+#elif DBG == 3
+  if (lane == 0) { for (int r = 0; r < R; r++) if (row0 + r < N) y[row0 + r] = f2bf(acc[r]); }
+  return;
+#endif
 #pragma unroll
   for (int r = 0; r < R; r++) {
     float a = acc[r];
@@ -163,9 +174,32 @@ SHAPES = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (286
 CONFIGS = [(r, s, nw) for r in (1, 2, 4) for s in (2, 4) for nw in (4, 8)]
 
 
-def compile_probe(k: int, r: int, s: int, nw: int):
+def compile_probe(k: int, r: int, s: int, nw: int, dbg: int = 0):
     nb = k // 128
-    return torch.cuda._compile_kernel(SRC % {"nw": nw, "r": r, "s": s, "nb": nb}, "gemv_w4")
+    return torch.cuda._compile_kernel(SRC % {"nw": nw, "r": r, "s": s, "nb": nb, "dbg": dbg}, "gemv_w4")
+
+
+def debug() -> None:
+    """A small case, printed: the kernel's output and three debug forms (DBG 1: 1 + row; 2: the block sums of x;
+    3: lane 0's partial sum) beside the reference and gemv_h2."""
+    from edgelm.quantization import int4_kernels as kern
+    from edgelm.quantization.int4_kernels import dequantize
+    from edgelm.quantization.int4_pack import quantize_int4
+
+    n, k = 16, 1024
+    w = quantize_int4(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, 128, "minmax",
+                      meta_precision=torch.bfloat16)
+    print("qweight", w.qweight.shape, w.qweight.stride(), w.qweight.dtype, "scales", w.scales.shape,
+          w.scales.stride(), w.scales.dtype, w.offsets.dtype)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    ref = (x.float() @ dequantize(w, torch.float32).t()).flatten()
+    print("ref", ref[:4].tolist(), "gemv_h2", kern.gemv_h2(x, w, None, None).flatten()[:4].tolist())
+    print("block sums", x.float().view(-1, 128).sum(-1)[:4].tolist())
+    for dbg in (0, 1, 2, 3):
+        y = torch.full((n,), -7.0, device="cuda", dtype=torch.bfloat16)
+        launcher(compile_probe(k, 1, 2, 4, dbg), n, 1, 4)(x, w, y)
+        torch.cuda.synchronize()
+        print("DBG", dbg, y[:4].tolist())
 
 
 def launcher(kernel, n: int, r: int, nw: int):
@@ -182,7 +216,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--configs", help="r,s,nw;... (default: all of CONFIGS)")
+    ap.add_argument("--debug", action="store_true")
     args = ap.parse_args()
+    if args.debug:
+        return debug()
     from int4_bench import int4_bytes, int4_copies, time_calls
 
     from edgelm.layers import triton_ops

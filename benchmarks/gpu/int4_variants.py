@@ -12,7 +12,8 @@ comma-separated list; none: only the shipped tables) picks the configs tried (al
 Jetson with its own model). --ablate-gemv adds one run of the shipped step with every int4 GEMV launching
 nothing: the step minus it is what the int4 GEMVs cost inside the step. --ablate-ops rmsnorm,silu,merge: the
 same for each of those small kernels (both RMSNorms, SiLU·mul, the decode attention's merge), alone and then
-together, each followed by a shipped run: at most what fusing it into a neighbour could save. --ops-ab OP[,OP..] adds the shipped
+together, each followed by a shipped run: at most what fusing it into a neighbour could save (both runs with
+the token ids clamped into the vocabulary, one small kernel: an ablated step's logits are garbage). --ops-ab OP[,OP..] adds the shipped
 tables with each triton_ops switch on, off, on (then all together, then off) after the sweep: e.g. int4_xprep
 (x prepared for the GEMVs), int4_rope (the rotary + KV write in qkv_proj's gemv_h2), fused_int4 (the whole
 decoder layer fused), l2_prefetch (l2_prefetch@MB: with that byte budget a layer), int4_meta_pairs (each
@@ -238,10 +239,11 @@ def _no_gemv(x: torch.Tensor, w, bias, config=None) -> torch.Tensor:
     return torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device)
 
 
-def _ablated(op: str):
+def _ablated(op: str, model=None):
     """--ablate-ops: (object, attribute, replacement) making one kind of small kernel launch nothing in the
-    step (timing only; the values are garbage): "rmsnorm" both RMSNorms (x, and the residual, passed through),
-    "silu" SiLU·mul (gate passed through), "merge" the decode attention's merge of its splits."""
+    step (timing only; the values are garbage): "rmsnorm" both RMSNorms (their output a fixed buffer of small
+    values, so that nothing overflows; the residual passed through), "silu" SiLU·mul (gate passed through),
+    "merge" the decode attention's merge of its splits (its output left as it was)."""
     import importlib
 
     from edgelm.layers.activation import SiluAndMul
@@ -254,12 +256,28 @@ def _ablated(op: str):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    table = {"rmsnorm": (RMSNorm, "forward", lambda self, x, residual=None: x if residual is None else (x, residual)),
-             "silu": (SiluAndMul, "forward", lambda self, x: x[..., : x.shape[-1] // 2]),
-             "merge": (decode_attention, "_decode_merge_kernel", _NoLaunch())}
+    def fixed_norm():
+        norm = next(m for m in model.modules() if isinstance(m, RMSNorm))
+        buf = torch.full((512, norm.weight.shape[0]), 0.05, dtype=norm.weight.dtype, device=norm.weight.device)
+        return lambda self, x, residual=None: buf[: x.shape[0]] if residual is None else (buf[: x.shape[0]], residual)
+
+    table = {"rmsnorm": (RMSNorm, "forward", fixed_norm if model is not None else None),
+             "silu": (SiluAndMul, "forward", lambda: lambda self, x: x[..., : x.shape[-1] // 2]),
+             "merge": (decode_attention, "_decode_merge_kernel", _NoLaunch)}
     if op not in table:
         raise SystemExit(f"int4_variants: unknown --ablate-ops {op!r}; known: {sorted(table)}")
-    return table[op]
+    obj, attr, make = table[op]
+    return obj, attr, make() if make is not None else None
+
+
+def _clamped_embedding():
+    """(object, attribute, replacement): token ids clamped into the vocabulary before the embedding (one small
+    kernel), for the ablation runs and their baselines alike: an ablated step's garbage logits may pick any id."""
+    import torch.nn.functional as F
+
+    from edgelm.layers.vocab_embedding import VocabEmbedding
+
+    return VocabEmbedding, "forward", lambda self, ids: F.embedding(ids.clamp(0, self.weight.shape[0] - 1), self.weight)
 
 
 def main(argv=None) -> dict:
@@ -364,19 +382,20 @@ def main(argv=None) -> dict:
             int4_kernels.KERNELS.update(kernels)
     # each small kernel launching nothing, alone, then all of them: at most what fusing it away could save
     for ops in [[op] for op in ablate_ops] + ([ablate_ops] if len(ablate_ops) > 1 else []):
-        saved = []
-        for op in ops:
-            obj, attr, repl = _ablated(op)
-            saved.append((obj, attr, getattr(obj, attr)))
-            setattr(obj, attr, repl)
-        try:
-            r = measure({})
-            r["label"] = f"shipped, {'+'.join(ops)} replaced by nothing (ablation)"
-            r["ablation"] = True
-        finally:
-            for obj, attr, orig in saved:
-                setattr(obj, attr, orig)
-        measure({})["label"] = "shipped (ablation baseline)"
+        for ablated in (True, False):
+            saved = []
+            for obj, attr, repl in [_clamped_embedding()] + ([_ablated(op, runner.model) for op in ops] if ablated else []):
+                saved.append((obj, attr, getattr(obj, attr)))
+                setattr(obj, attr, repl)
+            try:
+                r = measure({})
+            finally:
+                for obj, attr, orig in reversed(saved):
+                    setattr(obj, attr, orig)
+            r["label"] = (f"shipped, {'+'.join(ops)} replaced by nothing (ablation)" if ablated
+                          else "shipped (ablation baseline)")
+            r["ablation"] = ablated
+            r["clamped_ids"] = True
     int4_kernels.SHAPE_DISPATCH.clear()
     int4_kernels.SHAPE_DISPATCH.update(shipped)
     if opts.get("--dispatch-out"):

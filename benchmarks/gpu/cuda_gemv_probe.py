@@ -37,9 +37,20 @@ typedef unsigned short u16;
 #define NB %(nb)d
 #define NCH ((NB + 7) / 8)
 #define DBG %(dbg)d
+#define SCALE_F16 %(f16)d
 #define XPAD(k) ((k) + ((k) >> 7) * 16)
 
 __device__ __forceinline__ float bf16f(u32 h) { return __uint_as_float(h << 16); }
+
+__device__ __forceinline__ float meta_f(u32 h) {  // a scale or offset: fp16 (SCALE_F16) or bf16
+#if SCALE_F16
+  float f;
+  asm("{ .reg .f16 t; mov.b16 t, %%1; cvt.f32.f16 %%0, t; }" : "=f"(f) : "h"((u16)h));
+  return f;
+#else
+  return bf16f(h);
+#endif
+}
 
 __device__ __forceinline__ u16 f2bf(float f) {
   u32 u = __float_as_uint(f);
@@ -143,7 +154,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
                       + dot_word(cur[r].y, p[1][0], p[1][1], p[1][2], p[1][3])
                       + dot_word(cur[r].z, p[2][0], p[2][1], p[2][2], p[2][3])
                       + dot_word(cur[r].w, p[3][0], p[3][1], p[3][2], p[3][3]);
-        acc[r] += bf16f(cs[r]) * d + bf16f(co[r]) * xsb;
+        acc[r] += meta_f(cs[r]) * d + meta_f(co[r]) * xsb;
       }
     }
   }
@@ -174,9 +185,10 @@ SHAPES = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (286
 CONFIGS = [(r, s, nw) for r in (1, 2, 4) for s in (2, 4) for nw in (4, 8)]
 
 
-def compile_probe(k: int, r: int, s: int, nw: int, dbg: int = 0):
+def compile_probe(k: int, r: int, s: int, nw: int, dbg: int = 0, f16_scales: bool = True):
     nb = k // 128
-    return torch.cuda._compile_kernel(SRC % {"nw": nw, "r": r, "s": s, "nb": nb, "dbg": dbg}, "gemv_w4")
+    return torch.cuda._compile_kernel(SRC % {"nw": nw, "r": r, "s": s, "nb": nb, "dbg": dbg, "f16": int(f16_scales)},
+                                      "gemv_w4")
 
 
 def debug() -> None:
@@ -197,7 +209,7 @@ def debug() -> None:
     print("block sums", x.float().view(-1, 128).sum(-1)[:4].tolist())
     for dbg in (0, 1, 2, 3):
         y = torch.full((n,), -7.0, device="cuda", dtype=torch.bfloat16)
-        launcher(compile_probe(k, 1, 2, 4, dbg), n, 1, 4)(x, w, y)
+        launcher(compile_probe(k, 1, 2, 4, dbg, w.scales.dtype == torch.float16), n, 1, 4)(x, w, y)
         torch.cuda.synchronize()
         print("DBG", dbg, y[:4].tolist())
 
@@ -247,7 +259,7 @@ def main() -> None:
         for r, s, nw in configs:
             row = {"shape": name, "N": n, "K": k, "kernel": f"cuda R={r} S={s} warps={nw}", "pdl": False}
             try:
-                run = launcher(compile_probe(k, r, s, nw), n, r, nw)
+                run = launcher(compile_probe(k, r, s, nw, 0, ws[0].scales.dtype == torch.float16), n, r, nw)
                 y = torch.empty(n, device="cuda", dtype=torch.bfloat16)
                 err = ((run(x, ws[0], y).float() - ref).norm() / ref.norm()).item()
                 row["rel_err"] = round(err, 5)

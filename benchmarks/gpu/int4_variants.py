@@ -7,7 +7,7 @@ sweep's winners differed from the isolated ones). The shipped tables run first, 
 last, so drift shows; then the per-shape winners (each > 5 us better than the median baseline) run
 together twice around one more baseline, and their tables are written in load_dispatch's format
 (--dispatch-out) so that EDGELM_INT4_DISPATCH=file runs them in any later command. The shapes are
-the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|...|round12|all (or a
+the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|...|round13|all (or a
 comma-separated list; none: only the shipped tables) picks the configs tried (all: every round, for a GPU or model not swept yet, e.g. a
 Jetson with its own model). --ablate-gemv adds one run of the shipped step with every int4 GEMV launching
 nothing: the step minus it is what the int4 GEMVs cost inside the step. --ablate-ops rmsnorm,silu,merge: the
@@ -178,6 +178,16 @@ ROUND12: dict[str, list[tuple[str, tuple]]] = {
     "down": [("gemv_h2", (8, 8, 1, 4)), ("gemv_h2", (4, 16, 1, 4, 3)), ("gemv_h2", (8, 16, 2, 4, 3))],
 }
 
+# round 13: the hand-written CUDA GEMV (int4_cuda.gemv_w4, x in shared memory; R rows a warp, S steps ahead,
+# warps a program), the probe's fastest configs per shape alone (results/cuda_gemv_probe_h100.json). On qkv_proj it
+# replaces gemv_h2 with int4_rope's rotary + K/V write epilogue (the rotary then runs with the KV write again).
+ROUND13: dict[str, list[tuple[str, tuple]]] = {
+    "qkv": [("cuda_w4", (2, 2, 8)), ("cuda_w4", (1, 4, 8))],
+    "o": [("cuda_w4", (1, 2, 8)), ("cuda_w4", (2, 2, 8))],
+    "gate_up": [("cuda_w4", (2, 4, 4)), ("cuda_w4", (1, 2, 8))],
+    "down": [("cuda_w4", (2, 2, 4))],
+}
+
 
 def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """(N, K) of the first int4 linear of each role (qkv, o, gate_up, down) in a loaded model."""
@@ -195,7 +205,7 @@ def candidates(which: str) -> dict[str, list[tuple[str, tuple]]]:
     known = {"round1": ROUND1, "round2": CANDIDATES, "round3": ROUND3, "round4": ROUND4, "round5": ROUND5,
              "round6": ROUND6, "round7": ROUND7, "round8": ROUND8,
              "round9": ROUND9, "round10": ROUND10,
-             "round11": ROUND11, "round12": ROUND12}
+             "round11": ROUND11, "round12": ROUND12, "round13": ROUND13}
     if which == "none":  # the shipped tables only (with --fused-ab or --ablate-gemv)
         return {}
     names = list(known) if which == "all" else which.split(",")

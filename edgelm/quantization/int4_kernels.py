@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from edgelm.layers.triton_ops import xprep
+from edgelm.quantization.int4_cuda import gemv_w4
 from edgelm.quantization.int4_gemv import gemv_xs
 from edgelm.quantization.int4_pack import WORDS_PER_BLOCK, Int4Weight
 from edgelm.quantization.int4_ptx import gemv_h2, split_tiles
@@ -230,7 +231,7 @@ def dequant_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, co
 
 
 KERNELS = {"gemv_unit": gemv_unit, "gemm": gemm, "dequant": dequant_matmul, "tc": gemm_tc, "tcw": gemm_tcw,
-           "gemv_h2": gemv_h2, "gemv_xs": gemv_xs}
+           "gemv_h2": gemv_h2, "gemv_xs": gemv_xs, "cuda_w4": gemv_w4}
 # largest M of each bucket → (kernel, launch config); M above the last bucket: dequantize, then cuBLAS.
 # The geometric-mean winners over the Llama-3.1-8B shapes of the H100 sweep of 2026-12-06
 # (benchmarks/gpu/int4_bench.py --tune: benchmarks/results/int4_tune_h100.json); the H200 sweep of the
@@ -367,7 +368,7 @@ def choose_kernel(m: int, w: Int4Weight) -> tuple[str, tuple] | None:
             kernel, config = by_shape.get(m_max, choice)
             if m_max == 1 and 1 not in by_shape:
                 kernel, config = m1_unswept(w.out_features, w.in_features)
-            if kernel in ("tc", "tcw", "gemv_h2", "gemv_xs") and w.group_size < 128:  # their scales are per 128-input block
+            if kernel in ("tc", "tcw", "gemv_h2", "gemv_xs", "cuda_w4") and w.group_size < 128:  # their scales are per 128-input block
                 kernel, config = next(c for b, c in SMALL_GROUP_DISPATCH.items() if m <= b)
             return kernel, config
     return None

@@ -1,0 +1,278 @@
+"""`cuda_w4`: a hand-written CUDA batch-1 int4 GEMV (bf16 activations, groups of 128), compiled at run time.
+
+Why CUDA here, beside the Triton `gemv_h2`: the two share the packed layout (int4_pack) and the per-word
+arithmetic (int4_ptx._dot_pairs_asm's bf16 form: each nibble pair made BASE + q by one lop3, BASE taken off by
+one FMA, the x pair multiplied in by another, a word's eight products summed in a bf16 pair, then float32), but
+not the memory structure, which Triton does not let us write: here a program first copies the whole of x into
+shared memory (padded so that the lanes' reads do not collide in banks) with each 128-input block's sum, then a
+warp takes R rows, its lanes four words (16 bytes) of one block each, eight blocks a step, with the weights,
+scales and offsets of the next S steps in flight in registers; the first S steps are loaded before the PDL wait
+(they do not depend on the kernel before). Timed alone on the H100 (benchmarks/gpu/cuda_gemv_probe.py,
+results/cuda_gemv_probe_h100.json, both without PDL) it took 7.2 / 5.5 / 24.9 µs on Llama-3.1-8B's qkv / o /
+gate_up against gemv_h2's 8.9 / 7.3 / 27.5, and 16.4 against 15.7 on down_proj (whose K of 14336 makes each
+program copy 28 KB of x).
+
+Compiled with NVRTC through torch (torch.cuda._utils._nvrtc_compile: PTX for the GPU at hand), loaded and
+launched through the CUDA driver API with ctypes (cuLaunchKernelEx, the programmatic-serialization attribute
+where PDL is on), on torch's current stream, so CUDA graphs capture it. Where any of that is missing (an older
+torch, fp16 activations, another group size, K not a multiple of 128 or too long for the static shared memory),
+`gemv_w4` runs gemv_h2 instead: a dispatch entry naming `cuda_w4` is never an error.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from edgelm.quantization.int4_pack import Int4Weight
+
+# x as padded 16-bit values (144 a block of 128) and one float sum a block, in static shared memory (48 KB)
+MAX_K = 20480
+
+SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+#define NW %(nw)d
+#define R %(r)d
+#define S %(s)d
+#define NB %(nb)d
+#define NCH ((NB + 7) / 8)
+#define SCALE_F16 %(f16)d
+#define HAS_BIAS %(bias)d
+#define PDL %(pdl)d
+
+__device__ __forceinline__ float bf16f(u32 h) { return __uint_as_float(h << 16); }
+
+__device__ __forceinline__ float meta_f(u32 h) {
+#if SCALE_F16
+  float f;
+  asm("{ .reg .f16 t; mov.b16 t, %%1; cvt.f32.f16 %%0, t; }" : "=f"(f) : "h"((u16)h));
+  return f;
+#else
+  return bf16f(h);
+#endif
+}
+
+__device__ __forceinline__ u16 f2bf(float f) {
+  u32 u = __float_as_uint(f);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return (u16)(u >> 16);
+}
+
+// one nibble pair (bits 0-3 and 16-19 of w) times the x pair p, added to the bf16 pair acc
+__device__ __forceinline__ u32 step(u32 acc, u32 w, u32 p) {
+  u32 c;
+  asm("lop3.b32 %%0, %%1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(c) : "r"(w));
+  asm("fma.rn.bf16x2 %%0, %%1, %%2, %%3;" : "=r"(c) : "r"(c), "r"(0x3F803F80u), "r"(0xC300C300u));
+  asm("fma.rn.bf16x2 %%0, %%1, %%2, %%3;" : "=r"(acc) : "r"(c), "r"(p), "r"(acc));
+  return acc;
+}
+
+__device__ __forceinline__ float dot_word(u32 w, u32 p0, u32 p1, u32 p2, u32 p3) {
+  u32 acc = 0;
+  acc = step(acc, w, p0);
+  acc = step(acc, w >> 4, p1);
+  acc = step(acc, w >> 8, p2);
+  acc = step(acc, w >> 12, p3);
+  return __uint_as_float(acc << 16) + __uint_as_float(acc & 0xFFFF0000u);
+}
+
+extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
+    const u16* __restrict__ x, const uint4* __restrict__ qw, const u16* __restrict__ sc,
+    const u16* __restrict__ of, const u16* __restrict__ bias, u16* __restrict__ y, int N) {
+  __shared__ __align__(16) u16 xs[NCH * 8 * 144];
+  __shared__ float xsum[NCH * 8];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row0 = (blockIdx.x * NW + warp) * R;
+  const int q4 = lane & 3;
+  uint4 wb[S][R];
+  u32 sb[S][R], ob[S][R];
+  // the first S steps' weights, scales and offsets: before the wait (nothing an earlier kernel wrote)
+#pragma unroll
+  for (int s = 0; s < S; s++) {
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+      const int row = row0 + r, b = s * 8 + (lane >> 2);
+      const bool ok = s < NCH && row < N && b < NB;
+      wb[s][r] = ok ? __ldg(qw + (size_t)row * (NB * 4) + s * 32 + lane) : make_uint4(0, 0, 0, 0);
+      sb[s][r] = ok ? __ldg(sc + (size_t)row * NB + b) : 0u;
+      ob[s][r] = ok ? __ldg(of + (size_t)row * NB + b) : 0u;
+    }
+  }
+#if PDL && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+  // x into shared memory, 16 values of padding after each block of 128 (lanes of one step read 4 blocks'
+  // slices at once: 288-byte strides fall in different banks); each block's sum (for the offsets)
+  for (int base = 0; base < NCH * 128; base += NW * 32) {
+    const int v = base + threadIdx.x, b = v >> 4;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (v < NCH * 128 && b < NB) val = *(const uint4*)(x + v * 8);
+    if (v < NCH * 128) *(uint4*)(xs + v * 8 + b * 16) = val;
+    float sum = bf16f(val.x & 0xFFFFu) + bf16f(val.x >> 16) + bf16f(val.y & 0xFFFFu) + bf16f(val.y >> 16)
+              + bf16f(val.z & 0xFFFFu) + bf16f(val.z >> 16) + bf16f(val.w & 0xFFFFu) + bf16f(val.w >> 16);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 8);
+    if (v < NCH * 128 && (v & 15) == 0) xsum[b] = sum;
+  }
+  __syncthreads();
+  float acc[R];
+#pragma unroll
+  for (int r = 0; r < R; r++) acc[r] = 0.f;
+#pragma unroll
+  for (int c = 0; c < NCH; c++) {
+    uint4 cur[R];
+    u32 cs[R], co[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) { cur[r] = wb[c %% S][r]; cs[r] = sb[c %% S][r]; co[r] = ob[c %% S][r]; }
+    if (c + S < NCH) {
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        const int row = row0 + r, b = (c + S) * 8 + (lane >> 2);
+        const bool ok = row < N && b < NB;
+        wb[c %% S][r] = ok ? __ldg(qw + (size_t)row * (NB * 4) + (c + S) * 32 + lane) : make_uint4(0, 0, 0, 0);
+        sb[c %% S][r] = ok ? __ldg(sc + (size_t)row * NB + b) : 0u;
+        ob[c %% S][r] = ok ? __ldg(of + (size_t)row * NB + b) : 0u;
+      }
+    }
+    const int b = c * 8 + (lane >> 2);
+    if (b < NB) {
+      // words 4·q4 .. 4·q4 + 3 of block b: word i, nibble j takes x[128b + 16j + i] (j < 4, low half of the
+      // pair) and x[128b + 64 + 16j + i] (nibble j + 4, high half)
+      const u16* xb = xs + b * 144 + 4 * q4;
+      u32 p[4][4];
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        const uint2 lo = *(const uint2*)(xb + 16 * j), hi = *(const uint2*)(xb + 64 + 16 * j);
+        p[0][j] = __byte_perm(lo.x, hi.x, 0x5410);
+        p[1][j] = __byte_perm(lo.x, hi.x, 0x7632);
+        p[2][j] = __byte_perm(lo.y, hi.y, 0x5410);
+        p[3][j] = __byte_perm(lo.y, hi.y, 0x7632);
+      }
+      const float xsb = q4 == 0 ? xsum[b] : 0.f;  // one lane of the four adds the block's offset term
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        const float d = dot_word(cur[r].x, p[0][0], p[0][1], p[0][2], p[0][3])
+                      + dot_word(cur[r].y, p[1][0], p[1][1], p[1][2], p[1][3])
+                      + dot_word(cur[r].z, p[2][0], p[2][1], p[2][2], p[2][3])
+                      + dot_word(cur[r].w, p[3][0], p[3][1], p[3][2], p[3][3]);
+        acc[r] += meta_f(cs[r]) * d + meta_f(co[r]) * xsb;
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+    float a = acc[r];
+    a += __shfl_xor_sync(0xffffffffu, a, 16);
+    a += __shfl_xor_sync(0xffffffffu, a, 8);
+    a += __shfl_xor_sync(0xffffffffu, a, 4);
+    a += __shfl_xor_sync(0xffffffffu, a, 2);
+    a += __shfl_xor_sync(0xffffffffu, a, 1);
+#if HAS_BIAS
+    if (row0 + r < N) a += bf16f(bias[row0 + r]);
+#endif
+    if (lane == 0 && row0 + r < N) y[row0 + r] = f2bf(a);
+  }
+}
+"""
+
+
+def source(k: int, config: tuple, f16_scales: bool, has_bias: bool, pdl_on: bool) -> str:
+    """The kernel's CUDA source for inputs K (a multiple of 128) and config (R, S, warps)."""
+    r, s, nw = config
+    return SOURCE % {"nw": nw, "r": r, "s": s, "nb": k // 128, "f16": int(f16_scales), "bias": int(has_bias),
+                     "pdl": int(pdl_on)}
+
+
+def supported(x: torch.Tensor, w: Int4Weight) -> bool:
+    """Whether cuda_w4 runs this call (else gemv_w4 runs gemv_h2)."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] == 1 and w.group_size == 128
+            and w.in_features % 128 == 0 and w.in_features <= MAX_K and w.scales.dtype in (torch.float16, torch.bfloat16)
+            and w.qweight.is_contiguous() and w.scales.is_contiguous() and w.offsets.is_contiguous()
+            and _toolchain() and torch.cuda.get_device_capability(x.device) >= (8, 0))
+
+
+@functools.cache
+def _toolchain() -> bool:
+    """NVRTC through torch (2.8 and later) and the CUDA driver's cuLaunchKernelEx."""
+    try:
+        from torch.cuda._utils import _nvrtc_compile  # noqa: F401
+
+        _driver().cuLaunchKernelEx  # noqa: B018
+    except (ImportError, OSError, AttributeError):
+        return False
+    return True
+
+
+@functools.cache
+def _driver() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        raise RuntimeError(f"cuda_w4: {what} failed with CUDA driver error {result}")
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int), ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid_x", ctypes.c_uint), ("grid_y", ctypes.c_uint), ("grid_z", ctypes.c_uint),
+                ("block_x", ctypes.c_uint), ("block_y", ctypes.c_uint), ("block_z", ctypes.c_uint),
+                ("shared_bytes", ctypes.c_uint), ("stream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_MODULES: list[ctypes.c_void_p] = []
+
+
+@functools.cache
+def _function(device_index: int, src: str) -> ctypes.c_void_p:
+    """The compiled kernel of `src` on that device (compiled once a process: a few hundred milliseconds)."""
+    from torch.cuda._utils import _nvrtc_compile
+
+    major, minor = torch.cuda.get_device_capability(device_index)
+    with torch.cuda.device(device_index):
+        ptx, name = _nvrtc_compile(src, "gemv_w4", f"{major}{minor}")
+        module, func = ctypes.c_void_p(), ctypes.c_void_p()
+        _check(_driver().cuModuleLoadData(ctypes.byref(module), ptx if isinstance(ptx, bytes) else ptx.encode()),
+               "cuModuleLoadData")
+        _check(_driver().cuModuleGetFunction(ctypes.byref(func), module, name.encode()), "cuModuleGetFunction")
+    _MODULES.append(module)  # never unloaded
+    return func
+
+
+def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
+    """x [1, K] → y [1, N] with the CUDA kernel; config (R rows a warp, S steps ahead, warps a program).
+    Calls it cannot take go to gemv_h2 with the config batch 1 would otherwise run (int4_kernels.m1_unswept)."""
+    from edgelm.layers.triton_ops import pdl
+
+    if not supported(x, w) or (bias is not None and bias.dtype != torch.bfloat16):
+        from edgelm.quantization.int4_kernels import m1_unswept
+        from edgelm.quantization.int4_ptx import gemv_h2
+
+        return gemv_h2(x, w, bias, m1_unswept(w.out_features, w.in_features)[1])
+    r, s, nw = config or (2, 2, 8)
+    n, k = w.out_features, w.in_features
+    pdl_on = pdl.mode(x.device, 1, small=False) != 0
+    func = _function(x.device.index if x.device.index is not None else torch.cuda.current_device(),
+                     source(k, (r, s, nw), w.scales.dtype == torch.float16, bias is not None, pdl_on))
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (x, w.qweight, w.scales, w.offsets,
+                                                    bias if bias is not None else x, y)]
+    n_arg = ctypes.c_int(n)
+    params = (ctypes.c_void_p * 7)(*[ctypes.cast(ctypes.byref(p), ctypes.c_void_p) for p in ptrs + [n_arg]])
+    attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+    cfg = _LaunchConfig(grid_x=(n + nw * r - 1) // (nw * r), grid_y=1, grid_z=1, block_x=nw * 32, block_y=1, block_z=1,
+                        shared_bytes=0, stream=torch.cuda.current_stream(x.device).cuda_stream,
+                        attrs=ctypes.pointer(attr) if pdl_on else None, num_attrs=1 if pdl_on else 0)
+    _check(_driver().cuLaunchKernelEx(ctypes.byref(cfg), func, params, None), "cuLaunchKernelEx")
+    return y

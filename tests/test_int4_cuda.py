@@ -1,0 +1,152 @@
+"""The hand-written CUDA batch-1 int4 GEMV `cuda_w4` (edgelm.quantization.int4_cuda): its source compiles for
+Orin (SM 8.7), Ampere and Hopper without spilling; calls it cannot take run gemv_h2; on a GPU it matches
+dequantize-then-matmul (and gemv_h2) on the Llama-3.1-8B shapes and odd ones, inside CUDA graphs with PDL, and
+in a model's graph decode."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from edgelm.quantization.int4_pack import quantize_int4
+from tests.test_int4 import DEVICE, HAS_TRITON, _random_int4, reference, rel_err
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit) to compile the source")
+@pytest.mark.parametrize("arch,k,config,f16,bias,pdl", [("87", 4096, (2, 2, 8), True, False, False),
+                                                        ("80", 14336, (2, 4, 4), False, True, False),
+                                                        ("90", 4096, (1, 4, 8), True, True, True),
+                                                        ("90", 20480, (2, 2, 8), True, False, True)])
+def test_cuda_w4_source_compiles(tmp_path, arch, k, config, f16, bias, pdl):
+    """The source as gemv_w4 generates it compiles for SM 8.0 / 8.7 / 9.0 (PDL's instructions only from 9.0),
+    with no local-memory spills, and its static shared memory fits the 48 KB a launch gets without opting in."""
+    from edgelm.quantization.int4_cuda import source
+
+    cu = tmp_path / "k.cu"
+    cu.write_text(source(k, config, f16, bias, pdl))
+    out = subprocess.run(["nvcc", f"-arch=sm_{arch}", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), str(cu)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "0 bytes spill stores" in out.stderr
+    smem = int(re.search(r"(\d+) bytes smem", out.stderr).group(1))
+    assert smem <= 48 * 1024
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_cuda_w4_falls_back_to_gemv_h2():
+    """A call cuda_w4 cannot take (here: not on a CUDA device; on a GPU: fp16 x, groups of 64, K not a multiple of
+    128) runs gemv_h2 with the config batch 1 would run otherwise: the very same numbers."""
+    from edgelm.quantization import int4_kernels as kern
+    from edgelm.quantization.int4_cuda import gemv_w4, supported
+
+    w = _random_int4(24, 384, 128, DEVICE, meta=torch.bfloat16)
+    x = torch.randn(1, 384, device=DEVICE).to(torch.bfloat16)
+    if DEVICE == "cpu":
+        assert not supported(x, w)
+    plain = kern.gemv_h2(x, w, None, kern.m1_unswept(24, 384)[1])
+    assert torch.equal(gemv_w4(x, w, None, (2, 2, 8)), plain)
+    assert rel_err(plain, reference(x, w, None)) < 1e-2
+
+
+def _gpu():
+    from edgelm.quantization.int4_cuda import supported
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    w = _random_int4(8, 128, 128, "cuda", meta=torch.bfloat16)
+    if not supported(torch.zeros(1, 128, device="cuda", dtype=torch.bfloat16), w):
+        pytest.skip("cuda_w4 not available here (torch without NVRTC, or a GPU before SM 8.0)")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (40, 1024), (2048, 1536)])
+@pytest.mark.parametrize("config", [(2, 2, 8), (1, 4, 8), (2, 4, 4), (4, 2, 4)])
+def test_cuda_w4_matches_reference_gpu(n, k, config):
+    """Against dequantize-then-matmul and gemv_h2, with and without bias, fp16 and bf16 scales (rows not a
+    multiple of a program's included)."""
+    from edgelm.quantization import int4_kernels as kern
+    from edgelm.quantization.int4_cuda import gemv_w4
+
+    _gpu()
+    for meta in (torch.float16, torch.bfloat16):
+        w = quantize_int4(torch.randn(n, k, device="cuda") * 0.02, 128, "minmax", meta_precision=meta)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        for bias in (None, torch.randn(n, device="cuda", dtype=torch.bfloat16)):
+            y = gemv_w4(x, w, bias, config)
+            assert rel_err(y, reference(x, w, bias)) < 1e-2, (meta, bias is not None)
+            assert rel_err(y, kern.gemv_h2(x, w, bias, kern.m1_unswept(n, k)[1])) < 1e-2
+
+
+@pytest.mark.gpu
+def test_cuda_w4_fallback_gpu():
+    """On the GPU, fp16 activations and groups of 64 go to gemv_h2 / the small-group kernel's numbers."""
+    from edgelm.quantization import int4_kernels as kern
+    from edgelm.quantization.int4_cuda import gemv_w4, supported
+
+    _gpu()
+    w = quantize_int4(torch.randn(256, 1024, device="cuda") * 0.02, 128, "minmax")
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.float16)
+    assert not supported(x, w)
+    assert torch.equal(gemv_w4(x, w, None, (2, 2, 8)), kern.gemv_h2(x, w, None, kern.m1_unswept(256, 1024)[1]))
+    w_odd = quantize_int4(torch.randn(256, 1000, device="cuda") * 0.02, 128, "minmax")
+    assert not supported(x.to(torch.bfloat16)[:, :1000], w_odd)
+
+
+@pytest.mark.gpu
+def test_cuda_w4_in_cuda_graph_gpu():
+    """Two chained launches (the second reads the first's output) captured in a CUDA graph, with PDL where the
+    GPU has it: the replay gives the eager numbers (the second waits for the first)."""
+    from edgelm.quantization.int4_cuda import gemv_w4
+
+    _gpu()
+    w1 = quantize_int4(torch.randn(4096, 4096, device="cuda") * 0.02, 128, "minmax")
+    w2 = quantize_int4(torch.randn(2048, 4096, device="cuda") * 0.02, 128, "minmax")
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    eager = gemv_w4(gemv_w4(x, w1, None, (2, 2, 8)), w2, None, (1, 4, 8))
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        gemv_w4(gemv_w4(x, w1, None, (2, 2, 8)), w2, None, (1, 4, 8))  # compiled before the capture
+        with torch.cuda.graph(graph, stream=stream):
+            out = gemv_w4(gemv_w4(x, w1, None, (2, 2, 8)), w2, None, (1, 4, 8))
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+
+
+@pytest.mark.gpu
+def test_cuda_w4_model_decode_gpu(monkeypatch):
+    """A tiny int4wo-128 Llama whose batch-1 linears all dispatch to cuda_w4: its graph decode's logits stay within
+    the int4 kernels' rounding of gemv_h2's, step by step on the same tokens."""
+    from edgelm.quantization import int4_kernels as kern
+    from tests.test_cuda_graph import _greedy, _runner
+
+    _gpu()
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      initializer_range=0.05, tie_word_embeddings=False)
+    import tempfile
+
+    path = tempfile.mkdtemp()
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
+    prompt = torch.randint(0, 512, (13,), generator=torch.Generator().manual_seed(7)).tolist()
+    plain = _runner(path, "triton", "bfloat16", torchao_config="int4wo-128")
+    tokens_p, logits_p = _greedy(plain, [prompt], 8)
+    monkeypatch.setattr(kern, "SHAPE_DISPATCH", {s: {1: ("cuda_w4", (2, 2, 8))} for s in
+                                                 [(512, 256), (256, 256), (1024, 256), (256, 512)]})
+    cw = _runner(path, "triton", "bfloat16", torchao_config="int4wo-128")
+    lin = cw.model.model.layers[0].mlp.down_proj
+    assert kern.choose_kernel(1, lin.packed) == ("cuda_w4", (2, 2, 8))
+    tokens_c, logits_c = _greedy(cw, [prompt], 8, forced=tokens_p)
+    for a, b in zip(logits_c, logits_p):
+        assert rel_err(a, b) < 2e-2
+    assert sum(int(a.argmax() == b.argmax()) for a, b in zip(logits_c, logits_p)) >= 7

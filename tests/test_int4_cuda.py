@@ -52,6 +52,32 @@ def test_cuda_w4_falls_back_to_gemv_h2():
     assert rel_err(plain, reference(x, w, None)) < 1e-2
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_cuda_w4_compile_failure_falls_back(monkeypatch, caplog):
+    """Where NVRTC or the driver refuses the kernel, the call runs gemv_h2, says so once, and the next call does
+    not try again."""
+    from edgelm.quantization import int4_cuda
+    from edgelm.quantization import int4_kernels as kern
+
+    calls = []
+
+    def refuse(device_index, src):
+        calls.append(src)
+        raise RuntimeError("nvrtc: no")
+
+    monkeypatch.setattr(int4_cuda, "supported", lambda x, w: True)
+    monkeypatch.setattr(int4_cuda, "_function", refuse)
+    monkeypatch.setattr(int4_cuda, "_BROKEN", set())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    w = _random_int4(24, 384, 128, DEVICE, meta=torch.bfloat16)
+    x = torch.randn(1, 384, device=DEVICE).to(torch.bfloat16)
+    plain = kern.gemv_h2(x, w, None, kern.m1_unswept(24, 384)[1])
+    with caplog.at_level("WARNING"):
+        assert torch.equal(int4_cuda.gemv_w4(x, w, None, (2, 2, 8)), plain)
+        assert torch.equal(int4_cuda.gemv_w4(x, w, None, (2, 2, 8)), plain)
+    assert len(calls) == 1 and "cuda_w4 (2, 2, 8) unavailable" in caplog.text
+
+
 def _gpu():
     from edgelm.quantization.int4_cuda import supported
 

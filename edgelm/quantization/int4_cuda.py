@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 
 import torch
 
 from edgelm.quantization.int4_pack import Int4Weight
+
+logger = logging.getLogger(__name__)
 
 # x as padded 16-bit values (144 a block of 128) and one float sum a block, in static shared memory (48 KB)
 MAX_K = 20480
@@ -232,6 +235,7 @@ class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
 
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 _MODULES: list[ctypes.c_void_p] = []
+_BROKEN: set[str] = set()  # sources that did not compile or load here
 
 
 @functools.cache
@@ -255,16 +259,23 @@ def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     Calls it cannot take go to gemv_h2 with the config batch 1 would otherwise run (int4_kernels.m1_unswept)."""
     from edgelm.layers.triton_ops import pdl
 
-    if not supported(x, w) or (bias is not None and bias.dtype != torch.bfloat16):
+    r, s, nw = config or (2, 2, 8)
+    n, k = w.out_features, w.in_features
+    pdl_on = pdl.mode(x.device, 1, small=False) != 0
+    func = None
+    if supported(x, w) and (bias is None or bias.dtype == torch.bfloat16):
+        src = source(k, (r, s, nw), w.scales.dtype == torch.float16, bias is not None, pdl_on)
+        if src not in _BROKEN:
+            try:
+                func = _function(x.device.index if x.device.index is not None else torch.cuda.current_device(), src)
+            except Exception as e:  # NVRTC or the driver refused it: gemv_h2 runs this config from now on
+                _BROKEN.add(src)
+                logger.warning("cuda_w4 %s unavailable (%s: %s); running gemv_h2 instead", config, type(e).__name__, e)
+    if func is None:
         from edgelm.quantization.int4_kernels import m1_unswept
         from edgelm.quantization.int4_ptx import gemv_h2
 
         return gemv_h2(x, w, bias, m1_unswept(w.out_features, w.in_features)[1])
-    r, s, nw = config or (2, 2, 8)
-    n, k = w.out_features, w.in_features
-    pdl_on = pdl.mode(x.device, 1, small=False) != 0
-    func = _function(x.device.index if x.device.index is not None else torch.cuda.current_device(),
-                     source(k, (r, s, nw), w.scales.dtype == torch.float16, bias is not None, pdl_on))
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (x, w.qweight, w.scales, w.offsets,
                                                     bias if bias is not None else x, y)]

@@ -20,7 +20,8 @@ from tests.test_int4 import DEVICE, HAS_TRITON, _random_int4, reference, rel_err
 @pytest.mark.parametrize("arch,k,config,f16,bias,pdl", [("87", 4096, (2, 2, 8), True, False, False),
                                                         ("80", 14336, (2, 4, 4), False, True, False),
                                                         ("90", 4096, (1, 4, 8), True, True, True),
-                                                        ("90", 20480, (2, 2, 8), True, False, True)])
+                                                        ("90", 20480, (2, 2, 8), True, False, True),
+                                                        ("90", 4096, (2, 4, 4, 1), True, False, True)])
 def test_cuda_w4_source_compiles(tmp_path, arch, k, config, f16, bias, pdl):
     """The source as gemv_w4 generates it compiles for SM 8.0 / 8.7 / 9.0 (PDL's instructions only from 9.0),
     with no local-memory spills, and its static shared memory fits the 48 KB a launch gets without opting in."""
@@ -90,7 +91,7 @@ def _gpu():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (40, 1024), (2048, 1536)])
-@pytest.mark.parametrize("config", [(2, 2, 8), (1, 4, 8), (2, 4, 4), (4, 2, 4)])
+@pytest.mark.parametrize("config", [(2, 2, 8), (1, 4, 8), (2, 4, 4), (4, 2, 4), (1, 2, 8, 1)])
 def test_cuda_w4_matches_reference_gpu(n, k, config):
     """Against dequantize-then-matmul and gemv_h2, with and without bias, fp16 and bf16 scales (rows not a
     multiple of a program's included)."""
@@ -132,13 +133,13 @@ def test_cuda_w4_in_cuda_graph_gpu():
     w1 = quantize_int4(torch.randn(4096, 4096, device="cuda") * 0.02, 128, "minmax")
     w2 = quantize_int4(torch.randn(2048, 4096, device="cuda") * 0.02, 128, "minmax")
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-    eager = gemv_w4(gemv_w4(x, w1, None, (2, 2, 8)), w2, None, (1, 4, 8))
+    eager = gemv_w4(gemv_w4(x, w1, None, (2, 2, 8)), w2, None, (1, 4, 8, 1))
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        gemv_w4(gemv_w4(x, w1, None, (2, 2, 8)), w2, None, (1, 4, 8))  # compiled before the capture
+        gemv_w4(gemv_w4(x, w1, None, (2, 2, 8)), w2, None, (1, 4, 8, 1))  # compiled before the capture
         with torch.cuda.graph(graph, stream=stream):
-            out = gemv_w4(gemv_w4(x, w1, None, (2, 2, 8)), w2, None, (1, 4, 8))
+            out = gemv_w4(gemv_w4(x, w1, None, (2, 2, 8)), w2, None, (1, 4, 8, 1))
     for _ in range(3):
         out.zero_()
         graph.replay()

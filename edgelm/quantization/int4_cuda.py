@@ -45,6 +45,7 @@ typedef unsigned short u16;
 #define SCALE_F16 %(f16)d
 #define HAS_BIAS %(bias)d
 #define PDL %(pdl)d
+#define LATE %(late)d
 
 __device__ __forceinline__ float bf16f(u32 h) { return __uint_as_float(h << 16); }
 
@@ -106,7 +107,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
   }
 #if PDL && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#if !LATE
   asm volatile("griddepcontrol.launch_dependents;");
+#endif
 #endif
   // x into shared memory, 16 values of padding after each block of 128 (lanes of one step read 4 blocks'
   // slices at once: 288-byte strides fall in different banks); each block's sum (for the offsets)
@@ -168,6 +171,11 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
       }
     }
   }
+#if PDL && LATE && __CUDA_ARCH__ >= 900
+  // LATE: the next kernel launches only once this program's loads are done, so that its programs do not
+  // take SM slots while this kernel's own programs still wait to start
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
 #pragma unroll
   for (int r = 0; r < R; r++) {
     float a = acc[r];
@@ -186,10 +194,10 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
 
 
 def source(k: int, config: tuple, f16_scales: bool, has_bias: bool, pdl_on: bool) -> str:
-    """The kernel's CUDA source for inputs K (a multiple of 128) and config (R, S, warps)."""
-    r, s, nw = config
+    """The kernel's CUDA source for inputs K (a multiple of 128) and config (R, S, warps[, LATE])."""
+    r, s, nw, *rest = config
     return SOURCE % {"nw": nw, "r": r, "s": s, "nb": k // 128, "f16": int(f16_scales), "bias": int(has_bias),
-                     "pdl": int(pdl_on)}
+                     "pdl": int(pdl_on), "late": int(bool(rest and rest[0]))}
 
 
 def supported(x: torch.Tensor, w: Int4Weight) -> bool:
@@ -255,16 +263,18 @@ def _function(device_index: int, src: str) -> ctypes.c_void_p:
 
 
 def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
-    """x [1, K] → y [1, N] with the CUDA kernel; config (R rows a warp, S steps ahead, warps a program).
+    """x [1, K] → y [1, N] with the CUDA kernel; config (R rows a warp, S steps ahead, warps a program[, LATE 1:
+    with PDL, the next kernel launched after this program's K loop instead of right after its wait]).
     Calls it cannot take go to gemv_h2 with the config batch 1 would otherwise run (int4_kernels.m1_unswept)."""
     from edgelm.layers.triton_ops import pdl
 
-    r, s, nw = config or (2, 2, 8)
+    config = tuple(config or (2, 2, 8))
+    r, s, nw = config[:3]
     n, k = w.out_features, w.in_features
     pdl_on = pdl.mode(x.device, 1, small=False) != 0
     func = None
     if supported(x, w) and (bias is None or bias.dtype == torch.bfloat16):
-        src = source(k, (r, s, nw), w.scales.dtype == torch.float16, bias is not None, pdl_on)
+        src = source(k, config, w.scales.dtype == torch.float16, bias is not None, pdl_on)
         if src not in _BROKEN:
             try:
                 func = _function(x.device.index if x.device.index is not None else torch.cuda.current_device(), src)

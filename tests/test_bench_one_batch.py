@@ -140,6 +140,7 @@ def test_int4_variants_script(tmp_path, monkeypatch):
     monkeypatch.setattr(mod, "ROUND13", {})
     monkeypatch.setattr(mod, "ROUND14", {})
     monkeypatch.setattr(mod, "ROUND15", {})
+    monkeypatch.setattr(mod, "ROUND16", {})
     assert list(mod.candidates("round2,round3")) == ["qkv", "o"] and len(mod.candidates("round2,round3")["o"]) == 2
     with pytest.raises(SystemExit):
         mod.candidates("round99")

@@ -17,18 +17,19 @@ from tests.test_int4 import DEVICE, HAS_TRITON, _random_int4, reference, rel_err
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit) to compile the source")
-@pytest.mark.parametrize("arch,k,config,f16,bias,pdl", [("87", 4096, (2, 2, 8), True, False, False),
-                                                        ("80", 14336, (2, 4, 4), False, True, False),
-                                                        ("90", 4096, (1, 4, 8), True, True, True),
-                                                        ("90", 20480, (2, 2, 8), True, False, True),
-                                                        ("90", 4096, (2, 4, 4, 1), True, False, True)])
-def test_cuda_w4_source_compiles(tmp_path, arch, k, config, f16, bias, pdl):
+@pytest.mark.parametrize("arch,k,config,f16,bias,pdl,xf16", [("87", 4096, (2, 2, 8), True, False, False, False),
+                                                             ("87", 4096, (2, 2, 8), True, True, False, True),
+                                                             ("80", 14336, (2, 4, 4), False, True, False, False),
+                                                             ("90", 4096, (1, 4, 8), True, True, True, False),
+                                                             ("90", 20480, (2, 2, 8), True, False, True, True),
+                                                             ("90", 4096, (2, 4, 4, 1), True, False, True, False)])
+def test_cuda_w4_source_compiles(tmp_path, arch, k, config, f16, bias, pdl, xf16):
     """The source as gemv_w4 generates it compiles for SM 8.0 / 8.7 / 9.0 (PDL's instructions only from 9.0),
     with no local-memory spills, and its static shared memory fits the 48 KB a launch gets without opting in."""
     from edgelm.quantization.int4_cuda import source
 
     cu = tmp_path / "k.cu"
-    cu.write_text(source(k, config, f16, bias, pdl))
+    cu.write_text(source(k, config, f16, bias, pdl, xf16))
     out = subprocess.run(["nvcc", f"-arch=sm_{arch}", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), str(cu)],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -93,34 +94,35 @@ def _gpu():
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (40, 1024), (2048, 1536)])
 @pytest.mark.parametrize("config", [(2, 2, 8), (1, 4, 8), (2, 4, 4), (4, 2, 4), (1, 2, 8, 1)])
 def test_cuda_w4_matches_reference_gpu(n, k, config):
-    """Against dequantize-then-matmul and gemv_h2, with and without bias, fp16 and bf16 scales (rows not a
-    multiple of a program's included)."""
+    """Against dequantize-then-matmul and gemv_h2, bf16 and fp16 activations, with and without bias, fp16 and bf16
+    scales (rows not a multiple of a program's included)."""
     from edgelm.quantization import int4_kernels as kern
     from edgelm.quantization.int4_cuda import gemv_w4
 
     _gpu()
-    for meta in (torch.float16, torch.bfloat16):
+    for dtype, meta in ((torch.bfloat16, torch.float16), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)):
         w = quantize_int4(torch.randn(n, k, device="cuda") * 0.02, 128, "minmax", meta_precision=meta)
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        for bias in (None, torch.randn(n, device="cuda", dtype=torch.bfloat16)):
+        x = torch.randn(1, k, device="cuda", dtype=dtype)
+        for bias in (None, torch.randn(n, device="cuda", dtype=dtype)):
             y = gemv_w4(x, w, bias, config)
-            assert rel_err(y, reference(x, w, bias)) < 1e-2, (meta, bias is not None)
+            assert y.dtype == dtype
+            assert rel_err(y, reference(x, w, bias)) < 1e-2, (dtype, meta, bias is not None)
             assert rel_err(y, kern.gemv_h2(x, w, bias, kern.m1_unswept(n, k)[1])) < 1e-2
 
 
 @pytest.mark.gpu
 def test_cuda_w4_fallback_gpu():
-    """On the GPU, fp16 activations and groups of 64 go to gemv_h2 / the small-group kernel's numbers."""
+    """On the GPU, K not a multiple of 128 goes to gemv_h2's numbers; groups of 64 never reach cuda_w4."""
     from edgelm.quantization import int4_kernels as kern
     from edgelm.quantization.int4_cuda import gemv_w4, supported
 
     _gpu()
-    w = quantize_int4(torch.randn(256, 1024, device="cuda") * 0.02, 128, "minmax")
-    x = torch.randn(1, 1024, device="cuda", dtype=torch.float16)
+    w = quantize_int4(torch.randn(256, 1000, device="cuda") * 0.02, 128, "minmax")
+    x = torch.randn(1, 1000, device="cuda", dtype=torch.bfloat16)
     assert not supported(x, w)
-    assert torch.equal(gemv_w4(x, w, None, (2, 2, 8)), kern.gemv_h2(x, w, None, kern.m1_unswept(256, 1024)[1]))
-    w_odd = quantize_int4(torch.randn(256, 1000, device="cuda") * 0.02, 128, "minmax")
-    assert not supported(x.to(torch.bfloat16)[:, :1000], w_odd)
+    assert torch.equal(gemv_w4(x, w, None, (2, 2, 8)), kern.gemv_h2(x, w, None, kern.m1_unswept(256, 1000)[1]))
+    w64 = quantize_int4(torch.randn(6144, 4096, device="cuda") * 0.02, 64, "minmax")
+    assert kern.choose_kernel(1, w64)[0] == "gemv_unit"  # (6144, 4096) names cuda_w4 for groups of 128
 
 
 @pytest.mark.gpu
@@ -148,7 +150,8 @@ def test_cuda_w4_in_cuda_graph_gpu():
 
 
 @pytest.mark.gpu
-def test_cuda_w4_model_decode_gpu(monkeypatch):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cuda_w4_model_decode_gpu(monkeypatch, dtype):
     """A tiny int4wo-128 Llama whose batch-1 linears all dispatch to cuda_w4: its graph decode's logits stay within
     the int4 kernels' rounding of gemv_h2's, step by step on the same tokens."""
     from edgelm.quantization import int4_kernels as kern
@@ -166,11 +169,11 @@ def test_cuda_w4_model_decode_gpu(monkeypatch):
     path = tempfile.mkdtemp()
     AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
     prompt = torch.randint(0, 512, (13,), generator=torch.Generator().manual_seed(7)).tolist()
-    plain = _runner(path, "triton", "bfloat16", torchao_config="int4wo-128")
+    plain = _runner(path, "triton", dtype, torchao_config="int4wo-128")
     tokens_p, logits_p = _greedy(plain, [prompt], 8)
     monkeypatch.setattr(kern, "SHAPE_DISPATCH", {s: {1: ("cuda_w4", (2, 2, 8))} for s in
                                                  [(512, 256), (256, 256), (1024, 256), (256, 512)]})
-    cw = _runner(path, "triton", "bfloat16", torchao_config="int4wo-128")
+    cw = _runner(path, "triton", dtype, torchao_config="int4wo-128")
     lin = cw.model.model.layers[0].mlp.down_proj
     assert kern.choose_kernel(1, lin.packed) == ("cuda_w4", (2, 2, 8))
     tokens_c, logits_c = _greedy(cw, [prompt], 8, forced=tokens_p)

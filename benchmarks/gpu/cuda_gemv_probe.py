@@ -247,6 +247,8 @@ def main() -> None:
         ref = (x.float() @ dequantize(ws[0], torch.float32).t()).flatten()
         nbytes = int4_bytes(ws[0], 1)
         kernel, config = kern.choose_kernel(1, ws[0])
+        if kernel != "gemv_h2":  # the shapes that ship cuda_w4: gemv_h2 with the config it runs there otherwise
+            kernel, config = kern.m1_unswept(n, k)
         for pdl_on in (True, False):
             triton_ops.set_enabled(plain_ops if pdl_on else ",".join(o for o in triton_ops._enabled if o != "pdl"))
             try:

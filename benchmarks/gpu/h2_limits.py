@@ -85,6 +85,8 @@ def child(variant: str) -> list[dict]:
                 w.meta = meta_pairs(w.scales, w.offsets)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         kernel, config = kern.choose_kernel(1, ws[0])
+        if kernel != "gemv_h2":  # (cuda_w4 on some shapes since round 15): gemv_h2 with its config there
+            kernel, config = kern.m1_unswept(n, k)
         if variant.startswith("pf@"):  # the shipped config with its PREFETCH mode (config[4]) replaced
             config = tuple(list(config) + [0] * (5 - len(config)))
             config = config[:4] + (int(variant[3:]),) + config[5:]

@@ -7,7 +7,7 @@ sweep's winners differed from the isolated ones). The shipped tables run first, 
 last, so drift shows; then the per-shape winners (each > 5 us better than the median baseline) run
 together twice around one more baseline, and their tables are written in load_dispatch's format
 (--dispatch-out) so that EDGELM_INT4_DISPATCH=file runs them in any later command. The shapes are
-the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|...|round15|all (or a
+the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|...|round16|all (or a
 comma-separated list; none: only the shipped tables) picks the configs tried (all: every round, for a GPU or model not swept yet, e.g. a
 Jetson with its own model). --ablate-gemv adds one run of the shipped step with every int4 GEMV launching
 nothing: the step minus it is what the int4 GEMVs cost inside the step. --ablate-ops rmsnorm,silu,merge: the
@@ -202,6 +202,12 @@ ROUND15: dict[str, list[tuple[str, tuple]]] = {
     "gate_up": [("cuda_w4", (2, 4, 4, 1))],
 }
 
+# round 16: back to gemv_h2 (the configs before round 15) on the shapes that ship cuda_w4, e.g. to time fp16
+ROUND16: dict[str, list[tuple[str, tuple]]] = {
+    "qkv": [("gemv_h2", (8, 16, 1, 4, 2))],
+    "gate_up": [("gemv_h2", (16, 8, 1, 4))],
+}
+
 
 def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """(N, K) of the first int4 linear of each role (qkv, o, gate_up, down) in a loaded model."""
@@ -220,7 +226,7 @@ def candidates(which: str) -> dict[str, list[tuple[str, tuple]]]:
              "round6": ROUND6, "round7": ROUND7, "round8": ROUND8,
              "round9": ROUND9, "round10": ROUND10,
              "round11": ROUND11, "round12": ROUND12, "round13": ROUND13,
-             "round14": ROUND14, "round15": ROUND15}
+             "round14": ROUND14, "round15": ROUND15, "round16": ROUND16}
     if which == "none":  # the shipped tables only (with --fused-ab or --ablate-gemv)
         return {}
     names = list(known) if which == "all" else which.split(",")

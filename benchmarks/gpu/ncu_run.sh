@@ -11,7 +11,7 @@ echo "ncu: $ncu_bin" > $dir/info.txt; $ncu_bin --version >> $dir/info.txt 2>&1
 # profile REPORT_NAME SOURCE_PAGE(0/1) ncu_gemv.py-arguments...: one launch (after 4), its pages as CSV
 profile() {
   local rep=$dir/$1 source=$2; shift 2
-  timeout 120 $ncu_bin --clock-control none --set full --import-source no -k 'regex:gemv_h2|skinny' \
+  timeout 120 $ncu_bin --clock-control none --set full --import-source no -k 'regex:gemv_h2|gemv_w4|skinny' \
     --launch-skip 4 --launch-count 1 -f -o $rep python3 benchmarks/gpu/ncu_gemv.py "$@" > $rep.log 2>&1
   $ncu_bin -i $rep.ncu-rep --page details --csv > $rep.details.csv 2>> $rep.log
   if [ $source = 1 ]; then

@@ -1,8 +1,9 @@
-"""`cuda_w4`: a hand-written CUDA batch-1 int4 GEMV (bf16 activations, groups of 128), compiled at run time.
+"""`cuda_w4`: a hand-written CUDA batch-1 int4 GEMV (bf16 or fp16 activations, groups of 128), compiled at run time.
 
 Why CUDA here, beside the Triton `gemv_h2`: the two share the packed layout (int4_pack) and the per-word
-arithmetic (int4_ptx._dot_pairs_asm's bf16 form: each nibble pair made BASE + q by one lop3, BASE taken off by
-one FMA, the x pair multiplied in by another, a word's eight products summed in a bf16 pair, then float32), but
+arithmetic (int4_ptx._dot_pairs_asm: each nibble pair made BASE + q by one lop3, BASE taken off by one FMA, the x
+pair multiplied in by another, a word's eight products summed in a 16-bit pair, then float32; fp16 with its
+one-shift word), but
 not the memory structure, which Triton does not let us write: here a program first copies the whole of x into
 shared memory (padded so that the lanes' reads do not collide in banks) with each 128-input block's sum, then a
 warp takes R rows, its lanes four words (16 bytes) of one block each, eight blocks a step, with the weights,
@@ -15,7 +16,7 @@ program copy 28 KB of x).
 Compiled with NVRTC through torch (torch.cuda._utils._nvrtc_compile: PTX for the GPU at hand), loaded and
 launched through the CUDA driver API with ctypes (cuLaunchKernelEx, the programmatic-serialization attribute
 where PDL is on), on torch's current stream, so CUDA graphs capture it. Where any of that is missing (an older
-torch, fp16 activations, another group size, K not a multiple of 128 or too long for the static shared memory),
+torch, fp32 activations, another group size, K not a multiple of 128 or too long for the static shared memory),
 `gemv_w4` runs gemv_h2 instead: a dispatch entry naming `cuda_w4` is never an error.
 """
 
@@ -46,23 +47,44 @@ typedef unsigned short u16;
 #define HAS_BIAS %(bias)d
 #define PDL %(pdl)d
 #define LATE %(late)d
+#define XF16 %(xf16)d
 
 __device__ __forceinline__ float bf16f(u32 h) { return __uint_as_float(h << 16); }
 
-__device__ __forceinline__ float meta_f(u32 h) {
-#if SCALE_F16
+__device__ __forceinline__ float f16f(u32 h) {
   float f;
   asm("{ .reg .f16 t; mov.b16 t, %%1; cvt.f32.f16 %%0, t; }" : "=f"(f) : "h"((u16)h));
   return f;
+}
+
+// an activation (x, bias) as float: bf16, or fp16 where XF16
+__device__ __forceinline__ float xf(u32 h) {
+#if XF16
+  return f16f(h);
 #else
   return bf16f(h);
 #endif
 }
 
-__device__ __forceinline__ u16 f2bf(float f) {
+__device__ __forceinline__ float meta_f(u32 h) {
+#if SCALE_F16
+  return f16f(h);
+#else
+  return bf16f(h);
+#endif
+}
+
+// float to the activations' 16-bit type, rounded to nearest even
+__device__ __forceinline__ u16 to_x(float f) {
+#if XF16
+  u16 h;
+  asm("{ .reg .f16 t; cvt.rn.f16.f32 t, %%1; mov.b16 %%0, t; }" : "=h"(h) : "f"(f));
+  return h;
+#else
   u32 u = __float_as_uint(f);
   u += 0x7FFFu + ((u >> 16) & 1u);
   return (u16)(u >> 16);
+#endif
 }
 
 // one nibble pair (bits 0-3 and 16-19 of w) times the x pair p, added to the bf16 pair acc
@@ -74,13 +96,37 @@ __device__ __forceinline__ u32 step(u32 acc, u32 w, u32 p) {
   return acc;
 }
 
+// fp16: nibbles j = 0, 2 shifted to bits 0-3 (1024 + q, minus 1024), j = 1, 3 taken where they lie, bits 4-7
+// (1024 + 16q, times 1/16 minus 64): one shift a word (int4_ptx._dot_pairs_asm's fp16 one-shift form)
+__device__ __forceinline__ u32 step16(u32 acc, u32 w, u32 p, bool up) {
+  u32 c;
+  if (up) {
+    asm("lop3.b32 %%0, %%1, 0x00F000F0, 0x64006400, 0xEA;" : "=r"(c) : "r"(w));
+    asm("fma.rn.f16x2 %%0, %%1, %%2, %%3;" : "=r"(c) : "r"(c), "r"(0x2C002C00u), "r"(0xD400D400u));
+  } else {
+    asm("lop3.b32 %%0, %%1, 0x000F000F, 0x64006400, 0xEA;" : "=r"(c) : "r"(w));
+    asm("fma.rn.f16x2 %%0, %%1, %%2, %%3;" : "=r"(c) : "r"(c), "r"(0x3C003C00u), "r"(0xE400E400u));
+  }
+  asm("fma.rn.f16x2 %%0, %%1, %%2, %%3;" : "=r"(acc) : "r"(c), "r"(p), "r"(acc));
+  return acc;
+}
+
 __device__ __forceinline__ float dot_word(u32 w, u32 p0, u32 p1, u32 p2, u32 p3) {
   u32 acc = 0;
+#if XF16
+  acc = step16(acc, w, p0, false);
+  acc = step16(acc, w, p1, true);
+  const u32 t = w >> 8;
+  acc = step16(acc, t, p2, false);
+  acc = step16(acc, t, p3, true);
+  return f16f(acc & 0xFFFFu) + f16f(acc >> 16);
+#else
   acc = step(acc, w, p0);
   acc = step(acc, w >> 4, p1);
   acc = step(acc, w >> 8, p2);
   acc = step(acc, w >> 12, p3);
   return __uint_as_float(acc << 16) + __uint_as_float(acc & 0xFFFF0000u);
+#endif
 }
 
 extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
@@ -118,8 +164,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
     uint4 val = make_uint4(0, 0, 0, 0);
     if (v < NCH * 128 && b < NB) val = *(const uint4*)(x + v * 8);
     if (v < NCH * 128) *(uint4*)(xs + v * 8 + b * 16) = val;
-    float sum = bf16f(val.x & 0xFFFFu) + bf16f(val.x >> 16) + bf16f(val.y & 0xFFFFu) + bf16f(val.y >> 16)
-              + bf16f(val.z & 0xFFFFu) + bf16f(val.z >> 16) + bf16f(val.w & 0xFFFFu) + bf16f(val.w >> 16);
+    float sum = xf(val.x & 0xFFFFu) + xf(val.x >> 16) + xf(val.y & 0xFFFFu) + xf(val.y >> 16)
+              + xf(val.z & 0xFFFFu) + xf(val.z >> 16) + xf(val.w & 0xFFFFu) + xf(val.w >> 16);
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     sum += __shfl_xor_sync(0xffffffffu, sum, 4);
@@ -185,24 +231,25 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
     a += __shfl_xor_sync(0xffffffffu, a, 2);
     a += __shfl_xor_sync(0xffffffffu, a, 1);
 #if HAS_BIAS
-    if (row0 + r < N) a += bf16f(bias[row0 + r]);
+    if (row0 + r < N) a += xf(bias[row0 + r]);
 #endif
-    if (lane == 0 && row0 + r < N) y[row0 + r] = f2bf(a);
+    if (lane == 0 && row0 + r < N) y[row0 + r] = to_x(a);
   }
 }
 """
 
 
-def source(k: int, config: tuple, f16_scales: bool, has_bias: bool, pdl_on: bool) -> str:
-    """The kernel's CUDA source for inputs K (a multiple of 128) and config (R, S, warps[, LATE])."""
+def source(k: int, config: tuple, f16_scales: bool, has_bias: bool, pdl_on: bool, f16_x: bool = False) -> str:
+    """The kernel's CUDA source for inputs K (a multiple of 128) and config (R, S, warps[, LATE]); activations
+    fp16 where f16_x, else bf16."""
     r, s, nw, *rest = config
     return SOURCE % {"nw": nw, "r": r, "s": s, "nb": k // 128, "f16": int(f16_scales), "bias": int(has_bias),
-                     "pdl": int(pdl_on), "late": int(bool(rest and rest[0]))}
+                     "pdl": int(pdl_on), "late": int(bool(rest and rest[0])), "xf16": int(f16_x)}
 
 
 def supported(x: torch.Tensor, w: Int4Weight) -> bool:
     """Whether cuda_w4 runs this call (else gemv_w4 runs gemv_h2)."""
-    return (x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] == 1 and w.group_size == 128
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.shape[0] == 1 and w.group_size == 128
             and w.in_features % 128 == 0 and w.in_features <= MAX_K and w.scales.dtype in (torch.float16, torch.bfloat16)
             and w.qweight.is_contiguous() and w.scales.is_contiguous() and w.offsets.is_contiguous()
             and _toolchain() and torch.cuda.get_device_capability(x.device) >= (8, 0))
@@ -273,8 +320,8 @@ def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     n, k = w.out_features, w.in_features
     pdl_on = pdl.mode(x.device, 1, small=False) != 0
     func = None
-    if supported(x, w) and (bias is None or bias.dtype == torch.bfloat16):
-        src = source(k, config, w.scales.dtype == torch.float16, bias is not None, pdl_on)
+    if supported(x, w) and (bias is None or bias.dtype == x.dtype):
+        src = source(k, config, w.scales.dtype == torch.float16, bias is not None, pdl_on, x.dtype == torch.float16)
         if src not in _BROKEN:
             try:
                 func = _function(x.device.index if x.device.index is not None else torch.cuda.current_device(), src)

@@ -254,13 +254,17 @@ DISPATCH: dict[int, tuple[str, tuple]] = {
 # (config[4] = 3), 2525-2538 -> 2492-2494 us (three runs); the same for qkv / o / gate_up was even or slower.
 # Qwen2.5-7B's shapes (round 11, int4_variants_bs1_round11_qwen2.5-7b_h100.json): the Llama-3.1-8B configs role by
 # role, each faster than DISPATCH's default alone, together 2948-2962 -> 2446-2458 us a step (twice).
+# Rounds 13-15 (int4_variants_bs1_round13_h100.json ... _round15_): the CUDA GEMV cuda_w4 (int4_cuda.py) on qkv_proj and,
+# releasing the next kernel after its K loop, on gate_up_proj: together 2428 / 2428 us a step against 2482-2493 (round
+# 15); where cuda_w4 cannot run (fp16 activations, torch without NVRTC, ...) these shapes run gemv_h2 with their role's
+# config (M1_BY_ROLE: the entries they had before). o_proj and down_proj were slower on it.
 # Round 12 (int4_variants_bs1_round12_llama-3.2-3b_h100.json / _qwen2.5-1.5b_): shapes with no entry run their role's
 # config (M1_BY_ROLE); DISPATCH's old default lost to it in every role but one (even); Llama-3.2-3B's down_proj with
 # 4-row tiles 1555-1558 us against 1564-1570 for the role default (three runs, four baselines).
 SHAPE_DISPATCH: dict[tuple[int, int], dict[int, tuple[str, tuple]]] = {
-    (6144, 4096): {1: ("gemv_h2", (8, 16, 1, 4, 2))},
+    (6144, 4096): {1: ("cuda_w4", (2, 2, 8))},
     (4096, 4096): {1: ("gemv_h2", (8, 16, 1, 4, 1)), 16: ("tc", (64, 8, 4))},
-    (28672, 4096): {1: ("gemv_h2", (16, 8, 1, 4)), 16: ("tcw", (128, 1, 8)), MAX_M_DOT: ("tcw", (128, 1, 4))},
+    (28672, 4096): {1: ("cuda_w4", (2, 4, 4, 1)), 16: ("tcw", (128, 1, 8)), MAX_M_DOT: ("tcw", (128, 1, 4))},
     (4096, 14336): {1: ("gemv_h2", (8, 16, 1, 4, 3)), MAX_M_DOT: ("tcw", (128, 8, 8))},
     (4608, 3584): {1: ("gemv_h2", (8, 16, 1, 4, 2))},  # Qwen2.5-7B: qkv, o, gate_up, down
     (3584, 3584): {1: ("gemv_h2", (8, 16, 1, 4, 1))},

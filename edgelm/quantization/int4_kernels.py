@@ -256,8 +256,9 @@ DISPATCH: dict[int, tuple[str, tuple]] = {
 # role, each faster than DISPATCH's default alone, together 2948-2962 -> 2446-2458 us a step (twice).
 # Rounds 13-15 (int4_variants_bs1_round13_h100.json ... _round15_): the CUDA GEMV cuda_w4 (int4_cuda.py) on qkv_proj and,
 # releasing the next kernel after its K loop, on gate_up_proj: together 2428 / 2428 us a step against 2482-2493 (round
-# 15); where cuda_w4 cannot run (fp16 activations, torch without NVRTC, ...) these shapes run gemv_h2 with their role's
-# config (M1_BY_ROLE: the entries they had before). o_proj and down_proj were slower on it.
+# 15); where cuda_w4 cannot run (torch without NVRTC, ...) these shapes run gemv_h2 with their role's config
+# (M1_BY_ROLE: the entries they had before). o_proj and down_proj were slower on it. With fp16 activations
+# (ablations/cuda_w4_fp16/) gate_up_proj back on gemv_h2 took 2537 us a step against 2454-2462, qkv_proj even.
 # Round 12 (int4_variants_bs1_round12_llama-3.2-3b_h100.json / _qwen2.5-1.5b_): shapes with no entry run their role's
 # config (M1_BY_ROLE); DISPATCH's old default lost to it in every role but one (even); Llama-3.2-3B's down_proj with
 # 4-row tiles 1555-1558 us against 1564-1570 for the role default (three runs, four baselines).

@@ -109,15 +109,12 @@ def test_overlapped_decode_loop_same_tokens(tmp_path):
     assert len({tuple(t) for t in plain["tokens"]}) > 1
 
 
-def test_int4_variants_script(tmp_path, monkeypatch):
-    """benchmarks/gpu/int4_variants.py on the CPU: the sweep runs over the loaded model's own int4
-    shapes and writes tables that EDGELM_INT4_DISPATCH's loader takes."""
+def _int4_variants(tmp_path):
+    """benchmarks/gpu/int4_variants.py as a module, and a one-layer Llama config written under tmp_path / "m"."""
     import importlib.util
     from pathlib import Path
 
     from transformers import LlamaConfig
-
-    from edgelm.quantization import int4_kernels
 
     LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=128).save_pretrained(str(tmp_path / "m"))
@@ -125,22 +122,20 @@ def test_int4_variants_script(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("int4_variants", script)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_int4_variants_script(tmp_path, monkeypatch):
+    """benchmarks/gpu/int4_variants.py on the CPU: the sweep runs over the loaded model's own int4
+    shapes and writes tables that EDGELM_INT4_DISPATCH's loader takes."""
+    from edgelm.quantization import int4_kernels
+
+    mod = _int4_variants(tmp_path)
     monkeypatch.setattr(mod, "ROUND1", {"down": [("gemv_h2", (8, 8, 1, 4))]})
     monkeypatch.setattr(mod, "CANDIDATES", {"qkv": [("gemv_h2", (8, 16, 1, 4))], "o": [("gemv_h2", (8, 8, 1, 4))]})
     monkeypatch.setattr(mod, "ROUND3", {"o": [("gemv_h2", (4, 8, 1, 4, 1))]})
-    monkeypatch.setattr(mod, "ROUND4", {})
-    monkeypatch.setattr(mod, "ROUND5", {})
-    monkeypatch.setattr(mod, "ROUND6", {})
-    monkeypatch.setattr(mod, "ROUND7", {})
-    monkeypatch.setattr(mod, "ROUND8", {})
-    monkeypatch.setattr(mod, "ROUND9", {})
-    monkeypatch.setattr(mod, "ROUND10", {})
-    monkeypatch.setattr(mod, "ROUND11", {})
-    monkeypatch.setattr(mod, "ROUND12", {})
-    monkeypatch.setattr(mod, "ROUND13", {})
-    monkeypatch.setattr(mod, "ROUND14", {})
-    monkeypatch.setattr(mod, "ROUND15", {})
-    monkeypatch.setattr(mod, "ROUND16", {})
+    for later in range(4, 17):  # rounds 4-16: none
+        monkeypatch.setattr(mod, f"ROUND{later}", {})
     assert list(mod.candidates("round2,round3")) == ["qkv", "o"] and len(mod.candidates("round2,round3")["o"]) == 2
     with pytest.raises(SystemExit):
         mod.candidates("round99")
@@ -174,21 +169,13 @@ def test_int4_variants_script(tmp_path, monkeypatch):
 def test_int4_variants_ablate_ops(tmp_path):
     """--ablate-ops: one run with each small kernel launching nothing, then all of them, each followed by a shipped
     run; the layers' own code is back afterwards; an unknown name stops before the model loads."""
-    import importlib.util
-    from pathlib import Path
-
-    from transformers import LlamaConfig
+    import importlib
 
     from edgelm.layers.activation import SiluAndMul
     from edgelm.layers.layernorm import RMSNorm
 
     decode_attention = importlib.import_module("edgelm.layers.attention.triton_ops.decode_attention")
-    LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=128).save_pretrained(str(tmp_path / "m"))
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "int4_variants.py"
-    spec = importlib.util.spec_from_file_location("int4_variants", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _int4_variants(tmp_path)
     from edgelm.layers.vocab_embedding import VocabEmbedding
 
     before = (RMSNorm.forward, SiluAndMul.forward, decode_attention._decode_merge_kernel, VocabEmbedding.forward)

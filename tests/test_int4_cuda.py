@@ -117,7 +117,8 @@ def test_cuda_w4_matches_reference_gpu(n, k, config):
 
 @pytest.mark.gpu
 def test_cuda_w4_fallback_gpu():
-    """On the GPU, K not a multiple of 128 goes to gemv_h2's numbers; groups of 64 never reach cuda_w4."""
+    """On the GPU, K not a multiple of 128 and x not 16-byte aligned go to gemv_h2's numbers; groups of 64 never
+    reach cuda_w4."""
     from edgelm.quantization import int4_kernels as kern
     from edgelm.quantization.int4_cuda import gemv_w4, supported
 
@@ -126,6 +127,10 @@ def test_cuda_w4_fallback_gpu():
     x = torch.randn(1, 1000, device="cuda", dtype=torch.bfloat16)
     assert not supported(x, w)
     assert torch.equal(gemv_w4(x, w, None, (2, 2, 8)), kern.gemv_h2(x, w, None, kern.m1_unswept(256, 1000)[1]))
+    w = quantize_int4(torch.randn(256, 1024, device="cuda") * 0.02, 128, "minmax")
+    x_off = torch.randn(1, 1025, device="cuda", dtype=torch.bfloat16)[:, 1:]  # 2 bytes past an aligned start
+    assert not supported(x_off, w)
+    assert torch.equal(gemv_w4(x_off, w, None, (2, 2, 8)), kern.gemv_h2(x_off, w, None, kern.m1_unswept(256, 1024)[1]))
     w64 = quantize_int4(torch.randn(6144, 4096, device="cuda") * 0.02, 64, "minmax")
     assert kern.choose_kernel(1, w64)[0] == "gemv_unit"  # (6144, 4096) names cuda_w4 for groups of 128
 

@@ -250,6 +250,7 @@ def source(k: int, config: tuple, f16_scales: bool, has_bias: bool, pdl_on: bool
 def supported(x: torch.Tensor, w: Int4Weight) -> bool:
     """Whether cuda_w4 runs this call (else gemv_w4 runs gemv_h2)."""
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.shape[0] == 1 and w.group_size == 128
+            and x.data_ptr() % 16 == 0  # x is read 16 bytes at a time (a slice of another tensor may not be)
             and w.in_features % 128 == 0 and w.in_features <= MAX_K and w.scales.dtype in (torch.float16, torch.bfloat16)
             and w.qweight.is_contiguous() and w.scales.is_contiguous() and w.offsets.is_contiguous()
             and _toolchain() and torch.cuda.get_device_capability(x.device) >= (8, 0))

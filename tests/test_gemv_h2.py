@@ -116,6 +116,8 @@ def test_m1_role_defaults(monkeypatch, tmp_path):
     path.write_text(json.dumps({"dispatch": {"1": ["gemv_h2", [4, 8, 1, 4]], "16": ["tcw", [64, 4, 4]]}}))
     kern.load_dispatch(str(path))
     assert kern.M1_BY_ROLE == {} and kern.choose_kernel(1, weight(3072, 8192)) == ("gemv_h2", (4, 8, 1, 4))
+    kern.DISPATCH.clear()  # a table without a batch-1 bucket: gemv_h2's own default config
+    assert kern.m1_unswept(3072, 8192) == ("gemv_h2", None)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")

@@ -55,6 +55,20 @@ def test_cuda_w4_falls_back_to_gemv_h2():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_cuda_w4_fallback_under_a_loaded_dispatch(monkeypatch):
+    """With a dispatch file loaded whose batch-1 bucket names another kernel (the role table emptied), the fallback
+    runs gemv_h2 with its own default config, not the other kernel's."""
+    from edgelm.quantization import int4_kernels as kern
+    from edgelm.quantization.int4_cuda import gemv_w4
+
+    monkeypatch.setattr(kern, "DISPATCH", {1: ("tcw", (64, 4, 4))})
+    monkeypatch.setattr(kern, "M1_BY_ROLE", {})
+    w = _random_int4(24, 384, 128, DEVICE, meta=torch.bfloat16)
+    x = torch.randn(1, 384, device=DEVICE).to(torch.bfloat16)
+    assert torch.equal(gemv_w4(x, w, None, (2, 2, 8)), kern.gemv_h2(x, w, None, None))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_cuda_w4_compile_failure_falls_back(monkeypatch, caplog):
     """Where NVRTC or the driver refuses the kernel, the call runs gemv_h2, says so once, and the next call does
     not try again."""

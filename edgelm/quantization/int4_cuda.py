@@ -333,7 +333,8 @@ def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
         from edgelm.quantization.int4_kernels import m1_unswept
         from edgelm.quantization.int4_ptx import gemv_h2
 
-        return gemv_h2(x, w, bias, m1_unswept(w.out_features, w.in_features)[1])
+        kernel, fallback = m1_unswept(w.out_features, w.in_features)  # (a loaded dispatch may name another kernel)
+        return gemv_h2(x, w, bias, fallback if kernel == "gemv_h2" else None)
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (x, w.qweight, w.scales, w.offsets,
                                                     bias if bias is not None else x, y)]

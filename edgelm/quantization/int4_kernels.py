@@ -300,7 +300,8 @@ def m1_role(n: int, k: int) -> str:
 def m1_unswept(n: int, k: int) -> tuple[str, tuple]:
     """Batch 1's (kernel, config) for an (N, K) weight of group size 128 that SHAPE_DISPATCH has no batch-1 entry
     for: its role's (M1_BY_ROLE), or DISPATCH's where a loaded dispatch file emptied that table."""
-    return M1_BY_ROLE[m1_role(n, k)] if M1_BY_ROLE and DISPATCH[1][0] == "gemv_h2" else DISPATCH[1]
+    default = DISPATCH.get(1, ("gemv_h2", None))
+    return M1_BY_ROLE[m1_role(n, k)] if M1_BY_ROLE and default[0] == "gemv_h2" else default
 
 
 def dispatch_json(dispatch: dict | None = None, shape_dispatch: dict | None = None) -> dict:

@@ -77,8 +77,8 @@ def test_cuda_w4_compile_failure_falls_back(monkeypatch, caplog):
 
     calls = []
 
-    def refuse(device_index, src):
-        calls.append(src)
+    def refuse(device_index, key):
+        calls.append(key)
         raise RuntimeError("nvrtc: no")
 
     monkeypatch.setattr(int4_cuda, "supported", lambda x, w: True)

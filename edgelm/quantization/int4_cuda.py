@@ -291,12 +291,14 @@ class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
 
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
 _MODULES: list[ctypes.c_void_p] = []
-_BROKEN: set[str] = set()  # sources that did not compile or load here
+_BROKEN: set[tuple] = set()  # kernels (_function's keys) that did not compile or load here
 
 
 @functools.cache
-def _function(device_index: int, src: str) -> ctypes.c_void_p:
-    """The compiled kernel of `src` on that device (compiled once a process: a few hundred milliseconds)."""
+def _function(device_index: int, key: tuple) -> ctypes.c_void_p:
+    """The compiled kernel of source(*key) on that device (compiled once a process: a few hundred milliseconds;
+    later calls cost one lookup of the small key, not the source's formatting)."""
+    src = source(*key)
     from torch.cuda._utils import _nvrtc_compile
 
     major, minor = torch.cuda.get_device_capability(device_index)
@@ -322,12 +324,12 @@ def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     pdl_on = pdl.mode(x.device, 1, small=False) != 0
     func = None
     if supported(x, w) and (bias is None or bias.dtype == x.dtype):
-        src = source(k, config, w.scales.dtype == torch.float16, bias is not None, pdl_on, x.dtype == torch.float16)
-        if src not in _BROKEN:
+        key = (k, config, w.scales.dtype == torch.float16, bias is not None, pdl_on, x.dtype == torch.float16)
+        if key not in _BROKEN:
             try:
-                func = _function(x.device.index if x.device.index is not None else torch.cuda.current_device(), src)
+                func = _function(x.device.index if x.device.index is not None else torch.cuda.current_device(), key)
             except Exception as e:  # NVRTC or the driver refused it: gemv_h2 runs this config from now on
-                _BROKEN.add(src)
+                _BROKEN.add(key)
                 logger.warning("cuda_w4 %s unavailable (%s: %s); running gemv_h2 instead", config, type(e).__name__, e)
     if func is None:
         from edgelm.quantization.int4_kernels import m1_unswept

@@ -17,19 +17,24 @@ from tests.test_int4 import DEVICE, HAS_TRITON, _random_int4, reference, rel_err
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit) to compile the source")
-@pytest.mark.parametrize("arch,k,config,f16,bias,pdl,xf16", [("87", 4096, (2, 2, 8), True, False, False, False),
-                                                             ("87", 4096, (2, 2, 8), True, True, False, True),
-                                                             ("80", 14336, (2, 4, 4), False, True, False, False),
-                                                             ("90", 4096, (1, 4, 8), True, True, True, False),
-                                                             ("90", 20480, (2, 2, 8), True, False, True, True),
-                                                             ("90", 4096, (2, 4, 4, 1), True, False, True, False)])
-def test_cuda_w4_source_compiles(tmp_path, arch, k, config, f16, bias, pdl, xf16):
+@pytest.mark.parametrize("arch,k,config,f16,bias,pdl,xf16,silu", [
+    ("87", 4096, (2, 2, 8), True, False, False, False, False),
+    ("87", 4096, (2, 2, 8), True, True, False, True, False),
+    ("80", 14336, (2, 4, 4), False, True, False, False, False),
+    ("90", 4096, (1, 4, 8), True, True, True, False, False),
+    ("90", 20480, (2, 2, 8), True, False, True, True, False),
+    ("90", 4096, (2, 4, 4, 1), True, False, True, False, False),
+    ("87", 14336, (2, 2, 8, 0, 4, 1), True, False, False, False, True),
+    ("90", 14336, (2, 4, 4, 1, 4, 1), True, True, True, True, True),
+    ("80", 4096, (1, 4, 8, 0, 2), False, True, False, False, False)])
+def test_cuda_w4_source_compiles(tmp_path, arch, k, config, f16, bias, pdl, xf16, silu):
     """The source as gemv_w4 generates it compiles for SM 8.0 / 8.7 / 9.0 (PDL's instructions only from 9.0),
-    with no local-memory spills, and its static shared memory fits the 48 KB a launch gets without opting in."""
+    split K and the SiLU·mul staging included, with no local-memory spills, and its static shared memory fits the
+    48 KB a launch gets without opting in."""
     from edgelm.quantization.int4_cuda import source
 
     cu = tmp_path / "k.cu"
-    cu.write_text(source(k, config, f16, bias, pdl, xf16))
+    cu.write_text(source(k, config, f16, bias, pdl, xf16, silu))
     out = subprocess.run(["nvcc", f"-arch=sm_{arch}", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), str(cu)],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -52,6 +57,48 @@ def test_cuda_w4_falls_back_to_gemv_h2():
     plain = kern.gemv_h2(x, w, None, kern.m1_unswept(24, 384)[1])
     assert torch.equal(gemv_w4(x, w, None, (2, 2, 8)), plain)
     assert rel_err(plain, reference(x, w, None)) < 1e-2
+
+
+def test_cuda_w4_splits_and_silu_flag():
+    """config[4] splits K over programs (down to a count dividing K's blocks of 128); config[5] hands down_proj
+    gate ‖ up."""
+    from edgelm.quantization.int4_cuda import splits, takes_silu
+
+    assert splits(14336, (2, 2, 8)) == 1 and splits(14336, (2, 2, 8, 0, 4)) == 4
+    assert splits(14336, (2, 2, 8, 0, 3)) == 2  # 112 blocks: 3 does not divide them
+    assert splits(4096, (2, 2, 8, 1, 0)) == 1 and splits(384, (1, 2, 4, 0, 8)) == 3
+    assert takes_silu((2, 2, 8, 0, 4, 1)) and not takes_silu((2, 2, 8, 0, 4)) and not takes_silu(None)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_cuda_w4_silu_fallback():
+    """Where cuda_w4 cannot run, its SiLU·mul form runs torch's SiLU·mul, then gemv_h2: the numbers of the layer
+    by layer path."""
+    from edgelm.quantization import int4_kernels as kern
+    from edgelm.quantization.int4_cuda import gemv_w4
+
+    w = _random_int4(24, 384, 128, DEVICE, meta=torch.bfloat16)
+    gate_up = torch.randn(1, 768, device=DEVICE).to(torch.bfloat16)
+    act = torch.nn.functional.silu(gate_up[:, :384]) * gate_up[:, 384:]
+    plain = kern.gemv_h2(act, w, None, kern.m1_unswept(24, 384)[1])
+    assert torch.equal(gemv_w4(gate_up, w, None, (2, 2, 8, 0, 3, 1), silu=True), plain)
+
+
+def test_mlp_hands_gate_up_only_to_a_silu_kernel(monkeypatch):
+    """LlamaMLP gives down_proj gate ‖ up only where down_proj takes it (an int4 batch-1 cuda_w4 with SILU on a
+    GPU); on the CPU, or with another config, it runs SiLU·mul and the layer."""
+    from edgelm.models.llama import LlamaMLP
+    from edgelm.quantization.int4_linear import Int4Linear
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(256, 384)
+    x = torch.randn(1, 256)
+    ref = mlp.down_proj(mlp.act_fn(mlp.gate_up_proj(x)))
+    assert torch.equal(mlp(x), ref)
+    seen = []
+    monkeypatch.setattr(Int4Linear, "forward_silu", lambda self, gu: seen.append(gu.shape) or torch.ones(1, 256))
+    mlp.down_proj.__class__ = Int4Linear  # only forward_silu is reached before the result comes back
+    assert torch.equal(mlp(x), torch.ones(1, 256)) and seen == [(1, 768)]
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
@@ -106,7 +153,8 @@ def _gpu():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (40, 1024), (2048, 1536)])
-@pytest.mark.parametrize("config", [(2, 2, 8), (1, 4, 8), (2, 4, 4), (4, 2, 4), (1, 2, 8, 1)])
+@pytest.mark.parametrize("config", [(2, 2, 8), (1, 4, 8), (2, 4, 4), (4, 2, 4), (1, 2, 8, 1), (2, 2, 8, 0, 4),
+                                    (2, 4, 4, 1, 2), (1, 2, 8, 0, 7)])
 def test_cuda_w4_matches_reference_gpu(n, k, config):
     """Against dequantize-then-matmul and gemv_h2, bf16 and fp16 activations, with and without bias, fp16 and bf16
     scales (rows not a multiple of a program's included)."""
@@ -127,6 +175,55 @@ def test_cuda_w4_matches_reference_gpu(n, k, config):
             # as gemv_h2 is (on the H100 one (40, 1024) bf16 case of random data came to 0.0109)
             assert rel_err(y, ref) < max(1e-2, 1.5 * rel_err(h2, ref)), (dtype, meta, bias is not None)
             assert rel_err(y, h2) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,config", [(4096, 14336, (2, 2, 8, 0, 4, 1)), (4096, 14336, (2, 4, 4, 1, 1, 1)),
+                                        (256, 512, (1, 2, 8, 0, 2, 1)), (40, 1024, (2, 2, 4, 0, 8, 1))])
+def test_cuda_w4_silu_gpu(n, k, config):
+    """down_proj on gate ‖ up: the same numbers as the SiLU·mul kernel then cuda_w4 on its output (within a
+    rounding of SiLU's exponential), bf16 and fp16, with and without bias."""
+    from edgelm.layers.triton_ops.silu_mul import silu_and_mul
+    from edgelm.quantization.int4_cuda import gemv_w4
+
+    _gpu()
+    torch.manual_seed(n + k)
+    for dtype in (torch.bfloat16, torch.float16):
+        w = quantize_int4(torch.randn(n, k, device="cuda") * 0.02, 128, "minmax")
+        gate_up = torch.randn(1, 2 * k, device="cuda", dtype=dtype) * 2
+        for bias in (None, torch.randn(n, device="cuda", dtype=dtype)):
+            act = silu_and_mul(gate_up)
+            y = gemv_w4(gate_up, w, bias, config, silu=True)
+            two = gemv_w4(act, w, bias, config)
+            assert rel_err(y, two) < 2e-3, (dtype, bias is not None)
+            assert rel_err(y, reference(act, w, bias)) < 1e-2
+
+
+@pytest.mark.gpu
+def test_cuda_w4_split_k_in_cuda_graph_gpu():
+    """Split K's counters are set back by the kernel: many replays of a graph holding two split launches of one
+    shape (sharing their scratch) in a row, with PDL where the GPU has it, give the eager numbers every time."""
+    from edgelm.quantization.int4_cuda import gemv_w4
+
+    _gpu()
+    w1 = quantize_int4(torch.randn(4096, 4096, device="cuda") * 0.02, 128, "minmax")
+    w2 = quantize_int4(torch.randn(4096, 4096, device="cuda") * 0.02, 128, "minmax")
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    cfg = (2, 2, 8, 0, 4)
+    eager = gemv_w4(gemv_w4(x, w1, None, cfg), w2, None, cfg)
+    assert rel_err(eager, reference(gemv_w4(x, w1, None, (2, 2, 8)), w2, None)) < 2e-2
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        gemv_w4(gemv_w4(x, w1, None, cfg), w2, None, cfg)
+        with torch.cuda.graph(graph, stream=stream):
+            out = gemv_w4(gemv_w4(x, w1, None, cfg), w2, None, cfg)
+    for _ in range(20):
+        out.zero_()
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    assert torch.equal(gemv_w4(gemv_w4(x, w1, None, cfg), w2, None, cfg), eager)  # deterministic (split order)
 
 
 @pytest.mark.gpu
@@ -176,8 +273,9 @@ def test_cuda_w4_in_cuda_graph_gpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_cuda_w4_model_decode_gpu(monkeypatch, dtype):
-    """A tiny int4wo-128 Llama whose batch-1 linears all dispatch to cuda_w4: its graph decode's logits stay within
-    the int4 kernels' rounding of gemv_h2's, step by step on the same tokens."""
+    """A tiny int4wo-128 Llama whose batch-1 linears all dispatch to cuda_w4 (down_proj split over K and taking
+    gate ‖ up): its graph decode's logits stay within the int4 kernels' rounding of gemv_h2's, step by step on the
+    same tokens."""
     from edgelm.quantization import int4_kernels as kern
     from tests.test_cuda_graph import _greedy, _runner
 
@@ -195,11 +293,14 @@ def test_cuda_w4_model_decode_gpu(monkeypatch, dtype):
     prompt = torch.randint(0, 512, (13,), generator=torch.Generator().manual_seed(7)).tolist()
     plain = _runner(path, "triton", dtype, torchao_config="int4wo-128")
     tokens_p, logits_p = _greedy(plain, [prompt], 8)
-    monkeypatch.setattr(kern, "SHAPE_DISPATCH", {s: {1: ("cuda_w4", (2, 2, 8))} for s in
-                                                 [(512, 256), (256, 256), (1024, 256), (256, 512)]})
+    table = {s: {1: ("cuda_w4", (2, 2, 8))} for s in [(512, 256), (256, 256), (1024, 256)]}
+    table[(256, 512)] = {1: ("cuda_w4", (1, 2, 8, 0, 2, 1))}  # down_proj: split K, SiLU·mul made while staging
+    monkeypatch.setattr(kern, "SHAPE_DISPATCH", table)
     cw = _runner(path, "triton", dtype, torchao_config="int4wo-128")
     lin = cw.model.model.layers[0].mlp.down_proj
-    assert kern.choose_kernel(1, lin.packed) == ("cuda_w4", (2, 2, 8))
+    assert kern.choose_kernel(1, lin.packed) == ("cuda_w4", (1, 2, 8, 0, 2, 1))
+    gate_up = torch.randn(1, 1024, device="cuda", dtype=getattr(torch, dtype))
+    assert lin.forward_silu(gate_up) is not None  # the MLP hands down_proj gate ‖ up
     tokens_c, logits_c = _greedy(cw, [prompt], 8, forced=tokens_p)
     for a, b in zip(logits_c, logits_p):
         assert rel_err(a, b) < 2e-2

@@ -41,8 +41,13 @@ typedef unsigned short u16;
 #define NW %(nw)d
 #define R %(r)d
 #define S %(s)d
-#define NB %(nb)d
+#define NBT %(nbt)d
+#define KS %(ks)d
+#define NB (NBT / KS)
 #define NCH ((NB + 7) / 8)
+#define NT (NW * 32)
+#define XIT ((NCH * 128 + NT - 1) / NT)
+#define SILU %(silu)d
 #define SCALE_F16 %(f16)d
 #define HAS_BIAS %(bias)d
 #define PDL %(pdl)d
@@ -85,6 +90,16 @@ __device__ __forceinline__ u16 to_x(float f) {
   u += 0x7FFFu + ((u >> 16) & 1u);
   return (u16)(u >> 16);
 #endif
+}
+
+// silu(g) * u of one activation pair each, rounded as the SiLU·mul kernel rounds (silu(g) to 16 bits first)
+__device__ __forceinline__ u32 silu_mul1(u32 g, u32 u) {
+  const float gf = xf(g);
+  return to_x(xf(to_x(gf * (1.f / (1.f + __expf(-gf))))) * xf(u));
+}
+
+__device__ __forceinline__ u32 silu_mul2(u32 g, u32 u) {
+  return silu_mul1(g & 0xFFFFu, u & 0xFFFFu) | (silu_mul1(g >> 16, u >> 16) << 16);
 }
 
 // one nibble pair (bits 0-3 and 16-19 of w) times the x pair p, added to the bf16 pair acc
@@ -131,12 +146,14 @@ __device__ __forceinline__ float dot_word(u32 w, u32 p0, u32 p1, u32 p2, u32 p3)
 
 extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
     const u16* __restrict__ x, const uint4* __restrict__ qw, const u16* __restrict__ sc,
-    const u16* __restrict__ of, const u16* __restrict__ bias, u16* __restrict__ y, int N) {
+    const u16* __restrict__ of, const u16* __restrict__ bias, u16* __restrict__ y, int N,
+    float* __restrict__ part, unsigned* __restrict__ cnt) {
   __shared__ __align__(16) u16 xs[NCH * 8 * 144];
   __shared__ float xsum[NCH * 8];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = (blockIdx.x * NW + warp) * R;
   const int q4 = lane & 3;
+  const size_t kb0 = (size_t)blockIdx.y * NB;  // this program's first block of 128 inputs (split K: KS programs a row)
   uint4 wb[S][R];
   u32 sb[S][R], ob[S][R];
   // the first S steps' weights, scales and offsets: before the wait (nothing an earlier kernel wrote)
@@ -146,9 +163,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
     for (int r = 0; r < R; r++) {
       const int row = row0 + r, b = s * 8 + (lane >> 2);
       const bool ok = s < NCH && row < N && b < NB;
-      wb[s][r] = ok ? __ldg(qw + (size_t)row * (NB * 4) + s * 32 + lane) : make_uint4(0, 0, 0, 0);
-      sb[s][r] = ok ? __ldg(sc + (size_t)row * NB + b) : 0u;
-      ob[s][r] = ok ? __ldg(of + (size_t)row * NB + b) : 0u;
+      wb[s][r] = ok ? __ldg(qw + (size_t)row * (NBT * 4) + kb0 * 4 + s * 32 + lane) : make_uint4(0, 0, 0, 0);
+      sb[s][r] = ok ? __ldg(sc + (size_t)row * NBT + kb0 + b) : 0u;
+      ob[s][r] = ok ? __ldg(of + (size_t)row * NBT + kb0 + b) : 0u;
     }
   }
 #if PDL && __CUDA_ARCH__ >= 900
@@ -158,11 +175,31 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
 #endif
 #endif
   // x into shared memory, 16 values of padding after each block of 128 (lanes of one step read 4 blocks'
-  // slices at once: 288-byte strides fall in different banks); each block's sum (for the offsets)
-  for (int base = 0; base < NCH * 128; base += NW * 32) {
-    const int v = base + threadIdx.x, b = v >> 4;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (v < NCH * 128 && b < NB) val = *(const uint4*)(x + v * 8);
+  // slices at once: 288-byte strides fall in different banks); each block's sum (for the offsets). All of a
+  // thread's loads are issued before any is used (one L2 round trip, not one an iteration). SILU: x is gate | up
+  // (2 * NBT * 128 values) and silu(gate) * up is what is stored.
+  const u16* xk = x + kb0 * 128;
+  uint4 xv[XIT];
+#if SILU
+  uint4 uv[XIT];
+#endif
+#pragma unroll
+  for (int i = 0; i < XIT; i++) {
+    const int v = i * NT + threadIdx.x, b = v >> 4;
+    const bool ok = v < NCH * 128 && b < NB;
+    xv[i] = ok ? *(const uint4*)(xk + v * 8) : make_uint4(0, 0, 0, 0);
+#if SILU
+    uv[i] = ok ? *(const uint4*)(xk + NBT * 128 + v * 8) : make_uint4(0, 0, 0, 0);
+#endif
+  }
+#pragma unroll
+  for (int i = 0; i < XIT; i++) {
+    const int v = i * NT + threadIdx.x, b = v >> 4;
+    uint4 val = xv[i];
+#if SILU
+    val = make_uint4(silu_mul2(val.x, uv[i].x), silu_mul2(val.y, uv[i].y), silu_mul2(val.z, uv[i].z),
+                     silu_mul2(val.w, uv[i].w));
+#endif
     if (v < NCH * 128) *(uint4*)(xs + v * 8 + b * 16) = val;
     float sum = xf(val.x & 0xFFFFu) + xf(val.x >> 16) + xf(val.y & 0xFFFFu) + xf(val.y >> 16)
               + xf(val.z & 0xFFFFu) + xf(val.z >> 16) + xf(val.w & 0xFFFFu) + xf(val.w >> 16);
@@ -187,9 +224,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
       for (int r = 0; r < R; r++) {
         const int row = row0 + r, b = (c + S) * 8 + (lane >> 2);
         const bool ok = row < N && b < NB;
-        wb[c %% S][r] = ok ? __ldg(qw + (size_t)row * (NB * 4) + (c + S) * 32 + lane) : make_uint4(0, 0, 0, 0);
-        sb[c %% S][r] = ok ? __ldg(sc + (size_t)row * NB + b) : 0u;
-        ob[c %% S][r] = ok ? __ldg(of + (size_t)row * NB + b) : 0u;
+        wb[c %% S][r] = ok ? __ldg(qw + (size_t)row * (NBT * 4) + kb0 * 4 + (c + S) * 32 + lane) : make_uint4(0, 0, 0, 0);
+        sb[c %% S][r] = ok ? __ldg(sc + (size_t)row * NBT + kb0 + b) : 0u;
+        ob[c %% S][r] = ok ? __ldg(of + (size_t)row * NBT + kb0 + b) : 0u;
       }
     }
     const int b = c * 8 + (lane >> 2);
@@ -230,21 +267,67 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
     a += __shfl_xor_sync(0xffffffffu, a, 4);
     a += __shfl_xor_sync(0xffffffffu, a, 2);
     a += __shfl_xor_sync(0xffffffffu, a, 1);
+#if KS == 1
 #if HAS_BIAS
     if (row0 + r < N) a += xf(bias[row0 + r]);
 #endif
     if (lane == 0 && row0 + r < N) y[row0 + r] = to_x(a);
+#else
+    if (lane == 0 && row0 + r < N) part[blockIdx.y * N + row0 + r] = a;
+#endif
   }
+#if KS > 1
+  // split K: each program leaves its rows' partial sums; the last of a row tile's KS programs to finish (a
+  // counter a tile, set back to 0 by it) adds them in split order (the same sums every run) and writes y
+  __shared__ unsigned last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(cnt + blockIdx.x, 1u) == KS - 1;
+  __syncthreads();
+  if (last) {
+    __threadfence();
+    for (int t = threadIdx.x; t < NW * R; t += NT) {
+      const int row = blockIdx.x * NW * R + t;
+      if (row < N) {
+        float a = 0.f;
+#pragma unroll
+        for (int k = 0; k < KS; k++) a += __ldcg(part + (size_t)k * N + row);
+#if HAS_BIAS
+        a += xf(bias[row]);
+#endif
+        y[row] = to_x(a);
+      }
+    }
+    if (threadIdx.x == 0) cnt[blockIdx.x] = 0u;
+  }
+#endif
 }
 """
 
 
-def source(k: int, config: tuple, f16_scales: bool, has_bias: bool, pdl_on: bool, f16_x: bool = False) -> str:
-    """The kernel's CUDA source for inputs K (a multiple of 128) and config (R, S, warps[, LATE]); activations
-    fp16 where f16_x, else bf16."""
-    r, s, nw, *rest = config
-    return SOURCE % {"nw": nw, "r": r, "s": s, "nb": k // 128, "f16": int(f16_scales), "bias": int(has_bias),
-                     "pdl": int(pdl_on), "late": int(bool(rest and rest[0])), "xf16": int(f16_x)}
+def source(k: int, config: tuple, f16_scales: bool, has_bias: bool, pdl_on: bool, f16_x: bool = False,
+           silu: bool = False) -> str:
+    """The kernel's CUDA source for inputs K (a multiple of 128) and config (R, S, warps[, LATE[, KS]]); activations
+    fp16 where f16_x, else bf16; silu: x is gate ‖ up [2K] and the kernel multiplies by silu(gate) · up."""
+    r, s, nw = config[:3]
+    return SOURCE % {"nw": nw, "r": r, "s": s, "nbt": k // 128, "ks": splits(k, config), "f16": int(f16_scales),
+                     "bias": int(has_bias), "pdl": int(pdl_on), "late": int(len(config) > 3 and bool(config[3])),
+                     "xf16": int(f16_x), "silu": int(silu)}
+
+
+def splits(k: int, config: tuple) -> int:
+    """The programs a row's K is split over: config[4] (1 if absent), down to the largest count dividing K's blocks
+    of 128."""
+    ks = max(1, int(config[4])) if len(config) > 4 else 1
+    while (k // 128) % ks:
+        ks -= 1
+    return ks
+
+
+def takes_silu(config: tuple | None) -> bool:
+    """Whether a down_proj dispatched to cuda_w4 with this config is handed gate ‖ up itself (config[5]), making
+    silu(gate) · up while it stages x, so that no SiLU·mul kernel runs before it (LlamaMLP)."""
+    return config is not None and len(config) > 5 and bool(config[5])
 
 
 def supported(x: torch.Tensor, w: Int4Weight) -> bool:
@@ -294,6 +377,20 @@ _MODULES: list[ctypes.c_void_p] = []
 _BROKEN: set[tuple] = set()  # kernels (_function's keys) that did not compile or load here
 
 
+_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _scratch(device: torch.device, n: int, ks: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split K's partial sums (float32 [ks, n]) and row-tile counters (zero, and set back to zero by the kernel
+    that used them). One pair a shape on a device, shared by all layers: their launches are ordered on the
+    stream, and with PDL a kernel touches them only after its wait (every kernel before it has finished)."""
+    key = (device.index if device.index is not None else torch.cuda.current_device(), n, ks, tiles)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = (torch.empty(ks * n, dtype=torch.float32, device=device),
+                         torch.zeros(tiles, dtype=torch.int32, device=device))
+    return _SCRATCH[key]
+
+
 @functools.cache
 def _function(device_index: int, key: tuple) -> ctypes.c_void_p:
     """The compiled kernel of source(*key) on that device (compiled once a process: a few hundred milliseconds;
@@ -312,10 +409,12 @@ def _function(device_index: int, key: tuple) -> ctypes.c_void_p:
     return func
 
 
-def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
+def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None, silu: bool = False) -> torch.Tensor:
     """x [1, K] → y [1, N] with the CUDA kernel; config (R rows a warp, S steps ahead, warps a program[, LATE 1:
-    with PDL, the next kernel launched after this program's K loop instead of right after its wait]).
-    Calls it cannot take go to gemv_h2 with the config batch 1 would otherwise run (int4_kernels.m1_unswept)."""
+    with PDL, the next kernel launched after this program's K loop instead of right after its wait[, KS: K split
+    over that many programs a row, the last to finish adding the partial sums[, SILU: see takes_silu]]]).
+    silu: x is gate ‖ up [1, 2K] and y = (silu(gate) · up) Wᵀ (+ bias). Calls it cannot take go to gemv_h2 with
+    the config batch 1 would otherwise run (int4_kernels.m1_unswept), after torch's SiLU·mul where silu."""
     from edgelm.layers.triton_ops import pdl
 
     config = tuple(config or (2, 2, 8))
@@ -323,8 +422,9 @@ def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     n, k = w.out_features, w.in_features
     pdl_on = pdl.mode(x.device, 1, small=False) != 0
     func = None
-    if supported(x, w) and (bias is None or bias.dtype == x.dtype):
-        key = (k, config, w.scales.dtype == torch.float16, bias is not None, pdl_on, x.dtype == torch.float16)
+    if supported(x, w) and (bias is None or bias.dtype == x.dtype) and x.shape[1] == (2 * k if silu else k):
+        key = (k, config[:5], w.scales.dtype == torch.float16, bias is not None, pdl_on, x.dtype == torch.float16,
+               silu)
         if key not in _BROKEN:
             try:
                 func = _function(x.device.index if x.device.index is not None else torch.cuda.current_device(), key)
@@ -335,15 +435,20 @@ def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
         from edgelm.quantization.int4_kernels import m1_unswept
         from edgelm.quantization.int4_ptx import gemv_h2
 
+        if silu:  # silu(gate) rounded to x's type before the product, as the SiLU·mul kernel does
+            x = torch.nn.functional.silu(x[:, :k]) * x[:, k:]
         kernel, fallback = m1_unswept(w.out_features, w.in_features)  # (a loaded dispatch may name another kernel)
         return gemv_h2(x, w, bias, fallback if kernel == "gemv_h2" else None)
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    tiles, ks = (n + nw * r - 1) // (nw * r), splits(k, config)
+    part, cnt = _scratch(x.device, n, ks, tiles) if ks > 1 else (y, y)
     ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (x, w.qweight, w.scales, w.offsets,
                                                     bias if bias is not None else x, y)]
     n_arg = ctypes.c_int(n)
-    params = (ctypes.c_void_p * 7)(*[ctypes.cast(ctypes.byref(p), ctypes.c_void_p) for p in ptrs + [n_arg]])
+    args = ptrs + [n_arg, ctypes.c_void_p(part.data_ptr()), ctypes.c_void_p(cnt.data_ptr())]
+    params = (ctypes.c_void_p * 9)(*[ctypes.cast(ctypes.byref(p), ctypes.c_void_p) for p in args])
     attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
-    cfg = _LaunchConfig(grid_x=(n + nw * r - 1) // (nw * r), grid_y=1, grid_z=1, block_x=nw * 32, block_y=1, block_z=1,
+    cfg = _LaunchConfig(grid_x=tiles, grid_y=ks, grid_z=1, block_x=nw * 32, block_y=1, block_z=1,
                         shared_bytes=0, stream=torch.cuda.current_stream(x.device).cuda_stream,
                         attrs=ctypes.pointer(attr) if pdl_on else None, num_attrs=1 if pdl_on else 0)
     _check(_driver().cuLaunchKernelEx(ctypes.byref(cfg), func, params, None), "cuLaunchKernelEx")

@@ -114,6 +114,23 @@ class Int4Linear(nn.Module):
 
         return int4_linear(x, self.packed, self.bias)
 
+    def forward_silu(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+        """This layer on silu(gate) · up, given gate ‖ up [1, 2K] itself, where its batch-1 kernel makes the SiLU·mul
+        while it stages x (cuda_w4 with SILU in its config: int4_cuda.takes_silu); else None (the caller runs
+        SiLU·mul, then the layer)."""
+        if not (gate_up.is_cuda and gate_up.dim() == 2 and gate_up.shape[0] == 1 and self.input_perm is None
+                and self.dense_weight is None and self.cpu_weight is None):
+            return None
+        from edgelm.quantization import int4_cuda
+        from edgelm.quantization.int4_kernels import choose_kernel
+
+        choice = choose_kernel(1, self.packed)
+        if choice is None or choice[0] != "cuda_w4" or not int4_cuda.takes_silu(choice[1]):
+            return None
+        if not int4_cuda.supported(gate_up, self.packed):
+            return None
+        return int4_cuda.gemv_w4(gate_up, self.packed, self.bias, choice[1], silu=True)
+
     def _cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])

@@ -69,6 +69,9 @@ def main() -> None:
                     triton_ops.set_enabled(plain_ops)
                 rows.append(row)
                 print(row, flush=True)
+                if args.out:  # so far (a call cut short keeps what it measured)
+                    write_json(args.out, {**result_header("cuda_gemv_probe", "benchmarks/gpu/cuda_gemv_probe.py",
+                                                          sys.argv[1:]), "partial": True, "rows": rows})
         del ws
         torch.cuda.empty_cache()
     if args.out:

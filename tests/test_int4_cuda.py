@@ -200,6 +200,48 @@ def test_cuda_w4_silu_gpu(n, k, config):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (4, 2, 64)])
+def test_cuda_w4_rope_gpu(dtype, heads, kv_heads, head_dim):
+    """qkv_proj with the rotary and the KV write at its end: q comes back rotated, k rotated and v as it is land in
+    the pool's row of the slot (nothing else written), as cuda_w4's plain output rotated in float32 gives them."""
+    from edgelm.quantization.int4_cuda import gemv_w4, gemv_w4_rope
+    from edgelm.quantization.int4_fused import RopeStore
+
+    _gpu()
+    torch.manual_seed(heads)
+    qs, kvs, half = heads * head_dim, kv_heads * head_dim, head_dim // 2
+    n, k = qs + 2 * kvs, 1024
+    inv = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim)
+    freqs = torch.outer(torch.arange(64, device="cuda").float(), inv)
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).contiguous()
+    w = quantize_int4(torch.randn(n, k, device="cuda") * 0.02, 128, "minmax")
+    x = torch.randn(1, k, device="cuda", dtype=dtype)
+    for bias in (None, torch.randn(n, device="cuda", dtype=dtype)):
+        k_buf = torch.zeros(16, kv_heads, head_dim, device="cuda", dtype=dtype)
+        v_buf = torch.zeros_like(k_buf)
+        rope = RopeStore(torch.tensor([37], device="cuda"), cos_sin, head_dim, qs, kvs, k_buf, v_buf,
+                         torch.tensor([5], device="cuda"))
+        q = gemv_w4_rope(x, w, bias, (2, 2, 8), rope)
+        assert q is not None and q.shape == (1, qs)
+        plain = gemv_w4(x, w, bias, (2, 2, 8)).float()
+        c, sn = cos_sin[37, :half], cos_sin[37, half:]
+
+        def rotate(t, c=c, sn=sn):  # [heads, head_dim]
+            x1, x2 = t[:, :half], t[:, half:]
+            return torch.cat([x1 * c - x2 * sn, x2 * c + x1 * sn], dim=-1)
+
+        want_q = rotate(plain[0, :qs].view(heads, head_dim)).to(dtype).view(1, qs)
+        want_k = rotate(plain[0, qs:qs + kvs].view(kv_heads, head_dim)).to(dtype)
+        assert rel_err(q, want_q) < 2e-3 and rel_err(k_buf[5], want_k) < 2e-3
+        assert torch.equal(v_buf[5], plain[0, qs + kvs:].to(dtype).view(kv_heads, head_dim))
+        others = [i for i in range(16) if i != 5]
+        assert not k_buf[others].any() and not v_buf[others].any()
+    assert gemv_w4_rope(x, w, None, (1, 2, 8), rope) is None  # a warp must hold a row pair
+    assert gemv_w4_rope(x, w, None, (2, 2, 8, 0, 2), rope) is None  # no split K
+
+
+@pytest.mark.gpu
 def test_cuda_w4_split_k_in_cuda_graph_gpu():
     """Split K's counters are set back by the kernel: many replays of a graph holding two split launches of one
     shape (sharing their scratch) in a row, with PDL where the GPU has it, give the eager numbers every time."""

@@ -17,7 +17,8 @@ the token ids clamped into the vocabulary, one small kernel: an ablated step's l
 tables with each triton_ops switch on, off, on (then all together, then off) after the sweep: e.g. int4_xprep
 (x prepared for the GEMVs), int4_rope (the rotary + KV write in qkv_proj's gemv_h2), fused_int4 (the whole
 decoder layer fused), l2_prefetch (l2_prefetch@MB: with that byte budget a layer), int4_meta_pairs (each
-group's scale and offset read as one int32); --fused-ab is --ops-ab
+group's scale and offset read as one int32); -OP turns a switch that is on off instead (e.g. -int4_rope:
+qkv_proj's rotary epilogue, gemv_h2's or cuda_w4's, against the separate launch); --fused-ab is --ops-ab
 int4_rope,fused_int4.
 
     python benchmarks/gpu/int4_variants.py --model-path llama-3.1-8b --load-format dummy --dtype bfloat16 \
@@ -408,7 +409,9 @@ def main(argv=None) -> dict:
         for op in order:
             names = [o.split("@")[0] for o in (op or "").split(",") if o]
             mb = [float(o.split("@")[1]) for o in (op or "").split(",") if "@" in o]
-            triton_ops.set_enabled(",".join([plain_ops] + names))
+            off = {n[1:] for n in names if n.startswith("-")}  # "-op": that switch off instead
+            triton_ops.set_enabled(",".join([o for o in plain_ops.split(",") if o not in off]
+                                            + [n for n in names if not n.startswith("-")]))
             mark_l2_prefetch(runner.model, int(mb[0] * 2**20) if mb else None)  # l2_prefetch@MB: that budget
             set_meta_pairs(runner.model)  # int4_meta_pairs: built where on, dropped where off
             try:

@@ -2,7 +2,8 @@
 # One device call (carry .whl; ~9 min): cuda_w4's split K and down_proj's SiLU·mul staging (int4_cuda.py). Its GPU
 # tests, int4_variants.py round 17 on Llama-3.1-8B (split-K configs on o_proj and down_proj, SiLU·mul taken into
 # down_proj), where a combination won the int4wo-128 table with its tables (EDGELM_INT4_DISPATCH) and bf16 batch 1
-# in the same call; then cuda_gemv_probe.py (each GEMV alone) with the time left.
+# in the same call; then cuda_gemv_probe.py (each GEMV alone) with the time left. OPSAB: --ops-ab (e.g. -int4_rope:
+# qkv_proj's cuda_w4 rotary epilogue off against on).
 source benchmarks/gpu/site_setup.sh
 dev=${DEV:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo h200 || echo h100)}
 echo "DEV=$dev"; t0=$SECONDS
@@ -10,7 +11,7 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_int4_
 echo "($((SECONDS - t0)) s)"
 m="--model-path llama-3.1-8b --load-format dummy --dtype bfloat16"
 timeout ${VT:-240} python3 benchmarks/gpu/int4_variants.py $m --torchao-config int4wo-128 --batch-size 1 --input-len 1024 \
-    --output-len 64 --candidates ${CANDS:-round17} --out $OUT/int4_variants_bs1_${ROUND:-round17}_$dev.json \
+    --output-len 64 --candidates ${CANDS:-round17} ${OPSAB:+--ops-ab $OPSAB} --out $OUT/int4_variants_bs1_${ROUND:-round17}_$dev.json \
     --dispatch-out $OUT/int4_dispatch_${ROUND:-round17}_$dev.json 2>&1 | grep -v -i warn | tail -24
 echo "($((SECONDS - t0)) s)"
 if grep -q '"combo": "shipped"' $OUT/int4_dispatch_${ROUND:-round17}_$dev.json 2>/dev/null || [ ! -f $OUT/int4_dispatch_${ROUND:-round17}_$dev.json ]; then

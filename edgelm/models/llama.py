@@ -57,17 +57,20 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch) -> torch.Tensor:
         if hidden.shape[0] == 1 and self.q_norm is None and triton_ops.enabled("int4_rope") and _int4_kernels_run(hidden):
-            config = _int4_fused_config(self.qkv_proj, hidden.device)
-            out = None if config is None else self.attend_stored(positions, hidden, forward_batch, config)
+            config, kernel = _int4_fused_config(self.qkv_proj, hidden.device), "gemv_h2"
+            if config is None:  # the hand-written CUDA GEMV has the same epilogue
+                config, kernel = _int4_cuda_config(self.qkv_proj, hidden), "cuda_w4"
+            out = None if config is None else self.attend_stored(positions, hidden, forward_batch, config, kernel=kernel)
             if out is not None:
                 return self.o_proj(out)
         return self.o_proj(self.attend(positions, self.qkv_proj(hidden), forward_batch))
 
-    def attend_stored(self, positions, x, forward_batch, config, norm=None) -> torch.Tensor | None:
-        """Batch-1 decode with an int4 qkv_proj whose gemv_h2 applies the rotary to q and k and writes
+    def attend_stored(self, positions, x, forward_batch, config, norm=None, kernel="gemv_h2") -> torch.Tensor | None:
+        """Batch-1 decode with an int4 qkv_proj whose GEMV applies the rotary to q and k and writes
         k and v into the KV pool itself (int4_fused.gemv_h2_fused; norm: (weight, eps) of an RMSNorm
-        applied to x first): the attention output, or None (nothing done) where the attention
-        backend does not take that (AttentionBackend.fused_kv_target)."""
+        applied to x first; kernel "cuda_w4": int4_cuda.gemv_w4_rope, no norm): the attention output, or
+        None (nothing done) where the attention backend or the kernel does not take that
+        (AttentionBackend.fused_kv_target)."""
         from edgelm.quantization.int4_fused import RopeStore, gemv_h2_fused
 
         backend = forward_batch.attn_backend
@@ -75,7 +78,14 @@ class LlamaAttention(nn.Module):
         if target is None:
             return None
         rope = RopeStore(positions, self.rotary_emb.cos_sin_cache, self.head_dim, self.q_size, self.kv_size, *target)
-        q = gemv_h2_fused(x, self.qkv_proj.packed, self.qkv_proj.bias, config, norm=norm, rope=rope)
+        if kernel == "cuda_w4":
+            from edgelm.quantization.int4_cuda import gemv_w4_rope
+
+            q = gemv_w4_rope(x, self.qkv_proj.packed, self.qkv_proj.bias, config, rope)
+            if q is None:
+                return None
+        else:
+            q = gemv_h2_fused(x, self.qkv_proj.packed, self.qkv_proj.bias, config, norm=norm, rope=rope)
         return backend.forward_decode_stored(q, self.attn, forward_batch, target[0], target[1])
 
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor, forward_batch) -> torch.Tensor:
@@ -202,6 +212,18 @@ def _int4_fused_config(lin, device: torch.device):
         return None
     choice = choose_kernel(1, lin.packed)
     return choice[1] if choice is not None and choice[0] == "gemv_h2" and fusable(lin.packed, choice[1]) else None
+
+
+def _int4_cuda_config(lin, hidden: torch.Tensor):
+    """The batch-1 cuda_w4 config of an int4 linear (on hidden's CUDA device), or None where another kernel runs it."""
+    from edgelm.quantization.int4_kernels import choose_kernel
+    from edgelm.quantization.int4_linear import Int4Linear
+
+    if not (hidden.is_cuda and isinstance(lin, Int4Linear) and lin.qweight.device == hidden.device
+            and lin.input_perm is None and lin.dense_weight is None and lin.cpu_weight is None):
+        return None
+    choice = choose_kernel(1, lin.packed)
+    return choice[1] if choice is not None and choice[0] == "cuda_w4" else None
 
 
 class LlamaModel(nn.Module):

@@ -48,6 +48,10 @@ typedef unsigned short u16;
 #define NT (NW * 32)
 #define XIT ((NCH * 128 + NT - 1) / NT)
 #define SILU %(silu)d
+#define ROPE %(rope)d
+#define HALF %(half)d
+#define QS %(qs)d
+#define KVS %(kvs)d
 #define SCALE_F16 %(f16)d
 #define HAS_BIAS %(bias)d
 #define PDL %(pdl)d
@@ -147,11 +151,20 @@ __device__ __forceinline__ float dot_word(u32 w, u32 p0, u32 p1, u32 p2, u32 p3)
 extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
     const u16* __restrict__ x, const uint4* __restrict__ qw, const u16* __restrict__ sc,
     const u16* __restrict__ of, const u16* __restrict__ bias, u16* __restrict__ y, int N,
-    float* __restrict__ part, unsigned* __restrict__ cnt) {
+    float* __restrict__ part, unsigned* __restrict__ cnt, const long long* __restrict__ pos,
+    const float* __restrict__ cs, u16* __restrict__ kbuf, u16* __restrict__ vbuf, const long long* __restrict__ slot) {
   __shared__ __align__(16) u16 xs[NCH * 8 * 144];
   __shared__ float xsum[NCH * 8];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#if ROPE
+  // q | k | v, heads of 2 * HALF rows: a warp takes rows d and d + HALF of one head (R = 2), for the rotary
+  const int pair = blockIdx.x * NW + warp, dd = pair %% HALF;
+  const int row0 = (pair / HALF) * (2 * HALF) + dd;
+#define ROW(r) (row0 + (r) * HALF)
+#else
   const int row0 = (blockIdx.x * NW + warp) * R;
+#define ROW(r) (row0 + (r))
+#endif
   const int q4 = lane & 3;
   const size_t kb0 = (size_t)blockIdx.y * NB;  // this program's first block of 128 inputs (split K: KS programs a row)
   uint4 wb[S][R];
@@ -161,7 +174,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
   for (int s = 0; s < S; s++) {
 #pragma unroll
     for (int r = 0; r < R; r++) {
-      const int row = row0 + r, b = s * 8 + (lane >> 2);
+      const int row = ROW(r), b = s * 8 + (lane >> 2);
       const bool ok = s < NCH && row < N && b < NB;
       wb[s][r] = ok ? __ldg(qw + (size_t)row * (NBT * 4) + kb0 * 4 + s * 32 + lane) : make_uint4(0, 0, 0, 0);
       sb[s][r] = ok ? __ldg(sc + (size_t)row * NBT + kb0 + b) : 0u;
@@ -222,7 +235,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
     if (c + S < NCH) {
 #pragma unroll
       for (int r = 0; r < R; r++) {
-        const int row = row0 + r, b = (c + S) * 8 + (lane >> 2);
+        const int row = ROW(r), b = (c + S) * 8 + (lane >> 2);
         const bool ok = row < N && b < NB;
         wb[c %% S][r] = ok ? __ldg(qw + (size_t)row * (NBT * 4) + kb0 * 4 + (c + S) * 32 + lane) : make_uint4(0, 0, 0, 0);
         sb[c %% S][r] = ok ? __ldg(sc + (size_t)row * NBT + kb0 + b) : 0u;
@@ -267,7 +280,12 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
     a += __shfl_xor_sync(0xffffffffu, a, 4);
     a += __shfl_xor_sync(0xffffffffu, a, 2);
     a += __shfl_xor_sync(0xffffffffu, a, 1);
-#if KS == 1
+#if ROPE
+#if HAS_BIAS
+    if (ROW(r) < N) a += xf(bias[ROW(r)]);
+#endif
+    acc[r] = xf(to_x(a));  // rounded as the GEMV's output is before the rotary kernel reads it
+#elif KS == 1
 #if HAS_BIAS
     if (row0 + r < N) a += xf(bias[row0 + r]);
 #endif
@@ -276,6 +294,30 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
     if (lane == 0 && row0 + r < N) part[blockIdx.y * N + row0 + r] = a;
 #endif
   }
+#if ROPE
+  // the rotary of q and k at the token's position (cos | sin table, float32), q into y, k and v into the KV pool's
+  // row of the token's slot, rounded as the rotary + KV-write kernel rounds them
+  if (lane == 0 && row0 < N) {
+    const long long p = pos[0];
+    const float c = cs[p * (2 * HALF) + dd], sn = cs[p * (2 * HALF) + HALF + dd];
+    const float x1 = acc[0], x2 = acc[1];
+    const bool rot = row0 < QS + KVS;
+    const u16 o1 = to_x(rot ? x1 * c - x2 * sn : x1), o2 = to_x(rot ? x2 * c + x1 * sn : x2);
+    if (row0 < QS) {
+      y[row0] = o1;
+      y[row0 + HALF] = o2;
+    } else {
+      const long long kv = slot[0] * KVS + row0 - QS;
+      if (rot) {
+        kbuf[kv] = o1;
+        kbuf[kv + HALF] = o2;
+      } else {
+        vbuf[kv - KVS] = o1;
+        vbuf[kv - KVS + HALF] = o2;
+      }
+    }
+  }
+#endif
 #if KS > 1
   // split K: each program leaves its rows' partial sums; the last of a row tile's KS programs to finish (a
   // counter a tile, set back to 0 by it) adds them in split order (the same sums every run) and writes y
@@ -306,13 +348,17 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
 
 
 def source(k: int, config: tuple, f16_scales: bool, has_bias: bool, pdl_on: bool, f16_x: bool = False,
-           silu: bool = False) -> str:
+           silu: bool = False, rope: tuple[int, int, int] | None = None) -> str:
     """The kernel's CUDA source for inputs K (a multiple of 128) and config (R, S, warps[, LATE[, KS]]); activations
-    fp16 where f16_x, else bf16; silu: x is gate ‖ up [2K] and the kernel multiplies by silu(gate) · up."""
+    fp16 where f16_x, else bf16; silu: x is gate ‖ up [2K] and the kernel multiplies by silu(gate) · up; rope
+    (head_dim, q_size, kv_size; R = 2, no split K): W is q ‖ k ‖ v and the kernel ends with the rotary and the KV
+    write (gemv_w4_rope)."""
     r, s, nw = config[:3]
+    half, qs, kvs = (rope[0] // 2, rope[1], rope[2]) if rope else (1, 0, 0)
     return SOURCE % {"nw": nw, "r": r, "s": s, "nbt": k // 128, "ks": splits(k, config), "f16": int(f16_scales),
                      "bias": int(has_bias), "pdl": int(pdl_on), "late": int(len(config) > 3 and bool(config[3])),
-                     "xf16": int(f16_x), "silu": int(silu)}
+                     "xf16": int(f16_x), "silu": int(silu), "rope": int(rope is not None), "half": half, "qs": qs,
+                     "kvs": kvs}
 
 
 def splits(k: int, config: tuple) -> int:
@@ -415,22 +461,11 @@ def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     over that many programs a row, the last to finish adding the partial sums[, SILU: see takes_silu]]]).
     silu: x is gate ‖ up [1, 2K] and y = (silu(gate) · up) Wᵀ (+ bias). Calls it cannot take go to gemv_h2 with
     the config batch 1 would otherwise run (int4_kernels.m1_unswept), after torch's SiLU·mul where silu."""
-    from edgelm.layers.triton_ops import pdl
-
     config = tuple(config or (2, 2, 8))
-    r, s, nw = config[:3]
-    n, k = w.out_features, w.in_features
-    pdl_on = pdl.mode(x.device, 1, small=False) != 0
+    k = w.in_features
     func = None
-    if supported(x, w) and (bias is None or bias.dtype == x.dtype) and x.shape[1] == (2 * k if silu else k):
-        key = (k, config[:5], w.scales.dtype == torch.float16, bias is not None, pdl_on, x.dtype == torch.float16,
-               silu)
-        if key not in _BROKEN:
-            try:
-                func = _function(x.device.index if x.device.index is not None else torch.cuda.current_device(), key)
-            except Exception as e:  # NVRTC or the driver refused it: gemv_h2 runs this config from now on
-                _BROKEN.add(key)
-                logger.warning("cuda_w4 %s unavailable (%s: %s); running gemv_h2 instead", config, type(e).__name__, e)
+    if x.shape[1] == (2 * k if silu else k):
+        func = _kernel(x, w, bias, config, silu=silu)
     if func is None:
         from edgelm.quantization.int4_kernels import m1_unswept
         from edgelm.quantization.int4_ptx import gemv_h2
@@ -439,17 +474,69 @@ def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
             x = torch.nn.functional.silu(x[:, :k]) * x[:, k:]
         kernel, fallback = m1_unswept(w.out_features, w.in_features)  # (a loaded dispatch may name another kernel)
         return gemv_h2(x, w, bias, fallback if kernel == "gemv_h2" else None)
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(1, w.out_features, dtype=x.dtype, device=x.device)
+    _launch(func, x, w, bias, y, config)
+    return y
+
+
+def gemv_w4_rope(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config, rope) -> torch.Tensor | None:
+    """qkv_proj with the rotary and the KV write at its end (int4_fused.RopeStore rope: position, cos ‖ sin table,
+    head_dim, q / kv widths, pool buffers, slot): q rotated [1, q_size], k and v written to the pool; or None where
+    this kernel cannot take it (config with R ≠ 2 or split K, a layout or dtype it does not handle; the caller then
+    runs the projection and the rotary apart)."""
+    config = tuple(config)
+    n, k = w.out_features, w.in_features
+    if (config[0] != 2 or splits(k, config) != 1 or x.shape[1] != k or rope.head_dim % 2
+            or n != rope.q_size + 2 * rope.kv_size or rope.k_buf.dtype != x.dtype or rope.v_buf.dtype != x.dtype
+            or not (rope.k_buf.is_contiguous() and rope.v_buf.is_contiguous())
+            or rope.k_buf[0].numel() != rope.kv_size or rope.cos_sin.dtype != torch.float32
+            or not rope.cos_sin.is_contiguous() or rope.cos_sin.shape[1] != rope.head_dim
+            or rope.positions.dtype != torch.int64 or rope.slots.dtype != torch.int64):
+        return None
+    func = _kernel(x, w, bias, config, rope=(rope.head_dim, rope.q_size, rope.kv_size))
+    if func is None:
+        return None
+    y = torch.empty(1, rope.q_size, dtype=x.dtype, device=x.device)
+    _launch(func, x, w, bias, y, config, rope)
+    return y
+
+
+def _kernel(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config: tuple, silu: bool = False,
+            rope: tuple | None = None) -> ctypes.c_void_p | None:
+    """The compiled kernel for this call, or None where cuda_w4 cannot run it (compile failures logged once)."""
+    from edgelm.layers.triton_ops import pdl
+
+    if not (supported(x, w) and (bias is None or bias.dtype == x.dtype)):
+        return None
+    pdl_on = pdl.mode(x.device, 1, small=False) != 0
+    key = (w.in_features, config[:5], w.scales.dtype == torch.float16, bias is not None, pdl_on,
+           x.dtype == torch.float16, silu, rope)
+    if key in _BROKEN:
+        return None
+    try:
+        return _function(x.device.index if x.device.index is not None else torch.cuda.current_device(), key)
+    except Exception as e:  # NVRTC or the driver refused it: gemv_h2 runs this config from now on
+        _BROKEN.add(key)
+        logger.warning("cuda_w4 %s unavailable (%s: %s); running gemv_h2 instead", config, type(e).__name__, e)
+        return None
+
+
+def _launch(func, x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, y: torch.Tensor, config: tuple,
+            rope=None) -> None:
+    from edgelm.layers.triton_ops import pdl
+
+    r, _, nw = config[:3]
+    n, k = w.out_features, w.in_features
+    pdl_on = pdl.mode(x.device, 1, small=False) != 0
     tiles, ks = (n + nw * r - 1) // (nw * r), splits(k, config)
     part, cnt = _scratch(x.device, n, ks, tiles) if ks > 1 else (y, y)
-    ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (x, w.qweight, w.scales, w.offsets,
-                                                    bias if bias is not None else x, y)]
-    n_arg = ctypes.c_int(n)
-    args = ptrs + [n_arg, ctypes.c_void_p(part.data_ptr()), ctypes.c_void_p(cnt.data_ptr())]
-    params = (ctypes.c_void_p * 9)(*[ctypes.cast(ctypes.byref(p), ctypes.c_void_p) for p in args])
+    tensors = [x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y]
+    rest = ([rope.positions, rope.cos_sin, rope.k_buf, rope.v_buf, rope.slots] if rope is not None else [y] * 5)
+    args = ([ctypes.c_void_p(t.data_ptr()) for t in tensors] + [ctypes.c_int(n)]
+            + [ctypes.c_void_p(t.data_ptr()) for t in [part, cnt] + rest])
+    params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.byref(p), ctypes.c_void_p) for p in args])
     attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
     cfg = _LaunchConfig(grid_x=tiles, grid_y=ks, grid_z=1, block_x=nw * 32, block_y=1, block_z=1,
                         shared_bytes=0, stream=torch.cuda.current_stream(x.device).cuda_stream,
                         attrs=ctypes.pointer(attr) if pdl_on else None, num_attrs=1 if pdl_on else 0)
     _check(_driver().cuLaunchKernelEx(ctypes.byref(cfg), func, params, None), "cuLaunchKernelEx")
-    return y

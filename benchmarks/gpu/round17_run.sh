@@ -3,7 +3,7 @@
 # tests, int4_variants.py round 17 on Llama-3.1-8B (split-K configs on o_proj and down_proj, SiLU·mul taken into
 # down_proj), where a combination won the int4wo-128 table with its tables (EDGELM_INT4_DISPATCH) and bf16 batch 1
 # in the same call; then cuda_gemv_probe.py (each GEMV alone) with the time left. OPSAB: --ops-ab (e.g. -int4_rope:
-# qkv_proj's cuda_w4 rotary epilogue off against on).
+# qkv_proj's cuda_w4 rotary epilogue off against on); HEADLINE=0: no table after the sweep.
 source benchmarks/gpu/site_setup.sh
 dev=${DEV:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo h200 || echo h100)}
 echo "DEV=$dev"; t0=$SECONDS
@@ -14,7 +14,9 @@ timeout ${VT:-240} python3 benchmarks/gpu/int4_variants.py $m --torchao-config i
     --output-len 64 --candidates ${CANDS:-round17} ${OPSAB:+--ops-ab $OPSAB} --out $OUT/int4_variants_bs1_${ROUND:-round17}_$dev.json \
     --dispatch-out $OUT/int4_dispatch_${ROUND:-round17}_$dev.json 2>&1 | grep -v -i warn | tail -24
 echo "($((SECONDS - t0)) s)"
-if grep -q '"combo": "shipped"' $OUT/int4_dispatch_${ROUND:-round17}_$dev.json 2>/dev/null || [ ! -f $OUT/int4_dispatch_${ROUND:-round17}_$dev.json ]; then
+if [ "${HEADLINE:-1}" = 0 ]; then
+    echo "(HEADLINE=0: no table)"
+elif grep -q '"combo": "shipped"' $OUT/int4_dispatch_${ROUND:-round17}_$dev.json 2>/dev/null || [ ! -f $OUT/int4_dispatch_${ROUND:-round17}_$dev.json ]; then
     echo "no combination won"
 else
     EDGELM_INT4_DISPATCH=$OUT/int4_dispatch_${ROUND:-round17}_$dev.json timeout 100 python3 -m edgelm.bench_one_batch $m \

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+from typing import NamedTuple
 
 import torch
 
@@ -49,6 +50,8 @@ typedef unsigned short u16;
 #define XIT ((NCH * 128 + NT - 1) / NT)
 #define SILU %(silu)d
 #define ROPE %(rope)d
+#define NORM %(norm)d
+#define HAS_RES %(has_res)d
 #define HALF %(half)d
 #define QS %(qs)d
 #define KVS %(kvs)d
@@ -102,6 +105,21 @@ __device__ __forceinline__ u32 silu_mul1(u32 g, u32 u) {
   return to_x(xf(to_x(gf * (1.f / (1.f + __expf(-gf))))) * xf(u));
 }
 
+// a + b of two activation pairs, each rounded to 16 bits (the residual stream's add)
+__device__ __forceinline__ u32 add2(u32 a, u32 b) {
+  return to_x(xf(a & 0xFFFFu) + xf(b & 0xFFFFu)) | (to_x(xf(a >> 16) + xf(b >> 16)) << 16);
+}
+
+__device__ __forceinline__ float sq2(u32 a) {
+  const float l = xf(a & 0xFFFFu), h = xf(a >> 16);
+  return l * l + h * h;
+}
+
+// (a * rstd) * g of an activation pair and a norm weight pair, rounded as the RMSNorm kernel rounds it
+__device__ __forceinline__ u32 norm2(u32 a, u32 g, float rstd) {
+  return to_x(xf(a & 0xFFFFu) * rstd * xf(g & 0xFFFFu)) | (to_x(xf(a >> 16) * rstd * xf(g >> 16)) << 16);
+}
+
 __device__ __forceinline__ u32 silu_mul2(u32 g, u32 u) {
   return silu_mul1(g & 0xFFFFu, u & 0xFFFFu) | (silu_mul1(g >> 16, u >> 16) << 16);
 }
@@ -152,7 +170,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
     const u16* __restrict__ x, const uint4* __restrict__ qw, const u16* __restrict__ sc,
     const u16* __restrict__ of, const u16* __restrict__ bias, u16* __restrict__ y, int N,
     float* __restrict__ part, unsigned* __restrict__ cnt, const long long* __restrict__ pos,
-    const float* __restrict__ cs, u16* __restrict__ kbuf, u16* __restrict__ vbuf, const long long* __restrict__ slot) {
+    const float* __restrict__ cs, u16* __restrict__ kbuf, u16* __restrict__ vbuf, const long long* __restrict__ slot,
+    const u16* __restrict__ gamma, const u16* __restrict__ res, u16* __restrict__ res_out, float eps) {
   __shared__ __align__(16) u16 xs[NCH * 8 * 144];
   __shared__ float xsum[NCH * 8];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -181,6 +200,15 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
       ob[s][r] = ok ? __ldg(of + (size_t)row * NBT + kb0 + b) : 0u;
     }
   }
+#if NORM
+  // the RMSNorm's weight (no earlier kernel writes it), before the wait as well
+  uint4 gv[XIT];
+#pragma unroll
+  for (int i = 0; i < XIT; i++) {
+    const int v = i * NT + threadIdx.x;
+    gv[i] = v < NB * 16 ? __ldg((const uint4*)(gamma + v * 8)) : make_uint4(0, 0, 0, 0);
+  }
+#endif
 #if PDL && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #if !LATE
@@ -193,7 +221,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
   // (2 * NBT * 128 values) and silu(gate) * up is what is stored.
   const u16* xk = x + kb0 * 128;
   uint4 xv[XIT];
-#if SILU
+#if SILU || (NORM && HAS_RES)
   uint4 uv[XIT];
 #endif
 #pragma unroll
@@ -204,7 +232,40 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
 #if SILU
     uv[i] = ok ? *(const uint4*)(xk + NBT * 128 + v * 8) : make_uint4(0, 0, 0, 0);
 #endif
+#if NORM && HAS_RES
+    uv[i] = ok ? *(const uint4*)(res + v * 8) : make_uint4(0, 0, 0, 0);
+#endif
   }
+#if NORM
+  // NORM (no split K): x is the layer's input before its RMSNorm; HAS_RES: plus the residual stream, the sum
+  // rounded and (by the first program) written to res_out; every program sums the squares of all of it
+  float ssq = 0.f;
+#pragma unroll
+  for (int i = 0; i < XIT; i++) {
+#if HAS_RES
+    const int v = i * NT + threadIdx.x;
+    xv[i] = make_uint4(add2(xv[i].x, uv[i].x), add2(xv[i].y, uv[i].y), add2(xv[i].z, uv[i].z), add2(xv[i].w, uv[i].w));
+    if (blockIdx.x == 0 && v < NB * 16) *(uint4*)(res_out + v * 8) = xv[i];
+#endif
+    ssq += sq2(xv[i].x) + sq2(xv[i].y) + sq2(xv[i].z) + sq2(xv[i].w);
+  }
+  __shared__ float red[NW];
+  ssq += __shfl_xor_sync(0xffffffffu, ssq, 16);
+  ssq += __shfl_xor_sync(0xffffffffu, ssq, 8);
+  ssq += __shfl_xor_sync(0xffffffffu, ssq, 4);
+  ssq += __shfl_xor_sync(0xffffffffu, ssq, 2);
+  ssq += __shfl_xor_sync(0xffffffffu, ssq, 1);
+  if (lane == 0) red[warp] = ssq;
+  __syncthreads();
+  ssq = 0.f;
+#pragma unroll
+  for (int j = 0; j < NW; j++) ssq += red[j];
+  const float rstd = rsqrtf(ssq / (float)(NBT * 128) + eps);
+#pragma unroll
+  for (int i = 0; i < XIT; i++)
+    xv[i] = make_uint4(norm2(xv[i].x, gv[i].x, rstd), norm2(xv[i].y, gv[i].y, rstd), norm2(xv[i].z, gv[i].z, rstd),
+                       norm2(xv[i].w, gv[i].w, rstd));
+#endif
 #pragma unroll
   for (int i = 0; i < XIT; i++) {
     const int v = i * NT + threadIdx.x, b = v >> 4;
@@ -348,17 +409,18 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
 
 
 def source(k: int, config: tuple, f16_scales: bool, has_bias: bool, pdl_on: bool, f16_x: bool = False,
-           silu: bool = False, rope: tuple[int, int, int] | None = None) -> str:
+           silu: bool = False, rope: tuple[int, int, int] | None = None, norm: int = 0) -> str:
     """The kernel's CUDA source for inputs K (a multiple of 128) and config (R, S, warps[, LATE[, KS]]); activations
     fp16 where f16_x, else bf16; silu: x is gate ‖ up [2K] and the kernel multiplies by silu(gate) · up; rope
     (head_dim, q_size, kv_size; R = 2, no split K): W is q ‖ k ‖ v and the kernel ends with the rotary and the KV
-    write (gemv_w4_rope)."""
+    write (gemv_w4_rope); norm 1: x is a layer's input and the kernel applies its RMSNorm first, 2: to x plus the
+    residual stream (written out as well; NormIn)."""
     r, s, nw = config[:3]
     half, qs, kvs = (rope[0] // 2, rope[1], rope[2]) if rope else (1, 0, 0)
     return SOURCE % {"nw": nw, "r": r, "s": s, "nbt": k // 128, "ks": splits(k, config), "f16": int(f16_scales),
                      "bias": int(has_bias), "pdl": int(pdl_on), "late": int(len(config) > 3 and bool(config[3])),
                      "xf16": int(f16_x), "silu": int(silu), "rope": int(rope is not None), "half": half, "qs": qs,
-                     "kvs": kvs}
+                     "kvs": kvs, "norm": int(norm > 0), "has_res": int(norm == 2)}
 
 
 def splits(k: int, config: tuple) -> int:
@@ -368,6 +430,48 @@ def splits(k: int, config: tuple) -> int:
     while (k // 128) % ks:
         ks -= 1
     return ks
+
+
+class NormIn(NamedTuple):
+    """A linear's input still to be normalised (batch 1): the RMSNorm's weight and eps, the residual stream to add
+    first (None: none) and the tensor the sum goes to (the next residual stream)."""
+    weight: torch.Tensor
+    eps: float
+    residual: torch.Tensor | None
+    res_out: torch.Tensor | None
+
+
+def takes_norm(config: tuple | None) -> bool:
+    """Whether a linear dispatched to cuda_w4 with this config is handed its input before the RMSNorm (config[6]):
+    it makes the norm (and the residual add) while it stages x, so that no RMSNorm kernel runs before it."""
+    return config is not None and len(config) > 6 and bool(config[6])
+
+
+def _norm_code(x: torch.Tensor, k: int, norm: NormIn | None) -> int | None:
+    """0 (no norm), 1 (norm), 2 (residual add and norm) where the kernel takes it, None where it does not."""
+    if norm is None:
+        return 0
+    w, r, o = norm.weight, norm.residual, norm.res_out
+    if not (w.dtype == x.dtype and w.is_contiguous() and w.numel() == k and w.data_ptr() % 16 == 0):
+        return None
+    if r is None:
+        return 1
+    ok = all(t is not None and t.dtype == x.dtype and t.is_contiguous() and t.numel() == k and t.data_ptr() % 16 == 0
+             for t in (r, o))
+    return 2 if ok else None
+
+
+def _apply_norm(x: torch.Tensor, norm: NormIn) -> torch.Tensor:
+    """What the kernel's NORM staging computes, done apart (the RMSNorm kernel where it runs, else torch)."""
+    from edgelm.layers.layernorm import RMSNorm
+
+    layer = RMSNorm(norm.weight.shape[0], norm.eps).to(norm.weight.device)
+    layer.weight = torch.nn.Parameter(norm.weight, requires_grad=False)
+    if norm.residual is None:
+        return layer(x)
+    out, s = layer(x, norm.residual)
+    norm.res_out.copy_(s)
+    return out
 
 
 def takes_silu(config: tuple | None) -> bool:
@@ -455,18 +559,23 @@ def _function(device_index: int, key: tuple) -> ctypes.c_void_p:
     return func
 
 
-def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None, silu: bool = False) -> torch.Tensor:
+def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None, silu: bool = False,
+            norm: NormIn | None = None) -> torch.Tensor:
     """x [1, K] → y [1, N] with the CUDA kernel; config (R rows a warp, S steps ahead, warps a program[, LATE 1:
     with PDL, the next kernel launched after this program's K loop instead of right after its wait[, KS: K split
     over that many programs a row, the last to finish adding the partial sums[, SILU: see takes_silu]]]).
     silu: x is gate ‖ up [1, 2K] and y = (silu(gate) · up) Wᵀ (+ bias). Calls it cannot take go to gemv_h2 with
-    the config batch 1 would otherwise run (int4_kernels.m1_unswept), after torch's SiLU·mul where silu."""
+    the config batch 1 would otherwise run (int4_kernels.m1_unswept), after torch's SiLU·mul where silu.
+    norm: x is the layer's input before its RMSNorm (NormIn; not with silu or split K)."""
     config = tuple(config or (2, 2, 8))
     k = w.in_features
     func = None
-    if x.shape[1] == (2 * k if silu else k):
-        func = _kernel(x, w, bias, config, silu=silu)
+    code = _norm_code(x, k, norm) if not silu and splits(k, config) == 1 else None
+    if x.shape[1] == (2 * k if silu else k) and code is not None:
+        func = _kernel(x, w, bias, config, silu=silu, norm=code)
     if func is None:
+        if norm is not None:
+            x = _apply_norm(x, norm)
         from edgelm.quantization.int4_kernels import m1_unswept
         from edgelm.quantization.int4_ptx import gemv_h2
 
@@ -475,15 +584,16 @@ def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
         kernel, fallback = m1_unswept(w.out_features, w.in_features)  # (a loaded dispatch may name another kernel)
         return gemv_h2(x, w, bias, fallback if kernel == "gemv_h2" else None)
     y = torch.empty(1, w.out_features, dtype=x.dtype, device=x.device)
-    _launch(func, x, w, bias, y, config)
+    _launch(func, x, w, bias, y, config, norm=norm)
     return y
 
 
-def gemv_w4_rope(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config, rope) -> torch.Tensor | None:
+def gemv_w4_rope(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config, rope,
+                 norm: NormIn | None = None) -> torch.Tensor | None:
     """qkv_proj with the rotary and the KV write at its end (int4_fused.RopeStore rope: position, cos ‖ sin table,
     head_dim, q / kv widths, pool buffers, slot): q rotated [1, q_size], k and v written to the pool; or None where
     this kernel cannot take it (config with R ≠ 2 or split K, a layout or dtype it does not handle; the caller then
-    runs the projection and the rotary apart)."""
+    runs the projection and the rotary apart). norm: as gemv_w4's."""
     config = tuple(config)
     n, k = w.out_features, w.in_features
     if (config[0] != 2 or splits(k, config) != 1 or x.shape[1] != k or rope.head_dim % 2
@@ -493,16 +603,18 @@ def gemv_w4_rope(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, conf
             or not rope.cos_sin.is_contiguous() or rope.cos_sin.shape[1] != rope.head_dim
             or rope.positions.dtype != torch.int64 or rope.slots.dtype != torch.int64):
         return None
-    func = _kernel(x, w, bias, config, rope=(rope.head_dim, rope.q_size, rope.kv_size))
+    code = _norm_code(x, k, norm)
+    func = None if code is None else _kernel(x, w, bias, config, rope=(rope.head_dim, rope.q_size, rope.kv_size),
+                                             norm=code)
     if func is None:
         return None
     y = torch.empty(1, rope.q_size, dtype=x.dtype, device=x.device)
-    _launch(func, x, w, bias, y, config, rope)
+    _launch(func, x, w, bias, y, config, rope, norm)
     return y
 
 
 def _kernel(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config: tuple, silu: bool = False,
-            rope: tuple | None = None) -> ctypes.c_void_p | None:
+            rope: tuple | None = None, norm: int = 0) -> ctypes.c_void_p | None:
     """The compiled kernel for this call, or None where cuda_w4 cannot run it (compile failures logged once)."""
     from edgelm.layers.triton_ops import pdl
 
@@ -510,7 +622,7 @@ def _kernel(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config: t
         return None
     pdl_on = pdl.mode(x.device, 1, small=False) != 0
     key = (w.in_features, config[:5], w.scales.dtype == torch.float16, bias is not None, pdl_on,
-           x.dtype == torch.float16, silu, rope)
+           x.dtype == torch.float16, silu, rope, norm)
     if key in _BROKEN:
         return None
     try:
@@ -522,7 +634,7 @@ def _kernel(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config: t
 
 
 def _launch(func, x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, y: torch.Tensor, config: tuple,
-            rope=None) -> None:
+            rope=None, norm: NormIn | None = None) -> None:
     from edgelm.layers.triton_ops import pdl
 
     r, _, nw = config[:3]
@@ -532,8 +644,14 @@ def _launch(func, x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, y: 
     part, cnt = _scratch(x.device, n, ks, tiles) if ks > 1 else (y, y)
     tensors = [x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y]
     rest = ([rope.positions, rope.cos_sin, rope.k_buf, rope.v_buf, rope.slots] if rope is not None else [y] * 5)
+    if norm is not None:
+        res = norm.residual if norm.residual is not None else y
+        rest += [norm.weight, res, norm.res_out if norm.residual is not None else y]
+    else:
+        rest += [y] * 3
     args = ([ctypes.c_void_p(t.data_ptr()) for t in tensors] + [ctypes.c_int(n)]
-            + [ctypes.c_void_p(t.data_ptr()) for t in [part, cnt] + rest])
+            + [ctypes.c_void_p(t.data_ptr()) for t in [part, cnt] + rest]
+            + [ctypes.c_float(norm.eps if norm is not None else 0.0)])
     params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.byref(p), ctypes.c_void_p) for p in args])
     attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
     cfg = _LaunchConfig(grid_x=tiles, grid_y=ks, grid_z=1, block_x=nw * 32, block_y=1, block_z=1,

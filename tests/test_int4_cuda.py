@@ -242,6 +242,46 @@ def test_cuda_w4_rope_gpu(dtype, heads, kv_heads, head_dim):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", [(2, 2, 8, 0, 1, 0, 1), (2, 4, 4, 1, 1, 0, 1)])
+def test_cuda_w4_norm_gpu(dtype, config):
+    """The RMSNorm (after the residual add, or alone) made while x is staged: the numbers of the add+RMSNorm kernel
+    then cuda_w4 (within the norm's float32 reduction order), the residual sum written out exactly; with the
+    rotary epilogue as well."""
+    from edgelm.layers.layernorm import RMSNorm
+    from edgelm.quantization.int4_cuda import NormIn, gemv_w4, gemv_w4_rope
+    from edgelm.quantization.int4_fused import RopeStore
+
+    _gpu()
+    torch.manual_seed(1)
+    n, k = 1536, 4096
+    w = quantize_int4(torch.randn(n, k, device="cuda") * 0.02, 128, "minmax")
+    norm = RMSNorm(k, 1e-5).to("cuda", dtype)
+    norm.weight.data = (1 + 0.1 * torch.randn(k, device="cuda")).to(dtype)
+    x = torch.randn(1, k, device="cuda", dtype=dtype)
+    residual = torch.randn(1, k, device="cuda", dtype=dtype) * 4
+    normed, s = norm(x, residual)
+    res_out = torch.empty_like(residual)
+    y = gemv_w4(x, w, None, config, norm=NormIn(norm.weight, 1e-5, residual, res_out))
+    assert torch.equal(res_out, s)
+    assert rel_err(y, gemv_w4(normed, w, None, config)) < 2e-3
+    y1 = gemv_w4(x, w, None, config, norm=NormIn(norm.weight, 1e-5, None, None))  # no residual: the norm alone
+    assert rel_err(y1, gemv_w4(norm(x), w, None, config)) < 2e-3
+    # qkv_proj's rotary epilogue on the normalised input
+    heads, kv_heads, hd = 8, 2, 128
+    cos_sin = torch.cat([torch.ones(8, hd // 2), torch.zeros(8, hd // 2)], dim=-1).to("cuda")  # angle 0
+    k_buf = torch.zeros(4, kv_heads, hd, device="cuda", dtype=dtype)
+    v_buf = torch.zeros_like(k_buf)
+    rope = RopeStore(torch.tensor([3], device="cuda"), cos_sin, hd, heads * hd, kv_heads * hd, k_buf, v_buf,
+                     torch.tensor([1], device="cuda"))
+    res_out2 = torch.empty_like(residual)
+    q = gemv_w4_rope(x, w, None, config, rope, norm=NormIn(norm.weight, 1e-5, residual, res_out2))
+    assert q is not None and torch.equal(res_out2, s)
+    plain = gemv_w4(normed, w, None, config)
+    assert rel_err(q, plain[:, :heads * hd]) < 2e-3 and rel_err(k_buf[1].flatten(), plain[0, heads * hd:1280]) < 2e-3
+
+
+@pytest.mark.gpu
 def test_cuda_w4_split_k_in_cuda_graph_gpu():
     """Split K's counters are set back by the kernel: many replays of a graph holding two split launches of one
     shape (sharing their scratch) in a row, with PDL where the GPU has it, give the eager numbers every time."""
@@ -316,8 +356,8 @@ def test_cuda_w4_in_cuda_graph_gpu():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_cuda_w4_model_decode_gpu(monkeypatch, dtype):
     """A tiny int4wo-128 Llama whose batch-1 linears all dispatch to cuda_w4 (down_proj split over K and taking
-    gate ‖ up): its graph decode's logits stay within the int4 kernels' rounding of gemv_h2's, step by step on the
-    same tokens."""
+    gate ‖ up, qkv_proj and gate_up_proj making their RMSNorm and residual add, qkv_proj the rotary): its graph
+    decode's logits stay within the int4 kernels' rounding of gemv_h2's, step by step on the same tokens."""
     from edgelm.quantization import int4_kernels as kern
     from tests.test_cuda_graph import _greedy, _runner
 
@@ -337,6 +377,8 @@ def test_cuda_w4_model_decode_gpu(monkeypatch, dtype):
     tokens_p, logits_p = _greedy(plain, [prompt], 8)
     table = {s: {1: ("cuda_w4", (2, 2, 8))} for s in [(512, 256), (256, 256), (1024, 256)]}
     table[(256, 512)] = {1: ("cuda_w4", (1, 2, 8, 0, 2, 1))}  # down_proj: split K, SiLU·mul made while staging
+    table[(512, 256)] = {1: ("cuda_w4", (2, 2, 8, 0, 1, 0, 1))}  # qkv_proj, gate_up_proj: the RMSNorm while staging
+    table[(1024, 256)] = {1: ("cuda_w4", (2, 2, 8, 1, 1, 0, 1))}
     monkeypatch.setattr(kern, "SHAPE_DISPATCH", table)
     cw = _runner(path, "triton", dtype, torchao_config="int4wo-128")
     lin = cw.model.model.layers[0].mlp.down_proj

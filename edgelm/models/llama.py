@@ -30,8 +30,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+    def forward(self, x: torch.Tensor, norm_in=None) -> torch.Tensor:
+        """norm_in (int4_cuda.NormIn, batch 1): x is the layer's input before the post-attention RMSNorm, which
+        gate_up_proj's kernel makes while it stages x."""
+        gate_up = self.gate_up_proj(x) if norm_in is None else self.gate_up_proj.forward_norm(x, norm_in)
         # an int4 down_proj whose batch-1 kernel makes the SiLU·mul itself takes gate ‖ up (one launch fewer)
         take = getattr(self.down_proj, "forward_silu", None)
         y = take(gate_up) if take is not None and gate_up.shape[0] == 1 else None
@@ -55,20 +57,26 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
         self.attn = RadixAttention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads, layer_id)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch, norm_in=None) -> torch.Tensor:
+        """norm_in (int4_cuda.NormIn, batch 1): hidden is the layer's input before its RMSNorm, which qkv_proj's
+        kernel (cuda_w4) makes while it stages x."""
         if hidden.shape[0] == 1 and self.q_norm is None and triton_ops.enabled("int4_rope") and _int4_kernels_run(hidden):
-            config, kernel = _int4_fused_config(self.qkv_proj, hidden.device), "gemv_h2"
+            config, kernel = (None, "") if norm_in is not None else (_int4_fused_config(self.qkv_proj, hidden.device),
+                                                                     "gemv_h2")
             if config is None:  # the hand-written CUDA GEMV has the same epilogue
                 config, kernel = _int4_cuda_config(self.qkv_proj, hidden), "cuda_w4"
-            out = None if config is None else self.attend_stored(positions, hidden, forward_batch, config, kernel=kernel)
+            out = None if config is None else self.attend_stored(positions, hidden, forward_batch, config,
+                                                                 kernel=kernel, norm_in=norm_in)
             if out is not None:
                 return self.o_proj(out)
-        return self.o_proj(self.attend(positions, self.qkv_proj(hidden), forward_batch))
+        qkv = self.qkv_proj(hidden) if norm_in is None else self.qkv_proj.forward_norm(hidden, norm_in)
+        return self.o_proj(self.attend(positions, qkv, forward_batch))
 
-    def attend_stored(self, positions, x, forward_batch, config, norm=None, kernel="gemv_h2") -> torch.Tensor | None:
+    def attend_stored(self, positions, x, forward_batch, config, norm=None, kernel="gemv_h2",
+                      norm_in=None) -> torch.Tensor | None:
         """Batch-1 decode with an int4 qkv_proj whose GEMV applies the rotary to q and k and writes
         k and v into the KV pool itself (int4_fused.gemv_h2_fused; norm: (weight, eps) of an RMSNorm
-        applied to x first; kernel "cuda_w4": int4_cuda.gemv_w4_rope, no norm): the attention output, or
+        applied to x first; kernel "cuda_w4": int4_cuda.gemv_w4_rope, its norm given as norm_in): the attention output, or
         None (nothing done) where the attention backend or the kernel does not take that
         (AttentionBackend.fused_kv_target)."""
         from edgelm.quantization.int4_fused import RopeStore, gemv_h2_fused
@@ -81,7 +89,7 @@ class LlamaAttention(nn.Module):
         if kernel == "cuda_w4":
             from edgelm.quantization.int4_cuda import gemv_w4_rope
 
-            q = gemv_w4_rope(x, self.qkv_proj.packed, self.qkv_proj.bias, config, rope)
+            q = gemv_w4_rope(x, self.qkv_proj.packed, self.qkv_proj.bias, config, rope, norm=norm_in)
             if q is None:
                 return None
         else:
@@ -107,14 +115,23 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, positions, hidden, residual, forward_batch):
+        norm_in = None
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, forward_batch)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+            norm_in = _norm_into(self.input_layernorm, self.self_attn.qkv_proj, hidden, residual)
+            if norm_in is None:
+                hidden, residual = self.input_layernorm(hidden, residual)
+            else:  # qkv_proj's kernel adds the residual and normalises while it stages x
+                residual = norm_in.res_out
+        hidden = self.self_attn(positions, hidden, forward_batch, norm_in)
+        norm_in = _norm_into(self.post_attention_layernorm, self.mlp.gate_up_proj, hidden, residual)
+        if norm_in is None:
+            hidden, residual = self.post_attention_layernorm(hidden, residual)
+        else:
+            residual = norm_in.res_out
+        return self.mlp(hidden, norm_in), residual
 
     def forward_fused(self, positions, normed, residual, ss, forward_batch, plan: FusedPlan) -> torch.Tensor:
         """The layer with its norms, SiLU·mul and residual adds inside the GEMVs (batch-1 decode).
@@ -212,6 +229,18 @@ def _int4_fused_config(lin, device: torch.device):
         return None
     choice = choose_kernel(1, lin.packed)
     return choice[1] if choice is not None and choice[0] == "gemv_h2" and fusable(lin.packed, choice[1]) else None
+
+
+def _norm_into(norm: RMSNorm, lin, hidden: torch.Tensor, residual: torch.Tensor):
+    """An int4_cuda.NormIn for the linear after `norm` where its batch-1 kernel takes the norm (cuda_w4 with NORM
+    in its config, int4_cuda.takes_norm): the residual add and the RMSNorm then happen inside it; else None."""
+    if hidden.shape[0] != 1:
+        return None
+    from edgelm.quantization.int4_cuda import NormIn, takes_norm
+
+    if not takes_norm(_int4_cuda_config(lin, hidden)):
+        return None
+    return NormIn(norm.weight, norm.eps, residual, torch.empty_like(residual))
 
 
 def _int4_cuda_config(lin, hidden: torch.Tensor):

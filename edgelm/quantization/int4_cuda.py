@@ -461,7 +461,7 @@ def _norm_code(x: torch.Tensor, k: int, norm: NormIn | None) -> int | None:
     return 2 if ok else None
 
 
-def _apply_norm(x: torch.Tensor, norm: NormIn) -> torch.Tensor:
+def apply_norm(x: torch.Tensor, norm: NormIn) -> torch.Tensor:
     """What the kernel's NORM staging computes, done apart (the RMSNorm kernel where it runs, else torch)."""
     from edgelm.layers.layernorm import RMSNorm
 
@@ -575,7 +575,7 @@ def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
         func = _kernel(x, w, bias, config, silu=silu, norm=code)
     if func is None:
         if norm is not None:
-            x = _apply_norm(x, norm)
+            x = apply_norm(x, norm)
         from edgelm.quantization.int4_kernels import m1_unswept
         from edgelm.quantization.int4_ptx import gemv_h2
 

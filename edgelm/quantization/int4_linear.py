@@ -131,6 +131,18 @@ class Int4Linear(nn.Module):
             return None
         return int4_cuda.gemv_w4(gate_up, self.packed, self.bias, choice[1], silu=True)
 
+    def forward_norm(self, x: torch.Tensor, norm_in) -> torch.Tensor:
+        """This layer on RMSNorm(x + residual) (int4_cuda.NormIn; its res_out gets x + residual), the norm made by
+        the batch-1 cuda_w4 kernel while it stages x where it can, else apart."""
+        from edgelm.quantization import int4_cuda
+        from edgelm.quantization.int4_kernels import choose_kernel
+
+        choice = choose_kernel(1, self.packed) if x.is_cuda and self.input_perm is None else None
+        if (choice is not None and choice[0] == "cuda_w4" and x.dim() == 2 and x.shape[0] == 1
+                and self.dense_weight is None and self.cpu_weight is None):
+            return int4_cuda.gemv_w4(x, self.packed, self.bias, choice[1], norm=norm_in)
+        return self(int4_cuda.apply_norm(x, norm_in))
+
     def _cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])

@@ -213,16 +213,16 @@ ROUND16: dict[str, list[tuple[str, tuple]]] = {
 # down_proj, the SiLU·mul made while staging x (config[5]: LlamaMLP hands it gate ‖ up, no SiLU·mul launch); x's
 # staging now issues all of a thread's loads at once (the shipped qkv/gate_up configs change with it)
 ROUND17: dict[str, list[tuple[str, tuple]]] = {
-    "o": [("cuda_w4", (2, 2, 8, 0, 2)), ("cuda_w4", (2, 2, 4, 0, 4))],
-    "down": [("cuda_w4", (2, 2, 8, 0, 4, 1)), ("cuda_w4", (2, 2, 8, 0, 4)), ("cuda_w4", (2, 4, 4, 1, 4, 1)),
-             ("cuda_w4", (1, 4, 8, 0, 2, 1)), ("cuda_w4", (2, 2, 8, 0, 8, 1)), ("cuda_w4", (2, 2, 8, 0, 1, 1))],
+    "o": [("cuda_w4", (2, 2, 8, 0, 2))],
+    "down": [("cuda_w4", (2, 2, 8, 0, 4, 1)), ("cuda_w4", (2, 4, 4, 1, 4, 1)), ("cuda_w4", (1, 4, 8, 0, 2, 1)),
+             ("cuda_w4", (2, 2, 8, 0, 8, 1))],
 }
 
 # round 18: the RMSNorm (and the residual add) made by cuda_w4 while it stages x (config[6]: the decoder layer hands
 # qkv_proj / gate_up_proj the layer's input and the residual stream; no add+RMSNorm launch before them)
 ROUND18: dict[str, list[tuple[str, tuple]]] = {
     "qkv": [("cuda_w4", (2, 2, 8, 0, 1, 0, 1))],
-    "gate_up": [("cuda_w4", (2, 4, 4, 1, 1, 0, 1)), ("cuda_w4", (2, 2, 8, 1, 1, 0, 1))],
+    "gate_up": [("cuda_w4", (2, 4, 4, 1, 1, 0, 1))],
 }
 
 

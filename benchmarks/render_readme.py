@@ -170,7 +170,7 @@ def int4_vs_bf16() -> list[str]:
         if int4.get("torchao_config") != "int4wo-128":
             continue
         bf16 = next((d for n, d in runs if not d.get("torchao_config") and "prefill" not in n
-                     and d["model"] == int4["model"]), None)
+                     and d["model"] == int4["model"] and d.get("device") == int4.get("device")), None)
         if bf16 is None:
             continue
         lines += _int4_vs_bf16_table(int4, bf16)

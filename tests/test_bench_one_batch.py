@@ -134,7 +134,7 @@ def test_int4_variants_script(tmp_path, monkeypatch):
     monkeypatch.setattr(mod, "ROUND1", {"down": [("gemv_h2", (8, 8, 1, 4))]})
     monkeypatch.setattr(mod, "CANDIDATES", {"qkv": [("gemv_h2", (8, 16, 1, 4))], "o": [("gemv_h2", (8, 8, 1, 4))]})
     monkeypatch.setattr(mod, "ROUND3", {"o": [("gemv_h2", (4, 8, 1, 4, 1))]})
-    for later in range(4, 19):  # rounds 4-18: none
+    for later in range(4, 20):  # rounds 4-19: none
         monkeypatch.setattr(mod, f"ROUND{later}", {})
     assert list(mod.candidates("round2,round3")) == ["qkv", "o"] and len(mod.candidates("round2,round3")["o"]) == 2
     with pytest.raises(SystemExit):

@@ -70,6 +70,38 @@ def test_cuda_w4_splits_and_silu_flag():
     assert takes_silu((2, 2, 8, 0, 4, 1)) and not takes_silu((2, 2, 8, 0, 4)) and not takes_silu(None)
 
 
+def test_cuda_w4_calls_reach_the_kernel(monkeypatch):
+    """Split K, the SiLU·mul staging and the norm staging each compile and launch cuda_w4 (no silent fallback);
+    the norm with split K or with SiLU·mul, which the kernel does not take, falls back."""
+    from edgelm.quantization import int4_cuda
+
+    keys, launched = [], []
+    monkeypatch.setattr(int4_cuda, "supported", lambda x, w: True)
+    monkeypatch.setattr(int4_cuda, "_function", lambda device_index, key: keys.append(key) or object())
+    monkeypatch.setattr(int4_cuda, "_launch", lambda *a, **kw: launched.append(a[5]))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    import edgelm.layers.triton_ops.pdl as pdl
+
+    monkeypatch.setattr(pdl, "mode", lambda *a, **kw: 0)
+    w = _random_int4(24, 512, 128, "cpu", meta=torch.bfloat16)
+    x = torch.zeros(1, 512, dtype=torch.bfloat16)
+    norm = int4_cuda.NormIn(torch.ones(512, dtype=torch.bfloat16), 1e-5, torch.zeros(1, 512, dtype=torch.bfloat16),
+                            torch.zeros(1, 512, dtype=torch.bfloat16))
+    int4_cuda.gemv_w4(x, w, None, (2, 2, 8, 0, 4))
+    int4_cuda.gemv_w4(torch.zeros(1, 1024, dtype=torch.bfloat16), w, None, (2, 2, 8, 0, 2, 1), silu=True)
+    int4_cuda.gemv_w4(x, w, None, (2, 2, 8, 0, 1, 0, 1), norm=norm)
+    assert [(k[1], k[6], k[8]) for k in keys] == [((2, 2, 8, 0, 4), False, 0), ((2, 2, 8, 0, 2), True, 0),
+                                                  ((2, 2, 8, 0, 1), False, 2)]
+    assert len(launched) == 3
+    monkeypatch.setattr(int4_cuda, "apply_norm", lambda x, n: x)  # (the fallback's norm: not what is tested)
+    monkeypatch.setattr(int4_cuda, "supported", lambda x, w: False)  # gemv_h2 for the fallback below
+    before = len(keys)
+    monkeypatch.setattr(int4_cuda, "_kernel", lambda *a, **kw: keys.append("kernel") or None)
+    if HAS_TRITON:
+        int4_cuda.gemv_w4(x, w, None, (2, 2, 8, 0, 4, 0, 1), norm=norm)  # split K with the norm: not the kernel
+        assert len(keys) == before
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_cuda_w4_silu_fallback():
     """Where cuda_w4 cannot run, its SiLU·mul form runs torch's SiLU·mul, then gemv_h2: the numbers of the layer

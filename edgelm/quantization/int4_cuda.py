@@ -570,7 +570,7 @@ def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     config = tuple(config or (2, 2, 8))
     k = w.in_features
     func = None
-    code = _norm_code(x, k, norm) if not silu and splits(k, config) == 1 else None
+    code = 0 if norm is None else _norm_code(x, k, norm) if not silu and splits(k, config) == 1 else None
     if x.shape[1] == (2 * k if silu else k) and code is not None:
         func = _kernel(x, w, bias, config, silu=silu, norm=code)
     if func is None:

@@ -63,7 +63,7 @@ class LlamaAttention(nn.Module):
         if hidden.shape[0] == 1 and self.q_norm is None and triton_ops.enabled("int4_rope") and _int4_kernels_run(hidden):
             config, kernel = (None, "") if norm_in is not None else (_int4_fused_config(self.qkv_proj, hidden.device),
                                                                      "gemv_h2")
-            if config is None:  # the hand-written CUDA GEMV has the same epilogue
+            if config is None and triton_ops.enabled("int4_rope_cuda"):  # the CUDA GEMV's same epilogue
                 config, kernel = _int4_cuda_config(self.qkv_proj, hidden), "cuda_w4"
             out = None if config is None else self.attend_stored(positions, hidden, forward_batch, config,
                                                                  kernel=kernel, norm_in=norm_in)

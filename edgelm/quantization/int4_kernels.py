@@ -262,8 +262,11 @@ DISPATCH: dict[int, tuple[str, tuple]] = {
 # Round 12 (int4_variants_bs1_round12_llama-3.2-3b_h100.json / _qwen2.5-1.5b_): shapes with no entry run their role's
 # config (M1_BY_ROLE); DISPATCH's old default lost to it in every role but one (even); Llama-3.2-3B's down_proj with
 # 4-row tiles 1555-1558 us against 1564-1570 for the role default (three runs, four baselines).
+# Round 19 (ablations/cuda_w4_round19/): qkv_proj's cuda_w4 making the add+RMSNorm itself while it stages x (config[6])
+# 2466-2469 us a step against 2495-2500 (three each); split K (config[4]) and down_proj's SiLU·mul staging (config[5])
+# slower (2571 and 2801-2872).
 SHAPE_DISPATCH: dict[tuple[int, int], dict[int, tuple[str, tuple]]] = {
-    (6144, 4096): {1: ("cuda_w4", (2, 2, 8))},
+    (6144, 4096): {1: ("cuda_w4", (2, 2, 8, 0, 1, 0, 1))},
     (4096, 4096): {1: ("gemv_h2", (8, 16, 1, 4, 1)), 16: ("tc", (64, 8, 4))},
     (28672, 4096): {1: ("cuda_w4", (2, 4, 4, 1)), 16: ("tcw", (128, 1, 8)), MAX_M_DOT: ("tcw", (128, 1, 4))},
     (4096, 14336): {1: ("gemv_h2", (8, 16, 1, 4, 3)), MAX_M_DOT: ("tcw", (128, 8, 8))},

@@ -18,7 +18,7 @@ import os
 
 ALL_OPS = ("rmsnorm", "add_rmsnorm", "silu_and_mul", "rotary", "gemv", "argmax", "fused_decode", "rope_kv",
            "attn_merge", "pdl", "fused_int4", "int4_rope", "int4_xprep", "int4_xprep_qkv", "l2_prefetch",
-           "int4_meta_pairs")
+           "int4_meta_pairs", "int4_rope_cuda")
 # every op measured faster than its torch path on an H100 (benchmarks/results/decode_ops_h100.json);
 # "gemv" applies only to the GPUs and shapes listed in triton_ops.gemv.WINS; "fused_decode" runs a
 # decoder layer's norms, SiLU·mul and residual adds inside its GEMVs where all four GEMVs of the
@@ -46,8 +46,10 @@ ALL_OPS = ("rmsnorm", "add_rmsnorm", "silu_and_mul", "rotary", "gemv", "argmax",
 # slower or even on the H100 (2026-12-07, the same files): "int4_xprep" (form 1: 2.82 ms against 2.55; form 2:
 # 2.61-2.62 against 2.56), "int4_xprep_qkv" (2.556 / 2.556 against 2.550-2.557), "l2_prefetch" (2.58-2.59 against 2.56),
 # "int4_meta_pairs" (2.564 / 2.568 against 2.494; results/ablations/meta_pairs/).
+# "int4_rope_cuda" (int4_rope's epilogue in a qkv_proj that runs cuda_w4, int4_cuda.gemv_w4_rope) is off: on the
+# H100 the step without it took 2480 / 2469 us against 2502 with it (ablations/cuda_w4_round19/).
 DEFAULT_ON = frozenset(ALL_OPS) - {"fused_decode", "attn_merge", "fused_int4", "int4_xprep", "int4_xprep_qkv",
-                                   "l2_prefetch", "int4_meta_pairs"}
+                                   "l2_prefetch", "int4_meta_pairs", "int4_rope_cuda"}
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 

@@ -102,6 +102,21 @@ def test_cuda_w4_calls_reach_the_kernel(monkeypatch):
         assert len(keys) == before
 
 
+def test_apply_norm_matches_rmsnorm():
+    """The norm done apart (where cuda_w4 cannot make it) gives RMSNorm's numbers and writes the residual sum."""
+    from edgelm.layers.layernorm import RMSNorm
+    from edgelm.quantization.int4_cuda import NormIn, apply_norm
+
+    torch.manual_seed(3)
+    norm = RMSNorm(256, 1e-5).to(torch.bfloat16)
+    norm.weight.data = (1 + 0.1 * torch.randn(256)).to(torch.bfloat16)
+    x, r = torch.randn(1, 256, dtype=torch.bfloat16), torch.randn(1, 256, dtype=torch.bfloat16)
+    out = torch.empty_like(r)
+    want, s = norm(x, r)
+    assert torch.equal(apply_norm(x, NormIn(norm.weight, 1e-5, r, out)), want) and torch.equal(out, s)
+    assert torch.equal(apply_norm(x, NormIn(norm.weight, 1e-5, None, None)), norm(x))
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_cuda_w4_silu_fallback():
     """Where cuda_w4 cannot run, its SiLU·mul form runs torch's SiLU·mul, then gemv_h2: the numbers of the layer

@@ -236,11 +236,13 @@ def _norm_into(norm: RMSNorm, lin, hidden: torch.Tensor, residual: torch.Tensor)
     in its config, int4_cuda.takes_norm): the residual add and the RMSNorm then happen inside it; else None."""
     if hidden.shape[0] != 1:
         return None
-    from edgelm.quantization.int4_cuda import NormIn, takes_norm
+    from edgelm.quantization.int4_cuda import NormIn, norm_runs, takes_norm
 
     if not takes_norm(_int4_cuda_config(lin, hidden)):
         return None
-    return NormIn(norm.weight, norm.eps, residual, torch.empty_like(residual))
+    norm_in = NormIn(norm.weight, norm.eps, residual, torch.empty_like(residual))
+    # where cuda_w4 cannot run it (a torch without NVRTC, ...), the RMSNorm kernel as usual
+    return norm_in if norm_runs(hidden, lin.packed, norm_in) else None
 
 
 def _int4_cuda_config(lin, hidden: torch.Tensor):

@@ -461,17 +461,32 @@ def _norm_code(x: torch.Tensor, k: int, norm: NormIn | None) -> int | None:
     return 2 if ok else None
 
 
-def apply_norm(x: torch.Tensor, norm: NormIn) -> torch.Tensor:
-    """What the kernel's NORM staging computes, done apart (the RMSNorm kernel where it runs, else torch)."""
-    from edgelm.layers.layernorm import RMSNorm
+def norm_runs(x: torch.Tensor, w: Int4Weight, norm: NormIn) -> bool:
+    """Whether cuda_w4 itself can make this norm for this input (else gemv_w4 would do it apart)."""
+    return supported(x, w) and _norm_code(x, w.in_features, norm) is not None
 
-    layer = RMSNorm(norm.weight.shape[0], norm.eps).to(norm.weight.device)
-    layer.weight = torch.nn.Parameter(norm.weight, requires_grad=False)
-    if norm.residual is None:
-        return layer(x)
-    out, s = layer(x, norm.residual)
+
+def apply_norm(x: torch.Tensor, norm: NormIn) -> torch.Tensor:
+    """What the kernel's NORM staging computes, done apart (the add+RMSNorm kernel where it runs, else torch's
+    reference), res_out written."""
+    from edgelm.layers import triton_ops
+    from edgelm.layers.layernorm import rms_norm_ref
+
+    r = norm.residual
+    if x.is_cuda and triton_ops.enabled("rmsnorm" if r is None else "add_rmsnorm"):
+        from edgelm.layers.triton_ops.rmsnorm import rms_norm, supports
+
+        if supports(x, norm.weight, r):
+            if r is None:
+                return rms_norm(x, norm.weight, norm.eps)
+            out, s = rms_norm(x, norm.weight, norm.eps, r)
+            norm.res_out.copy_(s)
+            return out
+    if r is None:
+        return rms_norm_ref(x, norm.weight, norm.eps)
+    s = x + r
     norm.res_out.copy_(s)
-    return out
+    return rms_norm_ref(s, norm.weight, norm.eps)
 
 
 def takes_silu(config: tuple | None) -> bool:

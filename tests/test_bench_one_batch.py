@@ -134,8 +134,8 @@ def test_int4_variants_script(tmp_path, monkeypatch):
     monkeypatch.setattr(mod, "ROUND1", {"down": [("gemv_h2", (8, 8, 1, 4))]})
     monkeypatch.setattr(mod, "CANDIDATES", {"qkv": [("gemv_h2", (8, 16, 1, 4))], "o": [("gemv_h2", (8, 8, 1, 4))]})
     monkeypatch.setattr(mod, "ROUND3", {"o": [("gemv_h2", (4, 8, 1, 4, 1))]})
-    for later in range(4, 20):  # rounds 4-19: none
-        monkeypatch.setattr(mod, f"ROUND{later}", {})
+    for name in [n for n in vars(mod) if n.startswith("ROUND") and n[5:].isdigit() and int(n[5:]) >= 4]:
+        monkeypatch.setattr(mod, name, {})  # rounds 4 and later: none
     assert list(mod.candidates("round2,round3")) == ["qkv", "o"] and len(mod.candidates("round2,round3")["o"]) == 2
     with pytest.raises(SystemExit):
         mod.candidates("round99")

@@ -16,6 +16,25 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return (x * weight.float()).to(dtype)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             int4_prep: bool = False):
+    """Without residual: norm(x). With it: (norm(x + residual), x + residual).
+
+    CUDA tensors take one Triton kernel (add and norm in one pass) where it is switched on; int4_prep: the output
+    goes straight into a batch-1 int4 GEMV (triton_ops.xprep)."""
+    if x.is_cuda and triton_ops.enabled("rmsnorm" if residual is None else "add_rmsnorm"):
+        from edgelm.layers.triton_ops import xprep
+        from edgelm.layers.triton_ops.rmsnorm import rms_norm as rms_norm_kernel
+        from edgelm.layers.triton_ops.rmsnorm import supports
+
+        if supports(x, weight, residual):
+            return rms_norm_kernel(x, weight, eps, residual, prep=xprep.wanted(int4_prep))
+    if residual is None:
+        return rms_norm_ref(x, weight, eps)
+    x = x + residual
+    return rms_norm_ref(x, weight, eps), x
+
+
 class RMSNorm(nn.Module):
     int4_prep = False  # its output goes straight into a batch-1 int4 GEMV (triton_ops.xprep.mark_int4_producers)
 
@@ -26,17 +45,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Without residual: norm(x). With it: (norm(x + residual), x + residual).
-
-        CUDA tensors take one Triton kernel (add and norm in one pass) where it is switched on."""
-        if x.is_cuda and triton_ops.enabled("rmsnorm" if residual is None else "add_rmsnorm"):
-            from edgelm.layers.triton_ops import xprep
-            from edgelm.layers.triton_ops.rmsnorm import rms_norm, supports
-
-            if supports(x, self.weight, residual):
-                return rms_norm(x, self.weight, self.eps, residual,
-                                prep=xprep.wanted(self.int4_prep))
-        return self.forward_native(x, residual)
+        """Without residual: norm(x). With it: (norm(x + residual), x + residual) (layernorm.rms_norm)."""
+        return rms_norm(x, self.weight, self.eps, residual, self.int4_prep)
 
     def forward_native(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is None:

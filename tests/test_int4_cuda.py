@@ -43,6 +43,29 @@ def test_cuda_w4_source_compiles(tmp_path, arch, k, config, f16, bias, pdl, xf16
     assert smem <= 48 * 1024
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit) to compile the source")
+@pytest.mark.parametrize("arch,k,config,kw", [
+    ("87", 4096, (2, 2, 8, 0, 1, 0, 1), {"norm": 2}),
+    ("90", 4096, (2, 2, 8, 0, 1, 0, 1), {"norm": 1, "f16_x": True, "pdl_on": True}),
+    ("87", 4096, (2, 2, 8), {"rope": (128, 4096, 1024), "norm": 2}),
+    ("80", 4096, (2, 4, 4, 1, 1, 0, 0, 1), {"glu": True}),
+    ("90", 4096, (4, 2, 8, 1, 1, 0, 1, 1), {"glu": True, "norm": 2, "has_bias": True, "pdl_on": True}),
+    ("87", 4096, (2, 4, 4, 1, 1, 0, 1, 1), {"glu": True, "norm": 2, "f16_x": True})])
+def test_cuda_w4_feature_sources_compile(tmp_path, arch, k, config, kw):
+    """The norm staging (with the residual add or alone), the rotary epilogue and the SiLU·mul epilogue (glu, with
+    the norm too) compile for SM 8.0 / 8.7 / 9.0 without spills, within the static shared memory."""
+    from edgelm.quantization.int4_cuda import source
+
+    args = {"f16_scales": True, "has_bias": False, "pdl_on": False} | kw
+    cu = tmp_path / "k.cu"
+    cu.write_text(source(k, config, **args))
+    out = subprocess.run(["nvcc", f"-arch=sm_{arch}", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), str(cu)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "0 bytes spill stores" in out.stderr
+    assert int(re.search(r"(\d+) bytes smem", out.stderr).group(1)) <= 48 * 1024
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_cuda_w4_falls_back_to_gemv_h2():
     """A call cuda_w4 cannot take (here: not on a CUDA device; on a GPU: fp16 x, groups of 64, K not a multiple of
@@ -68,6 +91,9 @@ def test_cuda_w4_splits_and_silu_flag():
     assert splits(14336, (2, 2, 8, 0, 3)) == 2  # 112 blocks: 3 does not divide them
     assert splits(4096, (2, 2, 8, 1, 0)) == 1 and splits(384, (1, 2, 4, 0, 8)) == 3
     assert takes_silu((2, 2, 8, 0, 4, 1)) and not takes_silu((2, 2, 8, 0, 4)) and not takes_silu(None)
+    from edgelm.quantization.int4_cuda import takes_glu
+
+    assert takes_glu((2, 4, 4, 1, 1, 0, 0, 1)) and not takes_glu((2, 4, 4, 1, 1, 0, 1)) and not takes_glu(None)
 
 
 def test_cuda_w4_calls_reach_the_kernel(monkeypatch):
@@ -90,9 +116,13 @@ def test_cuda_w4_calls_reach_the_kernel(monkeypatch):
     int4_cuda.gemv_w4(x, w, None, (2, 2, 8, 0, 4))
     int4_cuda.gemv_w4(torch.zeros(1, 1024, dtype=torch.bfloat16), w, None, (2, 2, 8, 0, 2, 1), silu=True)
     int4_cuda.gemv_w4(x, w, None, (2, 2, 8, 0, 1, 0, 1), norm=norm)
-    assert [(k[1], k[6], k[8]) for k in keys] == [((2, 2, 8, 0, 4), False, 0), ((2, 2, 8, 0, 2), True, 0),
-                                                  ((2, 2, 8, 0, 1), False, 2)]
-    assert len(launched) == 3
+    y = int4_cuda.gemv_w4(x, w, None, (2, 4, 4, 1, 1, 0, 1, 1), norm=norm, glu=True)
+    assert y.shape == (1, 12)  # silu(gate) · up: half the rows
+    assert [(k[1], k[6], k[8], k[9]) for k in keys] == [((2, 2, 8, 0, 4), False, 0, False),
+                                                        ((2, 2, 8, 0, 2), True, 0, False),
+                                                        ((2, 2, 8, 0, 1), False, 2, False),
+                                                        ((2, 4, 4, 1, 1), False, 2, True)]
+    assert len(launched) == 4
     monkeypatch.setattr(int4_cuda, "apply_norm", lambda x, n: x)  # (the fallback's norm: not what is tested)
     monkeypatch.setattr(int4_cuda, "supported", lambda x, w: False)  # gemv_h2 for the fallback below
     before = len(keys)
@@ -146,6 +176,41 @@ def test_mlp_hands_gate_up_only_to_a_silu_kernel(monkeypatch):
     monkeypatch.setattr(Int4Linear, "forward_silu", lambda self, gu: seen.append(gu.shape) or torch.ones(1, 256))
     mlp.down_proj.__class__ = Int4Linear  # only forward_silu is reached before the result comes back
     assert torch.equal(mlp(x), torch.ones(1, 256)) and seen == [(1, 768)]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_cuda_w4_glu_fallback():
+    """Where cuda_w4 cannot run (or the config has an odd R or split K), its glu form runs gemv_h2 on gate ‖ up,
+    then torch's SiLU·mul: the numbers of the layer-by-layer path."""
+    from edgelm.quantization import int4_kernels as kern
+    from edgelm.quantization.int4_cuda import gemv_w4, glu_runs
+
+    w = _random_int4(48, 384, 128, DEVICE, meta=torch.bfloat16)
+    x = torch.randn(1, 384, device=DEVICE).to(torch.bfloat16)
+    gate_up = kern.gemv_h2(x, w, None, kern.m1_unswept(48, 384)[1])
+    want = torch.nn.functional.silu(gate_up[:, :24]) * gate_up[:, 24:]
+    for config in ((2, 4, 4, 1, 1, 0, 0, 1), (1, 4, 8, 0, 1, 0, 0, 1), (2, 2, 8, 0, 3, 0, 0, 1)):
+        assert torch.equal(gemv_w4(x, w, None, config, glu=True), want)
+    if DEVICE == "cpu":
+        assert not glu_runs(x, w, (2, 4, 4, 1, 1, 0, 0, 1))
+
+
+def test_mlp_takes_silu_from_a_glu_gate_up():
+    """LlamaMLP runs down_proj straight on gate_up_proj's forward_glu where that returns silu(gate) · up (an int4
+    batch-1 cuda_w4 with GLU on a GPU); where it returns None, the layer, SiLU·mul and down_proj as before."""
+    from edgelm.models.llama import LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(256, 384)
+    x = torch.randn(1, 256)
+    ref = mlp.down_proj(mlp.act_fn(mlp.gate_up_proj(x)))
+    seen = []
+    mlp.gate_up_proj.forward_glu = lambda x, norm_in=None: seen.append(x.shape) or None  # says no: the plain path
+    assert torch.equal(mlp(x), ref) and seen == [(1, 256)]
+    h = torch.randn(1, 384)
+    mlp.gate_up_proj.forward_glu = lambda x, norm_in=None: seen.append(x.shape) or h
+    assert torch.equal(mlp(x), mlp.down_proj(h))
+    assert mlp(torch.randn(3, 256)).shape == (3, 256) and len(seen) == 2  # more rows: never asked
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
@@ -244,6 +309,38 @@ def test_cuda_w4_silu_gpu(n, k, config):
             two = gemv_w4(act, w, bias, config)
             assert rel_err(y, two) < 2e-3, (dtype, bias is not None)
             assert rel_err(y, reference(act, w, bias)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,config", [(28672, 4096, (2, 4, 4, 1, 1, 0, 0, 1)), (28672, 4096, (4, 2, 8, 1, 1, 0, 0, 1)),
+                                        (1024, 256, (2, 2, 8, 0, 1, 0, 0, 1)), (1000, 384, (6, 2, 4, 0, 1, 0, 0, 1))])
+def test_cuda_w4_glu_gpu(n, k, config):
+    """gate_up_proj with the SiLU·mul in its epilogue: silu(gate) · up [N / 2], the numbers of cuda_w4's plain output
+    then the SiLU·mul kernel (within a rounding of SiLU's exponential), bf16 and fp16, with and without bias, rows
+    not a multiple of a program's included; with the norm staging as well."""
+    from edgelm.layers.layernorm import RMSNorm
+    from edgelm.layers.triton_ops.silu_mul import silu_and_mul
+    from edgelm.quantization.int4_cuda import NormIn, gemv_w4
+
+    _gpu()
+    torch.manual_seed(n + k)
+    plain_cfg = config[:5]
+    for dtype in (torch.bfloat16, torch.float16):
+        w = quantize_int4(torch.randn(n, k, device="cuda") * 0.05, 128, "minmax")
+        x = torch.randn(1, k, device="cuda", dtype=dtype)
+        for bias in (None, torch.randn(n, device="cuda", dtype=dtype)):
+            y = gemv_w4(x, w, bias, config, glu=True)
+            want = silu_and_mul(gemv_w4(x, w, bias, plain_cfg))
+            assert y.shape == (1, n // 2) and y.dtype == dtype
+            assert rel_err(y, want) < 2e-3, (dtype, bias is not None)
+        norm = RMSNorm(k, 1e-5).to("cuda", dtype)
+        norm.weight.data = (1 + 0.1 * torch.randn(k, device="cuda")).to(dtype)
+        residual = torch.randn(1, k, device="cuda", dtype=dtype)
+        normed, s = norm(x, residual)
+        res_out = torch.empty_like(residual)
+        y = gemv_w4(x, w, None, config[:6] + (1, 1), norm=NormIn(norm.weight, 1e-5, residual, res_out), glu=True)
+        assert torch.equal(res_out, s)
+        assert rel_err(y, silu_and_mul(gemv_w4(normed, w, None, plain_cfg))) < 3e-3
 
 
 @pytest.mark.gpu
@@ -403,8 +500,8 @@ def test_cuda_w4_in_cuda_graph_gpu():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_cuda_w4_model_decode_gpu(monkeypatch, dtype):
     """A tiny int4wo-128 Llama whose batch-1 linears all dispatch to cuda_w4 (down_proj split over K and taking
-    gate ‖ up, qkv_proj and gate_up_proj making their RMSNorm and residual add, qkv_proj the rotary): its graph
-    decode's logits stay within the int4 kernels' rounding of gemv_h2's, step by step on the same tokens."""
+    gate ‖ up, qkv_proj and gate_up_proj making their RMSNorm and residual add, fp16's gate_up_proj the SiLU·mul in
+    its epilogue): its graph decode's logits stay within the int4 kernels' rounding of gemv_h2's, step by step on the same tokens."""
     from edgelm.quantization import int4_kernels as kern
     from tests.test_cuda_graph import _greedy, _runner
 
@@ -425,13 +522,17 @@ def test_cuda_w4_model_decode_gpu(monkeypatch, dtype):
     table = {s: {1: ("cuda_w4", (2, 2, 8))} for s in [(512, 256), (256, 256), (1024, 256)]}
     table[(256, 512)] = {1: ("cuda_w4", (1, 2, 8, 0, 2, 1))}  # down_proj: split K, SiLU·mul made while staging
     table[(512, 256)] = {1: ("cuda_w4", (2, 2, 8, 0, 1, 0, 1))}  # qkv_proj, gate_up_proj: the RMSNorm while staging
-    table[(1024, 256)] = {1: ("cuda_w4", (2, 2, 8, 1, 1, 0, 1))}
+    # gate_up_proj: fp16 also makes the SiLU·mul in its epilogue (then down_proj runs on its output, split K)
+    table[(1024, 256)] = {1: ("cuda_w4", (2, 2, 8, 1, 1, 0, 1) + ((1,) if dtype == "float16" else ()))}
     monkeypatch.setattr(kern, "SHAPE_DISPATCH", table)
     cw = _runner(path, "triton", dtype, torchao_config="int4wo-128")
     lin = cw.model.model.layers[0].mlp.down_proj
     assert kern.choose_kernel(1, lin.packed) == ("cuda_w4", (1, 2, 8, 0, 2, 1))
     gate_up = torch.randn(1, 1024, device="cuda", dtype=getattr(torch, dtype))
-    assert lin.forward_silu(gate_up) is not None  # the MLP hands down_proj gate ‖ up
+    assert lin.forward_silu(gate_up) is not None  # the MLP hands down_proj gate ‖ up (bf16; fp16: GLU first)
+    gu = cw.model.model.layers[0].mlp.gate_up_proj
+    assert (gu.forward_glu(torch.randn(1, 256, device="cuda", dtype=getattr(torch, dtype))) is not None) == (
+        dtype == "float16")
     tokens_c, logits_c = _greedy(cw, [prompt], 8, forced=tokens_p)
     for a, b in zip(logits_c, logits_p):
         assert rel_err(a, b) < 2e-2

@@ -33,6 +33,11 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor, norm_in=None) -> torch.Tensor:
         """norm_in (int4_cuda.NormIn, batch 1): x is the layer's input before the post-attention RMSNorm, which
         gate_up_proj's kernel makes while it stages x."""
+        # an int4 gate_up_proj whose batch-1 kernel makes the SiLU·mul in its epilogue (one launch fewer)
+        glu = getattr(self.gate_up_proj, "forward_glu", None)
+        h = glu(x, norm_in) if glu is not None and x.shape[0] == 1 else None
+        if h is not None:
+            return self.down_proj(h)
         gate_up = self.gate_up_proj(x) if norm_in is None else self.gate_up_proj.forward_norm(x, norm_in)
         # an int4 down_proj whose batch-1 kernel makes the SiLU·mul itself takes gate ‖ up (one launch fewer)
         take = getattr(self.down_proj, "forward_silu", None)

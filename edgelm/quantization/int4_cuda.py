@@ -87,6 +87,19 @@ def takes_silu(config: tuple | None) -> bool:
     return config is not None and len(config) > 5 and bool(config[5])
 
 
+def takes_glu(config: tuple | None) -> bool:
+    """Whether a gate_up_proj (gate ‖ up) dispatched to cuda_w4 with this config writes silu(gate) · up itself
+    (config[7]; R even, no split K): each warp takes gate rows with their up rows, so that no SiLU·mul kernel
+    runs after it (LlamaMLP, Int4Linear.forward_glu)."""
+    return config is not None and len(config) > 7 and bool(config[7])
+
+
+def glu_runs(x: torch.Tensor, w: Int4Weight, config: tuple) -> bool:
+    """Whether cuda_w4 can make the SiLU·mul of this gate ‖ up call in its epilogue (else gemv_w4 runs it apart)."""
+    return (takes_glu(config) and config[0] % 2 == 0 and splits(w.in_features, config) == 1
+            and w.out_features % 2 == 0 and supported(x, w))
+
+
 def supported(x: torch.Tensor, w: Int4Weight) -> bool:
     """Whether cuda_w4 runs this call (else gemv_w4 runs gemv_h2)."""
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.shape[0] == 1 and w.group_size == 128
@@ -153,19 +166,22 @@ def _function(device_index: int, key: tuple) -> ctypes.c_void_p:
 
 
 def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None, silu: bool = False,
-            norm: NormIn | None = None) -> torch.Tensor:
+            norm: NormIn | None = None, glu: bool = False) -> torch.Tensor:
     """x [1, K] → y [1, N] with the CUDA kernel; config (R rows a warp, S steps ahead, warps a program[, LATE 1:
     with PDL, the next kernel launched after this program's K loop instead of right after its wait[, KS: K split
-    over that many programs a row, the last to finish adding the partial sums[, SILU: see takes_silu]]]).
-    silu: x is gate ‖ up [1, 2K] and y = (silu(gate) · up) Wᵀ (+ bias). Calls it cannot take go to gemv_h2 with
-    the config batch 1 would otherwise run (int4_kernels.m1_unswept), after torch's SiLU·mul where silu.
-    norm: x is the layer's input before its RMSNorm (NormIn; not with silu or split K)."""
+    over that many programs a row, the last to finish adding the partial sums[, SILU: see takes_silu[, NORM:
+    takes_norm[, GLU: takes_glu]]]]]). silu: x is gate ‖ up [1, 2K] and y = (silu(gate) · up) Wᵀ (+ bias). Calls it
+    cannot take go to gemv_h2 with the config batch 1 would otherwise run (int4_kernels.m1_unswept), after torch's
+    SiLU·mul where silu (before it where glu).
+    norm: x is the layer's input before its RMSNorm (NormIn; not with silu or split K). glu: W is gate ‖ up and
+    y = silu(gate) · up [1, N / 2] (config R even, no split K; not with silu)."""
     config = tuple(config or (2, 2, 8))
     k = w.in_features
     launch = None
     code = 0 if norm is None else _norm_code(x, k, norm) if not silu and splits(k, config) == 1 else None
-    if x.shape[1] == (2 * k if silu else k) and code is not None:
-        launch = _kernel(x, w, bias, config, silu=silu, norm=code)
+    glu_ok = not glu or (not silu and config[0] % 2 == 0 and splits(k, config) == 1 and w.out_features % 2 == 0)
+    if x.shape[1] == (2 * k if silu else k) and code is not None and glu_ok:
+        launch = _kernel(x, w, bias, config, silu=silu, norm=code, glu=glu)
     if launch is None:
         if norm is not None:
             x = apply_norm(x, norm)
@@ -175,9 +191,13 @@ def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
         if silu:  # silu(gate) rounded to x's type before the product, as the SiLU·mul kernel does
             x = torch.nn.functional.silu(x[:, :k]) * x[:, k:]
         kernel, fallback = m1_unswept(w.out_features, w.in_features)  # (a loaded dispatch may name another kernel)
-        return gemv_h2(x, w, bias, fallback if kernel == "gemv_h2" else None)
-    y = torch.empty(1, w.out_features, dtype=x.dtype, device=x.device)
-    _launch(launch, x, w, bias, y, config, norm=norm)
+        y = gemv_h2(x, w, bias, fallback if kernel == "gemv_h2" else None)
+        if glu:
+            half = w.out_features // 2
+            y = torch.nn.functional.silu(y[:, :half]) * y[:, half:]
+        return y
+    y = torch.empty(1, w.out_features // 2 if glu else w.out_features, dtype=x.dtype, device=x.device)
+    _launch(launch, x, w, bias, y, config, norm=norm, glu=glu)
     return y
 
 
@@ -207,7 +227,7 @@ def gemv_w4_rope(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, conf
 
 
 def _kernel(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config: tuple, silu: bool = False,
-            rope: tuple | None = None, norm: int = 0) -> tuple[ctypes.c_void_p, bool] | None:
+            rope: tuple | None = None, norm: int = 0, glu: bool = False) -> tuple[ctypes.c_void_p, bool] | None:
     """The compiled kernel for this call and whether it launches with PDL, or None where cuda_w4 cannot run it
     (compile failures logged once)."""
     from edgelm.layers.triton_ops import pdl
@@ -216,7 +236,7 @@ def _kernel(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config: t
         return None
     pdl_on = pdl.mode(x.device, 1, small=False) != 0
     key = (w.in_features, config[:5], w.scales.dtype == torch.float16, bias is not None, pdl_on,
-           x.dtype == torch.float16, silu, rope, norm)
+           x.dtype == torch.float16, silu, rope, norm, glu)
     if key in _BROKEN:
         return None
     try:
@@ -228,12 +248,13 @@ def _kernel(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config: t
 
 
 def _launch(launch: tuple[ctypes.c_void_p, bool], x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None,
-            y: torch.Tensor, config: tuple, rope=None, norm: NormIn | None = None) -> None:
+            y: torch.Tensor, config: tuple, rope=None, norm: NormIn | None = None, glu: bool = False) -> None:
     """One launch of _kernel's (function, PDL) on torch's current stream."""
     func, pdl_on = launch
     r, _, nw = config[:3]
     n, k = w.out_features, w.in_features
-    tiles, ks = (n + nw * r - 1) // (nw * r), splits(k, config)
+    rows, per = (n // 2, r // 2) if glu else (n, r)  # glu: a warp's R rows are R / 2 gate / up pairs
+    tiles, ks = (rows + nw * per - 1) // (nw * per), splits(k, config)
     # split K's float32 partials and row-tile counters (left at zero by the kernel), shared with the other int4 kernels
     part = scratch(x.device, "int4", torch.float32, ks * n) if ks > 1 else y
     cnt = scratch(x.device, "int4", torch.int32, tiles) if ks > 1 else y

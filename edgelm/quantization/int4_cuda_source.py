@@ -22,6 +22,7 @@ typedef unsigned short u16;
 #define SILU %(silu)d
 #define ROPE %(rope)d
 #define NORM %(norm)d
+#define GLU %(glu)d
 #define HAS_RES %(has_res)d
 #define HALF %(half)d
 #define QS %(qs)d
@@ -151,6 +152,10 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
   const int pair = blockIdx.x * NW + warp, dd = pair %% HALF;
   const int row0 = (pair / HALF) * (2 * HALF) + dd;
 #define ROW(r) (row0 + (r) * HALF)
+#elif GLU
+  // gate ‖ up (N rows, N / 2 each): a warp takes R / 2 gate rows and the up rows N / 2 below them (R even)
+  const int row0 = (blockIdx.x * NW + warp) * (R / 2);
+#define ROW(r) ((r) < R / 2 ? row0 + (r) : row0 + (r) - R / 2 + N / 2)
 #else
   const int row0 = (blockIdx.x * NW + warp) * R;
 #define ROW(r) (row0 + (r))
@@ -317,6 +322,11 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
     if (ROW(r) < N) a += xf(bias[ROW(r)]);
 #endif
     acc[r] = xf(to_x(a));  // rounded as the GEMV's output is before the rotary kernel reads it
+#elif GLU
+#if HAS_BIAS
+    if (ROW(r) < N) a += xf(bias[ROW(r)]);
+#endif
+    acc[r] = a;
 #elif KS == 1
 #if HAS_BIAS
     if (row0 + r < N) a += xf(bias[row0 + r]);
@@ -326,6 +336,15 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
     if (lane == 0 && row0 + r < N) part[blockIdx.y * N + row0 + r] = a;
 #endif
   }
+#if GLU
+  // silu(gate) · up of the warp's row pairs, each rounded as the GEMV's output is before the SiLU·mul kernel reads
+  // it, and the product as that kernel rounds it
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < R / 2; r++)
+      if (row0 + r < N / 2) y[row0 + r] = (u16)silu_mul1(to_x(acc[r]), to_x(acc[r + R / 2]));
+  }
+#endif
 #if ROPE
   // the rotary of q and k at the token's position (cos | sin table, float32), q into y, k and v into the KV pool's
   // row of the token's slot, rounded as the rotary + KV-write kernel rounds them
@@ -380,18 +399,19 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
 
 
 def source(k: int, config: tuple, f16_scales: bool, has_bias: bool, pdl_on: bool, f16_x: bool = False,
-           silu: bool = False, rope: tuple[int, int, int] | None = None, norm: int = 0) -> str:
+           silu: bool = False, rope: tuple[int, int, int] | None = None, norm: int = 0, glu: bool = False) -> str:
     """The kernel's CUDA source for inputs K (a multiple of 128) and config (R, S, warps[, LATE[, KS]]); activations
     fp16 where f16_x, else bf16; silu: x is gate ‖ up [2K] and the kernel multiplies by silu(gate) · up; rope
     (head_dim, q_size, kv_size; R = 2, no split K): W is q ‖ k ‖ v and the kernel ends with the rotary and the KV
     write (gemv_w4_rope); norm 1: x is a layer's input and the kernel applies its RMSNorm first, 2: to x plus the
-    residual stream (written out as well; NormIn)."""
+    residual stream (written out as well; NormIn); glu (R even, no split K or rope): W is gate ‖ up and the kernel
+    writes silu(gate) · up [N / 2] (gemv_w4's glu)."""
     r, s, nw = config[:3]
     half, qs, kvs = (rope[0] // 2, rope[1], rope[2]) if rope else (1, 0, 0)
     return SOURCE % {"nw": nw, "r": r, "s": s, "nbt": k // 128, "ks": splits(k, config), "f16": int(f16_scales),
                      "bias": int(has_bias), "pdl": int(pdl_on), "late": int(len(config) > 3 and bool(config[3])),
                      "xf16": int(f16_x), "silu": int(silu), "rope": int(rope is not None), "half": half, "qs": qs,
-                     "kvs": kvs, "norm": int(norm > 0), "has_res": int(norm == 2)}
+                     "kvs": kvs, "norm": int(norm > 0), "has_res": int(norm == 2), "glu": int(glu)}
 
 
 def splits(k: int, config: tuple) -> int:

@@ -131,6 +131,21 @@ class Int4Linear(nn.Module):
             return None
         return int4_cuda.gemv_w4(gate_up, self.packed, self.bias, choice[1], silu=True)
 
+    def forward_glu(self, x: torch.Tensor, norm_in=None) -> torch.Tensor | None:
+        """silu(gate) · up [1, N / 2] of this gate ‖ up layer on x [1, K], where its batch-1 kernel makes the SiLU·mul
+        in its epilogue (cuda_w4 with GLU in its config: int4_cuda.takes_glu; norm_in as forward_norm's); else None
+        (the caller runs the layer, then SiLU·mul)."""
+        if not (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and self.input_perm is None
+                and self.dense_weight is None and self.cpu_weight is None):
+            return None
+        from edgelm.quantization import int4_cuda
+        from edgelm.quantization.int4_kernels import choose_kernel
+
+        choice = choose_kernel(1, self.packed)
+        if choice is None or choice[0] != "cuda_w4" or not int4_cuda.glu_runs(x, self.packed, choice[1]):
+            return None
+        return int4_cuda.gemv_w4(x, self.packed, self.bias, choice[1], norm=norm_in, glu=True)
+
     def forward_norm(self, x: torch.Tensor, norm_in) -> torch.Tensor:
         """This layer on RMSNorm(x + residual) (int4_cuda.NormIn; its res_out gets x + residual), the norm made by
         the batch-1 cuda_w4 kernel while it stages x where it can, else apart."""

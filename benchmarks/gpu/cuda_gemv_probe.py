@@ -38,7 +38,7 @@ def main() -> None:
 
     from edgelm.layers import triton_ops
     from edgelm.quantization import int4_kernels as kern
-    from edgelm.quantization.int4_cuda import gemv_w4, supported
+    from edgelm.quantization.int4_cuda import gemv_w4, supported, takes_glu
     from edgelm.quantization.int4_kernels import dequantize
 
     configs = CONFIGS if not args.configs else [tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]
@@ -55,13 +55,21 @@ def main() -> None:
         kernel, h2_config = kern.choose_kernel(1, ws[0])
         if kernel != "gemv_h2":  # the shapes that ship cuda_w4: gemv_h2 with the config it runs there otherwise
             h2_config = kern.m1_unswept(n, k)[1]
-        cands = [("gemv_h2", h2_config, kern.gemv_h2)] + [("cuda_w4", c, gemv_w4) for c in configs]
+        # a GLU config (gate_up_proj only) writes silu(gate) · up: against the reference's
+        glu_ref = torch.nn.functional.silu(ref[:n // 2]) * ref[n // 2:]
+
+        def glu(x, w, bias, config):
+            return gemv_w4(x, w, bias, config, glu=True)
+
+        cands = [("gemv_h2", h2_config, kern.gemv_h2)] + [
+            ("cuda_w4", c, glu if takes_glu(c) else gemv_w4) for c in configs if not takes_glu(c) or name == "gate_up_proj"]
         for kernel, config, fn in cands:
+            want = glu_ref if fn is glu else ref
             for pdl_on in (True, False):
                 row = {"shape": name, "N": n, "K": k, "kernel": f"{kernel} {list(config)}", "pdl": pdl_on}
                 triton_ops.set_enabled(plain_ops if pdl_on else no_pdl)
                 try:
-                    err = ((fn(x, ws[0], None, config).float().flatten() - ref).norm() / ref.norm()).item()
+                    err = ((fn(x, ws[0], None, config).float().flatten() - want).norm() / want.norm()).item()
                     row["rel_err"] = round(err, 5)
                     t = time_calls([lambda w=w, c=config, x=x, fn=fn: fn(x, w, None, c) for w in ws])
                     row.update(us=round(t * 1e6, 2), GBps=round(nbytes / t / 1e9, 1))

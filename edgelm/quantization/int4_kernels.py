@@ -265,10 +265,12 @@ DISPATCH: dict[int, tuple[str, tuple]] = {
 # Round 19 (ablations/cuda_w4_round19/): qkv_proj's cuda_w4 making the add+RMSNorm itself while it stages x (config[6])
 # 2466-2469 us a step against 2495-2500 (three each); split K (config[4]) and down_proj's SiLU·mul staging (config[5])
 # slower (2571 and 2801-2872).
+# Round 23 (ablations/cuda_w4_round23/): gate_up_proj's cuda_w4 writing silu(gate)·up itself (config[7], GLU; LlamaMLP
+# runs down_proj on it, no SiLU·mul launch) 2377-2384 us a step against 2444-2448 (three each); R 4 × 8 warps 2485.
 SHAPE_DISPATCH: dict[tuple[int, int], dict[int, tuple[str, tuple]]] = {
     (6144, 4096): {1: ("cuda_w4", (2, 2, 8, 0, 1, 0, 1))},
     (4096, 4096): {1: ("gemv_h2", (8, 16, 1, 4, 1)), 16: ("tc", (64, 8, 4))},
-    (28672, 4096): {1: ("cuda_w4", (2, 4, 4, 1)), 16: ("tcw", (128, 1, 8)), MAX_M_DOT: ("tcw", (128, 1, 4))},
+    (28672, 4096): {1: ("cuda_w4", (2, 4, 4, 1, 1, 0, 0, 1)), 16: ("tcw", (128, 1, 8)), MAX_M_DOT: ("tcw", (128, 1, 4))},
     (4096, 14336): {1: ("gemv_h2", (8, 16, 1, 4, 3)), MAX_M_DOT: ("tcw", (128, 8, 8))},
     (4608, 3584): {1: ("gemv_h2", (8, 16, 1, 4, 2))},  # Qwen2.5-7B: qkv, o, gate_up, down
     (3584, 3584): {1: ("gemv_h2", (8, 16, 1, 4, 1))},

@@ -252,14 +252,9 @@ def _norm_into(norm: RMSNorm, lin, hidden: torch.Tensor, residual: torch.Tensor)
 
 def _int4_cuda_config(lin, hidden: torch.Tensor):
     """The batch-1 cuda_w4 config of an int4 linear (on hidden's CUDA device), or None where another kernel runs it."""
-    from edgelm.quantization.int4_kernels import choose_kernel
     from edgelm.quantization.int4_linear import Int4Linear
 
-    if not (hidden.is_cuda and isinstance(lin, Int4Linear) and lin.qweight.device == hidden.device
-            and lin.input_perm is None and lin.dense_weight is None and lin.cpu_weight is None):
-        return None
-    choice = choose_kernel(1, lin.packed)
-    return choice[1] if choice is not None and choice[0] == "cuda_w4" else None
+    return lin.cuda_w4_config(hidden) if isinstance(lin, Int4Linear) else None
 
 
 class LlamaModel(nn.Module):

@@ -94,10 +94,14 @@ def takes_glu(config: tuple | None) -> bool:
     return config is not None and len(config) > 7 and bool(config[7])
 
 
+def _glu_fits(w: Int4Weight, config: tuple) -> bool:
+    """A GLU launch needs row pairs (R even, N even) and no split K."""
+    return config[0] % 2 == 0 and splits(w.in_features, config) == 1 and w.out_features % 2 == 0
+
+
 def glu_runs(x: torch.Tensor, w: Int4Weight, config: tuple) -> bool:
     """Whether cuda_w4 can make the SiLU·mul of this gate ‖ up call in its epilogue (else gemv_w4 runs it apart)."""
-    return (takes_glu(config) and config[0] % 2 == 0 and splits(w.in_features, config) == 1
-            and w.out_features % 2 == 0 and supported(x, w))
+    return takes_glu(config) and _glu_fits(w, config) and supported(x, w)
 
 
 def supported(x: torch.Tensor, w: Int4Weight) -> bool:
@@ -179,7 +183,7 @@ def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     k = w.in_features
     launch = None
     code = 0 if norm is None else _norm_code(x, k, norm) if not silu and splits(k, config) == 1 else None
-    glu_ok = not glu or (not silu and config[0] % 2 == 0 and splits(k, config) == 1 and w.out_features % 2 == 0)
+    glu_ok = not glu or (not silu and _glu_fits(w, config))
     if x.shape[1] == (2 * k if silu else k) and code is not None and glu_ok:
         launch = _kernel(x, w, bias, config, silu=silu, norm=code, glu=glu)
     if launch is None:

@@ -114,48 +114,47 @@ class Int4Linear(nn.Module):
 
         return int4_linear(x, self.packed, self.bias)
 
+    def cuda_w4_config(self, x: torch.Tensor) -> tuple | None:
+        """The cuda_w4 config batch 1 dispatches this layer to, for x [1, K] on its CUDA device; None where another
+        kernel (or the CPU / dense / permuted path) runs it."""
+        if not (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and self.qweight.device == x.device
+                and self.input_perm is None and self.dense_weight is None and self.cpu_weight is None):
+            return None
+        from edgelm.quantization.int4_kernels import choose_kernel
+
+        choice = choose_kernel(1, self.packed)
+        return choice[1] if choice is not None and choice[0] == "cuda_w4" else None
+
     def forward_silu(self, gate_up: torch.Tensor) -> torch.Tensor | None:
         """This layer on silu(gate) · up, given gate ‖ up [1, 2K] itself, where its batch-1 kernel makes the SiLU·mul
         while it stages x (cuda_w4 with SILU in its config: int4_cuda.takes_silu); else None (the caller runs
         SiLU·mul, then the layer)."""
-        if not (gate_up.is_cuda and gate_up.dim() == 2 and gate_up.shape[0] == 1 and self.input_perm is None
-                and self.dense_weight is None and self.cpu_weight is None):
-            return None
         from edgelm.quantization import int4_cuda
-        from edgelm.quantization.int4_kernels import choose_kernel
 
-        choice = choose_kernel(1, self.packed)
-        if choice is None or choice[0] != "cuda_w4" or not int4_cuda.takes_silu(choice[1]):
+        config = self.cuda_w4_config(gate_up)
+        if not (int4_cuda.takes_silu(config) and int4_cuda.supported(gate_up, self.packed)):
             return None
-        if not int4_cuda.supported(gate_up, self.packed):
-            return None
-        return int4_cuda.gemv_w4(gate_up, self.packed, self.bias, choice[1], silu=True)
+        return int4_cuda.gemv_w4(gate_up, self.packed, self.bias, config, silu=True)
 
     def forward_glu(self, x: torch.Tensor, norm_in=None) -> torch.Tensor | None:
         """silu(gate) · up [1, N / 2] of this gate ‖ up layer on x [1, K], where its batch-1 kernel makes the SiLU·mul
         in its epilogue (cuda_w4 with GLU in its config: int4_cuda.takes_glu; norm_in as forward_norm's); else None
         (the caller runs the layer, then SiLU·mul)."""
-        if not (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and self.input_perm is None
-                and self.dense_weight is None and self.cpu_weight is None):
-            return None
         from edgelm.quantization import int4_cuda
-        from edgelm.quantization.int4_kernels import choose_kernel
 
-        choice = choose_kernel(1, self.packed)
-        if choice is None or choice[0] != "cuda_w4" or not int4_cuda.glu_runs(x, self.packed, choice[1]):
+        config = self.cuda_w4_config(x)
+        if config is None or not int4_cuda.glu_runs(x, self.packed, config):
             return None
-        return int4_cuda.gemv_w4(x, self.packed, self.bias, choice[1], norm=norm_in, glu=True)
+        return int4_cuda.gemv_w4(x, self.packed, self.bias, config, norm=norm_in, glu=True)
 
     def forward_norm(self, x: torch.Tensor, norm_in) -> torch.Tensor:
         """This layer on RMSNorm(x + residual) (int4_cuda.NormIn; its res_out gets x + residual), the norm made by
         the batch-1 cuda_w4 kernel while it stages x where it can, else apart."""
         from edgelm.quantization import int4_cuda
-        from edgelm.quantization.int4_kernels import choose_kernel
 
-        choice = choose_kernel(1, self.packed) if x.is_cuda and self.input_perm is None else None
-        if (choice is not None and choice[0] == "cuda_w4" and x.dim() == 2 and x.shape[0] == 1
-                and self.dense_weight is None and self.cpu_weight is None):
-            return int4_cuda.gemv_w4(x, self.packed, self.bias, choice[1], norm=norm_in)
+        config = self.cuda_w4_config(x)
+        if config is not None:
+            return int4_cuda.gemv_w4(x, self.packed, self.bias, config, norm=norm_in)
         return self(int4_cuda.apply_norm(x, norm_in))
 
     def _cpu_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ sweep's winners differed from the isolated ones). The shipped tables run first, 
 last, so drift shows; then the per-shape winners (each > 5 us better than the median baseline) run
 together twice around one more baseline, and their tables are written in load_dispatch's format
 (--dispatch-out) so that EDGELM_INT4_DISPATCH=file runs them in any later command. The shapes are
-the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|...|round23|all (or a
+the loaded model's (the first layer's qkv/o/gate_up/down); --candidates round1|...|round24|all (or a
 comma-separated list; none: only the shipped tables) picks the configs tried (all: every round, for a GPU or model not swept yet, e.g. a
 Jetson with its own model). --ablate-gemv adds one run of the shipped step with every int4 GEMV launching
 nothing: the step minus it is what the int4 GEMVs cost inside the step. --ablate-ops rmsnorm,silu,merge: the
@@ -252,6 +252,10 @@ ROUND22: dict[str, list[tuple[str, tuple]]] = {
 # round 23: round 22's two first candidates alone (a short call): the shipped gate_up_proj config with GLU, and wider
 ROUND23: dict[str, list[tuple[str, tuple]]] = {"gate_up": ROUND22["gate_up"][:2]}
 
+# round 24: what rounds 21 and 22 left untimed with GLU shipped: qkv_proj's wider programs, and GLU's other gate_up
+# configs (8 warps; with the norm staging)
+ROUND24: dict[str, list[tuple[str, tuple]]] = {"qkv": ROUND21["qkv"], "gate_up": ROUND22["gate_up"][2:]}
+
 
 def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """(N, K) of the first int4 linear of each role (qkv, o, gate_up, down) in a loaded model."""
@@ -271,7 +275,8 @@ def candidates(which: str) -> dict[str, list[tuple[str, tuple]]]:
              "round9": ROUND9, "round10": ROUND10,
              "round11": ROUND11, "round12": ROUND12, "round13": ROUND13,
              "round14": ROUND14, "round15": ROUND15, "round16": ROUND16, "round17": ROUND17, "round18": ROUND18, "round19": ROUND19,
-             "round21": ROUND21, "round22": ROUND22, "round23": ROUND23}
+             "round21": ROUND21, "round22": ROUND22, "round23": ROUND23,
+             "round24": ROUND24}
     if which == "none":  # the shipped tables only (with --fused-ab or --ablate-gemv)
         return {}
     names = list(known) if which == "all" else which.split(",")

@@ -12,6 +12,8 @@ which the prompts do not overlap; not what the server does: it has no calibratio
 search-unscaled is search without int4wo's down_proj input scaling (edgelm.quantization.down_scale).
 METHOD@LINEAR quantizes only the linears whose names end with LINEAR (e.g. search@down_proj): where the
 loss comes from.
+A run ending in +int8head also makes the LM head int8 (--quantize-lm-head int8); CONFIG none: the head alone
+(none+int8head).
 
     PYTHONPATH=. .venv/bin/python benchmarks/quant_quality.py \
         --runs int4wo-128:search,int4wo-128:minmax,int4wo-128:gptq-actorder,int8wo \
@@ -176,7 +178,14 @@ def all_logits(runner, token_lists: list[list[int]]) -> list[torch.Tensor]:
 def quantize(model, config: str, method: str, hessians) -> None:
     from edgelm.quantization.torchao_config import INT4_GROUP_SIZES, apply_torchao_config, quantize_int4_model
 
+    method, head8 = (method[:-len("+int8head")], True) if method.endswith("+int8head") else (method, False)
+    if head8:
+        from edgelm.quantization.int8_head import quantize_lm_head
+
+        quantize_lm_head(model, "int8")
     method, _, only = method.partition("@")
+    if config == "none":
+        return
     if not config.startswith("int4wo-"):
         apply_torchao_config(model, config, "cpu")
     elif method in ("search", "minmax", "search-unscaled"):
@@ -218,9 +227,14 @@ def main(argv=None) -> dict:
                         help="comma-separated CONFIG[:METHOD], METHOD in search|minmax|gptq|gptq-actorder")
     parser.add_argument("--out", help="write the result JSON here")
     args = parser.parse_args(argv)
-    runs = [r.split(":") if ":" in r else (r, "torchao") for r in args.runs.split(",")]
+    runs = []
+    for r in args.runs.split(","):
+        head8 = "+int8head" if r.endswith("+int8head") else ""
+        r = r[:len(r) - len(head8)]
+        config, method = r.split(":") if ":" in r else (r, "torchao")
+        runs.append((config, method + head8))
     for config, method in runs:
-        if config.startswith("int4wo-") and method.partition("@")[0] not in ("search", "minmax", "search-unscaled", "gptq",
+        if config.startswith("int4wo-") and method.partition("@")[0].removesuffix("+int8head") not in ("search", "minmax", "search-unscaled", "gptq",
                                                                    "gptq-actorder"):
             parser.error(f"unknown int4 method {method!r}")
     torch.manual_seed(0)

@@ -103,7 +103,8 @@ def _embedding_weights(model: torch.nn.Module) -> list[torch.Tensor]:
 def decode_weight_bytes(model: torch.nn.Module) -> int:
     """Weight bytes one decode step reads: every parameter once, except embedding tables, of
     which only a few rows are read (a table tied to the LM head is read once, as the head)."""
-    head = model.lm_head_weight
+    # an int8 head (--quantize-lm-head) is counted with the quantized buffers below; no embedding table is read whole
+    head = model.lm_head_weight if getattr(model, "head_quant", None) is None else None
     skip = {id(w) for w in _embedding_weights(model) if w is not head}
     seen, total = set(), 0
     for p in model.parameters():
@@ -130,7 +131,8 @@ def prefill_flops(model: torch.nn.Module, model_config: ModelConfig, batch_size:
     embeds = {id(w) for w in _embedding_weights(model)}
     layer_params = sum(p.numel() for p in model.parameters() if p.dim() >= 2 and id(p) not in embeds)
     # quantized linears: their logical in × out weights, not the packed storage
-    layer_params += sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "qweight"))
+    layer_params += sum(m.in_features * m.out_features for m in model.modules()
+                        if hasattr(m, "qweight") and hasattr(m, "in_features"))  # not the int8 head
     head_params = model.lm_head_weight.numel()
     tokens = batch_size * input_len
     pairs = batch_size * input_len * (input_len + 1) / 2
@@ -345,6 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": str(runner.dtype).replace("torch.", ""),
         "attention_backend": runner.attention_backend_name,
         "torchao_config": server_args.torchao_config or None,
+        "quantize_lm_head": server_args.quantize_lm_head if server_args.quantize_lm_head != "none" else None,
         "overlap_schedule": overlap,
         "cuda_graph_max_bs": runner.cuda_graph_runner.max_bs if runner.cuda_graph_runner else None,
         "graph_memory_bytes": runner.graph_memory_bytes,
@@ -409,7 +412,8 @@ def _result_line(r: dict) -> str:
 def format_table(report: dict) -> str:
     attention = ", ".join(report.get("attention_backends") or [report["attention_backend"]])
     lines = [f"{report['model']} {report['dtype']} on {report['device']}, attention {attention}"
-             f"{', torchao ' + report['torchao_config'] if report['torchao_config'] else ''}, "
+             f"{', torchao ' + report['torchao_config'] if report['torchao_config'] else ''}"
+             f"{', lm head ' + report['quantize_lm_head'] if report.get('quantize_lm_head') else ''}, "
              f"CUDA graphs {'bs<=' + str(report['cuda_graph_max_bs']) if report['cuda_graph_max_bs'] else 'off'}, "
              f"decode loop {'overlapped' if report.get('overlap_schedule') else 'not overlapped'}"]
     if report["peaks"]:

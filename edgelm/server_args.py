@@ -55,6 +55,10 @@ class ServerArgs:
         None, "Attention kernels. Unset: the best one available on this device.", choices=ATTENTION_BACKENDS)
     torchao_config: str = _flag("", "TorchAO weight quantization, e.g. int4wo-128.",
                                 choices=("",) + TORCHAO_CONFIGS)
+    quantize_lm_head: str = _flag(
+        "none", "int8: the LM head as int8 rows with a float32 scale each (half the bytes of a 16-bit head; "
+        "the largest single read of an int4 decode step). Default none: the head keeps --dtype.",
+        choices=("none", "int8"))
     quantization: str | None = _flag(
         None, "Pre-quantized 4-bit checkpoint format; detected from config.json when unset.",
         choices=("awq", "gptq", "awq_marlin", "gptq_marlin"))

@@ -23,8 +23,12 @@ class LogitsProcessor(nn.Module):
     """Hidden states → float32 logits, for each request's last token only (a prefill of 4k tokens
     needs one row of logits, not 4k), unless the batch asks for every position."""
 
-    def forward(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor, forward_batch) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, head, forward_batch) -> torch.Tensor:
+        """head: the 16-bit weight [vocab, hidden], or a module that makes float32 logits itself
+        (int8_head.Int8Head, --quantize-lm-head)."""
         if forward_batch.forward_mode.is_extend() and not forward_batch.return_all_logits:
             last = forward_batch.extend_start_loc + forward_batch.extend_seq_lens - 1
             hidden = hidden.index_select(0, last.long())
-        return linear(hidden, lm_head_weight).float()
+        if isinstance(head, torch.Tensor):
+            return linear(hidden, head).float()
+        return head(hidden)

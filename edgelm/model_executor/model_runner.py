@@ -102,6 +102,11 @@ class ModelRunner:
         if torchao_config:
             check_torchao, apply_torchao = _load_torchao()
             check_torchao(torchao_config, device)
+        head_quant = server_args.quantize_lm_head if server_args.quantize_lm_head != "none" else None
+        if head_quant:
+            from edgelm.quantization.int8_head import check_lm_head_quant
+
+            check_lm_head_quant(head_quant, device)
         available_before, total = device_memory(device)
         kv_per_token = MHATokenToKVPool.bytes_per_token(self.dtype, model_config.num_kv_heads,
                                                         model_config.head_dim, model_config.num_layers)
@@ -120,6 +125,12 @@ class ModelRunner:
         self.model = load_model(model_config, device, server_args.load_format, int4_load)
         if torchao_config and int4_load is None:
             apply_torchao(self.model, torchao_config, device)
+        if head_quant:
+            from edgelm.quantization.int8_head import quantize_lm_head
+
+            head = quantize_lm_head(self.model, head_quant)
+            logger.info("LM head quantized to %s: %d × %d (%.0f MB)", head_quant, head.vocab_size, head.hidden_size,
+                        (head.qweight.nbytes + head.scale.nbytes) / 1e6)
         logger.info("loaded weights (%s) in %.1f s", server_args.load_format, time.perf_counter() - start)
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -169,10 +180,11 @@ class ModelRunner:
         """Refuse a model that cannot fit before loading a byte of it, with the numbers."""
         cfg, args = self.model_config, self.server_args
         dtype = str(self.dtype).replace("torch.", "")
-        weights = estimate_weight_bytes(cfg.hf_config, dtype, args.torchao_config or "", self.device)
+        head = args.quantize_lm_head if args.quantize_lm_head != "none" else ""
+        weights = estimate_weight_bytes(cfg.hf_config, dtype, args.torchao_config or "", self.device, head)
         alternatives = {}
         if not args.torchao_config and self.device == "cuda":
-            alternatives["int4wo-128"] = estimate_weight_bytes(cfg.hf_config, dtype, "int4wo-128", self.device)
+            alternatives["int4wo-128"] = estimate_weight_bytes(cfg.hf_config, dtype, "int4wo-128", self.device, head)
         preflight_check((available, total), weights, kv_per_token, min(cfg.context_len, 2048),
                         args.mem_fraction_static, device=self.device,
                         unified_memory=self.device == "cuda" and cuda_is_integrated(),

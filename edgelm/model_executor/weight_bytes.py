@@ -3,7 +3,8 @@
 Counts the parameters of a decoder-only transformer (Llama, Qwen2, Qwen3, Mistral and their MoE
 variants) from an HF config, then prices each group:
 
-- embeddings and lm_head stay in the (16-bit) dtype: they are not quantized;
+- embeddings and lm_head stay in the (16-bit) dtype (with --quantize-lm-head int8 the head is int8 + a
+  float32 scale a row, beside the embedding where tied);
 - the linear layers inside the decoder (q/k/v/o, gate/up/down) take the dtype, or with
   --torchao-config: int4wo-G (edgelm's int4 kernels, edgelm.quantization.int4_pack) = 4 bits a
   weight, inputs padded to a multiple of 128, + an fp16 scale and offset per group of G inputs per
@@ -186,7 +187,10 @@ class WeightBytes:
         return self.linear + self.embedding + self.lm_head + self.rest
 
 
-def weight_breakdown(config, dtype="auto", torchao_config: str = "", device: str = "cuda") -> WeightBytes:
+def weight_breakdown(config, dtype="auto", torchao_config: str = "", device: str = "cuda",
+                     lm_head_quant: str = "") -> WeightBytes:
+    """lm_head_quant "int8" (--quantize-lm-head): the head as int8 rows + a float32 scale each, a copy of its
+    own beside a tied embedding (int8_head.Int8Head)."""
     counts = count_parameters(config)
     cfg = text_config(config)
     wbytes = dtype_bytes(dtype, cfg, device)
@@ -195,13 +199,20 @@ def weight_breakdown(config, dtype="auto", torchao_config: str = "", device: str
     for shape in counts.linears:
         pre = _prequantized_bytes(shape, qcfg, wbytes, device) if qcfg is not None and not torchao_config else None
         linear += pre if pre is not None else quantized_linear_bytes(shape, torchao_config, wbytes, device)
-    return WeightBytes(linear=linear, embedding=counts.embedding * wbytes, lm_head=counts.lm_head * wbytes,
+    lm_head = counts.lm_head * wbytes
+    if lm_head_quant == "int8":
+        vocab = counts.embedding // int(_get(cfg, "hidden_size"))
+        lm_head = counts.embedding + vocab * 4  # the head's shape is the embedding's
+    elif lm_head_quant not in ("", "none"):
+        raise ValueError(f"unknown lm_head_quant {lm_head_quant!r}")
+    return WeightBytes(linear=linear, embedding=counts.embedding * wbytes, lm_head=lm_head,
                        rest=(counts.bias + counts.norm + counts.other) * wbytes)
 
 
-def estimate_weight_bytes(config, dtype="auto", torchao_config: str = "", device: str = "cuda") -> int:
+def estimate_weight_bytes(config, dtype="auto", torchao_config: str = "", device: str = "cuda",
+                          lm_head_quant: str = "") -> int:
     """Bytes the weights will take once loaded (and quantized by `torchao_config`, e.g. 'int4wo-128')."""
-    return weight_breakdown(config, dtype, torchao_config, device).total
+    return weight_breakdown(config, dtype, torchao_config, device, lm_head_quant).total
 
 
 def kv_bytes_per_token(config, kv_dtype_bytes: int = 2) -> int:
@@ -213,8 +224,9 @@ def kv_bytes_per_token(config, kv_dtype_bytes: int = 2) -> int:
     return 2 * int(_get(cfg, "num_hidden_layers")) * kv_heads * head_dim * kv_dtype_bytes
 
 
-def decode_read_bytes(config, dtype="auto", torchao_config: str = "", device: str = "cuda") -> int:
+def decode_read_bytes(config, dtype="auto", torchao_config: str = "", device: str = "cuda",
+                      lm_head_quant: str = "") -> int:
     """Weight bytes one decode step reads from DRAM: all of them but the input embedding table,
     of which only one row per token is read (unless it is the lm_head too, tied)."""
-    b = weight_breakdown(config, dtype, torchao_config, device)
+    b = weight_breakdown(config, dtype, torchao_config, device, lm_head_quant)
     return b.total - (b.embedding if b.lm_head else 0)

@@ -309,6 +309,8 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else VocabEmbedding(config.vocab_size, config.hidden_size)
         self.logits_processor = LogitsProcessor()
+        # --quantize-lm-head: an int8_head.Int8Head set after loading replaces the 16-bit head
+        self.head_quant = None
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -317,7 +319,8 @@ class LlamaForCausalLM(nn.Module):
     @torch.no_grad()
     def forward(self, input_ids, positions, forward_batch) -> torch.Tensor:
         hidden = self.model(input_ids, positions, forward_batch)
-        return self.logits_processor(hidden, self.lm_head_weight, forward_batch)
+        head = self.lm_head_weight if self.head_quant is None else self.head_quant
+        return self.logits_processor(hidden, head, forward_batch)
 
     def _route(self, name: str) -> tuple[str, str | None]:
         """Our parameter's name for a checkpoint tensor's name (q_proj → qkv_proj, ...), and its shard."""

@@ -1,0 +1,214 @@
+"""`--quantize-lm-head int8`: the LM head as int8 weights with one float32 scale per vocabulary row.
+
+Why: at batch 1 the head is the largest single read of a decode step once the decoder is int4 —
+Llama-3.1-8B's 128256 × 4096 head is 1.05 GB in bf16 against ~3.7 GB for all 32 int4 layers, and
+the head of a small model with a 128k vocabulary (Llama-3.2-1B / 3B) outweighs its int4 layers.
+llama.cpp keeps its heads at 6 bits in its 4-bit files; MLC quantizes them with the rest. One byte a
+weight with a per-row absmax scale halves the read and changes next-token choices rarely (measured on the
+embedded model: `benchmarks/quality_int4.py --lm-head int8`).
+
+The kernel is edgelm's own (Triton, SM 8.0+, CUDA-graph capturable): torch has no int8-weight GEMV on
+CUDA at these shapes, and torchao's int8 weight-only path dequantizes through a generic mm. Each program
+owns BLOCK_N vocabulary rows and streams them once, for BLOCK_M rows of x: a multiply-and-reduce over K
+for one row (decode at batch 1), a tensor-core tile (int8 → the activation dtype, exact: |q| ≤ 127)
+for several. The scale multiplies the float32 accumulator, and the logits come out in float32 (the
+sampler's dtype: no separate cast). On the CPU torch's `_weight_int8pack_mm` does it (bf16 inputs).
+
+The input embedding keeps its own table: a tied model (the embedded SmolLM2, Llama-3.2-1B) holds the
+int8 copy beside it (half its size again), an untied one drops the 16-bit head.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+from edgelm.layers.triton_ops import pdl
+from edgelm.layers.triton_ops.pdl import wait_and_release
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+VALUES = ("none", "int8")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    use_dot: bool
+
+    @property
+    def name(self) -> str:
+        return f"{'dot' if self.use_dot else 'reduce'}_n{self.block_n}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}"
+
+    @classmethod
+    def parse(cls, name: str) -> HeadConfig:
+        """'reduce_n8_k2048_w4_s3' → HeadConfig(8, 2048, 4, 3, False)."""
+        form, n, k, w, s = name.split("_")
+        if form not in ("reduce", "dot"):
+            raise ValueError(f"int8 head config {name!r}: form must be reduce or dot")
+        return cls(int(n[1:]), int(k[1:]), int(w[1:]), int(s[1:]), form == "dot")
+
+
+# Candidates that benchmarks/gpu/int8_head_bench.py times against the 16-bit head.
+CANDIDATES = tuple(HeadConfig.parse(n) for n in (
+    "reduce_n4_k4096_w4_s2", "reduce_n8_k2048_w4_s3", "reduce_n4_k2048_w4_s3", "reduce_n8_k1024_w4_s4",
+    "reduce_n16_k1024_w8_s3", "reduce_n2_k4096_w2_s2",
+    "dot_n16_k512_w4_s4", "dot_n32_k256_w4_s4", "dot_n64_k256_w4_s3", "dot_n64_k128_w4_s4",
+))
+
+
+def head_config(m: int, device: torch.device) -> HeadConfig:
+    """The launch config for m rows of x: EDGELM_INT8_HEAD_CONFIG=<name>[,<name for m > 1>] overrides
+    (experiments); else the defaults below (H100, benchmarks/gpu/int8_head_bench.py)."""
+    override = os.environ.get("EDGELM_INT8_HEAD_CONFIG")
+    if override:
+        names = override.split(",")
+        return HeadConfig.parse(names[0] if m == 1 or len(names) == 1 else names[1])
+    if device.type != "cuda":  # the interpreter (tests): small tiles
+        return HeadConfig(16, 64, 1, 1, use_dot=m > 1)
+    if m == 1:
+        return HeadConfig(8, 2048, 4, 3, use_dot=False)
+    return HeadConfig(64, 128, 4, 4, use_dot=True)
+
+
+@triton.jit
+def _int8_head_kernel(x_ptr, x_stride, q_ptr, q_stride, scale_ptr, out_ptr, out_stride, M, N, K,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                      USE_DOT: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
+    """out [M, N] float32 = (x [M, K] · q [N, K]ᵀ) · scale [N]. Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)).
+    PDL (triton_ops.pdl): the first weight tile loads while the kernel before finishes."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    q_ptrs = q_ptr + offs_n.to(tl.int64)[:, None] * q_stride + offs_k[None, :]
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * x_stride + offs_k[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    w_next = tl.load(q_ptrs, mask=n_mask[:, None] & (offs_k < K)[None, :], other=0)
+    wait_and_release(PDL)
+    for k0 in range(0, K, BLOCK_K):
+        w = w_next
+        if k0 + BLOCK_K < K:  # the next tile's load issued before this one's arithmetic
+            if EVEN_K:
+                w_next = tl.load(q_ptrs + (k0 + BLOCK_K), mask=n_mask[:, None], other=0)
+            else:
+                w_next = tl.load(q_ptrs + (k0 + BLOCK_K), mask=n_mask[:, None] & (k0 + BLOCK_K + offs_k < K)[None, :],
+                                 other=0)
+        k_mask = k0 + offs_k < K
+        x = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if USE_DOT:
+            if INTERPRET:  # Triton's CPU interpreter gets 16-bit dots wrong: give it float32
+                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * out_stride + offs_n[None, :]
+    tl.store(out_ptrs, acc * scale[None, :], mask=m_mask[:, None] & n_mask[None, :])
+
+
+def int8_head_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                     config: HeadConfig | None = None) -> torch.Tensor:
+    """float32 [M, N] logits of x [M, K] (bf16 / fp16 / fp32) against qweight [N, K] int8 with scale [N] float32."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    config = config or head_config(m, x.device)
+    out = torch.empty((m, n), dtype=torch.float32, device=x.device)
+    block_m = min(max(triton.next_power_of_2(m), 16), 64) if config.use_dot else max(triton.next_power_of_2(min(m, 4)), 1)
+    pdl_on = pdl.mode(x.device, m, small=False)
+    grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, block_m))
+    _int8_head_kernel[grid](x, x.stride(0), qweight, qweight.stride(0), scale, out, out.stride(0), m, n, k,
+                            BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                            EVEN_K=k % config.block_k == 0, USE_DOT=config.use_dot, INTERPRET=_INTERPRET,
+                            PDL=pdl_on, num_warps=config.num_warps, num_stages=config.num_stages,
+                            **pdl.launch_kwargs(pdl_on))
+    return out
+
+
+def quantize_rows(weight: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8: (q [N, K] int8, scale [N] float32) with weight ≈ q · scale[:, None];
+    scale = max |row| / 127 (an all-zero row gets scale 1). Done `chunk` rows at a time (no float32
+    copy of a whole 128k-row table)."""
+    n = weight.shape[0]
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(n, dtype=torch.float32, device=weight.device)
+    for start in range(0, n, chunk):
+        w = weight[start:start + chunk].float()
+        s = w.abs().amax(dim=1) / 127.0
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q[start:start + chunk] = torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8)
+        scale[start:start + chunk] = s
+    return q, scale
+
+
+class Int8Head(nn.Module):
+    """The LM head as int8 rows and float32 scales: hidden [M, K] → float32 logits [M, N]."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        q, scale = quantize_rows(weight.detach())
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
+        self.vocab_size, self.hidden_size = q.shape
+        self._cpu_scale: dict[torch.dtype, torch.Tensor] = {}
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.is_cuda or os.environ.get("EDGELM_INT8_HEAD_CPU") == "triton":  # the latter: tests, interpreted
+            return int8_head_matmul(hidden.reshape(-1, self.hidden_size), self.qweight, self.scale).view(
+                *hidden.shape[:-1], self.vocab_size)
+        return self._cpu(hidden)
+
+    def _cpu(self, hidden: torch.Tensor) -> torch.Tensor:
+        if os.environ.get("EDGELM_INT4_CPU") == "emulate":  # quality probes: the GPU kernel's numbers, in float32
+            return torch.nn.functional.linear(hidden.float(), self.dequantized())
+        # torch's CPU int8 kernel is fast with 16-bit inputs (0.9 ms for SmolLM2's 49152 × 576 head on 2
+        # cores against 2.0 ms for the float32 dense head and 9 ms with float32 inputs)
+        dtype = hidden.dtype if hidden.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        if dtype not in self._cpu_scale:
+            self._cpu_scale[dtype] = self.scale.to(dtype)
+        x = hidden.reshape(-1, self.hidden_size).to(dtype)
+        out = torch._weight_int8pack_mm(x, self.qweight, self._cpu_scale[dtype])
+        return out.float().view(*hidden.shape[:-1], self.vocab_size)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight the kernel multiplies by (tests, quality probes)."""
+        return self.qweight.float() * self.scale[:, None]
+
+
+def check_lm_head_quant(value: str | None, device: str) -> None:
+    """Raise ValueError for a value edgelm does not know or cannot run on `device` (before loading)."""
+    if not value or value == "none":
+        return
+    if value not in VALUES:
+        raise ValueError(f"unknown --quantize-lm-head {value!r}; choose one of: {', '.join(VALUES)}")
+    if device == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) < (8, 0):
+            raise ValueError(f"--quantize-lm-head int8 needs a GPU of compute capability 8.0 or newer; this one is "
+                             f"{major}.{minor}")
+    elif not hasattr(torch, "_weight_int8pack_mm"):
+        raise ValueError("--quantize-lm-head int8 on the CPU needs torch's _weight_int8pack_mm (torch >= 2.4)")
+
+
+def quantize_lm_head(model: nn.Module, value: str | None) -> Int8Head | None:
+    """Replace the model's LM head by an Int8Head (model.head_quant); an untied 16-bit head is freed."""
+    if not value or value == "none":
+        return None
+    head = Int8Head(model.lm_head_weight)
+    model.head_quant = head
+    if getattr(model, "lm_head", None) is not None:  # untied: nothing else reads the 16-bit head
+        model.lm_head = None
+    return head

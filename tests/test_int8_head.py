@@ -34,7 +34,7 @@ def test_quantize_rows_round_trip():
 
 def test_head_config_parse_and_override(monkeypatch):
     cfg = HeadConfig.parse("reduce_n8_k2048_w4_s3")
-    assert cfg == HeadConfig(8, 2048, 4, 3, False) and cfg.name == "reduce_n8_k2048_w4_s3"
+    assert cfg == HeadConfig(8, 2048, 4, 3, "reduce") and cfg.name == "reduce_n8_k2048_w4_s3"
     with pytest.raises(ValueError):
         HeadConfig.parse("tile_n8_k2048_w4_s3")
     monkeypatch.setenv("EDGELM_INT8_HEAD_CONFIG", "reduce_n4_k4096_w4_s2,dot_n32_k256_w4_s4")
@@ -49,14 +49,21 @@ def test_head_config_parse_and_override(monkeypatch):
 @pytest.mark.parametrize("m,n,k,cfg", [
     (1, 100, 96, None),  # the CPU default tiles: N and K not multiples of them
     (3, 70, 130, None),  # several rows, the dot form
-    (1, 64, 256, HeadConfig(8, 128, 1, 1, False)),  # even K, two tiles (the next one loaded ahead)
-    (5, 48, 200, HeadConfig(16, 64, 1, 1, False)),  # reduce form over several rows
-    (40, 40, 64, HeadConfig(16, 32, 1, 1, True)),  # more rows than one M tile (the grid's second axis)
+    (1, 64, 256, HeadConfig(8, 128, 1, 1, "reduce")),  # even K, two tiles (the next one loaded ahead)
+    (1, 64, 256, HeadConfig(8, 64, 1, 1, "acc")),  # the elementwise accumulator
+    (1, 50, 200, HeadConfig(8, 64, 1, 1, "acc")),  # ... with a K tail
+    (1, 64, 256, HeadConfig(8, 64, 1, 1, "magic")),  # bytes made floats by bit operations, several word tiles
+    (1, 33, 132, HeadConfig(16, 64, 1, 1, "magic")),  # ... with a word tail and an N tail
+    (1, 20, 130, HeadConfig(16, 64, 1, 1, "magic")),  # K not a multiple of 4: falls back to acc
+    (5, 48, 200, HeadConfig(16, 64, 1, 1, "reduce")),  # reduce form over several rows
+    (3, 48, 200, HeadConfig(16, 64, 1, 1, "magic")),  # one-row forms with several rows: reduce
+    (40, 40, 64, HeadConfig(16, 32, 1, 1, "dot")),  # more rows than one M tile (the grid's second axis)
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_kernel_matches_dequantized_matmul_interpreted(m, n, k, cfg, dtype):
     torch.manual_seed(n + m)
     q, scale = quantize_rows(torch.randn(n, k))
+    q[0, :4] = torch.tensor([-127, 127, 0, -1], dtype=torch.int8)  # the extremes of the magic conversion
     x = torch.randn(m, k).to(dtype)
     out = int8_head_matmul(x, q, scale, cfg)
     assert out.dtype == torch.float32 and out.shape == (m, n)
@@ -146,7 +153,7 @@ def test_kernel_gpu(m, dtype):
     q, scale = quantize_rows(torch.randn(n, k, device="cuda", dtype=dtype) * 0.02)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     ref = _ref(x, q, scale)
-    configs = [None] + [c for c in int8_head.CANDIDATES if c.use_dot == (m > 1) or (m <= 4 and not c.use_dot)]
+    configs = [None] + ([c for c in int8_head.CANDIDATES if m == 1 or c.use_dot or m <= 4] if m <= 32 else [])
     for cfg in configs:
         out = int8_head_matmul(x, q, scale, cfg)
         assert bool(torch.isfinite(out).all()), cfg

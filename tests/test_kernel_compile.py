@@ -308,3 +308,64 @@ def test_gemv_h2_persistent_compiles_for_sm87_sm90():
     assert hopper["load_before_wait"] and hopper_late["load_before_wait"] and hopper["fma2"]
     assert orin["wait"] == -1 and orin["fma2"]
 
+
+
+HEAD_CHILD = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from edgelm.quantization import int8_head as h
+
+
+def compile_case(fn, sig, const, cap):
+    names = list(sig) + list(const)
+    src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}},
+                    constexprs={(names.index(k),): v for k, v in const.items()})
+    opts = {"num_warps": 4, "num_stages": 3}
+    if const["PDL"]:
+        opts["launch_pdl"] = True
+    try:
+        c = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=opts)
+    except Exception as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+    ptx = c.asm["ptx"]
+    wait = ptx.find("griddepcontrol.wait")
+    return {"ok": True, "prmt": ptx.count("prmt.b32"), "cvt_s8": "cvt.rn.f32.s8" in ptx, "mma": "mma" in ptx,
+            "pdl": wait >= 0, "load_before_wait": 0 <= ptx.find("ld.global") < wait, "cubin": len(c.asm["cubin"])}
+
+
+out = []
+magic = {"x_ptr": "*bf16", "q_ptr": "*i32", "q_stride": "i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32",
+         "W": "i32"}
+plain = {"x_ptr": "*fp16", "x_stride": "i32", "q_ptr": "*i8", "q_stride": "i32", "scale_ptr": "*fp32", "out_ptr": "*fp32",
+         "out_stride": "i32", "M": "i32", "N": "i32", "K": "i32"}
+for cap, form in json.loads(sys.argv[1]):
+    pdl = int(cap >= 90)
+    if form == "magic":
+        out.append(compile_case(h._int8_head_magic_kernel, magic,
+                                {"BLOCK_N": 8, "BLOCK_W": 128, "USE_ASM": True, "PDL": pdl}, cap))
+    else:
+        dot = form == "dot"
+        out.append(compile_case(h._int8_head_kernel, plain,
+                                {"BLOCK_M": 16 if dot else 1, "BLOCK_N": 64 if dot else 8, "BLOCK_K": 128 if dot else 512,
+                                 "EVEN_K": True, "FORM": h.FORMS.index(form), "INTERPRET": False, "PDL": pdl}, cap))
+print("RESULT " + json.dumps(out))
+"""
+HEAD_CASES = [(87, "magic"), (80, "magic"), (90, "magic"), (87, "dot"), (90, "dot"), (87, "acc"), (90, "reduce")]
+
+
+def test_int8_head_kernels_compile_for_sm80_sm87_sm90():
+    """--quantize-lm-head int8's kernels: the one-row form's bytes made floats by PRMT (its inline PTX there, no
+    int8 conversion instruction), the dot form on tensor cores, PDL (weights loaded before the wait) on SM 9.0 only."""
+    results = run_child(HEAD_CHILD, HEAD_CASES, skip_without_ptxas=True)
+    if all(not r["ok"] and "ptxas" in r["error"] for r in results):
+        pytest.skip("this triton has no ptxas to compile with")
+    for case, r in zip(HEAD_CASES, results, strict=True):
+        assert r["ok"], (case, r.get("error"))
+        assert r["cubin"] > 0 and r["pdl"] == (case[0] >= 90), case
+        if r["pdl"]:
+            assert r["load_before_wait"], case
+        if case[1] == "magic":
+            assert r["prmt"] >= 4 and not r["cvt_s8"], case
+        assert r["mma"] == (case[1] == "dot"), case

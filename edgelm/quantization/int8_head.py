@@ -35,32 +35,44 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 VALUES = ("none", "int8")
 
 
+FORMS = ("reduce", "acc", "magic", "dot")
+
+
 @dataclass(frozen=True)
 class HeadConfig:
+    """form: "reduce" (multiply, reduce over the tile's K each step), "acc" (multiply into a [BLOCK_N, BLOCK_K]
+    float32 accumulator, reduced once at the end), "magic" (acc, with each byte made a float by bit operations
+    instead of a conversion instruction: see _magic_byte), "dot" (tensor cores, M padded to 16)."""
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
-    use_dot: bool
+    form: str = "reduce"
+
+    @property
+    def use_dot(self) -> bool:
+        return self.form == "dot"
 
     @property
     def name(self) -> str:
-        return f"{'dot' if self.use_dot else 'reduce'}_n{self.block_n}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}"
+        return f"{self.form}_n{self.block_n}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}"
 
     @classmethod
     def parse(cls, name: str) -> HeadConfig:
-        """'reduce_n8_k2048_w4_s3' → HeadConfig(8, 2048, 4, 3, False)."""
+        """'reduce_n8_k2048_w4_s3' → HeadConfig(8, 2048, 4, 3, "reduce")."""
         form, n, k, w, s = name.split("_")
-        if form not in ("reduce", "dot"):
-            raise ValueError(f"int8 head config {name!r}: form must be reduce or dot")
-        return cls(int(n[1:]), int(k[1:]), int(w[1:]), int(s[1:]), form == "dot")
+        if form not in FORMS:
+            raise ValueError(f"int8 head config {name!r}: form must be one of {FORMS}")
+        return cls(int(n[1:]), int(k[1:]), int(w[1:]), int(s[1:]), form)
 
 
 # Candidates that benchmarks/gpu/int8_head_bench.py times against the 16-bit head.
 CANDIDATES = tuple(HeadConfig.parse(n) for n in (
-    "reduce_n4_k4096_w4_s2", "reduce_n8_k2048_w4_s3", "reduce_n4_k2048_w4_s3", "reduce_n8_k1024_w4_s4",
-    "reduce_n16_k1024_w8_s3", "reduce_n2_k4096_w2_s2",
-    "dot_n16_k512_w4_s4", "dot_n32_k256_w4_s4", "dot_n64_k256_w4_s3", "dot_n64_k128_w4_s4",
+    "reduce_n8_k1024_w4_s4", "reduce_n4_k2048_w4_s3",
+    "acc_n8_k512_w4_s3", "acc_n4_k1024_w4_s3", "acc_n16_k256_w4_s3",
+    "magic_n8_k512_w4_s3", "magic_n4_k1024_w4_s3", "magic_n16_k256_w4_s3", "magic_n8_k1024_w8_s3",
+    "magic_n4_k2048_w8_s2", "magic_n2_k2048_w4_s3",
+    "dot_n32_k256_w4_s4", "dot_n64_k256_w4_s3", "dot_n64_k128_w4_s4", "dot_n128_k128_w8_s3",
 ))
 
 
@@ -72,18 +84,53 @@ def head_config(m: int, device: torch.device) -> HeadConfig:
         names = override.split(",")
         return HeadConfig.parse(names[0] if m == 1 or len(names) == 1 else names[1])
     if device.type != "cuda":  # the interpreter (tests): small tiles
-        return HeadConfig(16, 64, 1, 1, use_dot=m > 1)
+        return HeadConfig(16, 64, 1, 1, "dot" if m > 1 else "magic")
     if m == 1:
-        return HeadConfig(8, 2048, 4, 3, use_dot=False)
-    return HeadConfig(64, 128, 4, 4, use_dot=True)
+        return HeadConfig(8, 512, 4, 3, "magic")
+    return HeadConfig(64, 128, 4, 4, "dot")
+
+
+# a byte u (0..255) at bits 0-7 of 0x4B000000 | u is the float32 2^23 + u: subtracting 2^23 + 128 gives u - 128
+MAGIC = tl.constexpr(0x4B000000)
+MAGIC_BIAS = tl.constexpr(8388608.0 + 128.0)
+# PRMT selectors: byte BYTE of the word, two bytes of the magic's zeros, then its 0x4B
+_PRMT0 = tl.constexpr("prmt.b32 $0, $1, $2, 0x7440;")
+_PRMT1 = tl.constexpr("prmt.b32 $0, $1, $2, 0x7441;")
+_PRMT2 = tl.constexpr("prmt.b32 $0, $1, $2, 0x7442;")
+_PRMT3 = tl.constexpr("prmt.b32 $0, $1, $2, 0x7443;")
+
+
+@triton.jit
+def _prmt(u, magic, ASM: tl.constexpr):
+    return tl.inline_asm_elementwise(ASM, "=r,r,r", [u, magic], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _magic_byte(u, BYTE: tl.constexpr, USE_ASM: tl.constexpr):
+    """Byte BYTE of each int32 word u (the int8 codes XOR 0x80: q + 128) as the float32 2^23 + q + 128: one PRMT
+    on the GPU, a shift and a mask in the interpreter."""
+    if USE_ASM:
+        magic = tl.full(u.shape, MAGIC, tl.int32)
+        if BYTE == 0:
+            bits = _prmt(u, magic, _PRMT0)
+        elif BYTE == 1:
+            bits = _prmt(u, magic, _PRMT1)
+        elif BYTE == 2:
+            bits = _prmt(u, magic, _PRMT2)
+        else:
+            bits = _prmt(u, magic, _PRMT3)
+    else:
+        bits = ((u >> (8 * BYTE)) & 0xFF) | MAGIC
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _int8_head_kernel(x_ptr, x_stride, q_ptr, q_stride, scale_ptr, out_ptr, out_stride, M, N, K,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                      USE_DOT: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
+                      FORM: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
     """out [M, N] float32 = (x [M, K] · q [N, K]ᵀ) · scale [N]. Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)).
-    PDL (triton_ops.pdl): the first weight tile loads while the kernel before finishes."""
+    FORM 0 reduce, 1 acc, 3 dot (HeadConfig). PDL (triton_ops.pdl): the first weight tile loads while the kernel
+    before finishes."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -93,7 +140,10 @@ def _int8_head_kernel(x_ptr, x_stride, q_ptr, q_stride, scale_ptr, out_ptr, out_
     m_mask = offs_m < M
     q_ptrs = q_ptr + offs_n.to(tl.int64)[:, None] * q_stride + offs_k[None, :]
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * x_stride + offs_k[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if FORM == 1:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     w_next = tl.load(q_ptrs, mask=n_mask[:, None] & (offs_k < K)[None, :], other=0)
     wait_and_release(PDL)
     for k0 in range(0, K, BLOCK_K):
@@ -105,17 +155,56 @@ def _int8_head_kernel(x_ptr, x_stride, q_ptr, q_stride, scale_ptr, out_ptr, out_
                 w_next = tl.load(q_ptrs + (k0 + BLOCK_K), mask=n_mask[:, None] & (k0 + BLOCK_K + offs_k < K)[None, :],
                                  other=0)
         k_mask = k0 + offs_k < K
-        x = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if USE_DOT:
-            if INTERPRET:  # Triton's CPU interpreter gets 16-bit dots wrong: give it float32
-                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        if FORM == 1:  # one row of x
+            x = tl.load(x_ptr + k0 + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            acc += w.to(tl.float32) * x[None, :]
         else:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            x = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            if FORM == 3:
+                if INTERPRET:  # Triton's CPU interpreter gets 16-bit dots wrong: give it float32
+                    acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+            else:
+                acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * out_stride + offs_n[None, :]
-    tl.store(out_ptrs, acc * scale[None, :], mask=m_mask[:, None] & n_mask[None, :])
+    if FORM == 1:
+        tl.store(out_ptr + offs_n, tl.sum(acc, axis=1) * scale, mask=n_mask)
+    else:
+        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * out_stride + offs_n[None, :]
+        tl.store(out_ptrs, acc * scale[None, :], mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _int8_head_magic_kernel(x_ptr, q_ptr, q_stride, scale_ptr, out_ptr, N, W,
+                            BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, USE_ASM: tl.constexpr,
+                            PDL: tl.constexpr):
+    """One row: out [N] float32 = (x [4W] · q [N, 4W]ᵀ) · scale [N], q read as int32 words [N, W] (q_stride in
+    words). Each word's four bytes become floats by _magic_byte (XOR 0x80 once a word, one PRMT and one FADD a
+    byte, exact) instead of four conversion instructions; products go into a [BLOCK_N, BLOCK_W] accumulator,
+    reduced once at the end. Grid (cdiv(N, BLOCK_N),)."""
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, BLOCK_W)
+    n_mask = offs_n < N
+    q_ptrs = q_ptr + offs_n.to(tl.int64)[:, None] * q_stride + offs_w[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+    w_next = tl.load(q_ptrs, mask=n_mask[:, None] & (offs_w < W)[None, :], other=0)
+    wait_and_release(PDL)
+    for w0 in range(0, W, BLOCK_W):
+        w = w_next
+        if w0 + BLOCK_W < W:
+            w_next = tl.load(q_ptrs + (w0 + BLOCK_W), mask=n_mask[:, None] & (w0 + BLOCK_W + offs_w < W)[None, :],
+                             other=0)
+        w_mask = w0 + offs_w < W
+        u = w ^ -2139062144  # 0x80808080: each signed code q becomes the byte q + 128
+        xb = x_ptr + 4 * (w0 + offs_w)
+        acc += (_magic_byte(u, 0, USE_ASM) - MAGIC_BIAS) * tl.load(xb, mask=w_mask, other=0.0).to(tl.float32)[None, :]
+        acc += (_magic_byte(u, 1, USE_ASM) - MAGIC_BIAS) * tl.load(xb + 1, mask=w_mask, other=0.0).to(tl.float32)[None, :]
+        acc += (_magic_byte(u, 2, USE_ASM) - MAGIC_BIAS) * tl.load(xb + 2, mask=w_mask, other=0.0).to(tl.float32)[None, :]
+        acc += (_magic_byte(u, 3, USE_ASM) - MAGIC_BIAS) * tl.load(xb + 3, mask=w_mask, other=0.0).to(tl.float32)[None, :]
+    scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
+    tl.store(out_ptr + offs_n, tl.sum(acc, axis=1) * scale, mask=n_mask)
 
 
 def int8_head_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -127,12 +216,27 @@ def int8_head_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
         x = x.contiguous()
     config = config or head_config(m, x.device)
     out = torch.empty((m, n), dtype=torch.float32, device=x.device)
-    block_m = min(max(triton.next_power_of_2(m), 16), 64) if config.use_dot else max(triton.next_power_of_2(min(m, 4)), 1)
     pdl_on = pdl.mode(x.device, m, small=False)
+    form = config.form
+    if form in ("acc", "magic") and m > 1:
+        form = "reduce"  # one row of x only
+    if form == "magic" and (k % 4 or qweight.stride(0) % 4 or qweight.storage_offset() % 4):
+        form = "acc"  # not readable as whole int32 words
+    if form == "magic":
+        words = qweight.view(torch.int32)
+        _int8_head_magic_kernel[(triton.cdiv(n, config.block_n),)](
+            x, words, words.stride(0), scale, out, n, k // 4, BLOCK_N=config.block_n,
+            BLOCK_W=max(config.block_k // 4, 1), USE_ASM=x.is_cuda and not _INTERPRET, PDL=pdl_on,
+            num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_kwargs(pdl_on))
+        return out
+    if form == "dot":
+        block_m = min(max(triton.next_power_of_2(m), 16), 64)
+    else:
+        block_m = max(triton.next_power_of_2(min(m, 4)), 1)
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, block_m))
     _int8_head_kernel[grid](x, x.stride(0), qweight, qweight.stride(0), scale, out, out.stride(0), m, n, k,
                             BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                            EVEN_K=k % config.block_k == 0, USE_DOT=config.use_dot, INTERPRET=_INTERPRET,
+                            EVEN_K=k % config.block_k == 0, FORM=FORMS.index(form), INTERPRET=_INTERPRET,
                             PDL=pdl_on, num_warps=config.num_warps, num_stages=config.num_stages,
                             **pdl.launch_kwargs(pdl_on))
     return out

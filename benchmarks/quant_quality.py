@@ -231,7 +231,7 @@ def main(argv=None) -> dict:
     for r in args.runs.split(","):
         head8 = "+int8head" if r.endswith("+int8head") else ""
         r = r[:len(r) - len(head8)]
-        config, method = r.split(":") if ":" in r else (r, "torchao")
+        config, method = r.split(":") if ":" in r else (r, "torchao" if r != "none" else "head only")
         runs.append((config, method + head8))
     for config, method in runs:
         if config.startswith("int4wo-") and method.partition("@")[0].removesuffix("+int8head") not in ("search", "minmax", "search-unscaled", "gptq",

@@ -31,7 +31,8 @@ def gpu_latency() -> list[str]:
     lines = []
     for name, d in _load("bench_one_batch_*.json"):
         peaks = d.get("peaks") or {}
-        quant = d.get("torchao_config") or d.get("dtype")
+        quant = (d.get("torchao_config") or d.get("dtype")) + (f", {d['quantize_lm_head']} LM head"
+                                                               if d.get("quantize_lm_head") else "")
         lines += [f"**{d['model']} ({quant}, {d.get('attention_backend')} attention, random weights)** — "
                   f"bandwidth measured in the same run: {peaks.get('bandwidth_gbps', 0):.0f} GB/s, "
                   f"bf16 matmul peak {peaks.get('matmul_tflops', 0):.0f} TFLOP/s"
@@ -169,7 +170,7 @@ def int4_vs_bf16() -> list[str]:
     for _, int4 in runs:
         if int4.get("torchao_config") != "int4wo-128":
             continue
-        bf16 = next((d for n, d in runs if not d.get("torchao_config") and "prefill" not in n
+        bf16 = next((d for n, d in runs if not d.get("torchao_config") and not d.get("quantize_lm_head") and "prefill" not in n
                      and d["model"] == int4["model"] and d.get("device") == int4.get("device")), None)
         if bf16 is None:
             continue
@@ -182,8 +183,11 @@ def _int4_vs_bf16_table(int4: dict, bf16: dict) -> list[str]:
     same_call = int4.get("bf16_same_call")  # results/-relative path of a bf16 run made in the int4 run's call
     if same_call:
         with open(os.path.join(RESULTS, same_call)) as f:
-            base.update({(r["batch_size"], r["input_len"]): (r, "same call") for r in json.load(f)["results"]})
-    lines = [f"**{os.path.basename(int4['model'])} decode: int4wo-128 against bf16** (same device; int4 weights "
+            # bf16_source: where that run came from when it was not the same call (e.g. the call before, same machine)
+            label = int4.get("bf16_source", "same call")
+            base.update({(r["batch_size"], r["input_len"]): (r, label) for r in json.load(f)["results"]})
+    head = f" with the {int4['quantize_lm_head']} LM head (--quantize-lm-head)" if int4.get("quantize_lm_head") else ""
+    lines = [f"**{os.path.basename(int4['model'])} decode: int4wo-128{head} against bf16** (same device; int4 weights "
              f"{int4['decode_weight_bytes'] / 1e9:.2f} GB read per step against {bf16['decode_weight_bytes'] / 1e9:.2f} GB; "
              "bf16 from the same device call where one was made"
              + (f": `{same_call}`" if same_call else "") + ", else from the bf16 table above, of its own date)",

@@ -163,6 +163,23 @@ def flashinfer_overhead() -> list[str]:
     return lines
 
 
+def int8_head() -> list[str]:
+    """The int8 LM head alone against the 16-bit head (benchmarks/gpu/int8_head_bench.py)."""
+    lines: list[str] = []
+    for name, d in _load("int8_head_bench_*.json"):
+        lines += ["**LM head alone: int8 (`--quantize-lm-head int8`) against the bf16 head** (one CUDA graph of calls, "
+                  "weights larger than the L2; the fastest int8 config of the sweep, each checked against float64)", "",
+                  "| head | rows | bf16 µs | bf16 GB/s | int8 config | int8 µs | int8 GB/s | bf16 / int8 |",
+                  "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+        for r in d["results"]:
+            best = r["int8"].get(r.get("best"), {})
+            lines.append(f"| {r['shape']} ({r['N']} × {r['K']}) | {r['M']} | {r['bf16_us']:.1f} | {r['bf16_gbps']:.0f} | "
+                         f"{r.get('best', '-')} | {best.get('us', float('nan')):.1f} | {best.get('gbps', 0):.0f} | "
+                         f"{r.get('best_speedup', 0):.2f}× |")
+        lines += ["", _source(name, d), ""]
+    return lines
+
+
 def int4_vs_bf16() -> list[str]:
     """Whole-model decode, int4wo-128 against bf16, for each model with both latency files."""
     runs = _load("bench_one_batch_*.json")
@@ -370,7 +387,7 @@ def decode_profile() -> list[str]:
 
 
 def render() -> str:
-    parts = gpu_latency() + decode_ablations() + step_ab() + scheduler_loop() + decode_profile() + attention_backends() + flashinfer_overhead() + int4_vs_bf16() + int4_speedup() + int4_kernels() + gemlite_eval() + quality() + grammar() + cpu_decode() + serving()
+    parts = gpu_latency() + decode_ablations() + step_ab() + scheduler_loop() + decode_profile() + attention_backends() + flashinfer_overhead() + int4_vs_bf16() + int8_head() + int4_speedup() + int4_kernels() + gemlite_eval() + quality() + grammar() + cpu_decode() + serving()
     return "\n".join(parts).rstrip() + "\n"
 
 

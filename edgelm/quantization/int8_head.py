@@ -85,11 +85,13 @@ def head_config(m: int, device: torch.device) -> HeadConfig:
         return HeadConfig.parse(names[0] if m == 1 or len(names) == 1 else names[1])
     if device.type != "cuda":  # the interpreter (tests): small tiles
         return HeadConfig(16, 64, 1, 1, "dot" if m > 1 else "magic")
-    # H100, 128256 × 4096 (results/int8_head_bench_h100.json): M = 1 magic_n4_k1024_w4_s3 175 µs (3.0 TB/s) against
-    # the bf16 head's 338; the elementwise accumulator is what matters (acc 179-189 µs, reduce 310); M = 8 / 32
-    # dot_n64_k128_w4_s4 241 / 321 µs against 353 / 398 (2.2 / 1.6 TB/s: int8 → bf16 conversions bound it)
+    # H100 (results/int8_head_bench_h100.json, _small_h100.json): M = 1 magic_n16_k256_w4_s3 175.8 / 133.9 / 81.7 µs on
+    # Llama-3.1-8B's / Llama-3.2-3B's / Qwen2.5-1.5B's head (2.9-3.0 TB/s) against the bf16 head's 338 / 286 / 171, the
+    # best or within 0.3 µs of it on each (magic_n4_k1024_w4_s3: 175.5 / 134.0 / 106.1); the elementwise
+    # accumulator is what matters (acc forms 83-189 µs, reduce 186-310); M = 8 / 32 dot_n64_k128_w4_s4 241 / 321 µs
+    # against 353 / 398 on the 8B head (2.2 / 1.6 TB/s: the int8 → bf16 conversions bound it)
     if m == 1:
-        return HeadConfig(4, 1024, 4, 3, "magic")
+        return HeadConfig(16, 256, 4, 3, "magic")
     return HeadConfig(64, 128, 4, 4, "dot")
 
 

@@ -133,7 +133,8 @@ def prefill_flops(model: torch.nn.Module, model_config: ModelConfig, batch_size:
     # quantized linears: their logical in × out weights, not the packed storage
     layer_params += sum(m.in_features * m.out_features for m in model.modules()
                         if hasattr(m, "qweight") and hasattr(m, "in_features"))  # not the int8 head
-    head_params = model.lm_head_weight.numel()
+    quant = getattr(model, "head_quant", None)
+    head_params = model.lm_head_weight.numel() if quant is None else quant.qweight.numel()
     tokens = batch_size * input_len
     pairs = batch_size * input_len * (input_len + 1) / 2
     attn = 4 * model_config.num_heads * model_config.head_dim * model_config.num_layers * pairs

@@ -96,10 +96,18 @@ def test_model_with_int8_head(tmp_path, family):
     quant = make_runner(str(tmp_path), quantize_lm_head="int8")
     head = quant.model.head_quant
     assert isinstance(head, Int8Head) and head.qweight.shape == (384, 64)
-    if family == "llama":
+    if family == "llama":  # untied: the 16-bit head freed, the embedding kept
         assert quant.model.lm_head is None and plain.model.lm_head is not None
-    else:
         assert torch.equal(quant.model.model.embed_tokens.weight, plain.model.model.embed_tokens.weight)
+    else:  # tied: the embedding reads the int8 table, its 16-bit one freed
+        assert isinstance(quant.model.model.embed_tokens, int8_head.Int8Embedding)
+        assert not any(p.dim() == 2 and p.shape[0] == 384 for p in quant.model.parameters())
+        ids = torch.tensor([0, 5, 383, 5])
+        rows = quant.model.model.embed_tokens(ids)
+        assert rows.dtype == plain.model.model.embed_tokens.weight.dtype
+        assert torch.allclose(rows, plain.model.model.embed_tokens(ids), atol=float(head.scale.max()) / 2 * 1.001)
+    with pytest.raises(RuntimeError, match="quantized"):
+        quant.model.lm_head_weight
     prompts = [[5, 17, 99, 3, 250, 11, 42, 7, 300, 1], [7, 8, 9, 120, 64]]
     drivers = Driver(plain), Driver(quant)
     logits_p, logits_q = (d.extend(d.add_requests(2), prompts, return_all_logits=True) for d in drivers)
@@ -116,7 +124,7 @@ def test_model_with_int8_head(tmp_path, family):
     cfg = quant.model_config.hf_config
     est_p = estimate_weight_bytes(cfg, "float32", "", "cpu")
     est_q = estimate_weight_bytes(cfg, "float32", "", "cpu", "int8")
-    extra = vocab * hidden + vocab * 4 - (0 if family == "llama3" else vocab * hidden * 4)
+    extra = vocab * hidden + vocab * 4 - vocab * hidden * 4  # int8 + scales in place of a float32 table
     assert est_q - est_p == extra
     assert quant.weight_bytes - plain.weight_bytes == extra
 
@@ -161,14 +169,15 @@ def test_kernel_gpu(m, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_graph_decode_with_int8_head_gpu(tmp_path, dtype):
-    """A tiny model's CUDA-graph decode (batch 1 with PDL where the GPU has it, batch 3) with the int8 head:
-    the same greedy tokens as the 16-bit head's run on forced inputs, logits close."""
+@pytest.mark.parametrize("dtype,family", [("bfloat16", "llama"), ("float16", "llama"), ("bfloat16", "llama3")])
+def test_graph_decode_with_int8_head_gpu(tmp_path, dtype, family):
+    """A tiny model's CUDA-graph decode (batch 1 with PDL where the GPU has it, batch 3) with the int8 head (llama3:
+    tied, the embedding read from the int8 table too): greedy tokens mostly those of the 16-bit head's run on forced
+    inputs, logits close."""
     from tests.test_cuda_graph import _greedy, _runner
 
     _gpu()
-    make_checkpoint("llama", tmp_path)
+    make_checkpoint(family, tmp_path)
     for prompts in ([[5, 17, 99, 3, 250]], [[5, 17, 99], [1, 2, 3, 4], [300]]):
         plain = _runner(str(tmp_path), "triton", dtype)
         tokens_p, logits_p = _greedy(plain, prompts, 6)

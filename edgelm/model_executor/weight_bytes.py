@@ -4,7 +4,7 @@ Counts the parameters of a decoder-only transformer (Llama, Qwen2, Qwen3, Mistra
 variants) from an HF config, then prices each group:
 
 - embeddings and lm_head stay in the (16-bit) dtype (with --quantize-lm-head int8 the head is int8 + a
-  float32 scale a row, beside the embedding where tied);
+  float32 scale a row, and a tied embedding is that same table);
 - the linear layers inside the decoder (q/k/v/o, gate/up/down) take the dtype, or with
   --torchao-config: int4wo-G (edgelm's int4 kernels, edgelm.quantization.int4_pack) = 4 bits a
   weight, inputs padded to a multiple of 128, + an fp16 scale and offset per group of G inputs per
@@ -189,8 +189,8 @@ class WeightBytes:
 
 def weight_breakdown(config, dtype="auto", torchao_config: str = "", device: str = "cuda",
                      lm_head_quant: str = "") -> WeightBytes:
-    """lm_head_quant "int8" (--quantize-lm-head): the head as int8 rows + a float32 scale each, a copy of its
-    own beside a tied embedding (int8_head.Int8Head)."""
+    """lm_head_quant "int8" (--quantize-lm-head): the head as int8 rows + a float32 scale each (int8_head.Int8Head),
+    a tied embedding reading the same table."""
     counts = count_parameters(config)
     cfg = text_config(config)
     wbytes = dtype_bytes(dtype, cfg, device)
@@ -199,13 +199,15 @@ def weight_breakdown(config, dtype="auto", torchao_config: str = "", device: str
     for shape in counts.linears:
         pre = _prequantized_bytes(shape, qcfg, wbytes, device) if qcfg is not None and not torchao_config else None
         linear += pre if pre is not None else quantized_linear_bytes(shape, torchao_config, wbytes, device)
-    lm_head = counts.lm_head * wbytes
+    lm_head, embedding = counts.lm_head * wbytes, counts.embedding * wbytes
     if lm_head_quant == "int8":
         vocab = counts.embedding // int(_get(cfg, "hidden_size"))
         lm_head = counts.embedding + vocab * 4  # the head's shape is the embedding's
+        if not counts.lm_head:  # tied: the embedding reads the int8 table too (int8_head.Int8Embedding)
+            embedding = 0
     elif lm_head_quant not in ("", "none"):
         raise ValueError(f"unknown lm_head_quant {lm_head_quant!r}")
-    return WeightBytes(linear=linear, embedding=counts.embedding * wbytes, lm_head=lm_head,
+    return WeightBytes(linear=linear, embedding=embedding, lm_head=lm_head,
                        rest=(counts.bias + counts.norm + counts.other) * wbytes)
 
 

@@ -314,6 +314,9 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
+        """The 16-bit head (the embedding table where tied); gone once --quantize-lm-head replaced it (head_quant)."""
+        if self.head_quant is not None:
+            raise RuntimeError("the LM head is quantized (head_quant): no 16-bit weight")
         return (self.model.embed_tokens if self.lm_head is None else self.lm_head).weight
 
     @torch.no_grad()

@@ -107,7 +107,7 @@ def test_model_with_int8_head(tmp_path, family):
         assert rows.dtype == plain.model.model.embed_tokens.weight.dtype
         assert torch.allclose(rows, plain.model.model.embed_tokens(ids), atol=float(head.scale.max()) / 2 * 1.001)
     with pytest.raises(RuntimeError, match="quantized"):
-        quant.model.lm_head_weight
+        _ = quant.model.lm_head_weight
     prompts = [[5, 17, 99, 3, 250, 11, 42, 7, 300, 1], [7, 8, 9, 120, 64]]
     drivers = Driver(plain), Driver(quant)
     logits_p, logits_q = (d.extend(d.add_requests(2), prompts, return_all_logits=True) for d in drivers)

@@ -346,13 +346,16 @@ for cap, form in json.loads(sys.argv[1]):
         out.append(compile_case(h._int8_head_magic_kernel, magic,
                                 {"BLOCK_N": 8, "BLOCK_W": 128, "USE_ASM": True, "PDL": pdl}, cap))
     else:
-        dot = form == "dot"
-        out.append(compile_case(h._int8_head_kernel, plain,
+        dot = form.startswith("dot")
+        sig = {**plain, "x_ptr": "*fp32"} if form == "dot32" else plain  # a float32 model: an ieee dot
+        out.append(compile_case(h._int8_head_kernel, sig,
                                 {"BLOCK_M": 16 if dot else 1, "BLOCK_N": 64 if dot else 8, "BLOCK_K": 128 if dot else 512,
-                                 "EVEN_K": True, "FORM": h.FORMS.index(form), "INTERPRET": False, "PDL": pdl}, cap))
+                                 "EVEN_K": True, "FORM": h.FORMS.index(form[:3] if dot else form), "INTERPRET": False,
+                                 "PDL": pdl}, cap))
 print("RESULT " + json.dumps(out))
 """
-HEAD_CASES = [(87, "magic"), (80, "magic"), (90, "magic"), (87, "dot"), (90, "dot"), (87, "acc"), (90, "reduce")]
+HEAD_CASES = [(87, "magic"), (80, "magic"), (90, "magic"), (87, "dot"), (90, "dot"), (87, "acc"), (90, "reduce"),
+              (87, "dot32")]
 
 
 def test_int8_head_kernels_compile_for_sm80_sm87_sm90():
@@ -368,4 +371,4 @@ def test_int8_head_kernels_compile_for_sm80_sm87_sm90():
             assert r["load_before_wait"], case
         if case[1] == "magic":
             assert r["prmt"] >= 4 and not r["cvt_s8"], case
-        assert r["mma"] == (case[1] == "dot"), case
+        assert r["mma"] == (case[1] == "dot"), case  # float32 (dot32): an ieee dot on FMAs, no tf32 mma

@@ -167,7 +167,7 @@ def _int8_head_kernel(x_ptr, x_stride, q_ptr, q_stride, scale_ptr, out_ptr, out_
         else:
             x = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             if FORM == 3:
-                if INTERPRET:  # Triton's CPU interpreter gets 16-bit dots wrong: give it float32
+                if INTERPRET or x.dtype == tl.float32:  # the interpreter gets 16-bit dots wrong; float32: no tf32
                     acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
                 else:
                     acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)

@@ -145,9 +145,9 @@ def collect(root: str = "/") -> dict:
         from edgelm.model_executor.weight_bytes import decode_read_bytes
 
         report["decode_bound_tok_s"] = {
-            f"Llama-3.1-8B {q or 'fp16'}": round(decode_tokens_per_s_bound(
-                facts.bandwidth_gbps, decode_read_bytes(_LLAMA_8B, "half", q)), 1)
-            for q in ("", "int8wo", "int4wo-128")}
+            f"Llama-3.1-8B {q or 'fp16'}{' + int8 head' if head else ''}": round(decode_tokens_per_s_bound(
+                facts.bandwidth_gbps, decode_read_bytes(_LLAMA_8B, "half", q, lm_head_quant=head)), 1)
+            for q, head in (("", ""), ("int8wo", ""), ("int4wo-128", ""), ("int4wo-128", "int8"))}
     return report
 
 

@@ -235,6 +235,11 @@ def test_decode_bound():
     assert read == 5_809_643_520 - 128256 * 4096 * 2
     assert decode_tokens_per_s_bound(204.8, read) == pytest.approx(43.0, abs=0.1)  # AGX Orin
     assert decode_read_bytes({**llama, "tie_word_embeddings": True}, "half") == 16_060_522_496 - 128256 * 4096 * 2
+    # --quantize-lm-head int8: the head's 2 bytes a weight become 1 plus a float32 scale a row
+    head8 = decode_read_bytes(llama, "half", "int4wo-128", lm_head_quant="int8")
+    assert read - head8 == 128256 * 4096 - 128256 * 4
+    tied = {**llama, "tie_word_embeddings": True}  # tied: one int8 table for both, read once as the head
+    assert decode_read_bytes(tied, "half", "int4wo-128", lm_head_quant="int8") == head8
 
 
 def test_check_env_cpu_text_and_json(capsys):
@@ -260,6 +265,8 @@ def test_check_env_on_recorded_jetson(tmp_path, capsys, monkeypatch):
     assert "fp8wo" not in report["torchao_configs"]["runnable"]  # SM 8.7 has no FP8
     assert "int4wo-128" in report["torchao_configs"]["runnable"]
     assert report["decode_bound_tok_s"]["Llama-3.1-8B int4wo-128"] == pytest.approx(43.0, abs=0.1)
+    assert report["decode_bound_tok_s"]["Llama-3.1-8B int4wo-128 + int8 head"] == pytest.approx(
+        204.8e9 / (5_809_643_520 - 128256 * 4096 * 2 - 128256 * 4096 + 128256 * 4), abs=0.1)
     assert any("MODE_15W" in w for w in report["warnings"])
     assert report["defaults"]["chunked_prefill_size"] == 2048
 

@@ -1,18 +1,21 @@
 """`--quantize-lm-head int8`: the LM head as int8 weights with one float32 scale per vocabulary row.
 
 Why: at batch 1 the head is the largest single read of a decode step once the decoder is int4 —
-Llama-3.1-8B's 128256 × 4096 head is 1.05 GB in bf16 against ~3.7 GB for all 32 int4 layers, and
-the head of a small model with a 128k vocabulary (Llama-3.2-1B / 3B) outweighs its int4 layers.
+Llama-3.1-8B's 128256 × 4096 head is 1.05 GB in bf16 against ~3.7 GB for all 32 int4 layers, Llama-3.2-3B's
+0.79 GB against ~1.5 GB, and a small model with a large vocabulary reads about as much head as int4 layers.
 llama.cpp keeps its heads at 6 bits in its 4-bit files; MLC quantizes them with the rest. One byte a
 weight with a per-row absmax scale halves the read and changes next-token choices rarely (measured on the
-embedded model: `benchmarks/quality_int4.py --lm-head int8`).
+embedded model: `benchmarks/quant_quality.py --runs none+int8head`, results/quant_quality_int8_head.json).
 
-The kernel is edgelm's own (Triton, SM 8.0+, CUDA-graph capturable): torch has no int8-weight GEMV on
-CUDA at these shapes, and torchao's int8 weight-only path dequantizes through a generic mm. Each program
-owns BLOCK_N vocabulary rows and streams them once, for BLOCK_M rows of x: a multiply-and-reduce over K
-for one row (decode at batch 1), a tensor-core tile (int8 → the activation dtype, exact: |q| ≤ 127)
-for several. The scale multiplies the float32 accumulator, and the logits come out in float32 (the
-sampler's dtype: no separate cast). On the CPU torch's `_weight_int8pack_mm` does it (bf16 inputs).
+The kernel is edgelm's own (Triton, SM 8.0+, CUDA graphs, PDL) because the halving only shows if the int8 bytes
+stream as fast as the bf16 head's do (~3.1 TB/s on the H100): a first form that converted each byte with a
+conversion instruction and reduced over K every step reached 1.7 TB/s (results/ablations/int8_head/first_kernel/).
+At one row of x (decode at batch 1, FORM "magic") each int32 word of four codes becomes four floats by one PRMT
+and one FADD a byte (the code's byte under a float32 exponent), products go into a [BLOCK_N, BLOCK_W] float32
+accumulator reduced once at the end: 3.0 TB/s there. Several rows take a tensor-core tile (int8 → the
+activation dtype, exact: |q| ≤ 127). The scale multiplies the float32 accumulator, and the logits come out in
+float32 (the sampler's dtype: no separate cast). On the CPU torch's `_weight_int8pack_mm` does it (bf16 inputs).
+torch's and torchao's own int8 weight-only GPU paths were not compared.
 
 An untied model drops its 16-bit head and keeps its input embedding; a tied one (the embedded SmolLM2,
 Llama-3.2-1B, Qwen2.5-1.5B) reads its input embedding's rows from the same int8 table and drops the 16-bit one:

@@ -180,7 +180,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch thread counts to compare at, one run each (default: torch's choice).")
     parser.add_argument("--torchao-config", default=None,
                         help="Also time edgelm with this --torchao-config (e.g. int4wo-128) in the same rounds.")
+    parser.add_argument("--quantize-lm-head", default="none", choices=("none", "int8"),
+                        help="The --torchao-config run also with this LM head (int8: --quantize-lm-head int8).")
     args = parser.parse_args(argv)
+    if args.quantize_lm_head != "none" and not args.torchao_config:
+        parser.error("--quantize-lm-head goes with --torchao-config (it changes that variant)")
+    quant_name = (args.torchao_config or "") + ("+int8head" if args.quantize_lm_head == "int8" else "")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -200,17 +205,18 @@ def main(argv: list[str] | None = None) -> dict:
     ours = EdgelmDecoder(runner)
     quantized = None
     if args.torchao_config:
-        quant_args = dataclasses.replace(server_args, torchao_config=args.torchao_config)
+        quant_args = dataclasses.replace(server_args, torchao_config=args.torchao_config,
+                                         quantize_lm_head=args.quantize_lm_head)
         quantized = EdgelmDecoder(ModelRunner(quant_args, config, args.device))
     runs = []
     for threads in args.threads or [torch.get_num_threads()]:
         torch.set_num_threads(threads)
-        runs.append(compare(ours, hf, prompt, args.new_tokens, args.rounds, quantized, args.torchao_config or ""))
+        runs.append(compare(ours, hf, prompt, args.new_tokens, args.rounds, quantized, quant_name))
         print(f"{threads} threads: edgelm {runs[-1]['edgelm']['decode_tok_s']:.1f} tok/s, transformers "
               f"{runs[-1]['hf_transformers']['decode_tok_s']:.1f} tok/s, ratio {runs[-1]['ratio_edgelm_over_hf']:.2f}")
         if quantized is not None:
-            q = runs[-1][f"edgelm_{args.torchao_config}"]
-            print(f"  edgelm {args.torchao_config}: {q['decode_tok_s']:.1f} tok/s ({q['ratio_over_edgelm']:.2f}x edgelm)")
+            q = runs[-1][f"edgelm_{quant_name}"]
+            print(f"  edgelm {quant_name}: {q['decode_tok_s']:.1f} tok/s ({q['ratio_over_edgelm']:.2f}x edgelm)")
     result = {
         "benchmark": "batch-1 greedy decode, edgelm ModelRunner vs transformers generate, same GGUF weights",
         "command": "python -m edgelm.bench " + shlex.join(sys.argv[1:] if argv is None else argv),
@@ -223,9 +229,11 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": str(config.dtype).replace("torch.", ""),
         "attention_backend": runner.attention_backend_name,
         "torchao_config": args.torchao_config,
+        "quantize_lm_head": args.quantize_lm_head if args.quantize_lm_head != "none" else None,
+        "quant_name": quant_name or None,
         "int4_cpu": os.environ.get("EDGELM_INT4_CPU", "kernel") if args.torchao_config else None,
         "weight_bytes": {"edgelm": runner.weight_bytes,
-                         **({args.torchao_config: quantized.runner.weight_bytes} if quantized else {})},
+                         **({quant_name: quantized.runner.weight_bytes} if quantized else {})},
         "prompt": PROMPT,
         "prompt_tokens": len(prompt),
         "new_tokens": args.new_tokens,

@@ -52,7 +52,7 @@ def main() -> None:
             row = {"shape": shape_name, "N": n, "K": k, "M": m, "bf16_us": round(dense_us, 2),
                    "bf16_gbps": round(n * k * 2 / dense_us / 1e3, 1), "int8": {}}
             for cfg in CANDIDATES:
-                if cfg.use_dot != (m > 1) and not (m <= 4 and not cfg.use_dot):
+                if (cfg.use_dot and m == 1) or (not cfg.use_dot and m > 4):  # one-row forms: up to 4 rows
                     continue
                 try:
                     out = int8_head_matmul(x, q, scale, cfg)  # a fresh (uninitialised) output: NaN or junk fails

@@ -102,8 +102,8 @@ class ModelRunner:
         if torchao_config:
             check_torchao, apply_torchao = _load_torchao()
             check_torchao(torchao_config, device)
-        head_quant = server_args.quantize_lm_head if server_args.quantize_lm_head != "none" else None
-        if head_quant:
+        head_quant = server_args.quantize_lm_head
+        if head_quant != "none":  # imported only when asked for (it loads triton)
             from edgelm.quantization.int8_head import check_lm_head_quant
 
             check_lm_head_quant(head_quant, device)
@@ -125,7 +125,7 @@ class ModelRunner:
         self.model = load_model(model_config, device, server_args.load_format, int4_load)
         if torchao_config and int4_load is None:
             apply_torchao(self.model, torchao_config, device)
-        if head_quant:
+        if head_quant != "none":
             from edgelm.quantization.int8_head import quantize_lm_head
 
             head = quantize_lm_head(self.model, head_quant)
@@ -180,7 +180,7 @@ class ModelRunner:
         """Refuse a model that cannot fit before loading a byte of it, with the numbers."""
         cfg, args = self.model_config, self.server_args
         dtype = str(self.dtype).replace("torch.", "")
-        head = args.quantize_lm_head if args.quantize_lm_head != "none" else ""
+        head = args.quantize_lm_head  # "none" or "int8": the estimate prices the head as the runner will load it
         weights = estimate_weight_bytes(cfg.hf_config, dtype, args.torchao_config or "", self.device, head)
         alternatives = {}
         if not args.torchao_config and self.device == "cuda":

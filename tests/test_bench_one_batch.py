@@ -1,6 +1,7 @@
 """bench_one_batch on the CPU: a tiny config with dummy weights runs and writes valid JSON."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -191,6 +192,30 @@ def test_int4_variants_ablate_ops(tmp_path):
     assert (RMSNorm.forward, SiluAndMul.forward, decode_attention._decode_merge_kernel, VocabEmbedding.forward) == before
     with pytest.raises(SystemExit):
         mod.main(args + ["--ablate-ops", "nothing"])
+
+
+def test_int4_variants_env_ab(tmp_path, monkeypatch):
+    """--env-ab: each setting on, off, on around the shipped step (set while that step runs), the variable back as
+    it was afterwards; a setting without "=" stops before the model loads."""
+    mod = _int4_variants(tmp_path)
+    monkeypatch.delenv("EDGELM_DECODE_CONFIG", raising=False)
+    seen = []
+    real = mod.bench_one_batch.run_once
+    monkeypatch.setattr(mod.bench_one_batch, "run_once",
+                        lambda *a, **k: seen.append(os.environ.get("EDGELM_DECODE_CONFIG")) or real(*a, **k))
+    args = ["--model-path", str(tmp_path / "m"), "--load-format", "dummy", "--device", "cpu", "--torchao-config",
+            "int4wo-128", "--batch-size", "1", "--input-len", "8", "--output-len", "3", "--candidates", "none"]
+    report = mod.main(args + ["--env-ab", "EDGELM_DECODE_CONFIG=merge_vector=0;EDGELM_DECODE_CONFIG=max_splits=2"])
+    labels = [r["label"] for r in report["results"]][2:]
+    assert labels == ["shipped + EDGELM_DECODE_CONFIG=merge_vector=0", "shipped (env A/B baseline)",
+                      "shipped + EDGELM_DECODE_CONFIG=merge_vector=0", "shipped + EDGELM_DECODE_CONFIG=max_splits=2",
+                      "shipped (env A/B baseline)", "shipped + EDGELM_DECODE_CONFIG=max_splits=2"]
+    # four runs a measurement (a warm-up, three timed): two shipped baselines, then the A/B
+    assert seen[8:] == [v for x in ("merge_vector=0", None, "merge_vector=0", "max_splits=2", None, "max_splits=2")
+                        for v in [x] * 4]
+    assert "EDGELM_DECODE_CONFIG" not in os.environ
+    with pytest.raises(SystemExit):
+        mod.main(args + ["--env-ab", "NOVALUE"])
 
 
 def test_result_header_and_write_json(tmp_path):

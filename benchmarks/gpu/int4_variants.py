@@ -19,7 +19,8 @@ tables with each triton_ops switch on, off, on (then all together, then off) aft
 decoder layer fused), l2_prefetch (l2_prefetch@MB: with that byte budget a layer), int4_meta_pairs (each
 group's scale and offset read as one int32); -OP turns a switch that is on off instead (e.g. -int4_rope:
 qkv_proj's rotary epilogue, gemv_h2's or cuda_w4's, against the separate launch); --fused-ab is --ops-ab
-int4_rope,fused_int4.
+int4_rope,fused_int4. --env-ab "VAR=value[;VAR=value]": the same with an environment variable set, e.g.
+EDGELM_DECODE_CONFIG=merge_vector=0 (read when the attention backend is made, as each run does).
 
     python benchmarks/gpu/int4_variants.py --model-path llama-3.1-8b --load-format dummy --dtype bfloat16 \
         --torchao-config int4wo-128 --batch-size 1 --input-len 1024 --output-len 64 \
@@ -29,6 +30,7 @@ int4_rope,fused_int4.
 from __future__ import annotations
 
 import datetime
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -393,6 +395,13 @@ def main(argv=None) -> dict:
         i = argv.index("--ops-ab")
         ops_ab = [op for op in argv[i + 1].split(",") if op]
         del argv[i:i + 2]
+    env_ab: list[str] = []
+    if "--env-ab" in argv:
+        i = argv.index("--env-ab")
+        env_ab = [a for a in argv[i + 1].split(";") if a]
+        if not all("=" in a for a in env_ab):
+            raise SystemExit("--env-ab takes VAR=value[;VAR=value...]")
+        del argv[i:i + 2]
     server_args, bench, _ = bench_one_batch.prepare_args(argv)
     device = server_args.resolved_device()
     config = ModelConfig.load(resolve_model(server_args.model_path), server_args.dtype, device,
@@ -460,6 +469,20 @@ def main(argv=None) -> dict:
                 triton_ops.set_enabled(plain_ops)
             r["label"] = f"shipped + {op}" if op else "shipped (A/B baseline)"
             r["ops_added"] = op
+    for assign in [x for a in env_ab for x in (a, None, a)]:  # each setting, the shipped step, it again
+        var, value = assign.split("=", 1) if assign else (None, None)
+        before = os.environ.get(var) if var else None
+        if var:
+            os.environ[var] = value
+        try:
+            r = measure({})  # (the attention backend is made anew, so EDGELM_DECODE_CONFIG applies)
+        finally:
+            if var and before is None:
+                os.environ.pop(var)
+            elif var:
+                os.environ[var] = before
+        r["label"] = f"shipped + {assign}" if assign else "shipped (env A/B baseline)"
+        r["env_added"] = assign
     if ablate:  # the shipped step with every batch-1 int4 GEMV launching nothing: what the rest of the step costs
         kernels = dict(int4_kernels.KERNELS)
         int4_kernels.KERNELS.update({k: _no_gemv for k in kernels})

@@ -43,6 +43,8 @@ class DecodeConfig:
     # Llama-3.1-8B batch-1 step from 5.61 / 5.60 to 5.49 / 5.49 ms in bf16 and 2.58 / 2.59 to 2.52 / 2.53 in
     # int4wo-128, off / on twice in one call (benchmarks/gpu/prefetch_kv_run.sh, results/ablations/prefetch_kv/)
     prefetch_kv: bool = True
+    # the merge (either form) reads every split of a head in one load instead of a loop of one split at a time
+    merge_vector: bool = True
 
 
 def default_decode_config(head_dim: int, dtype: torch.dtype, device: str) -> DecodeConfig:
@@ -128,7 +130,7 @@ def _decode_partial_kernel(
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
     DIRECT: tl.constexpr, MERGE: tl.constexpr, MAX_SPLITS: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH_KV: tl.constexpr, L2PF: tl.constexpr = False,
+    PREFETCH_KV: tl.constexpr, L2PF: tl.constexpr = False, MERGE_HEADS: tl.constexpr = 1,
 ):
     """Q [B, H, D]; K_buf, V_buf [S, Hkv, D]; req_to_token [R, L]; Mid_O [B, H, splits, D] and
     Mid_LSE [B, H, splits] (float32, log2 domain) receive this split's normalised output.
@@ -212,18 +214,24 @@ def _decode_partial_kernel(
                 if arrived == active - 1:
                     offs_s = tl.arange(0, MAX_SPLITS)
                     mask_s = offs_s < active
-                    for hh in tl.static_range(HEADS):  # every split of a head in one load: no serial chain
-                        h = head0 + hh
+                    # MERGE_HEADS heads' splits at a time in one load (every split of a head: no serial chain)
+                    offs_mh = tl.arange(0, MERGE_HEADS)
+                    for h0 in tl.static_range(0, HEADS, MERGE_HEADS):
+                        hs = head0 + h0 + offs_mh
+                        mask_mh = (h0 + offs_mh) < HEADS
+                        mask_hs = mask_mh[:, None] & mask_s[None, :]
                         # .cg: read from L2, where the other SMs' writes are
-                        lse = tl.load(Mid_LSE + b * stride_mlb + h * stride_mlh + offs_s, mask=mask_s,
-                                      other=float("-inf"), cache_modifier=".cg")
-                        part = tl.load(Mid_O + b * stride_mob + h * stride_moh + offs_s[:, None] * stride_mos
-                                       + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0,
+                        lse = tl.load(Mid_LSE + b * stride_mlb + hs[:, None] * stride_mlh + offs_s[None, :],
+                                      mask=mask_hs, other=float("-inf"), cache_modifier=".cg")
+                        part = tl.load(Mid_O + b * stride_mob + hs[:, None, None] * stride_moh
+                                       + offs_s[None, :, None] * stride_mos + offs_d[None, None, :],
+                                       mask=mask_hs[:, :, None] & mask_d[None, None, :], other=0.0,
                                        cache_modifier=".cg")
-                        w = tl.exp2(lse - tl.max(lse, 0))
-                        merged = tl.sum(w[:, None] * part, 0) / tl.sum(w, 0)
-                        tl.store(Out + b * stride_ob + h * stride_oh + offs_d, merged.to(Out.dtype.element_ty),
-                                 mask=mask_d)
+                        w = tl.exp2(lse - tl.max(lse, 1)[:, None])
+                        w = tl.where(mask_hs, w, 0.0)
+                        merged = tl.sum(w[:, :, None] * part, 1) / tl.sum(w, 1)[:, None]
+                        tl.store(Out + b * stride_ob + hs[:, None] * stride_oh + offs_d[None, :],
+                                 merged.to(Out.dtype.element_ty), mask=mask_mh[:, None] & mask_d[None, :])
                     tl.atomic_xchg(counter, 0)
 
 
@@ -232,9 +240,11 @@ def _decode_merge_kernel(
     Mid_O, Mid_LSE, Out, seq_lens, num_splits,
     stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MIN_SPLIT: tl.constexpr, ALIGN: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, MAX_SPLITS: tl.constexpr = 0,
 ):
-    """Merge the non-empty splits of request b, head h: Out[b, h] = sum_s w_s * Mid_O[b, h, s]."""
+    """Merge the non-empty splits of request b, head h: Out[b, h] = sum_s w_s * Mid_O[b, h, s].
+    MAX_SPLITS (a power of 2 >= the split count): every split read in one load, so the program waits for
+    one memory round trip, not one a split; 0: a loop over the splits."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     wait_and_release(PDL)
@@ -243,19 +253,28 @@ def _decode_merge_kernel(
     active = tl.cdiv(seq_len, split_len)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    m = float("-inf")
-    total = 0.0
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for s in range(0, active):
-        lse = tl.load(Mid_LSE + b * stride_mlb + h * stride_mlh + s)
-        part = tl.load(Mid_O + b * stride_mob + h * stride_moh + s * stride_mos + offs_d, mask=mask_d, other=0.0)
-        m_new = tl.maximum(m, lse)
-        alpha = tl.exp2(m - m_new)
-        w = tl.exp2(lse - m_new)
-        acc = acc * alpha + w * part
-        total = total * alpha + w
-        m = m_new
-    out = tl.where(total > 0, acc / total, 0.0)
+    if MAX_SPLITS > 0:
+        offs_s = tl.arange(0, MAX_SPLITS)
+        mask_s = offs_s < active
+        lse = tl.load(Mid_LSE + b * stride_mlb + h * stride_mlh + offs_s, mask=mask_s, other=float("-inf"))
+        part = tl.load(Mid_O + b * stride_mob + h * stride_moh + offs_s[:, None] * stride_mos + offs_d[None, :],
+                       mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+        w = tl.where(mask_s, tl.exp2(lse - tl.max(lse, 0)), 0.0)
+        out = tl.sum(w[:, None] * part, 0) / tl.sum(w, 0)
+    else:
+        m = float("-inf")
+        total = 0.0
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for s in range(0, active):
+            lse = tl.load(Mid_LSE + b * stride_mlb + h * stride_mlh + s)
+            part = tl.load(Mid_O + b * stride_mob + h * stride_moh + s * stride_mos + offs_d, mask=mask_d, other=0.0)
+            m_new = tl.maximum(m, lse)
+            alpha = tl.exp2(m - m_new)
+            w = tl.exp2(lse - m_new)
+            acc = acc * alpha + w * part
+            total = total * alpha + w
+            m = m_new
+        out = tl.where(total > 0, acc / total, 0.0)
     tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=mask_d)
 
 
@@ -289,6 +308,12 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     if merge and counters.numel() < decode_counters(batch, num_heads, num_kv_heads):
         raise ValueError("decode_attention: too few merge counters for this batch")
     l2pf = bool(prefetch) and batch == 1 and q.device.type == "cuda"
+    max_splits = max(2, triton.next_power_of_2(splits))
+    # the in-kernel merge's heads a load: at most 64 float32 partials a thread (cfg.num_warps warps)
+    merge_heads = 1
+    while (cfg.merge_vector and merge_heads < triton.next_power_of_2(heads)
+           and 2 * merge_heads * max_splits * block_d <= 64 * 32 * cfg.num_warps):
+        merge_heads *= 2
     _decode_partial_kernel[(batch, num_heads // heads, splits)](
         q, k_buf, v_buf, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse, o,
         counters if merge else seq_lens, scaling * LOG2E, splits,
@@ -300,7 +325,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         GROUP=group, HEADS=heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(heads)), BLOCK_N=cfg.block_n, MIN_SPLIT=min_split,
         PRECISION=_precision(q.dtype), DIRECT=splits == 1, MERGE=merge,
-        MAX_SPLITS=max(2, triton.next_power_of_2(splits)), PDL=pdl_on,
+        MAX_SPLITS=max_splits, PDL=pdl_on, MERGE_HEADS=merge_heads,
         # without PDL (Ampere, Orin, batch > 1) a CUDA GPU keeps the load order (the prefetch untimed there);
         # the CPU interpreter (no PDL) runs the prefetch order, for the tests
         PREFETCH_KV=cfg.prefetch_kv and (bool(pdl_on) or q.device.type != "cuda"), L2PF=l2pf,
@@ -314,7 +339,10 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         o.stride(0), o.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, MIN_SPLIT=min_split, ALIGN=cfg.block_n, PDL=pdl_on,
-        num_warps=1 if block_d <= 128 else 2, **pdl.launch_kwargs(pdl_on),
+        MAX_SPLITS=max_splits if cfg.merge_vector else 0,
+        # the vector form: ~32 float32 partials a thread
+        num_warps=max(1, min(8, max_splits * block_d // 1024)) if cfg.merge_vector else 1 if block_d <= 128 else 2,
+        **pdl.launch_kwargs(pdl_on),
     )
 
 

@@ -50,10 +50,13 @@ def test_cuda_w4_source_compiles(tmp_path, arch, k, config, f16, bias, pdl, xf16
     ("87", 4096, (2, 2, 8), {"rope": (128, 4096, 1024), "norm": 2}),
     ("80", 4096, (2, 4, 4, 1, 1, 0, 0, 1), {"glu": True}),
     ("90", 4096, (4, 2, 8, 1, 1, 0, 1, 1), {"glu": True, "norm": 2, "has_bias": True, "pdl_on": True}),
-    ("87", 4096, (2, 4, 4, 1, 1, 0, 1, 1), {"glu": True, "norm": 2, "f16_x": True})])
+    ("87", 4096, (2, 4, 4, 1, 1, 0, 1, 1), {"glu": True, "norm": 2, "f16_x": True}),
+    ("87", 4096, (2, 4, 4, 1, 1, 0, 0, 1, 4), {"glu": True, "persist": True}),
+    ("90", 14336, (2, 7, 4, 1, 1, 0, 0, 0, 3), {"persist": True, "pdl_on": True, "has_bias": True}),
+    ("80", 14336, (1, 7, 4, 0, 1, 0, 0, 0, 4), {"persist": True, "f16_x": True})])
 def test_cuda_w4_feature_sources_compile(tmp_path, arch, k, config, kw):
-    """The norm staging (with the residual add or alone), the rotary epilogue and the SiLU·mul epilogue (glu, with
-    the norm too) compile for SM 8.0 / 8.7 / 9.0 without spills, within the static shared memory."""
+    """The norm staging (with the residual add or alone), the rotary epilogue, the SiLU·mul epilogue (glu, with
+    the norm too) and the persistent form compile for SM 8.0 / 8.7 / 9.0 without spills, within the static shared memory."""
     from edgelm.quantization.int4_cuda import source
 
     args = {"f16_scales": True, "has_bias": False, "pdl_on": False} | kw
@@ -64,6 +67,21 @@ def test_cuda_w4_feature_sources_compile(tmp_path, arch, k, config, kw):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "0 bytes spill stores" in out.stderr
     assert int(re.search(r"(\d+) bytes smem", out.stderr).group(1)) <= 48 * 1024
+
+
+def test_cuda_w4_persistent_configs():
+    """config[8] asks for the persistent form: taken where K's chunks of 1024 inputs are a multiple of S and K is not
+    split; the launch grid is then capped at that many programs an SM."""
+    from edgelm.quantization.int4_cuda_source import persistent, source
+
+    assert persistent(4096, (2, 4, 4, 1, 1, 0, 0, 1, 4)) == 4  # 4 chunks, S 4
+    assert persistent(4096, (2, 4, 4, 1, 1, 0, 0, 1)) == 0  # not asked
+    assert persistent(14336, (2, 7, 4, 1, 1, 0, 0, 0, 3)) == 3  # 14 chunks, S 7
+    assert persistent(14336, (2, 4, 4, 1, 1, 0, 0, 0, 3)) == 0  # 14 chunks, S 4: the ring would not line up
+    assert persistent(4096, (2, 7, 4, 1, 1, 0, 0, 0, 3)) == 0  # S beyond the chunks
+    assert persistent(4096, (2, 2, 4, 1, 2, 0, 0, 0, 3)) == 0  # split K
+    assert "#define PERSIST 1" in source(4096, (2, 4, 4), True, False, False, persist=True)
+    assert "#define PERSIST 0" in source(4096, (2, 4, 4), True, False, False)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
@@ -266,7 +284,10 @@ def _gpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (40, 1024), (2048, 1536)])
 @pytest.mark.parametrize("config", [(2, 2, 8), (1, 4, 8), (2, 4, 4), (4, 2, 4), (1, 2, 8, 1), (2, 2, 8, 0, 4),
-                                    (2, 4, 4, 1, 2), (1, 2, 8, 0, 7)])
+                                    (2, 4, 4, 1, 2), (1, 2, 8, 0, 7),
+                                    # persistent (config[8]; K = 1024 and, for S = 7, all but K = 14336 run one tile
+                                    # a program)
+                                    (1, 2, 4, 0, 1, 0, 0, 0, 2), (2, 7, 4, 1, 1, 0, 0, 0, 3), (4, 2, 4, 1, 1, 0, 0, 0, 1)])
 def test_cuda_w4_matches_reference_gpu(n, k, config):
     """Against dequantize-then-matmul and gemv_h2, bf16 and fp16 activations, with and without bias, fp16 and bf16
     scales (rows not a multiple of a program's included)."""
@@ -313,7 +334,8 @@ def test_cuda_w4_silu_gpu(n, k, config):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,config", [(28672, 4096, (2, 4, 4, 1, 1, 0, 0, 1)), (28672, 4096, (4, 2, 8, 1, 1, 0, 0, 1)),
-                                        (1024, 256, (2, 2, 8, 0, 1, 0, 0, 1)), (1000, 384, (6, 2, 4, 0, 1, 0, 0, 1))])
+                                        (1024, 256, (2, 2, 8, 0, 1, 0, 0, 1)), (1000, 384, (6, 2, 4, 0, 1, 0, 0, 1)),
+                                        (28672, 4096, (2, 4, 4, 1, 1, 0, 0, 1, 4)), (1000, 384, (6, 1, 4, 0, 1, 0, 0, 1, 1))])
 def test_cuda_w4_glu_gpu(n, k, config):
     """gate_up_proj with the SiLU·mul in its epilogue: silu(gate) · up [N / 2], the numbers of cuda_w4's plain output
     then the SiLU·mul kernel (within a rounding of SiLU's exponential), bf16 and fp16, with and without bias, rows
@@ -338,7 +360,8 @@ def test_cuda_w4_glu_gpu(n, k, config):
         residual = torch.randn(1, k, device="cuda", dtype=dtype)
         normed, s = norm(x, residual)
         res_out = torch.empty_like(residual)
-        y = gemv_w4(x, w, None, config[:6] + (1, 1), norm=NormIn(norm.weight, 1e-5, residual, res_out), glu=True)
+        y = gemv_w4(x, w, None, config[:6] + (1, 1) + config[8:], norm=NormIn(norm.weight, 1e-5, residual, res_out),
+                    glu=True)
         assert torch.equal(res_out, s)
         assert rel_err(y, silu_and_mul(gemv_w4(normed, w, None, plain_cfg))) < 3e-3
 

@@ -258,6 +258,15 @@ ROUND23: dict[str, list[tuple[str, tuple]]] = {"gate_up": ROUND22["gate_up"][:2]
 # configs (8 warps; with the norm staging)
 ROUND24: dict[str, list[tuple[str, tuple]]] = {"qkv": ROUND21["qkv"], "gate_up": ROUND22["gate_up"][2:]}
 
+# round 25: cuda_w4's persistent form (config[8]: programs an SM; each warp streams its row groups' weights without a
+# break, x staged once a program): gate_up with GLU as shipped, down_proj (K = 14336: 14 chunks, S 7; one-tile programs
+# re-staged its 28 KB of x each and lost, round 17) and o_proj
+ROUND25: dict[str, list[tuple[str, tuple]]] = {
+    "gate_up": [("cuda_w4", (2, 4, 4, 1, 1, 0, 0, 1, 4)), ("cuda_w4", (2, 4, 4, 1, 1, 0, 0, 1, 2))],
+    "o": [("cuda_w4", (1, 4, 4, 1, 1, 0, 0, 0, 4))],
+    "down": [("cuda_w4", (1, 7, 4, 1, 1, 0, 0, 0, 3)), ("cuda_w4", (2, 7, 4, 1, 1, 0, 0, 0, 3))],
+}
+
 
 def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """(N, K) of the first int4 linear of each role (qkv, o, gate_up, down) in a loaded model."""
@@ -278,7 +287,7 @@ def candidates(which: str) -> dict[str, list[tuple[str, tuple]]]:
              "round11": ROUND11, "round12": ROUND12, "round13": ROUND13,
              "round14": ROUND14, "round15": ROUND15, "round16": ROUND16, "round17": ROUND17, "round18": ROUND18, "round19": ROUND19,
              "round21": ROUND21, "round22": ROUND22, "round23": ROUND23,
-             "round24": ROUND24}
+             "round24": ROUND24, "round25": ROUND25}
     if which == "none":  # the shipped tables only (with --fused-ab or --ablate-gemv)
         return {}
     names = list(known) if which == "all" else which.split(",")

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from edgelm.layers.triton_ops.scratch import scratch
-from edgelm.quantization.int4_cuda_source import MAX_K, source, splits
+from edgelm.quantization.int4_cuda_source import MAX_K, persistent, source, splits
 from edgelm.quantization.int4_pack import Int4Weight
 
 logger = logging.getLogger(__name__)
@@ -123,6 +123,12 @@ def _toolchain() -> bool:
     except (ImportError, OSError, AttributeError):
         return False
     return True
+
+
+@functools.cache
+def _sm_count(device_index: int | None) -> int:
+    return torch.cuda.get_device_properties(device_index if device_index is not None else
+                                            torch.cuda.current_device()).multi_processor_count
 
 
 @functools.cache
@@ -240,7 +246,7 @@ def _kernel(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config: t
         return None
     pdl_on = pdl.mode(x.device, 1, small=False) != 0
     key = (w.in_features, config[:5], w.scales.dtype == torch.float16, bias is not None, pdl_on,
-           x.dtype == torch.float16, silu, rope, norm, glu)
+           x.dtype == torch.float16, silu, rope, norm, glu, rope is None and persistent(w.in_features, config) > 0)
     if key in _BROKEN:
         return None
     try:
@@ -259,6 +265,8 @@ def _launch(launch: tuple[ctypes.c_void_p, bool], x: torch.Tensor, w: Int4Weight
     n, k = w.out_features, w.in_features
     rows, per = (n // 2, r // 2) if glu else (n, r)  # glu: a warp's R rows are R / 2 gate / up pairs
     tiles, ks = (rows + nw * per - 1) // (nw * per), splits(k, config)
+    persist = persistent(k, config) if rope is None else 0
+    grid = min(tiles, persist * _sm_count(x.device.index)) if persist else tiles
     # split K's float32 partials and row-tile counters (left at zero by the kernel), shared with the other int4 kernels
     part = scratch(x.device, "int4", torch.float32, ks * n) if ks > 1 else y
     cnt = scratch(x.device, "int4", torch.int32, tiles) if ks > 1 else y
@@ -274,7 +282,7 @@ def _launch(launch: tuple[ctypes.c_void_p, bool], x: torch.Tensor, w: Int4Weight
             + [ctypes.c_float(norm.eps if norm is not None else 0.0)])
     params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.byref(p), ctypes.c_void_p) for p in args])
     attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
-    cfg = _LaunchConfig(grid_x=tiles, grid_y=ks, grid_z=1, block_x=nw * 32, block_y=1, block_z=1,
+    cfg = _LaunchConfig(grid_x=grid, grid_y=ks, grid_z=1, block_x=nw * 32, block_y=1, block_z=1,
                         shared_bytes=0, stream=torch.cuda.current_stream(x.device).cuda_stream,
                         attrs=ctypes.pointer(attr) if pdl_on else None, num_attrs=1 if pdl_on else 0)
     _check(_driver().cuLaunchKernelEx(ctypes.byref(cfg), func, params, None), "cuLaunchKernelEx")

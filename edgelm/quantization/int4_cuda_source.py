@@ -32,6 +32,7 @@ typedef unsigned short u16;
 #define PDL %(pdl)d
 #define LATE %(late)d
 #define XF16 %(xf16)d
+#define PERSIST %(persist)d
 
 __device__ __forceinline__ float bf16f(u32 h) { return __uint_as_float(h << 16); }
 
@@ -154,11 +155,19 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
 #define ROW(r) (row0 + (r) * HALF)
 #elif GLU
   // gate ‖ up (N rows, N / 2 each): a warp takes R / 2 gate rows and the up rows N / 2 below them (R even)
-  const int row0 = (blockIdx.x * NW + warp) * (R / 2);
-#define ROW(r) ((r) < R / 2 ? row0 + (r) : row0 + (r) - R / 2 + N / 2)
+#define GROW0(g) ((g) * (R / 2))
+#define GROWS(g, r) ((r) < R / 2 ? GROW0(g) + (r) : GROW0(g) + (r) - R / 2 + N / 2)
+#define GROUPS ((N / 2 + R / 2 - 1) / (R / 2))
 #else
-  const int row0 = (blockIdx.x * NW + warp) * R;
-#define ROW(r) (row0 + (r))
+#define GROW0(g) ((g) * R)
+#define GROWS(g, r) (GROW0(g) + (r))
+#define GROUPS ((N + R - 1) / R)
+#endif
+#if !ROPE
+  // PERSIST: the warps of all programs stride over the row groups (R rows each), x staged once a program
+  int g = blockIdx.x * NW + warp;
+  const int row0 = GROW0(g);
+#define ROW(r) GROWS(g, r)
 #endif
   const int q4 = lane & 3;
   const size_t kb0 = (size_t)blockIdx.y * NB;  // this program's first block of 128 inputs (split K: KS programs a row)
@@ -260,6 +269,86 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
     if (v < NCH * 128 && (v & 15) == 0) xsum[b] = sum;
   }
   __syncthreads();
+#if PERSIST
+  // each warp streams its row groups' weights without a break: step c + S of the loop below is this group's chunk
+  // c + S or the next group's chunk c + S - NCH (NCH a multiple of S, so the ring slot c %% S is the same)
+  const int gstride = gridDim.x * NW;
+  for (; g < GROUPS; g += gstride) {
+    const int gn = g + gstride;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0.f;
+#pragma unroll
+    for (int c = 0; c < NCH; c++) {
+      uint4 cur[R];
+      u32 cs[R], co[R];
+#pragma unroll
+      for (int r = 0; r < R; r++) { cur[r] = wb[c %% S][r]; cs[r] = sb[c %% S][r]; co[r] = ob[c %% S][r]; }
+      {
+        const bool same = c + S < NCH;
+        const int gg = same ? g : gn, cn = same ? c + S : c + S - NCH;
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+          const int row = GROWS(gg, r), b = cn * 8 + (lane >> 2);
+          const bool ok = gg < GROUPS && row < N && b < NB;
+          wb[c %% S][r] = ok ? __ldg(qw + (size_t)row * (NBT * 4) + cn * 32 + lane) : make_uint4(0, 0, 0, 0);
+          sb[c %% S][r] = ok ? __ldg(sc + (size_t)row * NBT + b) : 0u;
+          ob[c %% S][r] = ok ? __ldg(of + (size_t)row * NBT + b) : 0u;
+        }
+      }
+      const int b = c * 8 + (lane >> 2);
+      if (b < NB) {
+        const u16* xb = xs + b * 144 + 4 * q4;
+        u32 p[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+          const uint2 lo = *(const uint2*)(xb + 16 * j), hi = *(const uint2*)(xb + 64 + 16 * j);
+          p[0][j] = __byte_perm(lo.x, hi.x, 0x5410);
+          p[1][j] = __byte_perm(lo.x, hi.x, 0x7632);
+          p[2][j] = __byte_perm(lo.y, hi.y, 0x5410);
+          p[3][j] = __byte_perm(lo.y, hi.y, 0x7632);
+        }
+        const float xsb = q4 == 0 ? xsum[b] : 0.f;
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+          const float d = dot_word(cur[r].x, p[0][0], p[0][1], p[0][2], p[0][3])
+                        + dot_word(cur[r].y, p[1][0], p[1][1], p[1][2], p[1][3])
+                        + dot_word(cur[r].z, p[2][0], p[2][1], p[2][2], p[2][3])
+                        + dot_word(cur[r].w, p[3][0], p[3][1], p[3][2], p[3][3]);
+          acc[r] += meta_f(cs[r]) * d + meta_f(co[r]) * xsb;
+        }
+      }
+    }
+    const int g0 = GROW0(g);
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+      float a = acc[r];
+      a += __shfl_xor_sync(0xffffffffu, a, 16);
+      a += __shfl_xor_sync(0xffffffffu, a, 8);
+      a += __shfl_xor_sync(0xffffffffu, a, 4);
+      a += __shfl_xor_sync(0xffffffffu, a, 2);
+      a += __shfl_xor_sync(0xffffffffu, a, 1);
+#if HAS_BIAS
+      if (GROWS(g, r) < N) a += xf(bias[GROWS(g, r)]);
+#endif
+      acc[r] = a;
+    }
+    if (lane == 0) {
+#if GLU
+#pragma unroll
+      for (int r = 0; r < R / 2; r++)
+        if (g0 + r < N / 2) y[g0 + r] = (u16)silu_mul1(to_x(acc[r]), to_x(acc[r + R / 2]));
+#else
+#pragma unroll
+      for (int r = 0; r < R; r++)
+        if (g0 + r < N) y[g0 + r] = to_x(acc[r]);
+#endif
+    }
+  }
+#if PDL && LATE && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+#else
   float acc[R];
 #pragma unroll
   for (int r = 0; r < R; r++) acc[r] = 0.f;
@@ -394,24 +483,28 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
     if (threadIdx.x == 0) cnt[blockIdx.x] = 0u;
   }
 #endif
+#endif  // PERSIST
 }
 """
 
 
 def source(k: int, config: tuple, f16_scales: bool, has_bias: bool, pdl_on: bool, f16_x: bool = False,
-           silu: bool = False, rope: tuple[int, int, int] | None = None, norm: int = 0, glu: bool = False) -> str:
+           silu: bool = False, rope: tuple[int, int, int] | None = None, norm: int = 0, glu: bool = False,
+           persist: bool = False) -> str:
     """The kernel's CUDA source for inputs K (a multiple of 128) and config (R, S, warps[, LATE[, KS]]); activations
     fp16 where f16_x, else bf16; silu: x is gate ‖ up [2K] and the kernel multiplies by silu(gate) · up; rope
     (head_dim, q_size, kv_size; R = 2, no split K): W is q ‖ k ‖ v and the kernel ends with the rotary and the KV
     write (gemv_w4_rope); norm 1: x is a layer's input and the kernel applies its RMSNorm first, 2: to x plus the
     residual stream (written out as well; NormIn); glu (R even, no split K or rope): W is gate ‖ up and the kernel
-    writes silu(gate) · up [N / 2] (gemv_w4's glu)."""
+    writes silu(gate) · up [N / 2] (gemv_w4's glu); persist (persistent(k, config) > 0; no rope): a grid of
+    fewer programs whose warps stride over the row groups, x staged once a program."""
     r, s, nw = config[:3]
     half, qs, kvs = (rope[0] // 2, rope[1], rope[2]) if rope else (1, 0, 0)
     return SOURCE % {"nw": nw, "r": r, "s": s, "nbt": k // 128, "ks": splits(k, config), "f16": int(f16_scales),
                      "bias": int(has_bias), "pdl": int(pdl_on), "late": int(len(config) > 3 and bool(config[3])),
                      "xf16": int(f16_x), "silu": int(silu), "rope": int(rope is not None), "half": half, "qs": qs,
-                     "kvs": kvs, "norm": int(norm > 0), "has_res": int(norm == 2), "glu": int(glu)}
+                     "kvs": kvs, "norm": int(norm > 0), "has_res": int(norm == 2), "glu": int(glu),
+                     "persist": int(persist)}
 
 
 def splits(k: int, config: tuple) -> int:
@@ -421,3 +514,12 @@ def splits(k: int, config: tuple) -> int:
     while (k // 128) % ks:
         ks -= 1
     return ks
+
+
+def persistent(k: int, config: tuple) -> int:
+    """Programs an SM of the persistent form (config[8]; 0: the one-tile-a-program form): it needs no split K and
+    a chunk count (blocks of 1024 inputs) that is a multiple of S, so that a warp's weight ring runs on into its
+    next row group."""
+    p = int(config[8]) if len(config) > 8 else 0
+    nch = (k // 128 + 7) // 8
+    return p if p > 0 and splits(k, config) == 1 and config[1] <= nch and nch % config[1] == 0 else 0

@@ -245,18 +245,19 @@ TYPES = {"Q": "*bf16", "K_buf": "*bf16", "V_buf": "*bf16", "req_to_token": "*i32
          "seq_lens": "*i32", "Mid_O": "*fp32", "Mid_LSE": "*fp32", "Out": "*bf16", "Counter": "*i32", "qk_scale": "fp32",
          "PF0": "*u8", "PF1": "*u8"}
 out = []
-for cap, prefetch, l2pf in json.loads(sys.argv[1]):
+for cap, prefetch, l2pf, *merge in json.loads(sys.argv[1]):
     sig = {a: TYPES.get(a, "i32") for a in ARGS}
     const = dict(GROUP=4, HEADS=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_H=16, BLOCK_N=64, MIN_SPLIT=64, PRECISION="tf32",
-                 DIRECT=False, MERGE=False, MAX_SPLITS=16, PDL=2 if cap >= 90 else 0, PREFETCH_KV=prefetch,
-                 L2PF=l2pf)
+                 DIRECT=False, MERGE=bool(merge), MAX_SPLITS=16, PDL=2 if cap >= 90 else 0, PREFETCH_KV=prefetch,
+                 L2PF=l2pf, MERGE_HEADS=merge[0] if merge else 1)
     sig.update({k: "constexpr" for k in const})
     names = list(sig)
     src = ASTSource(fn=da._decode_partial_kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
     ptx = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 4, "num_stages": 2}).asm["ptx"]
     wait = ptx.find("griddepcontrol.wait")
     out.append({"wait": wait, "loads_before_wait": ptx[:wait].count("ld.global") if wait >= 0 else None,
-                "l2_prefetches": ptx.count("prefetch.global.L2"), "first_l2_prefetch": ptx.find("prefetch.global.L2")})
+                "l2_prefetches": ptx.count("prefetch.global.L2"), "first_l2_prefetch": ptx.find("prefetch.global.L2"),
+                "atomics": ptx.count("atom.")})
 print("RESULT " + json.dumps(out))
 """
 
@@ -264,16 +265,19 @@ print("RESULT " + json.dumps(out))
 def test_decode_attention_prefetch_kv_loads_before_the_wait():
     """DecodeConfig.prefetch_kv: compiled for Hopper with PDL, the split's first K/V block is loaded
     before griddepcontrol.wait; without it nothing is; for Orin (no PDL) it compiles without a wait.
-    L2PF (triton_ops "l2_prefetch"): the weights' L2 prefetches are in the PTX, on Hopper before the wait."""
-    hopper, hopper_off, orin, hopper_pf, orin_pf = run_child(
-        ATTN_CHILD, [[90, True, False], [90, False, False], [87, True, False], [90, True, True], [87, False, True]],
-        skip_without_ptxas=True)
+    L2PF (triton_ops "l2_prefetch"): the weights' L2 prefetches are in the PTX, on Hopper before the wait.
+    MERGE with MERGE_HEADS: the in-kernel merge of several heads a load compiles for Hopper and Orin."""
+    hopper, hopper_off, orin, hopper_pf, orin_pf, hopper_merge, orin_merge = run_child(
+        ATTN_CHILD, [[90, True, False], [90, False, False], [87, True, False], [90, True, True], [87, False, True],
+                     [90, True, False, 4], [87, True, False, 2]], skip_without_ptxas=True)
     assert hopper["wait"] >= 0 and hopper["loads_before_wait"] > 0
     assert hopper_off["wait"] >= 0 and hopper_off["loads_before_wait"] == 0
     assert orin["wait"] == -1
     assert hopper["l2_prefetches"] == orin["l2_prefetches"] == 0
     assert hopper_pf["l2_prefetches"] >= 2 and 0 <= hopper_pf["first_l2_prefetch"] < hopper_pf["wait"]
     assert orin_pf["l2_prefetches"] >= 2 and orin_pf["wait"] == -1
+    # the in-kernel merge (its heads read 4 / 2 at a time) compiles for both, with its arrival counter
+    assert hopper["atomics"] == 0 and hopper_merge["atomics"] >= 2 and orin_merge["atomics"] >= 2
 
 
 PERSIST_CHILD = r"""

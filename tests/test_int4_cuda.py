@@ -81,6 +81,13 @@ def test_cuda_w4_persistent_configs():
     assert persistent(4096, (2, 7, 4, 1, 1, 0, 0, 0, 3)) == 0  # S beyond the chunks
     assert persistent(4096, (2, 2, 4, 1, 2, 0, 0, 0, 3)) == 0  # split K
     assert "#define PERSIST 1" in source(4096, (2, 4, 4), True, False, False, persist=True)
+    from edgelm.quantization.int4_cuda import persistent_grid
+
+    # gate_up (14336 row pairs, one a warp), 4 programs of 4 warps on 132 SMs: 7 rounds, 512 programs, none idle
+    assert persistent_grid(14336, 1, 4, 4, 132) == 512
+    # down_proj rows one a warp, 3 an SM: 3 rounds of 1584 warp slots; 342 programs take them (the last 8 rows short)
+    assert persistent_grid(4096, 1, 4, 3, 132) == 342
+    assert persistent_grid(40, 2, 4, 4, 132) == 5  # fewer groups than warps: one round
     assert "#define PERSIST 0" in source(4096, (2, 4, 4), True, False, False)
 
 

@@ -125,6 +125,14 @@ def _toolchain() -> bool:
     return True
 
 
+def persistent_grid(rows: int, per: int, nw: int, persist: int, sms: int) -> int:
+    """Programs of the persistent form: as few as finish the row groups (`per` rows a warp) in as many rounds as
+    `persist` programs an SM would, so that every warp takes the same number of groups (but the last few)."""
+    groups = -(-rows // per)
+    rounds = -(-groups // (persist * sms * nw))
+    return -(-groups // (rounds * nw))
+
+
 @functools.cache
 def _sm_count(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index if device_index is not None else
@@ -180,7 +188,7 @@ def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     """x [1, K] → y [1, N] with the CUDA kernel; config (R rows a warp, S steps ahead, warps a program[, LATE 1:
     with PDL, the next kernel launched after this program's K loop instead of right after its wait[, KS: K split
     over that many programs a row, the last to finish adding the partial sums[, SILU: see takes_silu[, NORM:
-    takes_norm[, GLU: takes_glu]]]]]). silu: x is gate ‖ up [1, 2K] and y = (silu(gate) · up) Wᵀ (+ bias). Calls it
+    takes_norm[, GLU: takes_glu[, PERSIST: programs an SM of the persistent form, int4_cuda_source.persistent]]]]]]). silu: x is gate ‖ up [1, 2K] and y = (silu(gate) · up) Wᵀ (+ bias). Calls it
     cannot take go to gemv_h2 with the config batch 1 would otherwise run (int4_kernels.m1_unswept), after torch's
     SiLU·mul where silu (before it where glu).
     norm: x is the layer's input before its RMSNorm (NormIn; not with silu or split K). glu: W is gate ‖ up and
@@ -266,7 +274,7 @@ def _launch(launch: tuple[ctypes.c_void_p, bool], x: torch.Tensor, w: Int4Weight
     rows, per = (n // 2, r // 2) if glu else (n, r)  # glu: a warp's R rows are R / 2 gate / up pairs
     tiles, ks = (rows + nw * per - 1) // (nw * per), splits(k, config)
     persist = persistent(k, config) if rope is None else 0
-    grid = min(tiles, persist * _sm_count(x.device.index)) if persist else tiles
+    grid = persistent_grid(rows, per, nw, persist, _sm_count(x.device.index)) if persist else tiles
     # split K's float32 partials and row-tile counters (left at zero by the kernel), shared with the other int4 kernels
     part = scratch(x.device, "int4", torch.float32, ks * n) if ks > 1 else y
     cnt = scratch(x.device, "int4", torch.int32, tiles) if ks > 1 else y

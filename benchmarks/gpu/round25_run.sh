@@ -6,7 +6,7 @@
 source benchmarks/gpu/site_setup.sh
 dev=${DEV:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo h200 || echo h100)}
 echo "DEV=$dev"; t0=$SECONDS
-tests="tests/test_int4_cuda.py tests/test_triton_attention.py"
+tests="tests/test_int4_cuda.py tests/test_triton_attention.py${TK:+ -k $TK}"
 [ "${TESTS:-1}" = all ] && tests="$tests tests/test_int8_head.py"
 [ "${TESTS:-1}" != 0 ] && timeout ${TT:-150} python3 -m pytest -q -p no:cacheprovider -m gpu -rs $tests 2>&1 \
     | tee $OUT/gpu_tests_${ROUND:-round25}.txt | grep -v -i warn | tail -8

@@ -205,13 +205,13 @@ def test_int4_variants_env_ab(tmp_path, monkeypatch):
                         lambda *a, **k: seen.append(os.environ.get("EDGELM_DECODE_CONFIG")) or real(*a, **k))
     args = ["--model-path", str(tmp_path / "m"), "--load-format", "dummy", "--device", "cpu", "--torchao-config",
             "int4wo-128", "--batch-size", "1", "--input-len", "8", "--output-len", "3", "--candidates", "none"]
-    report = mod.main(args + ["--env-ab", "EDGELM_DECODE_CONFIG=merge_vector=0;EDGELM_DECODE_CONFIG=max_splits=2"])
+    report = mod.main(args + ["--env-ab", "EDGELM_DECODE_CONFIG=min_split_len=128;EDGELM_DECODE_CONFIG=max_splits=2"])
     labels = [r["label"] for r in report["results"]][2:]
-    assert labels == ["shipped + EDGELM_DECODE_CONFIG=merge_vector=0", "shipped (env A/B baseline)",
-                      "shipped + EDGELM_DECODE_CONFIG=merge_vector=0", "shipped + EDGELM_DECODE_CONFIG=max_splits=2",
+    assert labels == ["shipped + EDGELM_DECODE_CONFIG=min_split_len=128", "shipped (env A/B baseline)",
+                      "shipped + EDGELM_DECODE_CONFIG=min_split_len=128", "shipped + EDGELM_DECODE_CONFIG=max_splits=2",
                       "shipped (env A/B baseline)", "shipped + EDGELM_DECODE_CONFIG=max_splits=2"]
     # four runs a measurement (a warm-up, three timed): two shipped baselines, then the A/B
-    assert seen[8:] == [v for x in ("merge_vector=0", None, "merge_vector=0", "max_splits=2", None, "max_splits=2")
+    assert seen[8:] == [v for x in ("min_split_len=128", None, "min_split_len=128", "max_splits=2", None, "max_splits=2")
                         for v in [x] * 4]
     assert "EDGELM_DECODE_CONFIG" not in os.environ
     with pytest.raises(SystemExit):

@@ -90,19 +90,19 @@ SMALL_SHAPES = [(4, 2, 32, torch.float32), (6, 2, 24, torch.float16), (2, 2, 16,
 
 
 @pytest.mark.parametrize("shape", SMALL_SHAPES)
-@pytest.mark.parametrize("forced_splits,merge_in_kernel,prefetch_kv,merge_vector", [
-    (False, True, False, True), (True, True, False, True), (True, False, False, True), (False, True, True, True),
-    (True, False, True, True), (True, True, False, False), (True, False, False, False)])
-def test_decode_matches_torch_native(shape, forced_splits, merge_in_kernel, prefetch_kv, merge_vector):
+@pytest.mark.parametrize("forced_splits,merge_in_kernel,prefetch_kv", [(False, True, False), (True, True, False),
+                                                                        (True, False, False), (False, True, True),
+                                                                        (True, False, True)])
+def test_decode_matches_torch_native(shape, forced_splits, merge_in_kernel, prefetch_kv):
     """prefetch_kv: each split's first K/V block read before the PDL wait, the newest token's row
     after it (lengths 1, 37, 70, 16 put the newest token in a first block and in later ones).
-    merge_vector: the merge (in the kernel or the second one) reads all splits of a head at once, else a loop."""
+    The in-kernel merge reads several heads' splits at once (a group of 3 heads: 4 lanes, one masked)."""
     h, hkv, d, dtype = shape
     s = Setup(h, hkv, d, dtype, pool_size=300, max_ctx=128)
     # forced: many programs per SM, so long requests run in several splits and short ones in one
     s.tri.decode_config = DecodeConfig(block_n=16, num_warps=1, num_stages=1, min_split_len=16, max_splits=4,
                                        programs_per_sm=64 if forced_splits else 1, merge_in_kernel=merge_in_kernel,
-                                       prefetch_kv=prefetch_kv, merge_vector=merge_vector)
+                                       prefetch_kv=prefetch_kv)
     fb = decode_batch(s, [5, 0, 2, 7], [1, 37, 70, 16])
     s.compare(fb, *s.qkv(4))
     counters = s.tri._counters(4)  # the buffer the backend hands the kernel
@@ -156,17 +156,15 @@ def test_decode_gpu(shape, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("merge_in_kernel,merge_vector", [(True, True), (True, False), (False, False)])
 @pytest.mark.parametrize("shape", [LLAMA8B, (28, 4, 128)])  # Qwen2.5-7B: 7 heads a program, not a power of 2
-def test_decode_gpu_merge_forms(shape, merge_in_kernel, merge_vector):
-    """The merge's other forms (the default, the second kernel's vector form, runs in test_decode_gpu): in the
-    attention launch, and either as a loop over the splits."""
+def test_decode_gpu_merge_in_kernel(shape):
+    """The merge inside the attention launch (attn_merge; the second kernel's runs in test_decode_gpu), several
+    heads' splits a load."""
     import dataclasses
 
     h, hkv, d = shape
     s = Setup(h, hkv, d, torch.bfloat16, pool_size=40_000, max_ctx=4100, num_reqs=16)
-    s.tri.decode_config = dataclasses.replace(s.tri.decode_config, merge_in_kernel=merge_in_kernel,
-                                              merge_vector=merge_vector)
+    s.tri.decode_config = dataclasses.replace(s.tri.decode_config, merge_in_kernel=True)
     for seq_lens in ([1024], [1, 2, 63, 64, 65, 500, 1024, 4096, 3000, 7, 129, 2049]):
         fb = decode_batch(s, list(range(len(seq_lens))), seq_lens)
         s.compare(fb, *s.qkv(len(seq_lens)))

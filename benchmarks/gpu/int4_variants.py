@@ -20,7 +20,7 @@ decoder layer fused), l2_prefetch (l2_prefetch@MB: with that byte budget a layer
 group's scale and offset read as one int32); -OP turns a switch that is on off instead (e.g. -int4_rope:
 qkv_proj's rotary epilogue, gemv_h2's or cuda_w4's, against the separate launch); --fused-ab is --ops-ab
 int4_rope,fused_int4. --env-ab "VAR=value[;VAR=value]": the same with an environment variable set, e.g.
-EDGELM_DECODE_CONFIG=merge_vector=0 (read when the attention backend is made, as each run does).
+EDGELM_DECODE_CONFIG=min_split_len=128 (read when the attention backend is made, as each run does).
 
     python benchmarks/gpu/int4_variants.py --model-path llama-3.1-8b --load-format dummy --dtype bfloat16 \
         --torchao-config int4wo-128 --batch-size 1 --input-len 1024 --output-len 64 \
@@ -268,6 +268,29 @@ ROUND25: dict[str, list[tuple[str, tuple]]] = {
 }
 
 
+# round 26: round 25's nearest miss (down_proj persistent, one row a warp, 2406 against 2376-2382 us) varied: PDL release
+# right after the wait, 4 programs an SM, two steps ahead with 8 warps
+ROUND26: dict[str, list[tuple[str, tuple]]] = {
+    "down": [("cuda_w4", (1, 7, 4, 0, 1, 0, 0, 0, 3)), ("cuda_w4", (1, 7, 4, 1, 1, 0, 0, 0, 4)),
+             ("cuda_w4", (1, 2, 8, 1, 1, 0, 0, 0, 2)), ("cuda_w4", (1, 7, 8, 1, 1, 0, 0, 0, 2))],
+}
+
+
+# round 27: round 26's winner (down_proj persistent, 8 warps, 2 programs an SM: 2370.5 against 2378-2382 us) varied
+ROUND27: dict[str, list[tuple[str, tuple]]] = {
+    "down": [("cuda_w4", (1, 7, 8, 1, 1, 0, 0, 0, 1)), ("cuda_w4", (1, 7, 16, 1, 1, 0, 0, 0, 1)),
+             ("cuda_w4", (2, 7, 8, 1, 1, 0, 0, 0, 1)), ("cuda_w4", (1, 7, 12, 1, 1, 0, 0, 0, 1)),
+             ("cuda_w4", (1, 7, 8, 1, 1, 0, 0, 0, 2))],
+}
+
+
+# round 28 (down_proj persistent shipped): round 27's shape (8 warps, 2 programs an SM) on o_proj and gate_up_proj
+ROUND28: dict[str, list[tuple[str, tuple]]] = {
+    "o": [("cuda_w4", (1, 4, 8, 1, 1, 0, 0, 0, 2)), ("cuda_w4", (1, 2, 8, 1, 1, 0, 0, 0, 2))],
+    "gate_up": [("cuda_w4", (2, 4, 8, 1, 1, 0, 0, 1, 2)), ("cuda_w4", (2, 2, 8, 1, 1, 0, 0, 1, 2))],
+}
+
+
 def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """(N, K) of the first int4 linear of each role (qkv, o, gate_up, down) in a loaded model."""
     shapes: dict[str, tuple[int, int]] = {}
@@ -287,7 +310,8 @@ def candidates(which: str) -> dict[str, list[tuple[str, tuple]]]:
              "round11": ROUND11, "round12": ROUND12, "round13": ROUND13,
              "round14": ROUND14, "round15": ROUND15, "round16": ROUND16, "round17": ROUND17, "round18": ROUND18, "round19": ROUND19,
              "round21": ROUND21, "round22": ROUND22, "round23": ROUND23,
-             "round24": ROUND24, "round25": ROUND25}
+             "round24": ROUND24, "round25": ROUND25, "round26": ROUND26, "round27": ROUND27,
+             "round28": ROUND28}
     if which == "none":  # the shipped tables only (with --fused-ab or --ablate-gemv)
         return {}
     names = list(known) if which == "all" else which.split(",")

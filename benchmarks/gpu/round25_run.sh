@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call (carry .whl; ~9 min): GPU tests of cuda_w4 (its persistent form among them) and of the decode
-# attention's merge forms; then int4_variants.py on Llama-3.1-8B int4wo-128 batch 1: CANDS (default round25: cuda_w4's
-# persistent form on gate_up / o / down) and, if set, ENVAB (--env-ab, e.g. "EDGELM_DECODE_CONFIG=merge_vector=0") and
+# attention; then int4_variants.py on Llama-3.1-8B int4wo-128 batch 1: CANDS (default round25: cuda_w4's
+# persistent form on gate_up / o / down) and, if set, ENVAB (--env-ab, e.g. "EDGELM_DECODE_CONFIG=min_split_len=128") and
 # OPSAB (--ops-ab, e.g. attn_merge). TESTS=0: no tests; TESTS=all: the int8 head's GPU tests too.
 source benchmarks/gpu/site_setup.sh
 dev=${DEV:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo h200 || echo h100)}

@@ -267,11 +267,15 @@ DISPATCH: dict[int, tuple[str, tuple]] = {
 # slower (2571 and 2801-2872).
 # Round 23 (ablations/cuda_w4_round23/): gate_up_proj's cuda_w4 writing silu(gate)·up itself (config[7], GLU; LlamaMLP
 # runs down_proj on it, no SiLU·mul launch) 2377-2384 us a step against 2444-2448 (three each); R 4 × 8 warps 2485.
+# Rounds 25-28 (ablations/cuda_w4_round25/): cuda_w4's persistent form (config[8], programs an SM; warps stride over
+# row groups, x staged once a program). down_proj with one row a warp, 8 warps, 2 programs an SM 2349.5 / 2368.6 /
+# 2356.6 us a step against 2365.2 / 2384.7 / 2380.4 (round 27; gemv_h2 where cuda_w4 cannot run); on gate_up_proj
+# (2498-3259, 2372 with 8 warps) and o_proj (2424-2459) it lost.
 SHAPE_DISPATCH: dict[tuple[int, int], dict[int, tuple[str, tuple]]] = {
     (6144, 4096): {1: ("cuda_w4", (2, 2, 8, 0, 1, 0, 1))},
     (4096, 4096): {1: ("gemv_h2", (8, 16, 1, 4, 1)), 16: ("tc", (64, 8, 4))},
     (28672, 4096): {1: ("cuda_w4", (2, 4, 4, 1, 1, 0, 0, 1)), 16: ("tcw", (128, 1, 8)), MAX_M_DOT: ("tcw", (128, 1, 4))},
-    (4096, 14336): {1: ("gemv_h2", (8, 16, 1, 4, 3)), MAX_M_DOT: ("tcw", (128, 8, 8))},
+    (4096, 14336): {1: ("cuda_w4", (1, 7, 8, 1, 1, 0, 0, 0, 2)), MAX_M_DOT: ("tcw", (128, 8, 8))},
     (4608, 3584): {1: ("gemv_h2", (8, 16, 1, 4, 2))},  # Qwen2.5-7B: qkv, o, gate_up, down
     (3584, 3584): {1: ("gemv_h2", (8, 16, 1, 4, 1))},
     (37888, 3584): {1: ("gemv_h2", (16, 8, 1, 4))},

@@ -39,7 +39,8 @@ ALL_OPS = ("rmsnorm", "add_rmsnorm", "silu_and_mul", "rotary", "gemv", "argmax",
 # "fused_decode" is off: on the H100 its prologues made the GEMVs slower than the kernels they
 # replace saved (graph step 6042 vs 5918 us, Llama-3.1-8B shape bs1, benchmarks/gpu/dev_check.sh).
 # "attn_merge" is off: on an H200 the attention launch with the merge inside took 11.2 us a layer
-# against 5.0 + 2.9 us for the two launches (benchmarks/results/decode_profile_*_h200.json).
+# against 5.0 + 2.9 us for the two launches (benchmarks/results/decode_profile_*_h200.json); on the H100, with its
+# heads merged in one load, 2406-2410 us an int4 step against 2380 (results/ablations/cuda_w4_round25/).
 # "fused_int4" is off: on the H100 the step took 2.63-2.66 ms with it against 2.58 without
 # (benchmarks/results/int4_variants_bs1_fused_h100.json). "int4_rope" is on: in two H100 calls each of its four
 # runs beat every baseline of the A/B (2524-2547 us against 2550-2561; results/ablations/xprep/). Off, measured

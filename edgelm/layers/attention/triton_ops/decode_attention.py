@@ -36,15 +36,14 @@ class DecodeConfig:
     programs_per_sm: int = 2  # aim for this many stage-1 programs per SM when choosing splits
     # the last split of each (request, head group) to finish merges all of them (an atomic counter
     # tells it that it is last): no second launch. False: the separate merge kernel (on CUDA unless
-    # EDGELM_TRITON_OPS names attn_merge: the one launch measured slower on an H200).
+    # EDGELM_TRITON_OPS names attn_merge: the one launch measured slower on an H200, and on the H100 with its
+    # heads merged in one load too: 2406-2410 us an int4 step against 2380, results/ablations/cuda_w4_round25/).
     merge_in_kernel: bool = False
     # the first block of each split's K/V loaded before the PDL wait (see _decode_partial_kernel), where
     # PDL is on (batch 1, SM 9.0+; other CUDA launches keep their load order). On the H100 it took the
     # Llama-3.1-8B batch-1 step from 5.61 / 5.60 to 5.49 / 5.49 ms in bf16 and 2.58 / 2.59 to 2.52 / 2.53 in
     # int4wo-128, off / on twice in one call (benchmarks/gpu/prefetch_kv_run.sh, results/ablations/prefetch_kv/)
     prefetch_kv: bool = True
-    # the merge (either form) reads every split of a head in one load instead of a loop of one split at a time
-    merge_vector: bool = True
 
 
 def default_decode_config(head_dim: int, dtype: torch.dtype, device: str) -> DecodeConfig:
@@ -240,11 +239,11 @@ def _decode_merge_kernel(
     Mid_O, Mid_LSE, Out, seq_lens, num_splits,
     stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MIN_SPLIT: tl.constexpr, ALIGN: tl.constexpr,
-    PDL: tl.constexpr, MAX_SPLITS: tl.constexpr = 0,
+    PDL: tl.constexpr, MAX_SPLITS: tl.constexpr,
 ):
-    """Merge the non-empty splits of request b, head h: Out[b, h] = sum_s w_s * Mid_O[b, h, s].
-    MAX_SPLITS (a power of 2 >= the split count): every split read in one load, so the program waits for
-    one memory round trip, not one a split; 0: a loop over the splits."""
+    """Merge the non-empty splits of request b, head h: Out[b, h] = sum_s w_s * Mid_O[b, h, s], every split read in
+    one load (MAX_SPLITS: a power of 2 >= the split count). On the H100 this and a loop over the splits took the
+    same step time (results/ablations/cuda_w4_round25/int4_variants_bs1_round25_h100.json)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     wait_and_release(PDL)
@@ -253,28 +252,13 @@ def _decode_merge_kernel(
     active = tl.cdiv(seq_len, split_len)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    if MAX_SPLITS > 0:
-        offs_s = tl.arange(0, MAX_SPLITS)
-        mask_s = offs_s < active
-        lse = tl.load(Mid_LSE + b * stride_mlb + h * stride_mlh + offs_s, mask=mask_s, other=float("-inf"))
-        part = tl.load(Mid_O + b * stride_mob + h * stride_moh + offs_s[:, None] * stride_mos + offs_d[None, :],
-                       mask=mask_s[:, None] & mask_d[None, :], other=0.0)
-        w = tl.where(mask_s, tl.exp2(lse - tl.max(lse, 0)), 0.0)
-        out = tl.sum(w[:, None] * part, 0) / tl.sum(w, 0)
-    else:
-        m = float("-inf")
-        total = 0.0
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for s in range(0, active):
-            lse = tl.load(Mid_LSE + b * stride_mlb + h * stride_mlh + s)
-            part = tl.load(Mid_O + b * stride_mob + h * stride_moh + s * stride_mos + offs_d, mask=mask_d, other=0.0)
-            m_new = tl.maximum(m, lse)
-            alpha = tl.exp2(m - m_new)
-            w = tl.exp2(lse - m_new)
-            acc = acc * alpha + w * part
-            total = total * alpha + w
-            m = m_new
-        out = tl.where(total > 0, acc / total, 0.0)
+    offs_s = tl.arange(0, MAX_SPLITS)
+    mask_s = offs_s < active
+    lse = tl.load(Mid_LSE + b * stride_mlb + h * stride_mlh + offs_s, mask=mask_s, other=float("-inf"))
+    part = tl.load(Mid_O + b * stride_mob + h * stride_moh + offs_s[:, None] * stride_mos + offs_d[None, :],
+                   mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    w = tl.where(mask_s, tl.exp2(lse - tl.max(lse, 0)), 0.0)
+    out = tl.sum(w[:, None] * part, 0) / tl.sum(w, 0)
     tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=mask_d)
 
 
@@ -311,7 +295,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     max_splits = max(2, triton.next_power_of_2(splits))
     # the in-kernel merge's heads a load: at most 64 float32 partials a thread (cfg.num_warps warps)
     merge_heads = 1
-    while (cfg.merge_vector and merge_heads < triton.next_power_of_2(heads)
+    while (merge_heads < triton.next_power_of_2(heads)
            and 2 * merge_heads * max_splits * block_d <= 64 * 32 * cfg.num_warps):
         merge_heads *= 2
     _decode_partial_kernel[(batch, num_heads // heads, splits)](
@@ -339,9 +323,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         o.stride(0), o.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, MIN_SPLIT=min_split, ALIGN=cfg.block_n, PDL=pdl_on,
-        MAX_SPLITS=max_splits if cfg.merge_vector else 0,
-        # the vector form: ~32 float32 partials a thread
-        num_warps=max(1, min(8, max_splits * block_d // 1024)) if cfg.merge_vector else 1 if block_d <= 128 else 2,
+        MAX_SPLITS=max_splits, num_warps=max(1, min(8, max_splits * block_d // 1024)),  # ~32 partials a thread
         **pdl.launch_kwargs(pdl_on),
     )
 

@@ -342,7 +342,8 @@ def test_cuda_w4_silu_gpu(n, k, config):
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,config", [(28672, 4096, (2, 4, 4, 1, 1, 0, 0, 1)), (28672, 4096, (4, 2, 8, 1, 1, 0, 0, 1)),
                                         (1024, 256, (2, 2, 8, 0, 1, 0, 0, 1)), (1000, 384, (6, 2, 4, 0, 1, 0, 0, 1)),
-                                        (28672, 4096, (2, 4, 4, 1, 1, 0, 0, 1, 4)), (1000, 384, (6, 1, 4, 0, 1, 0, 0, 1, 1))])
+                                        (28672, 4096, (2, 4, 4, 1, 1, 0, 0, 1, 4)), (1000, 384, (6, 1, 4, 0, 1, 0, 0, 1, 1)),
+                                        (28672, 4096, (2, 4, 8, 1, 1, 0, 0, 1, 2))])
 def test_cuda_w4_glu_gpu(n, k, config):
     """gate_up_proj with the SiLU·mul in its epilogue: silu(gate) · up [N / 2], the numbers of cuda_w4's plain output
     then the SiLU·mul kernel (within a rounding of SiLU's exponential), bf16 and fp16, with and without bias, rows
@@ -417,7 +418,7 @@ def test_cuda_w4_rope_gpu(dtype, heads, kv_heads, head_dim):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("config", [(2, 2, 8, 0, 1, 0, 1), (2, 4, 4, 1, 1, 0, 1)])
+@pytest.mark.parametrize("config", [(2, 2, 8, 0, 1, 0, 1), (2, 4, 4, 1, 1, 0, 1), (2, 2, 8, 0, 1, 0, 1, 0, 2)])
 def test_cuda_w4_norm_gpu(dtype, config):
     """The RMSNorm (after the residual add, or alone) made while x is staged: the numbers of the add+RMSNorm kernel
     then cuda_w4 (within the norm's float32 reduction order), the residual sum written out exactly; with the

@@ -291,6 +291,15 @@ ROUND28: dict[str, list[tuple[str, tuple]]] = {
 }
 
 
+# round 29: the persistent form with the norm staging, which one-tile programs lost by re-reading x, the residual stream
+# and the norm weight in each of thousands of programs (round 24): gate_up_proj (GLU) and qkv_proj with 8 warps, 1-2
+# programs an SM (no post-attention RMSNorm launch where gate_up_proj takes it)
+ROUND29: dict[str, list[tuple[str, tuple]]] = {
+    "gate_up": [("cuda_w4", (2, 4, 8, 1, 1, 0, 1, 1, 2)), ("cuda_w4", (2, 4, 8, 1, 1, 0, 1, 1, 1))],
+    "qkv": [("cuda_w4", (2, 2, 8, 0, 1, 0, 1, 0, 2)), ("cuda_w4", (1, 4, 8, 1, 1, 0, 1, 0, 2))],
+}
+
+
 def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """(N, K) of the first int4 linear of each role (qkv, o, gate_up, down) in a loaded model."""
     shapes: dict[str, tuple[int, int]] = {}
@@ -311,7 +320,7 @@ def candidates(which: str) -> dict[str, list[tuple[str, tuple]]]:
              "round14": ROUND14, "round15": ROUND15, "round16": ROUND16, "round17": ROUND17, "round18": ROUND18, "round19": ROUND19,
              "round21": ROUND21, "round22": ROUND22, "round23": ROUND23,
              "round24": ROUND24, "round25": ROUND25, "round26": ROUND26, "round27": ROUND27,
-             "round28": ROUND28}
+             "round28": ROUND28, "round29": ROUND29}
     if which == "none":  # the shipped tables only (with --fused-ab or --ablate-gemv)
         return {}
     names = list(known) if which == "all" else which.split(",")

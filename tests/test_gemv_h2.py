@@ -97,11 +97,11 @@ def test_m1_role_defaults(monkeypatch, tmp_path):
     def weight(n, k):  # choose_kernel reads the shape and the group size only
         return SimpleNamespace(out_features=n, in_features=k, group_size=128)
 
-    # Llama-3.1-8B's gemv_h2 configs (its qkv_proj and gate_up_proj run cuda_w4 since round 15, gemv_h2 with these
-    # where cuda_w4 cannot run)
+    # Llama-3.1-8B's gemv_h2 configs (its qkv_proj and gate_up_proj run cuda_w4 since round 15, down_proj since round
+    # 27, gemv_h2 with these where cuda_w4 cannot run)
     gemv_h2_8b = {"qkv": (8, 16, 1, 4, 2), "o": (8, 16, 1, 4, 1), "gate_up": (16, 8, 1, 4), "down": (8, 16, 1, 4, 3)}
     assert kern.SHAPE_DISPATCH[(4096, 4096)][1] == ("gemv_h2", gemv_h2_8b["o"])
-    assert kern.SHAPE_DISPATCH[(4096, 14336)][1] == ("gemv_h2", gemv_h2_8b["down"])
+    assert kern.SHAPE_DISPATCH[(4096, 14336)][1][0] == "cuda_w4"
     for shapes in UNSWEPT.values():
         for (n, k), role in zip(shapes, ["qkv", "o", "gate_up", "down"]):
             assert kern.m1_role(n, k) == role

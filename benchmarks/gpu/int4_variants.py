@@ -291,9 +291,10 @@ ROUND28: dict[str, list[tuple[str, tuple]]] = {
 }
 
 
-# round 29: the persistent form with the norm staging, which one-tile programs lost by re-reading x, the residual stream
-# and the norm weight in each of thousands of programs (round 24): gate_up_proj (GLU) and qkv_proj with 8 warps, 1-2
-# programs an SM (no post-attention RMSNorm launch where gate_up_proj takes it)
+# round 29 (not yet run: the device budget ran out): the persistent form with the norm staging, which one-tile
+# programs lost by re-reading x, the residual stream and the norm weight in each of thousands of programs (round 24):
+# gate_up_proj (GLU) and qkv_proj with 8 warps, 1-2 programs an SM (no post-attention RMSNorm launch where gate_up_proj
+# takes it)
 ROUND29: dict[str, list[tuple[str, tuple]]] = {
     "gate_up": [("cuda_w4", (2, 4, 8, 1, 1, 0, 1, 1, 2)), ("cuda_w4", (2, 4, 8, 1, 1, 0, 1, 1, 1))],
     "qkv": [("cuda_w4", (2, 2, 8, 0, 1, 0, 1, 0, 2)), ("cuda_w4", (1, 4, 8, 1, 1, 0, 1, 0, 2))],

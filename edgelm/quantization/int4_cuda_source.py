@@ -139,6 +139,41 @@ __device__ __forceinline__ float dot_word(u32 w, u32 p0, u32 p1, u32 p2, u32 p3)
 #endif
 }
 
+__device__ __forceinline__ float warp_sum(float a) {
+  a += __shfl_xor_sync(0xffffffffu, a, 16);
+  a += __shfl_xor_sync(0xffffffffu, a, 8);
+  a += __shfl_xor_sync(0xffffffffu, a, 4);
+  a += __shfl_xor_sync(0xffffffffu, a, 2);
+  a += __shfl_xor_sync(0xffffffffu, a, 1);
+  return a;
+}
+
+// one step of a warp: block b's x pairs (from shared memory) times each of its R rows' four words (this lane's
+// words 4·q4 .. 4·q4 + 3: word i, nibble j takes x[128b + 16j + i] (j < 4, low half of the pair) and
+// x[128b + 64 + 16j + i] (nibble j + 4, high half)), scaled and offset, added to acc
+__device__ __forceinline__ void dot_block(float (&acc)[R], const uint4 (&cur)[R], const u32 (&cs)[R],
+                                          const u32 (&co)[R], const u16* xs, const float* xsum, int b, int q4) {
+  const u16* xb = xs + b * 144 + 4 * q4;
+  u32 p[4][4];
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    const uint2 lo = *(const uint2*)(xb + 16 * j), hi = *(const uint2*)(xb + 64 + 16 * j);
+    p[0][j] = __byte_perm(lo.x, hi.x, 0x5410);
+    p[1][j] = __byte_perm(lo.x, hi.x, 0x7632);
+    p[2][j] = __byte_perm(lo.y, hi.y, 0x5410);
+    p[3][j] = __byte_perm(lo.y, hi.y, 0x7632);
+  }
+  const float xsb = q4 == 0 ? xsum[b] : 0.f;  // one lane of the four adds the block's offset term
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+    const float d = dot_word(cur[r].x, p[0][0], p[0][1], p[0][2], p[0][3])
+                  + dot_word(cur[r].y, p[1][0], p[1][1], p[1][2], p[1][3])
+                  + dot_word(cur[r].z, p[2][0], p[2][1], p[2][2], p[2][3])
+                  + dot_word(cur[r].w, p[3][0], p[3][1], p[3][2], p[3][3]);
+    acc[r] += meta_f(cs[r]) * d + meta_f(co[r]) * xsb;
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
     const u16* __restrict__ x, const uint4* __restrict__ qw, const u16* __restrict__ sc,
     const u16* __restrict__ of, const u16* __restrict__ bias, u16* __restrict__ y, int N,
@@ -297,37 +332,12 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
         }
       }
       const int b = c * 8 + (lane >> 2);
-      if (b < NB) {
-        const u16* xb = xs + b * 144 + 4 * q4;
-        u32 p[4][4];
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-          const uint2 lo = *(const uint2*)(xb + 16 * j), hi = *(const uint2*)(xb + 64 + 16 * j);
-          p[0][j] = __byte_perm(lo.x, hi.x, 0x5410);
-          p[1][j] = __byte_perm(lo.x, hi.x, 0x7632);
-          p[2][j] = __byte_perm(lo.y, hi.y, 0x5410);
-          p[3][j] = __byte_perm(lo.y, hi.y, 0x7632);
-        }
-        const float xsb = q4 == 0 ? xsum[b] : 0.f;
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-          const float d = dot_word(cur[r].x, p[0][0], p[0][1], p[0][2], p[0][3])
-                        + dot_word(cur[r].y, p[1][0], p[1][1], p[1][2], p[1][3])
-                        + dot_word(cur[r].z, p[2][0], p[2][1], p[2][2], p[2][3])
-                        + dot_word(cur[r].w, p[3][0], p[3][1], p[3][2], p[3][3]);
-          acc[r] += meta_f(cs[r]) * d + meta_f(co[r]) * xsb;
-        }
-      }
+      if (b < NB) dot_block(acc, cur, cs, co, xs, xsum, b, q4);
     }
     const int g0 = GROW0(g);
 #pragma unroll
     for (int r = 0; r < R; r++) {
-      float a = acc[r];
-      a += __shfl_xor_sync(0xffffffffu, a, 16);
-      a += __shfl_xor_sync(0xffffffffu, a, 8);
-      a += __shfl_xor_sync(0xffffffffu, a, 4);
-      a += __shfl_xor_sync(0xffffffffu, a, 2);
-      a += __shfl_xor_sync(0xffffffffu, a, 1);
+      float a = warp_sum(acc[r]);
 #if HAS_BIAS
       if (GROWS(g, r) < N) a += xf(bias[GROWS(g, r)]);
 #endif
@@ -369,29 +379,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
       }
     }
     const int b = c * 8 + (lane >> 2);
-    if (b < NB) {
-      // words 4·q4 .. 4·q4 + 3 of block b: word i, nibble j takes x[128b + 16j + i] (j < 4, low half of the
-      // pair) and x[128b + 64 + 16j + i] (nibble j + 4, high half)
-      const u16* xb = xs + b * 144 + 4 * q4;
-      u32 p[4][4];
-#pragma unroll
-      for (int j = 0; j < 4; j++) {
-        const uint2 lo = *(const uint2*)(xb + 16 * j), hi = *(const uint2*)(xb + 64 + 16 * j);
-        p[0][j] = __byte_perm(lo.x, hi.x, 0x5410);
-        p[1][j] = __byte_perm(lo.x, hi.x, 0x7632);
-        p[2][j] = __byte_perm(lo.y, hi.y, 0x5410);
-        p[3][j] = __byte_perm(lo.y, hi.y, 0x7632);
-      }
-      const float xsb = q4 == 0 ? xsum[b] : 0.f;  // one lane of the four adds the block's offset term
-#pragma unroll
-      for (int r = 0; r < R; r++) {
-        const float d = dot_word(cur[r].x, p[0][0], p[0][1], p[0][2], p[0][3])
-                      + dot_word(cur[r].y, p[1][0], p[1][1], p[1][2], p[1][3])
-                      + dot_word(cur[r].z, p[2][0], p[2][1], p[2][2], p[2][3])
-                      + dot_word(cur[r].w, p[3][0], p[3][1], p[3][2], p[3][3]);
-        acc[r] += meta_f(cs[r]) * d + meta_f(co[r]) * xsb;
-      }
-    }
+    if (b < NB) dot_block(acc, cur, cs, co, xs, xsum, b, q4);
   }
 #if PDL && LATE && __CUDA_ARCH__ >= 900
   // LATE: the next kernel launches only once this program's loads are done, so that its programs do not
@@ -400,12 +388,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32) gemv_w4(
 #endif
 #pragma unroll
   for (int r = 0; r < R; r++) {
-    float a = acc[r];
-    a += __shfl_xor_sync(0xffffffffu, a, 16);
-    a += __shfl_xor_sync(0xffffffffu, a, 8);
-    a += __shfl_xor_sync(0xffffffffu, a, 4);
-    a += __shfl_xor_sync(0xffffffffu, a, 2);
-    a += __shfl_xor_sync(0xffffffffu, a, 1);
+    float a = warp_sum(acc[r]);
 #if ROPE
 #if HAS_BIAS
     if (ROW(r) < N) a += xf(bias[ROW(r)]);

@@ -16,6 +16,7 @@ the order trusted (no NVML: Jetson has none):
 
 from __future__ import annotations
 
+import functools
 import os
 import platform as _pyplatform
 import re
@@ -241,6 +242,14 @@ def probe_gpu() -> GpuInfo | None:
     return GpuInfo(name=p.name, sm=(p.major, p.minor), total_memory=int(p.total_memory),
                    multi_processor_count=int(p.multi_processor_count),
                    is_integrated=bool(getattr(p, "is_integrated", False)), free_memory=int(free))
+
+
+@functools.cache
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device (a torch.device, or its index); what kernels size persistent grids by."""
+    import torch
+
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 _PROBE = object()

@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 
 from edgelm.layers.triton_ops.scratch import scratch
+from edgelm.platform import sm_count
 from edgelm.quantization.int4_cuda_source import MAX_K, persistent, source, splits
 from edgelm.quantization.int4_pack import Int4Weight
 
@@ -134,12 +135,6 @@ def persistent_grid(rows: int, per: int, nw: int, persist: int, sms: int) -> int
 
 
 @functools.cache
-def _sm_count(device_index: int | None) -> int:
-    return torch.cuda.get_device_properties(device_index if device_index is not None else
-                                            torch.cuda.current_device()).multi_processor_count
-
-
-@functools.cache
 def _driver() -> ctypes.CDLL:
     return ctypes.CDLL("libcuda.so.1")
 
@@ -188,8 +183,8 @@ def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     """x [1, K] → y [1, N] with the CUDA kernel; config (R rows a warp, S steps ahead, warps a program[, LATE 1:
     with PDL, the next kernel launched after this program's K loop instead of right after its wait[, KS: K split
     over that many programs a row, the last to finish adding the partial sums[, SILU: see takes_silu[, NORM:
-    takes_norm[, GLU: takes_glu[, PERSIST: programs an SM of the persistent form, int4_cuda_source.persistent]]]]]]). silu: x is gate ‖ up [1, 2K] and y = (silu(gate) · up) Wᵀ (+ bias). Calls it
-    cannot take go to gemv_h2 with the config batch 1 would otherwise run (int4_kernels.m1_unswept), after torch's
+    takes_norm[, GLU: takes_glu[, PERSIST: programs an SM of the persistent form, int4_cuda_source.persistent]]]]]]).
+    silu: x is gate ‖ up [1, 2K] and y = (silu(gate) · up) Wᵀ (+ bias). Calls it cannot take go to gemv_h2 with the config batch 1 would otherwise run (int4_kernels.m1_unswept), after torch's
     SiLU·mul where silu (before it where glu).
     norm: x is the layer's input before its RMSNorm (NormIn; not with silu or split K). glu: W is gate ‖ up and
     y = silu(gate) · up [1, N / 2] (config R even, no split K; not with silu)."""
@@ -245,36 +240,37 @@ def gemv_w4_rope(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, conf
 
 
 def _kernel(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config: tuple, silu: bool = False,
-            rope: tuple | None = None, norm: int = 0, glu: bool = False) -> tuple[ctypes.c_void_p, bool] | None:
-    """The compiled kernel for this call and whether it launches with PDL, or None where cuda_w4 cannot run it
-    (compile failures logged once)."""
+            rope: tuple | None = None, norm: int = 0, glu: bool = False) -> tuple[ctypes.c_void_p, bool, int] | None:
+    """The compiled kernel for this call, whether it launches with PDL and its persistent programs an SM (0: one tile
+    a program), or None where cuda_w4 cannot run it (compile failures logged once)."""
     from edgelm.layers.triton_ops import pdl
 
     if not (supported(x, w) and (bias is None or bias.dtype == x.dtype)):
         return None
     pdl_on = pdl.mode(x.device, 1, small=False) != 0
+    persist = persistent(w.in_features, config) if rope is None else 0  # (the rotary epilogue: one tile a program)
     key = (w.in_features, config[:5], w.scales.dtype == torch.float16, bias is not None, pdl_on,
-           x.dtype == torch.float16, silu, rope, norm, glu, rope is None and persistent(w.in_features, config) > 0)
+           x.dtype == torch.float16, silu, rope, norm, glu, persist > 0)
     if key in _BROKEN:
         return None
     try:
-        return _function(x.device.index if x.device.index is not None else torch.cuda.current_device(), key), pdl_on
+        return (_function(x.device.index if x.device.index is not None else torch.cuda.current_device(), key), pdl_on,
+                persist)
     except Exception as e:  # NVRTC or the driver refused it: gemv_h2 runs this config from now on
         _BROKEN.add(key)
         logger.warning("cuda_w4 %s unavailable (%s: %s); running gemv_h2 instead", config, type(e).__name__, e)
         return None
 
 
-def _launch(launch: tuple[ctypes.c_void_p, bool], x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None,
+def _launch(launch: tuple[ctypes.c_void_p, bool, int], x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None,
             y: torch.Tensor, config: tuple, rope=None, norm: NormIn | None = None, glu: bool = False) -> None:
-    """One launch of _kernel's (function, PDL) on torch's current stream."""
-    func, pdl_on = launch
+    """One launch of _kernel's (function, PDL, persistent) on torch's current stream."""
+    func, pdl_on, persist = launch
     r, _, nw = config[:3]
     n, k = w.out_features, w.in_features
     rows, per = (n // 2, r // 2) if glu else (n, r)  # glu: a warp's R rows are R / 2 gate / up pairs
     tiles, ks = (rows + nw * per - 1) // (nw * per), splits(k, config)
-    persist = persistent(k, config) if rope is None else 0
-    grid = persistent_grid(rows, per, nw, persist, _sm_count(x.device.index)) if persist else tiles
+    grid = persistent_grid(rows, per, nw, persist, sm_count(x.device)) if persist else tiles
     # split K's float32 partials and row-tile counters (left at zero by the kernel), shared with the other int4 kernels
     part = scratch(x.device, "int4", torch.float32, ks * n) if ks > 1 else y
     cnt = scratch(x.device, "int4", torch.int32, tiles) if ks > 1 else y

@@ -34,7 +34,6 @@ relative to bandwidth than on Hopper (not measured anywhere else).
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -42,6 +41,7 @@ import triton
 import triton.language as tl
 
 from edgelm.layers.triton_ops.scratch import scratch
+from edgelm.platform import sm_count
 from edgelm.quantization.int4_pack import Int4Weight
 from edgelm.quantization.int4_ptx import _store_row
 
@@ -172,11 +172,6 @@ def _gemv_xs_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, ws_ptr, cnt_pt
         _store_row(y_ptr, ws_ptr, cnt_ptr, bias_ptr, out, rn, rn < N, N, tile, pid_k, SPLIT_K, HAS_BIAS, ROWS)
 
 
-@functools.lru_cache(maxsize=8)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def gemv_xs(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=None) -> torch.Tensor:
     """x [1, K] → y [1, N]; config (REP, num_warps, programs per SM[, rows per warp[, tiles ahead]]).
     Groups of 128 inputs or more. Each row a warp holds at once, and each tile loaded ahead (1 or 2),
@@ -191,7 +186,7 @@ def gemv_xs(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     split_k = -(-kw // (rep * 128))
     rows = num_warps * rows_per_warp
     tiles = triton.cdiv(n, rows)
-    sms = _sm_count(x.device.index or 0) if x.is_cuda else 4
+    sms = sm_count(x.device) if x.is_cuda else 4
     programs = max(1, min(tiles, sms * per_sm // split_k))
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     ws = scratch(x.device, "int4", torch.float32, split_k * n) if split_k > 1 else y

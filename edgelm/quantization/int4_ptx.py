@@ -8,7 +8,6 @@ tests/test_kernel_compile.py compiles the PTX paths for SM 8.0, 8.7 and 9.0. int
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import NamedTuple
 
@@ -20,6 +19,7 @@ from edgelm.layers import triton_ops
 from edgelm.layers.triton_ops import pdl, xprep
 from edgelm.layers.triton_ops.pdl import release_late, wait_and_release
 from edgelm.layers.triton_ops.scratch import scratch
+from edgelm.platform import sm_count
 from edgelm.quantization.int4_pack import WORDS_PER_BLOCK, Int4Weight
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -497,12 +497,6 @@ def _gemv_h2_persistent_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, bias_ptr, y_ptr, N, 
     release_late(PDL)
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 2 elsewhere (the interpreter: several tiles a program)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-
-
 def split_tiles(total: int, split: int) -> tuple[int, int]:
     split = max(1, min(split, total))
     per = -(-total // split)
@@ -555,7 +549,8 @@ def gemv_h2(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     ws = scratch(x.device, "int4", torch.float32, split_k * n) if split_k > 1 else y
     cnt = scratch(x.device, "int4", torch.int32, tiles) if split_k > 1 else y
     if persist and split_k == 1:
-        _gemv_h2_persistent_kernel[(min(tiles, persist * _sm_count(x.device)),)](
+        # (the interpreter: 2 "SMs", several tiles a program)
+        _gemv_h2_persistent_kernel[(min(tiles, persist * (sm_count(x.device) if x.is_cuda else 2)),)](
             x, w.qweight, w.scales, w.offsets, bias if bias is not None else x, y, n, w.in_features, kw,
             w.scales.shape[1], tiles, GROUP=w.group_size, BLOCK_N=block_n, BLOCK_B=block_b, HAS_BIAS=bias is not None,
             BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRET, PDL=pdl_on, num_warps=num_warps,

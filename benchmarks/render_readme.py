@@ -268,11 +268,12 @@ def cpu_decode() -> list[str]:
     lines = []
     for name, d in _load("cpu_bench*.json"):
         quant = d.get("quant_name") or d.get("torchao_config")  # quant_name: e.g. int4wo-128+int8head
-        flags = f"--torchao-config {d.get('torchao_config')}" + (
-            f" --quantize-lm-head {d['quantize_lm_head']}" if d.get("quantize_lm_head") else "")
+        head = f" --quantize-lm-head {d['quantize_lm_head']}" if d.get("quantize_lm_head") else ""
+        flags = (f"its 4-bit layers as stored (the default for a GGUF{f'; `{head.strip()}`' if head else ''})"
+                 if d.get("gguf_int4") else f"`--torchao-config {d.get('torchao_config')}{head}`")
         lines += [f"**CPU batch-1 decode, {d['model']} ({d['dtype']}), edgelm vs HF transformers `generate` "
                   "on the same GGUF weights, same run**"
-                  + (f"; edgelm with `{flags}` (torch's CPU int4 kernel) in the same rounds, "
+                  + (f"; edgelm with {flags} (torch's CPU int4 kernel) in the same rounds, "
                      f"weights {d['weight_bytes'][quant] / 1e6:.0f} MB against {d['weight_bytes']['edgelm'] / 1e6:.0f} MB"
                      if quant else ""), "",
                   "| threads | edgelm tok/s | HF tok/s | edgelm / HF | same tokens | load average before |"

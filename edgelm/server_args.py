@@ -60,8 +60,11 @@ class ServerArgs:
         "the largest single read of an int4 decode step). Default none: the head keeps --dtype.",
         choices=("none", "int8"))
     quantization: str | None = _flag(
-        None, "Pre-quantized 4-bit checkpoint format; detected from config.json when unset.",
-        choices=("awq", "gptq", "awq_marlin", "gptq_marlin"))
+        None, "Pre-quantized 4-bit checkpoint format; detected from config.json (a GGUF: from its tensors) when "
+        "unset.", choices=("awq", "gptq", "awq_marlin", "gptq_marlin", "gguf"))
+    dequantize_gguf: bool = _flag(
+        False, "Dequantize a GGUF's 4-bit linear weights (Q4_0, Q4_1, Q4_K) to --dtype at load instead of running "
+        "them as stored on the int4 kernels.")
     random_seed: int | None = _flag(None, "Seed for requests that bring none (default: random).")
     # Memory and scheduling
     mem_fraction_static: float | None = _flag(
@@ -149,6 +152,9 @@ class ServerArgs:
             raise ServerArgsError("--decode-log-interval must be positive")
         if self.grammar_workers is not None and self.grammar_workers < 0:
             raise ServerArgsError(f"--grammar-workers must be 0 or more, got {self.grammar_workers}")
+        if self.quantization == "gguf" and self.dequantize_gguf:
+            raise ServerArgsError("--quantization gguf runs a GGUF's 4-bit weights as stored; --dequantize-gguf "
+                                  "asks for the opposite: pass one of them")
         if self.quantization is not None and self.torchao_config:
             raise ServerArgsError(f"--quantization {self.quantization} loads an already quantized checkpoint: "
                                   f"drop --torchao-config {self.torchao_config}")

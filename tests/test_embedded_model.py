@@ -1,5 +1,5 @@
 """The embedded SmolLM2-135M GGUF: edgelm's greedy output equals transformers' on the same file
-(both dequantize the Q4_1 weights to float32)."""
+(both dequantize the Q4_1 weights to float32: --dequantize-gguf, where edgelm would serve them as int4)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def hf_model(embedded_gguf):
 
 @pytest.fixture(scope="module")
 def runner(embedded_gguf):
-    return make_runner(None, max_total_tokens=512, context_length=1024)  # no --model-path: the embedded one
+    # no --model-path: the embedded one, dequantized as transformers reads it
+    return make_runner(None, max_total_tokens=512, context_length=1024, dequantize_gguf=True)
 
 
 @pytest.fixture(scope="module")

@@ -132,7 +132,8 @@ def hf_decode(model, prompt: list[int], new_tokens: int) -> tuple[list[int], flo
 def compare(ours: EdgelmDecoder, hf, prompt: list[int], new_tokens: int, rounds: int,
             quantized: EdgelmDecoder | None = None, quant_name: str = "") -> dict:
     """Warm up both, then `rounds` alternating timed rounds at the current thread count; with
-    `quantized`, an edgelm runner with --torchao-config `quant_name` takes its turn in each round."""
+    `quantized`, another edgelm runner (`quant_name`: its --torchao-config, or gguf-int4) takes its turn in each
+    round."""
     ours.run(prompt, 4)
     hf_decode(hf, prompt, 4)
     if quantized is not None:
@@ -180,12 +181,20 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch thread counts to compare at, one run each (default: torch's choice).")
     parser.add_argument("--torchao-config", default=None,
                         help="Also time edgelm with this --torchao-config (e.g. int4wo-128) in the same rounds.")
+    parser.add_argument("--gguf-int4", action="store_true",
+                        help="Also time edgelm as it serves a GGUF by default: its 4-bit linear layers as stored "
+                             "(model_loader.gguf_int4). The edgelm baseline runs the dequantized weights "
+                             "(--dequantize-gguf), the same numbers transformers reads.")
     parser.add_argument("--quantize-lm-head", default="none", choices=("none", "int8"),
-                        help="The --torchao-config run also with this LM head (int8: --quantize-lm-head int8).")
+                        help="The --torchao-config / --gguf-int4 run also with this LM head (int8: "
+                             "--quantize-lm-head int8).")
     args = parser.parse_args(argv)
-    if args.quantize_lm_head != "none" and not args.torchao_config:
-        parser.error("--quantize-lm-head goes with --torchao-config (it changes that variant)")
-    quant_name = (args.torchao_config or "") + ("+int8head" if args.quantize_lm_head == "int8" else "")
+    if args.quantize_lm_head != "none" and not (args.torchao_config or args.gguf_int4):
+        parser.error("--quantize-lm-head goes with --torchao-config or --gguf-int4 (it changes that variant)")
+    if args.torchao_config and args.gguf_int4:
+        parser.error("one variant a run: --torchao-config or --gguf-int4")
+    quant_name = ((args.torchao_config or ("gguf-int4" if args.gguf_int4 else ""))
+                  + ("+int8head" if args.quantize_lm_head == "int8" else ""))
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -193,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not source.gguf_file:
         parser.error("--model-path must be a GGUF file: transformers reads the same weights from it")
     server_args = ServerArgs(model_path=source.gguf_path, device=args.device, max_total_tokens=4096,
-                             max_running_requests=4, context_length=2048)
+                             max_running_requests=4, context_length=2048, dequantize_gguf=True)
     config = ModelConfig.load(source, server_args.dtype, args.device, server_args.context_length)
     runner = ModelRunner(server_args, config, args.device)
     tokenizer = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
@@ -204,9 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     ours = EdgelmDecoder(runner)
     quantized = None
-    if args.torchao_config:
-        quant_args = dataclasses.replace(server_args, torchao_config=args.torchao_config,
-                                         quantize_lm_head=args.quantize_lm_head)
+    if args.torchao_config or args.gguf_int4:
+        quant_args = dataclasses.replace(server_args, torchao_config=args.torchao_config or "",
+                                         quantize_lm_head=args.quantize_lm_head, dequantize_gguf=not args.gguf_int4)
         quantized = EdgelmDecoder(ModelRunner(quant_args, config, args.device))
     runs = []
     for threads in args.threads or [torch.get_num_threads()]:
@@ -229,9 +238,10 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": str(config.dtype).replace("torch.", ""),
         "attention_backend": runner.attention_backend_name,
         "torchao_config": args.torchao_config,
+        "gguf_int4": args.gguf_int4,
         "quantize_lm_head": args.quantize_lm_head if args.quantize_lm_head != "none" else None,
         "quant_name": quant_name or None,
-        "int4_cpu": os.environ.get("EDGELM_INT4_CPU", "kernel") if args.torchao_config else None,
+        "int4_cpu": os.environ.get("EDGELM_INT4_CPU", "kernel") if args.torchao_config or args.gguf_int4 else None,
         "weight_bytes": {"edgelm": runner.weight_bytes,
                          **({quant_name: quantized.runner.weight_bytes} if quantized else {})},
         "prompt": PROMPT,

@@ -79,9 +79,12 @@ class ModelRunner:
             torch.cuda.set_device(0)
         torchao_config = server_args.torchao_config or None
         self.prequant = None
+        self.gguf_plan = None  # model_loader.gguf_int4.GGUFInt4Plan where a GGUF's 4-bit layers load as stored
         if not model_config.source.gguf_file:
             from edgelm.quantization.prequantized import legacy_quantization_config, prequant_config
 
+            if server_args.quantization == "gguf":
+                raise ValueError("--quantization gguf needs a .gguf --model-path")
             hf_config = model_config.hf_config
             if getattr(hf_config, "quantization_config", None) is None:
                 # older checkpoints keep it in a file of its own: attached once, the memory estimates read it too
@@ -89,9 +92,11 @@ class ModelRunner:
                 if legacy is not None:
                     hf_config.quantization_config = legacy
             self.prequant = prequant_config(hf_config, server_args.quantization)
-        elif server_args.quantization:
+        elif server_args.quantization not in (None, "gguf"):
             raise ValueError(f"--quantization {server_args.quantization} is for AWQ/GPTQ safetensors checkpoints, "
                              "not a GGUF file")
+        elif not (torchao_config or server_args.dequantize_gguf):
+            self.prequant = self._gguf_int4(model_config, device, server_args.quantization == "gguf")
         if self.prequant and torchao_config:
             raise ValueError(f"the checkpoint is already {self.prequant.method.upper()}-quantized: drop "
                              f"--torchao-config {torchao_config}")
@@ -175,6 +180,30 @@ class ModelRunner:
         self.init_cuda_graphs()
         logger.info(self.summary())
 
+    def _gguf_int4(self, model_config: ModelConfig, device: str, asked: bool):
+        """The PrequantConfig that loads a GGUF's 4-bit linear weights as stored (gguf_int4), or None: the file has
+        none, or (unless `asked`, --quantization gguf, which then refuses) this GPU cannot run the int4 kernels."""
+        from edgelm.model_loader import gguf_int4
+        from edgelm.quantization.prequantized import PrequantizedError, check_device
+        from edgelm.quantization.prequantized import gguf_int4 as gguf_config
+
+        plan = gguf_int4.plan(model_config.source.gguf_path)
+        if not plan.int4_modules:
+            if asked:
+                raise ValueError("--quantization gguf: this GGUF has no linear layer stored in Q4_0, Q4_1 or Q4_K")
+            return None
+        pcfg = gguf_config(plan.int4_modules)
+        try:
+            check_device(pcfg, device)
+        except PrequantizedError as e:
+            if asked:
+                raise
+            logger.warning("GGUF: %s; its weights are dequantized to %s instead", e, str(self.dtype).replace("torch.", ""))
+            return None
+        self.gguf_plan = plan
+        gguf_int4.log_plan(plan, self.dtype)
+        return pcfg
+
     def _preflight(self, available: int, total: int, kv_per_token: int, graph_bytes: int,
                    activation_bytes: int) -> None:
         """Refuse a model that cannot fit before loading a byte of it, with the numbers."""
@@ -182,6 +211,9 @@ class ModelRunner:
         dtype = str(self.dtype).replace("torch.", "")
         head = args.quantize_lm_head  # "none" or "int8": the estimate prices the head as the runner will load it
         weights = estimate_weight_bytes(cfg.hf_config, dtype, args.torchao_config or "", self.device, head)
+        if self.gguf_plan is not None:  # its 4-bit layers as loaded, not dequantized (on the CPU: twice the codes)
+            int4_bytes, dense_bytes = self.gguf_plan.loaded_bytes(self.dtype.itemsize)
+            weights += int4_bytes - dense_bytes + (self.gguf_plan.int4_weights // 2 if self.device == "cpu" else 0)
         alternatives = {}
         if not args.torchao_config and self.device == "cuda":
             alternatives["int4wo-128"] = estimate_weight_bytes(cfg.hf_config, dtype, "int4wo-128", self.device, head)

@@ -1,4 +1,5 @@
-"""GGUF files: llama.cpp's tensor names mapped to ours, dequantized at load by the `gguf` package.
+"""GGUF files: llama.cpp's tensor names mapped to ours, dequantized at load by the `gguf` package (a 4-bit
+linear weight repacked into edgelm's int4 layout instead, where gguf_int4.plan says so).
 
 The config and tokenizer come from transformers' GGUF reader; the tensors are read here so that
 loading does not go through transformers' model code.
@@ -47,21 +48,40 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iterate_gguf_weights(path: str, num_heads: int, num_kv_heads: int) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_gguf_weights(path: str, num_heads: int, num_kv_heads: int, int4_modules=frozenset(),
+                         device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """The file's tensors under HF names, dequantized to float32; a linear weight of a model layer in
+    `int4_modules` (gguf_int4.plan) instead as that layer's int4 pieces (qweight, scales, offsets) on `device`,
+    repacked from its 4-bit blocks."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
+
+    from edgelm.model_loader import gguf_int4
 
     reader = GGUFReader(path)
     arch = reader.fields["general.architecture"]
     arch = bytes(arch.parts[arch.data[0]]).decode()
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
-        data = dequantize(tensor.data, tensor.tensor_type)
         shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims fastest-first
-        data = np.ascontiguousarray(data.reshape(shape), dtype=np.float32)
         # llama.cpp permutes q/k only for the llama architecture
+        heads = None
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            data = _unpermute(data, num_heads if "q_proj" in name else num_kv_heads)
+            heads = num_heads if "q_proj" in name else num_kv_heads
+        if int4_modules and gguf_int4.model_linear(name) in int4_modules:
+            codes, s, m = gguf_int4.unpack(tensor.data, tensor.tensor_type, shape[1])
+            if heads is not None:  # rows reordered: each row's codes, scales and offsets go with it
+                codes, s, m = (_unpermute(a, heads) for a in (codes, s, m))
+            packed = gguf_int4.to_int4_weight(codes, s, m, device)
+            prefix = name.rpartition(".")[0]
+            yield f"{prefix}.qweight", packed.qweight
+            yield f"{prefix}.scales", packed.scales
+            yield f"{prefix}.offsets", packed.offsets
+            continue
+        data = dequantize(tensor.data, tensor.tensor_type)
+        data = np.ascontiguousarray(data.reshape(shape), dtype=np.float32)
+        if heads is not None:
+            data = _unpermute(data, heads)
         if not data.flags.writeable:  # an unquantized tensor is a view of the read-only file map
             data = data.copy()
         yield name, torch.from_numpy(data)

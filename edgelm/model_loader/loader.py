@@ -51,7 +51,8 @@ def _fill_dummy(model: nn.Module, seed: int = 0) -> None:
 def load_model(config: ModelConfig, device: str, load_format: str = "auto", prequant=None) -> nn.Module:
     """`prequant` (edgelm.quantization.prequantized.PrequantConfig): the linear layers are built empty
     in edgelm's int4 layout and filled from the checkpoint: repacked from an AWQ/GPTQ checkpoint, or
-    (method "int4wo", --torchao-config int4wo-G) quantized one tensor at a time as they are read."""
+    (method "int4wo", --torchao-config int4wo-G) quantized one tensor at a time as they are read, or a GGUF's 4-bit
+    blocks repacked (method "gguf", model_loader.gguf_int4)."""
     cls = resolve_model_class(config.hf_config.architectures)
     old_dtype = torch.get_default_dtype()
     torch.set_default_dtype(config.dtype)
@@ -65,7 +66,7 @@ def load_model(config: ModelConfig, device: str, load_format: str = "auto", preq
             if prequant.method == "int4wo":
                 logger.info("--torchao-config int4wo-%d: %d linear layers quantized to int4 as they load",
                             prequant.group_size, count)
-            else:
+            elif prequant.method != "gguf":  # (gguf_int4.log_plan told the GGUF's split before loading)
                 logger.info("%s checkpoint (group %d): %d linear layers load as int4", prequant.method.upper(),
                             prequant.group_size, count)
     finally:
@@ -77,8 +78,10 @@ def load_model(config: ModelConfig, device: str, load_format: str = "auto", preq
     elif config.source.gguf_file:
         from edgelm.model_loader.gguf_loader import iterate_gguf_weights
 
-        weights = iterate_gguf_weights(config.source.gguf_path, config.num_heads, config.num_kv_heads)
-        if prequant:  # a GGUF is dequantized at load: only int4wo applies
+        gguf_int4 = prequant is not None and prequant.method == "gguf"
+        weights = iterate_gguf_weights(config.source.gguf_path, config.num_heads, config.num_kv_heads,
+                                       prequant.int4_modules if gguf_int4 else frozenset(), device)
+        if prequant and not gguf_int4:  # int4wo: the dequantized tensors quantized again
             weights = prequantized.quantize_stream(weights, model, prequant, config.dtype, device)
         model.load_weights(weights)
     else:

@@ -48,11 +48,13 @@ class PrequantizedError(ValueError):
 
 @dataclass(frozen=True)
 class PrequantConfig:
-    method: str  # "awq" or "gptq"; "int4wo": a 16-bit checkpoint quantized as it is read (--torchao-config)
+    method: str  # "awq" or "gptq"; "int4wo": a 16-bit checkpoint quantized as it is read (--torchao-config);
+    # "gguf": a GGUF's 4-bit blocks repacked (gguf_int4)
     group_size: int  # the checkpoint's; -1: one group per output row (all K inputs)
     zero_offset: int  # added to the stored zero points: 1 for GPTQ v1, else 0
     desc_act: bool  # GPTQ act-order: inputs permuted
     skip_modules: tuple[str, ...] = ()  # AWQ modules_to_not_convert: left dense
+    int4_modules: frozenset[str] | None = None  # "gguf": exactly these linear layers are int4 (gguf_int4.plan)
 
     def kernel_group(self, in_features: int) -> int:
         """Group size of edgelm's layout: the checkpoint's, or for a larger group (or per-row scales)
@@ -66,6 +68,8 @@ class PrequantConfig:
                                 f"groups of {', '.join(map(str, GROUP_SIZES))} or multiples of {BLOCK_K}")
 
     def skips(self, module_name: str) -> bool:
+        if self.int4_modules is not None and module_name not in self.int4_modules:
+            return True
         return any(s in module_name for s in self.skip_modules)
 
 
@@ -73,6 +77,11 @@ def quantize_on_load(group_size: int) -> PrequantConfig:
     """--torchao-config int4wo-G: each dense linear weight is quantized as the checkpoint stream
     delivers it (quantize_stream), so the dense model never exists in memory at once."""
     return PrequantConfig("int4wo", group_size, 0, False)
+
+
+def gguf_int4(int4_modules: frozenset[str]) -> PrequantConfig:
+    """A GGUF whose 4-bit linear weights load as stored (model_loader.gguf_int4): group 32, those layers only."""
+    return PrequantConfig("gguf", 32, 0, False, int4_modules=frozenset(int4_modules))
 
 
 def _get(obj, key, default=None):

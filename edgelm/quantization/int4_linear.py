@@ -26,15 +26,15 @@ def cpu_kernel_available() -> bool:
 
 def _cpu_pack(packed: Int4Weight) -> tuple[torch.Tensor, torch.Tensor]:
     """torch's CPU int4 layout: uint8 codes [N, Kg / 2] and bf16 (scale, zero) [groups, N, 2] with
-    w = (q - 8)·scale + zero, so zero = m + 8·s. Inputs are padded to Kg, a multiple of the group."""
+    w = (q - 8)·scale + zero, so zero = m + 8·s. Inputs are padded to Kg, K rounded up to the group (not to 128
+    as in edgelm's layout: where the group divides K, as 32 does 576, x needs no padding a call)."""
     codes = unpack_int4(packed.qweight)
     n, kp = codes.shape
-    groups = packed.scales.shape[1]
+    groups = -(-packed.in_features // packed.group_size)
     kg = groups * packed.group_size
-    if kg > kp:
-        codes = nn.functional.pad(codes, (0, kg - kp))
+    codes = nn.functional.pad(codes, (0, kg - kp)) if kg > kp else codes[:, :kg]
     weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
-    s, m = packed.scales.float(), packed.offsets.float()
+    s, m = packed.scales[:, :groups].float(), packed.offsets[:, :groups].float()
     scale_zero = torch.stack([s, m + 8 * s], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
     return weight, scale_zero
 

@@ -1,8 +1,11 @@
 """A GGUF's 4-bit linear weights loaded as stored (model_loader.gguf_int4): the block formats' codes, scales and
 offsets unpacked against the gguf package's own dequantizer, the per-layer int4 / dense plan, and the embedded
-Q4_1 model served that way by default (the same weights as dequantizing it, a third of the bytes)."""
+Q4_1 model served that way by default (the same weights as dequantizing it, about half the bytes); the blocks
+through the int4 kernels (the interpreter on a CPU; the GPU dispatch on a GPU)."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import numpy as np
 import pytest
@@ -140,3 +143,41 @@ def test_quantization_gguf_flag_checks(tmp_path):
     make_checkpoint("llama", tmp_path)
     with pytest.raises(ValueError, match="needs a .gguf"):
         make_runner(str(tmp_path), quantization="gguf")
+
+
+def _q4_weight(qtype, n: int, k: int, device):
+    rng = np.random.default_rng(n + k)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    raw = _q4_k_blocks(n, k // 256) if qtype == T.Q4_K else gguf.quants.quantize(w, qtype)
+    packed = gguf_int4.to_int4_weight(*gguf_int4.unpack(raw, qtype, k), device)
+    return packed, torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(n, k)).double()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q4_K])
+def test_q4_blocks_through_the_int4_gemv_small(qtype):
+    """A GGUF layer's repacked blocks through the batch-1 int4 kernel (group 32; the interpreter on a CPU) equal
+    x times the gguf package's dequantized weight."""
+    from edgelm.quantization import int4_kernels as kern
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    packed, ref_w = _q4_weight(qtype, 24, 512, device)
+    x = torch.randn(1, 512, device=device).to(torch.float16)
+    y = kern.gemv_unit(x, packed, None, (16, 1, 3, 4, 0))
+    ref = x.double().cpu() @ ref_w.T
+    assert float((y.double().cpu() - ref).norm() / ref.norm()) < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q4_K])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_q4_blocks_through_the_int4_kernels_gpu(qtype, dtype):
+    """The same through the GPU dispatch (int4_linear: every row count's kernel), Llama-3.1-8B's o_proj shape."""
+    from edgelm.quantization.int4_kernels import int4_linear
+
+    packed, ref_w = _q4_weight(qtype, 4096, 4096, "cuda")
+    for m in (1, 2, 8, 32, 300):
+        x = torch.randn(m, 4096, device="cuda", dtype=dtype)
+        y = int4_linear(x, packed, None)
+        ref = x.double().cpu() @ ref_w.T
+        assert float((y.double().cpu() - ref).norm() / ref.norm()) < 1e-2, m

@@ -181,3 +181,70 @@ def test_q4_blocks_through_the_int4_kernels_gpu(qtype, dtype):
         y = int4_linear(x, packed, None)
         ref = x.double().cpu() @ ref_w.T
         assert float((y.double().cpu() - ref).norm() / ref.norm()) < 1e-2, m
+
+
+def _mixed_gguf(src: str, path) -> str:
+    """The embedded model cut to its first two layers, with layer 0's attn_v re-encoded as Q8_0 and layer 1's
+    ffn_down as F16 (what a Q4_K_M file's Q6_K v / down do to edgelm: those layers cannot load as stored)."""
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(src)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        value = 2 if field.name == "llama.block_count" else field.contents()
+        sub = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value, field.types[0], sub_type=sub)
+    for t in reader.tensors:
+        if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= 2:
+            continue
+        shape = tuple(int(d) for d in reversed(t.shape))
+        if t.name in ("blk.0.attn_v.weight", "blk.1.ffn_down.weight"):
+            dense = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+            if t.name == "blk.0.attn_v.weight":
+                writer.add_tensor(t.name, gguf.quants.quantize(dense, T.Q8_0), raw_dtype=T.Q8_0)
+            else:
+                writer.add_tensor(t.name, dense.astype(np.float16))
+        elif t.tensor_type in (T.F32, T.F16):
+            writer.add_tensor(t.name, np.asarray(t.data).reshape(shape))
+        else:
+            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+@pytest.mark.slow
+def test_mixed_gguf_layers_as_stored_dense_or_quantized(embedded_gguf, tmp_path):
+    """A GGUF whose layer-0 v is Q8_0 and layer-1 down F16: by default those two layers load dequantized and the
+    rest as stored; with --torchao-config int4wo-32 every layer is int4, the 4-bit ones still as stored (the same
+    tensors as by default) and only those two quantized as they load. Each run's greedy tokens and logits agree
+    with the all-dequantized run's."""
+    from edgelm.layers.linear import Linear
+    from edgelm.quantization.int4_linear import Int4Linear
+    from tests.tiny_models import Driver, make_runner
+
+    path = _mixed_gguf(embedded_gguf, tmp_path / "mixed.gguf")
+    kw = {"max_total_tokens": 512, "context_length": 512}
+    default = make_runner(path, **kw)
+    dense = make_runner(path, dequantize_gguf=True, **kw)
+    int4wo = make_runner(path, torchao_config="int4wo-32", **kw)
+    kept = {"model.layers.0.self_attn.qkv_proj", "model.layers.1.mlp.down_proj"}
+    mods = dict(default.model.named_modules())
+    assert {n for n, m in mods.items() if isinstance(m, Linear)} == kept
+    assert len([m for m in mods.values() if isinstance(m, Int4Linear)]) == 6
+    assert default.prequant.stored_int4 == {n for n, m in mods.items() if isinstance(m, Int4Linear)}
+    q_mods = dict(int4wo.model.named_modules())
+    assert not any(isinstance(m, Linear) for m in q_mods.values())
+    for name in default.prequant.stored_int4:
+        for piece in ("qweight", "scales", "offsets"):
+            assert torch.equal(getattr(q_mods[name], piece), getattr(mods[name], piece)), (name, piece)
+    prompt = list(range(200, 230))
+    (ref,), ref_logits = Driver(dense).greedy([prompt], 8)
+    for runner in (default, int4wo):
+        (tokens,), logits = Driver(runner).greedy([prompt], 8)
+        assert tokens == ref
+        assert max((a[0] - b[0]).abs().max().item() for a, b in zip(logits, ref_logits)) < 0.75  # (0.07-0.24 seen)

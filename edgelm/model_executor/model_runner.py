@@ -3,6 +3,7 @@ sampler, and runs one forward pass per ForwardBatch."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -24,6 +25,7 @@ from edgelm.model_executor.memory_planner import (
     preflight_check,
 )
 from edgelm.model_executor.weight_bytes import estimate_weight_bytes
+from edgelm.model_loader import gguf_int4
 from edgelm.model_loader.loader import load_model
 from edgelm.sampling.sampling_batch_info import SamplingBatchInfo
 from edgelm.server_args import ServerArgs
@@ -127,6 +129,13 @@ class ModelRunner:
             from edgelm.quantization.prequantized import quantize_on_load
 
             int4_load = quantize_on_load(int(torchao_config.split("-")[1]))
+            if model_config.source.gguf_file and int4_load.group_size == gguf_int4.GROUP:
+                # a GGUF at group 32: its 4-bit layers as stored, only the others quantized (a Q4_K_M file's Q6_K
+                # v and down projections), so every linear layer is int4 and none of the file's is requantized
+                plan = gguf_int4.plan(model_config.source.gguf_path)
+                int4_load = dataclasses.replace(int4_load, stored_int4=plan.int4_modules)
+                logger.info("--torchao-config %s on a GGUF: %d linear layers as stored (4-bit in the file), %d "
+                            "quantized as they load", torchao_config, len(plan.int4_modules), len(plan.dense_modules))
         self.model = load_model(model_config, device, server_args.load_format, int4_load)
         if torchao_config and int4_load is None:
             apply_torchao(self.model, torchao_config, device)
@@ -183,7 +192,6 @@ class ModelRunner:
     def _gguf_int4(self, model_config: ModelConfig, device: str, asked: bool):
         """The PrequantConfig that loads a GGUF's 4-bit linear weights as stored (gguf_int4), or None: the file has
         none, or (unless `asked`, --quantization gguf, which then refuses) this GPU cannot run the int4 kernels."""
-        from edgelm.model_loader import gguf_int4
         from edgelm.quantization.prequantized import PrequantizedError, check_device
         from edgelm.quantization.prequantized import gguf_int4 as gguf_config
 

@@ -78,10 +78,9 @@ def load_model(config: ModelConfig, device: str, load_format: str = "auto", preq
     elif config.source.gguf_file:
         from edgelm.model_loader.gguf_loader import iterate_gguf_weights
 
-        gguf_int4 = prequant is not None and prequant.method == "gguf"
         weights = iterate_gguf_weights(config.source.gguf_path, config.num_heads, config.num_kv_heads,
-                                       prequant.int4_modules if gguf_int4 else frozenset(), device)
-        if prequant and not gguf_int4:  # int4wo: the dequantized tensors quantized again
+                                       prequant.stored_int4 if prequant else frozenset(), device)
+        if prequant and prequant.method == "int4wo":  # the dequantized tensors quantized again
             weights = prequantized.quantize_stream(weights, model, prequant, config.dtype, device)
         model.load_weights(weights)
     else:

@@ -55,6 +55,9 @@ class PrequantConfig:
     desc_act: bool  # GPTQ act-order: inputs permuted
     skip_modules: tuple[str, ...] = ()  # AWQ modules_to_not_convert: left dense
     int4_modules: frozenset[str] | None = None  # "gguf": exactly these linear layers are int4 (gguf_int4.plan)
+    # a GGUF's layers loaded from its 4-bit blocks as stored (gguf_int4.plan): "gguf"'s int4 layers, or with
+    # "int4wo" at group 32 those of its layers that are 4-bit in the file (the others quantized as they are read)
+    stored_int4: frozenset[str] = frozenset()
 
     def kernel_group(self, in_features: int) -> int:
         """Group size of edgelm's layout: the checkpoint's, or for a larger group (or per-row scales)
@@ -81,7 +84,8 @@ def quantize_on_load(group_size: int) -> PrequantConfig:
 
 def gguf_int4(int4_modules: frozenset[str]) -> PrequantConfig:
     """A GGUF whose 4-bit linear weights load as stored (model_loader.gguf_int4): group 32, those layers only."""
-    return PrequantConfig("gguf", 32, 0, False, int4_modules=frozenset(int4_modules))
+    return PrequantConfig("gguf", 32, 0, False, int4_modules=frozenset(int4_modules),
+                          stored_int4=frozenset(int4_modules))
 
 
 def _get(obj, key, default=None):
@@ -412,7 +416,7 @@ def quantize_stream(weights: Iterable[tuple[str, torch.Tensor]], model: nn.Modul
         piece = name.rpartition(".")[2]
         target, shard = route(name)
         module = target.rpartition(".")[0]
-        part = _mlp_part(module, shard, piece, modules) if down_scale.enabled() else None
+        part = _mlp_part(module, shard, piece, modules, pcfg.stored_int4) if down_scale.enabled() else None
         if part is not None:
             layer = module.rpartition(".mlp.")[0] if ".mlp." in module else module.rpartition(".")[0]
             held = mlps.setdefault(layer, {})
@@ -432,10 +436,11 @@ def quantize_stream(weights: Iterable[tuple[str, torch.Tensor]], model: nn.Modul
                 yield from quantize(name, tensor)
 
 
-def _mlp_part(module: str, shard: str | None, piece: str, modules: dict) -> str | None:
+def _mlp_part(module: str, shard: str | None, piece: str, modules: dict, stored=frozenset()) -> str | None:
     """"gate", "up", "down" or "norm" where a checkpoint tensor is one down_scale needs: the weight of
-    an int4 MLP's gate/up shard or down_proj (the MLP unbiased, both linears int4), or the
-    post-attention norm weight of a layer with such an MLP; else None."""
+    an int4 MLP's gate/up shard or down_proj (the MLP unbiased, both linears int4, neither loaded as stored from
+    a GGUF's 4-bit blocks: those are kept as they are), or the post-attention norm weight of a layer with such an
+    MLP; else None."""
     from edgelm.quantization import down_scale
     from edgelm.quantization.int4_linear import Int4Linear
 
@@ -446,6 +451,8 @@ def _mlp_part(module: str, shard: str | None, piece: str, modules: dict) -> str 
     elif module.endswith((".mlp.gate_up_proj", ".mlp.down_proj")):
         mlp = module.rpartition(".")[0]
     else:
+        return None
+    if mlp + ".gate_up_proj" in stored or mlp + ".down_proj" in stored:
         return None
     gate_up, down = modules.get(mlp + ".gate_up_proj"), modules.get(mlp + ".down_proj")
     if not (isinstance(gate_up, Int4Linear) and isinstance(down, Int4Linear) and down_scale.applies(gate_up, down)):

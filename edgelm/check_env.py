@@ -117,7 +117,8 @@ def torchao_configs(facts: PlatformFacts, versions: dict[str, str]) -> dict:
             runnable.append(name)
     notes = []
     if "int4wo-128" in runnable:
-        notes.append("AWQ and GPTQ 4-bit checkpoints load onto the same int4 kernels (detected from config.json)")
+        notes.append("AWQ and GPTQ 4-bit checkpoints load onto the same int4 kernels (detected from config.json), "
+                     "and so do a GGUF's Q4_0 / Q4_1 / Q4_K layers, as stored (--dequantize-gguf: dense)")
     if not cuda and any(n.startswith("int4wo") for n in runnable):
         from edgelm.quantization.int4_linear import cpu_kernel_available
 

@@ -72,14 +72,12 @@ class GGUFInt4Plan:
 
 def plan(path: str) -> GGUFInt4Plan:
     """Read the GGUF's tensor list (not its data) and decide, per model linear, int4 or dense."""
-    from gguf import GGUFReader
-
-    from edgelm.model_loader.gguf_loader import hf_name
+    from edgelm.model_loader.gguf_loader import hf_name, open_gguf
 
     types = int4_types()
     parts: dict[str, list] = {}
     sizes: dict[str, int] = {}
-    for tensor in GGUFReader(path).tensors:
+    for tensor in open_gguf(path).tensors:
         try:
             module = model_linear(hf_name(tensor.name))
         except KeyError:

@@ -7,6 +7,7 @@ loading does not go through transformers' model code.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 
@@ -48,17 +49,27 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+@functools.lru_cache(maxsize=1)
+def open_gguf(path: str):
+    """The file's gguf.GGUFReader, kept for the next caller: parsing a file's metadata (its tokenizer's arrays) takes
+    seconds, and gguf_int4.plan reads the tensor list just before the weights are read. iterate_gguf_weights drops
+    it when done (the reader maps the whole file)."""
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
+
+
 def iterate_gguf_weights(path: str, num_heads: int, num_kv_heads: int, int4_modules=frozenset(),
                          device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
     """The file's tensors under HF names, dequantized to float32; a linear weight of a model layer in
     `int4_modules` (gguf_int4.plan) instead as that layer's int4 pieces (qweight, scales, offsets) on `device`,
     repacked from its 4-bit blocks."""
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
     from edgelm.model_loader import gguf_int4
 
-    reader = GGUFReader(path)
+    reader = open_gguf(path)
+    open_gguf.cache_clear()
     arch = reader.fields["general.architecture"]
     arch = bytes(arch.parts[arch.data[0]]).decode()
     for tensor in reader.tensors:

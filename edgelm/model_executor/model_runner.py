@@ -24,7 +24,7 @@ from edgelm.model_executor.memory_planner import (
     plan_kv_pool,
     preflight_check,
 )
-from edgelm.model_executor.weight_bytes import estimate_weight_bytes
+from edgelm.model_executor.weight_bytes import estimate_weight_bytes, int4_cpu_extra
 from edgelm.model_loader import gguf_int4
 from edgelm.model_loader.loader import load_model
 from edgelm.sampling.sampling_batch_info import SamplingBatchInfo
@@ -192,15 +192,14 @@ class ModelRunner:
     def _gguf_int4(self, model_config: ModelConfig, device: str, asked: bool):
         """The PrequantConfig that loads a GGUF's 4-bit linear weights as stored (gguf_int4), or None: the file has
         none, or (unless `asked`, --quantization gguf, which then refuses) this GPU cannot run the int4 kernels."""
-        from edgelm.quantization.prequantized import PrequantizedError, check_device
-        from edgelm.quantization.prequantized import gguf_int4 as gguf_config
+        from edgelm.quantization.prequantized import PrequantizedError, check_device, gguf_as_stored
 
         plan = gguf_int4.plan(model_config.source.gguf_path)
         if not plan.int4_modules:
             if asked:
                 raise ValueError("--quantization gguf: this GGUF has no linear layer stored in Q4_0, Q4_1 or Q4_K")
             return None
-        pcfg = gguf_config(plan.int4_modules)
+        pcfg = gguf_as_stored(plan.int4_modules)
         try:
             check_device(pcfg, device)
         except PrequantizedError as e:
@@ -219,9 +218,11 @@ class ModelRunner:
         dtype = str(self.dtype).replace("torch.", "")
         head = args.quantize_lm_head  # "none" or "int8": the estimate prices the head as the runner will load it
         weights = estimate_weight_bytes(cfg.hf_config, dtype, args.torchao_config or "", self.device, head)
-        if self.gguf_plan is not None:  # its 4-bit layers as loaded, not dequantized (on the CPU: twice the codes)
+        if self.gguf_plan is not None:  # its 4-bit layers as loaded, not dequantized
             int4_bytes, dense_bytes = self.gguf_plan.loaded_bytes(self.dtype.itemsize)
-            weights += int4_bytes - dense_bytes + (self.gguf_plan.int4_weights // 2 if self.device == "cpu" else 0)
+            weights += int4_bytes - dense_bytes
+            if self.device == "cpu":
+                weights += int4_cpu_extra(self.gguf_plan.int4_weights // 2, dense_bytes)
         alternatives = {}
         if not args.torchao_config and self.device == "cuda":
             alternatives["int4wo-128"] = estimate_weight_bytes(cfg.hf_config, dtype, "int4wo-128", self.device, head)

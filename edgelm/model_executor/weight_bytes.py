@@ -152,13 +152,16 @@ def quantized_linear_bytes(shape: LinearShape, torchao_config: str, weight_dtype
 
 
 def _int4_cpu_extra(shape: LinearShape, weight_dtype_bytes: int) -> int:
-    """What an int4 layer holds on the CPU beside its packed codes (Int4Linear.finish_loading): the
-    codes again in torch's CPU kernel layout (about the same size), or a dense copy without it."""
+    return int4_cpu_extra(shape.count * shape.out_features * (math.ceil(shape.in_features / 128) * 128 // 2),
+                          shape.numel * weight_dtype_bytes)
+
+
+def int4_cpu_extra(code_bytes: int, dense_bytes: int) -> int:
+    """What int4 layers hold on the CPU beside their packed codes (Int4Linear.finish_loading): the codes again in
+    torch's CPU kernel layout (about the same size), or a dense copy without that kernel."""
     from edgelm.quantization.int4_linear import cpu_kernel_available
 
-    if cpu_kernel_available():
-        return shape.count * shape.out_features * (math.ceil(shape.in_features / 128) * 128 // 2)
-    return shape.numel * weight_dtype_bytes
+    return code_bytes if cpu_kernel_available() else dense_bytes
 
 
 def _prequantized_bytes(shape: LinearShape, qcfg, weight_dtype_bytes: int, device: str) -> int | None:

@@ -184,8 +184,9 @@ def gemv_w4(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None, config=No
     with PDL, the next kernel launched after this program's K loop instead of right after its wait[, KS: K split
     over that many programs a row, the last to finish adding the partial sums[, SILU: see takes_silu[, NORM:
     takes_norm[, GLU: takes_glu[, PERSIST: programs an SM of the persistent form, int4_cuda_source.persistent]]]]]]).
-    silu: x is gate ‖ up [1, 2K] and y = (silu(gate) · up) Wᵀ (+ bias). Calls it cannot take go to gemv_h2 with the config batch 1 would otherwise run (int4_kernels.m1_unswept), after torch's
-    SiLU·mul where silu (before it where glu).
+    silu: x is gate ‖ up [1, 2K] and y = (silu(gate) · up) Wᵀ (+ bias). Calls it cannot take go to gemv_h2 with the
+    config batch 1 would otherwise run (int4_kernels.m1_unswept), after torch's SiLU·mul where silu (before it where
+    glu).
     norm: x is the layer's input before its RMSNorm (NormIn; not with silu or split K). glu: W is gate ‖ up and
     y = silu(gate) · up [1, N / 2] (config R even, no split K; not with silu)."""
     config = tuple(config or (2, 2, 8))

@@ -82,7 +82,7 @@ def quantize_on_load(group_size: int) -> PrequantConfig:
     return PrequantConfig("int4wo", group_size, 0, False)
 
 
-def gguf_int4(int4_modules: frozenset[str]) -> PrequantConfig:
+def gguf_as_stored(int4_modules: frozenset[str]) -> PrequantConfig:
     """A GGUF whose 4-bit linear weights load as stored (model_loader.gguf_int4): group 32, those layers only."""
     return PrequantConfig("gguf", 32, 0, False, int4_modules=frozenset(int4_modules),
                           stored_int4=frozenset(int4_modules))

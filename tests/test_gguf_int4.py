@@ -96,6 +96,23 @@ def test_plan_splits_layers_by_their_tensors_formats(tmp_path):
     assert p.int4_weights == 128 * 128 + 2 * 256 * 128
     int4_bytes, dense_bytes = p.loaded_bytes(2)
     assert int4_bytes == p.int4_weights // 2 + p.int4_weights // 32 * 4 and dense_bytes == 2 * p.int4_weights
+    assert p.dense_weights == 128 * 128 + 2 * 64 * 128 + 128 * 256
+
+
+def test_plan_log_points_at_int4wo_32_for_dense_layers(caplog):
+    """Where a GGUF keeps layers dense (a Q4_K_M's Q6_K v / down), the start-up log says what
+    --torchao-config int4wo-32 would save on them, unless a --torchao-config was given."""
+    p = gguf_int4.GGUFInt4Plan(frozenset({"a"}), frozenset({"b"}), ("Q6_K",), 4096, 1024 * 1024)
+    with caplog.at_level("INFO", logger="edgelm.model_loader.gguf_int4"):
+        gguf_int4.log_plan(p, torch.float16)
+    hint = [r.getMessage() for r in caplog.records if "int4wo-32" in r.getMessage()]
+    saved = 2 * 1024 * 1024 - (1024 * 1024 // 2 + 1024 * 1024 // 32 * 4)
+    assert hint == [f"GGUF: --torchao-config int4wo-32 would load those as int4 too (re-quantized from Q6_K, "
+                    f"a small quality cost): {saved / 1e6:.0f} MB less"]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="edgelm.model_loader.gguf_int4"):
+        gguf_int4.log_plan(p, torch.float16, requantize_hint=False)
+    assert not any("int4wo-32" in r.getMessage() for r in caplog.records)
 
 
 def test_model_linear_names():

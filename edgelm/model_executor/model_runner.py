@@ -208,7 +208,7 @@ class ModelRunner:
             logger.warning("GGUF: %s; its weights are dequantized to %s instead", e, str(self.dtype).replace("torch.", ""))
             return None
         self.gguf_plan = plan
-        gguf_int4.log_plan(plan, self.dtype)
+        gguf_int4.log_plan(plan, self.dtype, requantize_hint=not self.server_args.torchao_config)
         return pcfg
 
     def _preflight(self, available: int, total: int, kv_per_token: int, graph_bytes: int,

@@ -63,6 +63,7 @@ class GGUFInt4Plan:
     dense_modules: frozenset[str]  # linear layers with a tensor in another format: dequantized
     dense_types: tuple[str, ...]  # the formats that kept them dense
     int4_weights: int  # weights (elements) of the int4 layers
+    dense_weights: int = 0  # weights (elements) of the dense ones
 
     def loaded_bytes(self, dense_bytes_per_weight: int) -> tuple[int, int]:
         """(bytes of the int4 layers as loaded, bytes they would take dense): the codes and an fp16 scale and
@@ -89,7 +90,8 @@ def plan(path: str) -> GGUFInt4Plan:
     int4 = {m for m, ts in parts.items() if all(t in types for t in ts)}
     dense = set(parts) - int4
     dense_types = sorted({t.name for m in dense for t in parts[m] if t not in types})
-    return GGUFInt4Plan(frozenset(int4), frozenset(dense), tuple(dense_types), sum(sizes[m] for m in int4))
+    return GGUFInt4Plan(frozenset(int4), frozenset(dense), tuple(dense_types), sum(sizes[m] for m in int4),
+                        sum(sizes[m] for m in dense))
 
 
 def unpack(raw: np.ndarray, qtype, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -139,7 +141,9 @@ def to_int4_weight(codes: np.ndarray, s: np.ndarray, m: np.ndarray, device) -> I
     return Int4Weight(pack_int4(q), scales.half().to(device), offsets.half().to(device), k, GROUP)
 
 
-def log_plan(p: GGUFInt4Plan, dtype: torch.dtype) -> None:
+def log_plan(p: GGUFInt4Plan, dtype: torch.dtype, requantize_hint: bool = True) -> None:
+    """The split at start-up; requantize_hint: say what --torchao-config int4wo-32 would save on the dense layers
+    (a Q4_K_M file's Q6_K ones), where no --torchao-config was given."""
     int4_bytes, dense_bytes = p.loaded_bytes(torch.finfo(dtype).bits // 8)
     logger.info("GGUF: %d linear layers load as int4 as stored (Q4_0/Q4_1/Q4_K, group 32): %.0f MB instead of "
                 "%.0f MB dequantized", len(p.int4_modules), int4_bytes / 1e6, dense_bytes / 1e6)
@@ -147,3 +151,7 @@ def log_plan(p: GGUFInt4Plan, dtype: torch.dtype) -> None:
         logger.info("GGUF: %d linear layers dequantized to %s (a part stored as %s), e.g. %s",
                     len(p.dense_modules), str(dtype).replace("torch.", ""), ", ".join(p.dense_types),
                     sorted(p.dense_modules)[0])
+        if requantize_hint:
+            saved = p.dense_weights * (torch.finfo(dtype).bits // 8) - (p.dense_weights // 2 + p.dense_weights // GROUP * 4)
+            logger.info("GGUF: --torchao-config int4wo-32 would load those as int4 too (re-quantized from %s, "
+                        "a small quality cost): %.0f MB less", ", ".join(p.dense_types), saved / 1e6)

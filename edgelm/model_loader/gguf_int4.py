@@ -68,7 +68,12 @@ class GGUFInt4Plan:
     def loaded_bytes(self, dense_bytes_per_weight: int) -> tuple[int, int]:
         """(bytes of the int4 layers as loaded, bytes they would take dense): the codes and an fp16 scale and
         offset a group of 32 (padding to 128 inputs aside)."""
-        return self.int4_weights // 2 + self.int4_weights // GROUP * 4, self.int4_weights * dense_bytes_per_weight
+        return int4_bytes(self.int4_weights), self.int4_weights * dense_bytes_per_weight
+
+
+def int4_bytes(weights: int) -> int:
+    """Bytes of that many weights in int4 at group 32: the codes and an fp16 scale and offset a group."""
+    return weights // 2 + weights // GROUP * 4
 
 
 def plan(path: str) -> GGUFInt4Plan:
@@ -144,14 +149,15 @@ def to_int4_weight(codes: np.ndarray, s: np.ndarray, m: np.ndarray, device) -> I
 def log_plan(p: GGUFInt4Plan, dtype: torch.dtype, requantize_hint: bool = True) -> None:
     """The split at start-up; requantize_hint: say what --torchao-config int4wo-32 would save on the dense layers
     (a Q4_K_M file's Q6_K ones), where no --torchao-config was given."""
-    int4_bytes, dense_bytes = p.loaded_bytes(torch.finfo(dtype).bits // 8)
+    itemsize = torch.finfo(dtype).bits // 8
+    loaded, dense = p.loaded_bytes(itemsize)
     logger.info("GGUF: %d linear layers load as int4 as stored (Q4_0/Q4_1/Q4_K, group 32): %.0f MB instead of "
-                "%.0f MB dequantized", len(p.int4_modules), int4_bytes / 1e6, dense_bytes / 1e6)
+                "%.0f MB dequantized", len(p.int4_modules), loaded / 1e6, dense / 1e6)
     if p.dense_modules:
         logger.info("GGUF: %d linear layers dequantized to %s (a part stored as %s), e.g. %s",
                     len(p.dense_modules), str(dtype).replace("torch.", ""), ", ".join(p.dense_types),
                     sorted(p.dense_modules)[0])
         if requantize_hint:
-            saved = p.dense_weights * (torch.finfo(dtype).bits // 8) - (p.dense_weights // 2 + p.dense_weights // GROUP * 4)
+            saved = p.dense_weights * itemsize - int4_bytes(p.dense_weights)
             logger.info("GGUF: --torchao-config int4wo-32 would load those as int4 too (re-quantized from %s, "
                         "a small quality cost): %.0f MB less", ", ".join(p.dense_types), saved / 1e6)

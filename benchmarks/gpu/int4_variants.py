@@ -301,6 +301,15 @@ ROUND29: dict[str, list[tuple[str, tuple]]] = {
 }
 
 
+# round 30: o_proj on cuda_w4's one-tile form with S = 4 (its K of 4096 is four steps: the whole weight slice of each
+# warp is loaded before the PDL wait). o_proj's programs launch while attention runs (the attention and merge kernels
+# release their successor before they wait), when memory is mostly idle; qkv_proj, whose predecessor is down_proj (memory
+# bound), lost with S = 4 (round 24). No LATE: the release right after the wait
+ROUND30: dict[str, list[tuple[str, tuple]]] = {
+    "o": [("cuda_w4", (1, 4, 8)), ("cuda_w4", (2, 4, 4)), ("cuda_w4", (1, 4, 4)), ("cuda_w4", (2, 4, 8))],
+}
+
+
 def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """(N, K) of the first int4 linear of each role (qkv, o, gate_up, down) in a loaded model."""
     shapes: dict[str, tuple[int, int]] = {}
@@ -321,7 +330,7 @@ def candidates(which: str) -> dict[str, list[tuple[str, tuple]]]:
              "round14": ROUND14, "round15": ROUND15, "round16": ROUND16, "round17": ROUND17, "round18": ROUND18, "round19": ROUND19,
              "round21": ROUND21, "round22": ROUND22, "round23": ROUND23,
              "round24": ROUND24, "round25": ROUND25, "round26": ROUND26, "round27": ROUND27,
-             "round28": ROUND28, "round29": ROUND29}
+             "round28": ROUND28, "round29": ROUND29, "round30": ROUND30}
     if which == "none":  # the shipped tables only (with --fused-ab or --ablate-gemv)
         return {}
     names = list(known) if which == "all" else which.split(",")

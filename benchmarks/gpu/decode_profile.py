@@ -130,7 +130,9 @@ def kernel_table(trace_path: str, num_layers: int) -> dict:
                    key=lambda r: -r["total_us"])
     per_layer = len(rows) // max(num_layers, 1)
     mid = len(rows) // 2
-    layer = [{"kernel": n[:80], "us": round(d, 2), "gap_before_us": round(g, 2)}
+    # inc_us: how much later this kernel ends than the one before it (its share of the step on the critical path;
+    # with PDL a kernel starts before its predecessor ends, so its own duration overstates it)
+    layer = [{"kernel": n[:80], "us": round(d, 2), "gap_before_us": round(g, 2), "inc_us": round(d + g, 2)}
              for n, d, g in rows[mid - mid % max(per_layer, 1):][:per_layer]] if per_layer else []
     busy = sum(d for _, d, _ in rows)
     span = step[-1]["ts"] + step[-1]["dur"] - step[0]["ts"]

@@ -227,3 +227,30 @@ def test_result_header_and_write_json(tmp_path):
     write_json(str(tmp_path / "sub" / "r.json"), {**head, "rows": [1]})
     text = (tmp_path / "sub" / "r.json").read_text()
     assert text.endswith("\n") and json.loads(text)["rows"] == [1]
+
+
+def test_decode_profile_kernel_table(tmp_path):
+    """decode_profile.kernel_table: the last step of a trace (steps split at host gaps), kernels grouped by name, and
+    one decoder layer's window with each kernel's increment (its end minus the previous kernel's end: with PDL a
+    kernel starts before its predecessor ends, so its own duration overstates its share of the step)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("decode_profile", "benchmarks/gpu/decode_profile.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    # two "layers" of three kernels; the second and third start before the one before them ends (PDL overlap)
+    step = [("norm", 0.0, 2.0), ("gemv", 1.0, 10.0), ("attn", 9.0, 4.0)] * 2
+    events, t = [{"cat": "kernel", "name": "prefill", "ts": 0.0, "dur": 5.0}], 1000.0
+    for i, (name, start, dur) in enumerate(step):
+        events.append({"cat": "kernel", "name": name, "ts": t + start + (13.0 if i >= 3 else 0.0), "dur": dur})
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    table = mod.kernel_table(str(path), num_layers=2)
+    assert table["steps_seen"] == 2 and table["kernels_in_step"] == 6
+    window = table["one_layer_window"]
+    assert [r["kernel"] for r in window] == ["norm", "gemv", "attn"]
+    # norm (second layer) starts when attn (first) ends: 0 gap; gemv ends at 11, 9 after norm's end at 2; attn 2 after
+    assert [r["inc_us"] for r in window] == [2.0, 9.0, 2.0]
+    assert sum(r["inc_us"] for r in window) == 13.0  # one layer's span
+    by = {r["kernel"]: r for r in table["by_kernel"]}
+    assert by["gemv"]["count"] == 2 and by["gemv"]["median_gap_before_us"] == -1.0

@@ -173,3 +173,40 @@ def test_cpu_path():
     assert preflight_check(cpu, GB, 16 * KB, 2048).device == "cpu"
     with pytest.raises(NotEnoughMemoryError, match="raise --mem-fraction-static"):
         preflight_check(cpu, 8 * GB, 16 * KB, 2048)
+
+
+def test_gguf_refusal_names_int4wo_32_first():
+    """A GGUF that does not fit with some linears dense (a Q4_K_M's Q6_K v / down): the refusal names
+    --torchao-config int4wo-32 first (its 4-bit layers stay as stored, only the dense ones are quantized, group 32),
+    then int4wo-128 (every layer requantized), each with its size."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from edgelm.model_executor.model_runner import ModelRunner
+    from edgelm.model_loader.gguf_int4 import GGUFInt4Plan, int4_bytes
+
+    layers, h, inter = 32, 4096, 14336
+    qkv, o, gate_up, down = 6144 * h, h * h, 2 * inter * h, h * inter
+    dense = layers * qkv + layers // 2 * down  # q ‖ k ‖ v dense (v in Q6_K), half the down projections in Q6_K
+    plan = GGUFInt4Plan(int4_modules=frozenset({"o_proj", "gate_up_proj", "down_proj"}),
+                        dense_modules=frozenset({"qkv_proj", "down_proj"}), dense_types=("Q6_K",),
+                        int4_weights=layers * (o + gate_up) + layers // 2 * down, dense_weights=dense)
+    runner = SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=LLAMA_31_8B, context_len=8192),
+        server_args=SimpleNamespace(torchao_config="", quantize_lm_head="none", mem_fraction_static=None,
+                                    max_total_tokens=None),
+        dtype=torch.float16, device="cuda", gguf_plan=plan)
+    with pytest.raises(NotEnoughMemoryError) as err:  # a 9 GB discrete GPU: 8.25 GB of weights as loaded
+        ModelRunner._preflight(runner, int(8.5 * GB), 9 * GB, kv_bytes_per_token(LLAMA_31_8B), 0, 0)
+    msg = str(err.value)
+    loaded = estimate_weight_bytes(LLAMA_31_8B, "half") - plan.int4_weights * 2 + int4_bytes(plan.int4_weights)
+    int4wo_32 = loaded - dense * 2 + int4_bytes(dense)
+    assert f"the weights take {loaded / GB:.2f} GB" in msg
+    assert f"--torchao-config int4wo-32 ({int4wo_32 / GB:.2f} GB of weights" in msg
+    assert msg.index("int4wo-32") < msg.index("int4wo-128 (")
+    plan_all_int4 = GGUFInt4Plan(plan.int4_modules, frozenset(), (), plan.int4_weights + dense)
+    runner.gguf_plan = plan_all_int4  # nothing dense: int4wo-32 would change nothing, so it is not named
+    with pytest.raises(NotEnoughMemoryError) as err:
+        ModelRunner._preflight(runner, int(6.5 * GB), 7 * GB, kv_bytes_per_token(LLAMA_31_8B), 0, 0)
+    assert "It would fit with --torchao-config int4wo-128" in str(err.value) and "int4wo-32" not in str(err.value)

@@ -226,7 +226,8 @@ def preflight_check(memory, weight_bytes: int, kv_bytes_per_token: int, context_
 
     `memory` is a PlatformFacts (edgelm.platform.detect_platform) or an (available, total) pair
     as from device_memory(). `alternatives` maps a --torchao-config value to the weights' size
-    with it, named in the refusal when it would fit. Raises NotEnoughMemoryError with the numbers."""
+    with it, named in the refusal when it would fit, in the mapping's order (the caller's preference).
+    Raises NotEnoughMemoryError with the numbers."""
     if isinstance(memory, tuple):
         available, total = memory
         device = device or "cuda"
@@ -251,7 +252,7 @@ def preflight_check(memory, weight_bytes: int, kv_bytes_per_token: int, context_
                             mem_fraction_static, max_total_tokens, context_len, **kwargs)
     except NotEnoughMemoryError as exc:
         fits = []
-        for name, alt_bytes in sorted((alternatives or {}).items(), key=lambda kv: kv[1]):
+        for name, alt_bytes in (alternatives or {}).items():
             try:
                 plan = plan_kv_pool(device, total, available - alt_bytes, alt_bytes, kv_bytes_per_token,
                                     mem_fraction_static, max_total_tokens, context_len, **kwargs)

@@ -223,8 +223,14 @@ class ModelRunner:
             weights += int4_bytes - dense_bytes
             if self.device == "cpu":
                 weights += int4_cpu_extra(self.gguf_plan.int4_weights // 2, dense_bytes)
-        alternatives = {}
+        alternatives = {}  # named in a refusal where they fit, in this order (preferred first)
         if not args.torchao_config and self.device == "cuda":
+            plan = self.gguf_plan
+            if plan is not None and plan.dense_weights:
+                # a GGUF whose other linears (e.g. a Q4_K_M's Q6_K v / down) load dense: int4wo-32 keeps its 4-bit
+                # layers as stored and quantizes only those, where int4wo-128 would requantize every layer
+                alternatives["int4wo-32"] = (weights - plan.dense_weights * self.dtype.itemsize
+                                             + gguf_int4.int4_bytes(plan.dense_weights))
             alternatives["int4wo-128"] = estimate_weight_bytes(cfg.hf_config, dtype, "int4wo-128", self.device, head)
         preflight_check((available, total), weights, kv_per_token, min(cfg.context_len, 2048),
                         args.mem_fraction_static, device=self.device,

@@ -10,6 +10,9 @@ A run is CONFIG[:METHOD]. For int4wo-*, METHOD is how codes are chosen: search (
 range search that --torchao-config uses), minmax, gptq or gptq-actorder (GPTQ on CALIBRATION text,
 which the prompts do not overlap; not what the server does: it has no calibration data).
 search-unscaled is search without int4wo's down_proj input scaling (edgelm.quantization.down_scale).
+search-weighted (an experiment, not what the server does) weighs each input's error in the range search by a
+data-free estimate of its x² (input_importances: the RMSNorm weight squared before qkv_proj and gate_up_proj,
+v's expected square before o_proj, down_scale's channel RMS squared before down_proj).
 METHOD@LINEAR quantizes only the linears whose names end with LINEAR (e.g. search@down_proj): where the
 loss comes from.
 A run ending in +int8head also makes the LM head int8 (--quantize-lm-head int8); CONFIG none: the head alone
@@ -138,13 +141,18 @@ CALIBRATION = [
 ]
 
 
+INT4_METHODS = ("search", "minmax", "search-unscaled", "search-weighted", "gptq", "gptq-actorder")
+
+
 def build_runner():
     from edgelm.model_config import ModelConfig
     from edgelm.model_executor.model_runner import ModelRunner
     from edgelm.model_loader.resolve import resolve_model
     from edgelm.server_args import ServerArgs
 
-    args = ServerArgs(device="cpu", max_total_tokens=4096, max_running_requests=64)
+    # the unquantized reference: the GGUF's weights dequantized (served as stored, its 4-bit layers would already be
+    # int4 and --torchao-config int4wo-* would find nothing left to quantize)
+    args = ServerArgs(device="cpu", max_total_tokens=4096, max_running_requests=64, dequantize_gguf=True)
     config = ModelConfig.load(resolve_model(None), args.dtype, "cpu", args.context_length)
     return ModelRunner(args, config, "cpu"), config
 
@@ -175,6 +183,50 @@ def all_logits(runner, token_lists: list[list[int]]) -> list[torch.Tensor]:
     return list(logits.split([len(ids) for ids in token_lists]))
 
 
+def input_importances(model) -> dict:
+    """Per target linear, a data-free estimate of E[x_k²] for each of its inputs k, taking the RMSNorm's output as
+    γ ⊙ z with z ~ N(0, I): γ² before qkv_proj and gate_up_proj; E[v²] (v = W_v (γ ⊙ z)) before o_proj, whose
+    input is a mix of v rows; down_scale's channel RMS squared (computed on the scaled weights) before down_proj."""
+    from edgelm.quantization import down_scale
+
+    imp = {}
+    for layer in model.model.layers:
+        att, mlp = layer.self_attn, layer.mlp
+        g_in = layer.input_layernorm.weight.float() ** 2
+        g_post = layer.post_attention_layernorm.weight
+        imp[att.qkv_proj], imp[mlp.gate_up_proj] = g_in, g_post.float() ** 2
+        v0, vn = att.qkv_proj.shard_offsets["v"]
+        ev = (att.qkv_proj.weight.data[v0 : v0 + vn].float() ** 2) @ g_in
+        imp[att.o_proj] = ev.view(att.num_kv_heads, att.head_dim).repeat_interleave(
+            att.num_heads // att.num_kv_heads, 0).reshape(-1)
+        w = mlp.gate_up_proj.weight.data
+        (g0, gn), (u0, un) = mlp.gate_up_proj.shard_offsets["gate"], mlp.gate_up_proj.shard_offsets["up"]
+        imp[mlp.down_proj] = down_scale.channel_rms(w[g0 : g0 + gn], w[u0 : u0 + un], g_post) ** 2
+    return imp
+
+
+def quantize_weighted(model, group_size: int, only: str | None) -> int:
+    """search-weighted: down_scale as int4wo does it, then each target quantized with input_importances."""
+    from edgelm.quantization import down_scale
+    from edgelm.quantization.int4_linear import Int4Linear
+    from edgelm.quantization.int4_pack import quantize_int4
+    from edgelm.quantization.torchao_config import _is_target
+
+    if not only or only.endswith("down_proj"):
+        down_scale.scale_mlps(model, lambda w: Int4Linear.quantize(w, group_size), _is_target, group_size)
+    imp = input_importances(model)
+    names = [name for name, mod in model.named_modules() if _is_target(mod) and (not only or name.endswith(only))]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        w = linear.weight.data
+        meta = torch.bfloat16 if w.dtype == torch.bfloat16 else torch.float16
+        packed = quantize_int4(w, group_size, "search", meta_precision=meta, importance=imp[linear])
+        setattr(parent, child, Int4Linear(packed, linear.bias, w.dtype))
+    return len(names)
+
+
 def quantize(model, config: str, method: str, hessians) -> None:
     from edgelm.quantization.torchao_config import INT4_GROUP_SIZES, apply_torchao_config, quantize_int4_model
 
@@ -188,10 +240,15 @@ def quantize(model, config: str, method: str, hessians) -> None:
         return
     if not config.startswith("int4wo-"):
         apply_torchao_config(model, config, "cpu")
+    elif method == "search-weighted":
+        if not quantize_weighted(model, INT4_GROUP_SIZES[config], only or None):
+            raise SystemExit(f"quant_quality: {config}:{method} found no linear layer to quantize")
     elif method in ("search", "minmax", "search-unscaled"):
         unscaled = method == "search-unscaled"
-        quantize_int4_model(model, INT4_GROUP_SIZES[config], "search" if unscaled else method, only or None,
-                            scale_down=not unscaled)
+        count = quantize_int4_model(model, INT4_GROUP_SIZES[config], "search" if unscaled else method, only or None,
+                                    scale_down=not unscaled)
+        if not count:
+            raise SystemExit(f"quant_quality: {config}:{method} found no linear layer to quantize")
     else:
         from edgelm.quantization.gptq import gptq_quantize
         from edgelm.quantization.int4_linear import Int4Linear
@@ -224,7 +281,7 @@ def compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="int4wo-128:search",
-                        help="comma-separated CONFIG[:METHOD], METHOD in search|minmax|gptq|gptq-actorder")
+                        help="comma-separated CONFIG[:METHOD], METHOD in " + "|".join(INT4_METHODS))
     parser.add_argument("--out", help="write the result JSON here")
     args = parser.parse_args(argv)
     runs = []
@@ -234,8 +291,7 @@ def main(argv=None) -> dict:
         config, method = r.split(":") if ":" in r else (r, "torchao" if r != "none" else "head only")
         runs.append((config, method + head8))
     for config, method in runs:
-        if config.startswith("int4wo-") and method.partition("@")[0].removesuffix("+int8head") not in ("search", "minmax", "search-unscaled", "gptq",
-                                                                   "gptq-actorder"):
+        if config.startswith("int4wo-") and method.partition("@")[0].removesuffix("+int8head") not in INT4_METHODS:
             parser.error(f"unknown int4 method {method!r}")
     torch.manual_seed(0)
     runner, config_ = build_runner()

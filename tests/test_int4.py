@@ -77,6 +77,23 @@ def test_search_beats_minmax():
     assert e_search < e_minmax * 0.95
 
 
+def test_search_importance_weighs_the_error():
+    """quantize_int4(importance=...): equal importances choose what no importance chooses; importances that favour
+    some inputs lower those inputs' error (at the others' expense), padding included (K not a multiple of 128)."""
+    torch.manual_seed(2)
+    w = torch.randn(48, 200) * torch.rand(48, 1)
+    w[:, ::7] *= 4  # a few large inputs in every group
+    plain = quantize_int4(w, 64, "search")
+    same = quantize_int4(w, 64, "search", importance=torch.full((200,), 3.0))
+    assert torch.equal(plain.qweight, same.qweight) and torch.equal(plain.scales, same.scales)
+    imp = torch.ones(200)
+    imp[1::7] = 100.0  # inputs 1, 8, 15, ...: small ones, the range fitted to them
+    weighted = quantize_int4(w, 64, "search", importance=imp)
+    err = lambda q: (dequantize_int4(q) - w).pow(2)  # noqa: E731
+    assert err(weighted)[:, 1::7].sum() < 0.8 * err(plain)[:, 1::7].sum()
+    assert (err(weighted) * imp).sum() < (err(plain) * imp).sum()
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_beats_rounding_on_its_inputs(act_order):
     from edgelm.quantization.gptq import gptq_quantize

@@ -73,7 +73,8 @@ def _assign(w: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 def _candidate_error(w, s, m, valid) -> torch.Tensor:
-    """Per-group squared reconstruction error of (s, m); in place on one temporary (CPU start-up time)."""
+    """Per-group squared reconstruction error of (s, m), each input weighted by `valid` (a mask, or importances);
+    in place on one temporary (CPU start-up time)."""
     t = _assign(w, s, m).mul_(s).add_(m).sub_(w).square_()
     if valid is not None:
         t.mul_(valid)
@@ -81,12 +82,13 @@ def _candidate_error(w, s, m, valid) -> torch.Tensor:
 
 
 def _refit(w, q, valid, s, m):
-    """Least-squares (s, m) for fixed codes q, per group; groups with one distinct code keep (s, m)."""
+    """Least-squares (s, m) for fixed codes q, per group, each input weighted by `valid` (a mask, or
+    importances); groups with one distinct code keep (s, m)."""
     if valid is None:
         cnt = torch.full_like(s, w.shape[-1])
         qv, wv = q, w
     else:
-        cnt = valid.sum(-1, keepdim=True).clamp(min=1)
+        cnt = valid.sum(-1, keepdim=True).clamp(min=1e-30)
         qv, wv = q * valid, w * valid
     mean_q, mean_w = qv.sum(-1, keepdim=True) / cnt, wv.sum(-1, keepdim=True) / cnt
     var_q = (qv * q).sum(-1, keepdim=True) / cnt - mean_q**2
@@ -99,7 +101,7 @@ def _refit(w, q, valid, s, m):
     return s_new, m_new
 
 
-def _search_chunk(w, valid, method: str, shrink_steps: int, refit_iters: int):
+def _search_chunk(w, valid, method: str, shrink_steps: int, refit_iters: int, importance=None):
     big = torch.finfo(torch.float32).max
     any_valid = valid.any(-1, keepdim=True)  # groups wholly in the padding get s = 1e-8, m = 0
     lo = torch.where(any_valid, torch.where(valid, w, big).amin(-1, keepdim=True), 0.0)
@@ -108,7 +110,10 @@ def _search_chunk(w, valid, method: str, shrink_steps: int, refit_iters: int):
     s, m = span / 15, lo
     if method == "minmax":
         return s, m
-    valid = None if bool(valid.all()) else valid
+    if importance is not None:  # the errors weighted input by input (zero on the padding)
+        valid = importance * valid
+    else:
+        valid = None if bool(valid.all()) else valid
     best_err = _candidate_error(w, s, m, valid)
     # shrink the range towards either end (clipping outliers); keep each group's best
     for i in range(1, shrink_steps + 1):
@@ -131,7 +136,7 @@ def _search_chunk(w, valid, method: str, shrink_steps: int, refit_iters: int):
 @torch.no_grad()
 def quantize_int4(weight: torch.Tensor, group_size: int = 128, method: str = "search",
                   shrink_steps: int = 8, refit_iters: int = 4, rows_per_chunk: int = 4096,
-                  meta_precision: torch.dtype = torch.float16) -> Int4Weight:
+                  meta_precision: torch.dtype = torch.float16, importance: torch.Tensor | None = None) -> Int4Weight:
     """Quantize a [N, K] weight groupwise to int4 and pack it.
 
     method "minmax": each group's min and max map to codes 0 and 15.
@@ -140,16 +145,21 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 128, method: str = "se
     reconstruction error wins. Data-free; runs where the weight is (chunks of rows bound memory).
     meta_precision torch.bfloat16: scales and offsets are rounded to bf16 values (still stored as
     fp16, which holds them exactly) so that a bf16 kernel's q·s + m uses them as stored.
+    importance [K] (method "search"): each input's weight in the squared error (e.g. its expected x²), so that a
+    group's range fits the inputs that carry most of the product; None weighs them alike.
     """
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group size must be one of {GROUP_SIZES}, got {group_size}")
     if method not in ("minmax", "search"):
         raise ValueError(f"unknown int4 quantization method {method!r}")
     n, k = weight.shape
+    imp = None
+    if importance is not None:
+        imp = _groups(importance.float().reshape(1, k), group_size)[0].clamp_(min=0)
     scales, offsets, codes = [], [], []
     for start in range(0, n, rows_per_chunk):
         w, valid = _groups(weight[start : start + rows_per_chunk], group_size)
-        s, m = _search_chunk(w, valid, method, shrink_steps, refit_iters)
+        s, m = _search_chunk(w, valid, method, shrink_steps, refit_iters, imp)
         # codes are chosen against the scale and offset as stored (fp16)
         if meta_precision == torch.bfloat16:
             s, m = s.to(torch.bfloat16).float(), m.to(torch.bfloat16).float()

@@ -304,9 +304,12 @@ ROUND29: dict[str, list[tuple[str, tuple]]] = {
 # round 30: o_proj on cuda_w4's one-tile form with S = 4 (its K of 4096 is four steps: the whole weight slice of each
 # warp is loaded before the PDL wait). o_proj's programs launch while attention runs (the attention and merge kernels
 # release their successor before they wait), when memory is mostly idle; qkv_proj, whose predecessor is down_proj (memory
-# bound), lost with S = 4 (round 24). No LATE: the release right after the wait
+# bound), lost with S = 4 (round 24) — but those configs needed two waves of programs (384 / 768 programs, 2-4 an SM
+# by registers); here qkv_proj (with its norm staging) gets S = 4 in one wave: 128 programs of 16 warps × 3 rows
+# (128 registers a thread) or 12 warps × 4 rows (168), one an SM. No LATE: the release right after the wait
 ROUND30: dict[str, list[tuple[str, tuple]]] = {
     "o": [("cuda_w4", (1, 4, 8)), ("cuda_w4", (2, 4, 4)), ("cuda_w4", (1, 4, 4)), ("cuda_w4", (2, 4, 8))],
+    "qkv": [("cuda_w4", (3, 4, 16, 0, 1, 0, 1)), ("cuda_w4", (4, 4, 12, 0, 1, 0, 1))],
 }
 
 

@@ -313,6 +313,18 @@ ROUND30: dict[str, list[tuple[str, tuple]]] = {
 }
 
 
+# round 31 (prepared): the other shipped model configs (Llama-3.2-3B, Qwen2.5-1.5B, Qwen2.5-7B: random weights), whose
+# shapes still run gemv_h2 at batch 1, on cuda_w4 role by role with Llama-3.1-8B's shipped forms: qkv_proj with the
+# norm staging, o_proj one-tile, gate_up_proj with SiLU·mul (GLU), down_proj persistent (where its chunks are a multiple
+# of S = 4: Llama-3.2-3B's K = 8192; elsewhere the one-tile form runs)
+ROUND31: dict[str, list[tuple[str, tuple]]] = {
+    "qkv": [("cuda_w4", (2, 2, 8, 0, 1, 0, 1))],
+    "o": [("cuda_w4", (2, 2, 8))],
+    "gate_up": [("cuda_w4", (2, 4, 4, 1, 1, 0, 0, 1))],
+    "down": [("cuda_w4", (1, 4, 8, 1, 1, 0, 0, 0, 2))],
+}
+
+
 def model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """(N, K) of the first int4 linear of each role (qkv, o, gate_up, down) in a loaded model."""
     shapes: dict[str, tuple[int, int]] = {}
@@ -333,7 +345,8 @@ def candidates(which: str) -> dict[str, list[tuple[str, tuple]]]:
              "round14": ROUND14, "round15": ROUND15, "round16": ROUND16, "round17": ROUND17, "round18": ROUND18, "round19": ROUND19,
              "round21": ROUND21, "round22": ROUND22, "round23": ROUND23,
              "round24": ROUND24, "round25": ROUND25, "round26": ROUND26, "round27": ROUND27,
-             "round28": ROUND28, "round29": ROUND29, "round30": ROUND30}
+             "round28": ROUND28, "round29": ROUND29, "round30": ROUND30,
+             "round31": ROUND31}
     if which == "none":  # the shipped tables only (with --fused-ab or --ablate-gemv)
         return {}
     names = list(known) if which == "all" else which.split(",")

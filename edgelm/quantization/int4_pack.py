@@ -155,7 +155,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 128, method: str = "se
     n, k = weight.shape
     imp = None
     if importance is not None:
-        imp = _groups(importance.float().reshape(1, k), group_size)[0].clamp_(min=0)
+        imp = _groups(importance.to(weight.device, torch.float32).reshape(1, k), group_size)[0].clamp_(min=0)
     scales, offsets, codes = [], [], []
     for start in range(0, n, rows_per_chunk):
         w, valid = _groups(weight[start : start + rows_per_chunk], group_size)

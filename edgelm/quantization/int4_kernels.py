@@ -1,8 +1,10 @@
 """edgelm's W4A16 kernels (Triton): y = x · dequant(W)ᵀ for the packed layout of int4_pack, and which
 one runs for a given batch (DISPATCH, SHAPE_DISPATCH, `int4_linear`).
 
-- M == 1, groups >= 128 (the default): int4_ptx's "gemv_h2" (packed 16-bit FMAs on the CUDA cores);
-  also swept: int4_gemv's "gemv_xs" (x held in registers; lost on H100/H200).
+- M == 1, groups >= 128 (the default): int4_ptx's "gemv_h2" (packed 16-bit FMAs on the CUDA cores), or
+  int4_cuda's "cuda_w4" (CUDA C through NVRTC, x in shared memory; Llama-3.1-8B's qkv_proj, gate_up_proj and
+  down_proj in SHAPE_DISPATCH, gemv_h2 wherever it cannot run); also swept: int4_gemv's "gemv_xs" (x held in
+  registers; lost on H100/H200).
 - 1 < M <= MAX_M_DOT, groups >= 128: the tensor-core kernels of int4_tc ("tcw", "tc").
 - M == 1, groups of 32/64: `_gemv_unit_kernel` here, CUDA-core FMAs on [rows, 128-input blocks,
   16 words] tiles (a code becomes the float 1 + q/16 by one shift and one and-or).

@@ -196,7 +196,8 @@ def test_gguf_refusal_names_int4wo_32_first():
         model_config=SimpleNamespace(hf_config=LLAMA_31_8B, context_len=8192),
         server_args=SimpleNamespace(torchao_config="", quantize_lm_head="none", mem_fraction_static=None,
                                     max_total_tokens=None),
-        dtype=torch.float16, device="cuda", gguf_plan=plan)
+        dtype=torch.float16, device="cuda", gguf_plan=plan, prequant=None)
+    runner._quantize_hint = lambda: ModelRunner._quantize_hint(runner)
     with pytest.raises(NotEnoughMemoryError) as err:  # a 9 GB discrete GPU: 8.25 GB of weights as loaded
         ModelRunner._preflight(runner, int(8.5 * GB), 9 * GB, kv_bytes_per_token(LLAMA_31_8B), 0, 0)
     msg = str(err.value)
@@ -205,8 +206,17 @@ def test_gguf_refusal_names_int4wo_32_first():
     assert f"the weights take {loaded / GB:.2f} GB" in msg
     assert f"--torchao-config int4wo-32 ({int4wo_32 / GB:.2f} GB of weights" in msg
     assert msg.index("int4wo-32") < msg.index("int4wo-128 (")
+    assert "Quantize (--torchao-config int4wo-32)" in msg  # the general advice names the same one
     plan_all_int4 = GGUFInt4Plan(plan.int4_modules, frozenset(), (), plan.int4_weights + dense)
     runner.gguf_plan = plan_all_int4  # nothing dense: int4wo-32 would change nothing, so it is not named
     with pytest.raises(NotEnoughMemoryError) as err:
         ModelRunner._preflight(runner, int(6.5 * GB), 7 * GB, kv_bytes_per_token(LLAMA_31_8B), 0, 0)
     assert "It would fit with --torchao-config int4wo-128" in str(err.value) and "int4wo-32" not in str(err.value)
+    # quantized already (--torchao-config, or an AWQ/GPTQ checkpoint): no --torchao-config is suggested at all
+    for args, prequant in ((dict(torchao_config="int4wo-128"), None), ({}, SimpleNamespace(method="awq"))):
+        runner.server_args = SimpleNamespace(**{**vars(runner.server_args), **args})
+        runner.prequant, runner.gguf_plan = prequant, None
+        with pytest.raises(NotEnoughMemoryError) as err:
+            ModelRunner._preflight(runner, 2 * GB, 3 * GB, kv_bytes_per_token(LLAMA_31_8B), 0, 0)
+        assert "--torchao-config" not in str(err.value) and "Pick a smaller model" in str(err.value)
+        runner.server_args.torchao_config = ""

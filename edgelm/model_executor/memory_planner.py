@@ -153,8 +153,10 @@ class NotEnoughMemoryError(RuntimeError):
 def plan_kv_pool(device: str, total_bytes: int, available_bytes: int, weight_bytes: int,
                  kv_bytes_per_token: int, mem_fraction_static: float | None, max_total_tokens: int | None,
                  context_len: int, *, unified_memory: bool | None = None, cuda_graph_bytes: int = 0,
-                 activation_bytes: int = 0, os_reserve_bytes: int | None = None) -> MemoryPlan:
-    """Size the KV pool. `available_bytes` is read after the weights are loaded.
+                 activation_bytes: int = 0, os_reserve_bytes: int | None = None,
+                 quantize: str | None = "int4wo-128") -> MemoryPlan:
+    """Size the KV pool. `available_bytes` is read after the weights are loaded. `quantize`: the
+    --torchao-config a refusal suggests (None: the weights are quantized already, suggest none).
 
     Discrete GPU / CPU: the pool gets what is left once (1 - fraction) × total is set aside, so
     memory other processes hold is respected. Unified memory (Jetson): the fraction applies to
@@ -186,7 +188,7 @@ def plan_kv_pool(device: str, total_bytes: int, available_bytes: int, weight_byt
                        max_total_tokens, by_memory, tokens)
     if tokens < MIN_KV_TOKENS:
         raise NotEnoughMemoryError(_refusal(device, unified_memory, total_bytes, givable, frac, weight_bytes,
-                                            budget, must_leave, left_by_fraction))
+                                            budget, must_leave, left_by_fraction, quantize))
     if tokens < context_len:
         logger.warning("the KV pool (%d tokens) is smaller than the context length (%d): long requests "
                        "will be refused", tokens, context_len)
@@ -199,7 +201,7 @@ def plan_kv_pool(device: str, total_bytes: int, available_bytes: int, weight_byt
 
 
 def _refusal(device: str, unified: bool, total: int, givable: int, frac: float, weights: int, budget: int,
-             must_leave: int, left_by_fraction: int) -> str:
+             must_leave: int, left_by_fraction: int, quantize: str | None = "int4wo-128") -> str:
     g = lambda b: f"{b / GB:.2f} GB"  # noqa: E731
     if unified:
         where = (f"the OS can give {g(givable)} of the {g(total)} of RAM that the GPU shares; "
@@ -210,7 +212,8 @@ def _refusal(device: str, unified: bool, total: int, givable: int, frac: float, 
     return (f"not enough memory for this model: {where}; the weights take {g(weights)}, {g(keep)} stays free "
             f"(CUDA graphs, activations{', OS' if unified else ''}), which leaves {g(max(budget, 0))} "
             f"for the KV cache (short by {g(max(0, -budget))}; at least {MIN_KV_TOKENS} tokens are needed). "
-            "Quantize (--torchao-config int4wo-128), pick a smaller model, "
+            + (f"Quantize (--torchao-config {quantize}), pick a smaller model, " if quantize
+               else "Pick a smaller model, ")
             + ("stop other programs (the desktop: `sudo systemctl isolate multi-user.target`), "
                if unified else "")
             + "or raise --mem-fraction-static")
@@ -221,13 +224,13 @@ def preflight_check(memory, weight_bytes: int, kv_bytes_per_token: int, context_
                     unified_memory: bool | None = None, max_total_tokens: int | None = None,
                     cuda_graph_bytes: int = 0, activation_bytes: int = 0,
                     os_reserve_bytes: int | None = None,
-                    alternatives: dict[str, int] | None = None) -> MemoryPlan:
+                    alternatives: dict[str, int] | None = None, quantize: str | None = "int4wo-128") -> MemoryPlan:
     """The memory plan the server would make, computed before loading anything.
 
     `memory` is a PlatformFacts (edgelm.platform.detect_platform) or an (available, total) pair
     as from device_memory(). `alternatives` maps a --torchao-config value to the weights' size
-    with it, named in the refusal when it would fit, in the mapping's order (the caller's preference).
-    Raises NotEnoughMemoryError with the numbers."""
+    with it, named in the refusal when it would fit, in the mapping's order (the caller's preference);
+    `quantize` as plan_kv_pool's. Raises NotEnoughMemoryError with the numbers."""
     if isinstance(memory, tuple):
         available, total = memory
         device = device or "cuda"
@@ -249,7 +252,7 @@ def preflight_check(memory, weight_bytes: int, kv_bytes_per_token: int, context_
                   activation_bytes=activation_bytes, os_reserve_bytes=os_reserve_bytes)
     try:
         return plan_kv_pool(device, total, available - weight_bytes, weight_bytes, kv_bytes_per_token,
-                            mem_fraction_static, max_total_tokens, context_len, **kwargs)
+                            mem_fraction_static, max_total_tokens, context_len, quantize=quantize, **kwargs)
     except NotEnoughMemoryError as exc:
         fits = []
         for name, alt_bytes in (alternatives or {}).items():

@@ -169,7 +169,8 @@ class ModelRunner:
         self.memory_plan = plan_kv_pool(device, total if device == "cuda" else available_before, available_after,
                                         self.weight_bytes, kv_per_token, server_args.mem_fraction_static,
                                         max_total_tokens, model_config.context_len,
-                                        cuda_graph_bytes=graph_bytes, activation_bytes=activation_bytes)
+                                        cuda_graph_bytes=graph_bytes, activation_bytes=activation_bytes,
+                                        quantize=self._quantize_hint())
         for line in self.memory_plan.summary_lines():
             logger.info(line)
         self.max_total_tokens = self.memory_plan.max_total_tokens
@@ -224,8 +225,8 @@ class ModelRunner:
             if self.device == "cpu":
                 weights += int4_cpu_extra(self.gguf_plan.int4_weights // 2, dense_bytes)
         alternatives = {}  # named in a refusal where they fit, in this order (preferred first)
-        if not args.torchao_config and self.device == "cuda":
-            plan = self.gguf_plan
+        plan = self.gguf_plan
+        if self._quantize_hint() and self.device == "cuda":
             if plan is not None and plan.dense_weights:
                 # a GGUF whose other linears (e.g. a Q4_K_M's Q6_K v / down) load dense: int4wo-32 keeps its 4-bit
                 # layers as stored and quantizes only those, where int4wo-128 would requantize every layer
@@ -236,7 +237,17 @@ class ModelRunner:
                         args.mem_fraction_static, device=self.device,
                         unified_memory=self.device == "cuda" and cuda_is_integrated(),
                         max_total_tokens=args.max_total_tokens, cuda_graph_bytes=graph_bytes,
-                        activation_bytes=activation_bytes, alternatives=alternatives)
+                        activation_bytes=activation_bytes, alternatives=alternatives,
+                        quantize=self._quantize_hint())
+
+    def _quantize_hint(self) -> str | None:
+        """The --torchao-config a memory refusal suggests: none where the weights are quantized already
+        (--torchao-config, an AWQ/GPTQ checkpoint); int4wo-32 for a GGUF with layers it loads dense (its 4-bit
+        ones stay as stored); else int4wo-128."""
+        if self.server_args.torchao_config or (self.prequant is not None and self.prequant.method != "gguf"):
+            return None
+        plan = self.gguf_plan
+        return "int4wo-32" if plan is not None and plan.dense_weights else "int4wo-128"
 
     def _reserve_estimates(self, max_running: int) -> tuple[int, int]:
         """(CUDA graph, activation) bytes the memory plan leaves free besides the KV pool; on a GPU only."""

@@ -53,7 +53,10 @@ def test_cuda_w4_source_compiles(tmp_path, arch, k, config, f16, bias, pdl, xf16
     ("87", 4096, (2, 4, 4, 1, 1, 0, 1, 1), {"glu": True, "norm": 2, "f16_x": True}),
     ("87", 4096, (2, 4, 4, 1, 1, 0, 0, 1, 4), {"glu": True, "persist": True}),
     ("90", 14336, (2, 7, 4, 1, 1, 0, 0, 0, 3), {"persist": True, "pdl_on": True, "has_bias": True}),
-    ("80", 14336, (1, 7, 4, 0, 1, 0, 0, 0, 4), {"persist": True, "f16_x": True})])
+    ("80", 14336, (1, 7, 4, 0, 1, 0, 0, 0, 4), {"persist": True, "f16_x": True}),
+    # round 30's one-wave qkv_proj: 16 warps × 3 rows and 12 × 4, the whole K in flight (S = 4), with the norm
+    ("90", 4096, (3, 4, 16, 0, 1, 0, 1), {"norm": 2, "pdl_on": True}),
+    ("87", 4096, (4, 4, 12, 0, 1, 0, 1), {"norm": 2, "has_bias": True})])
 def test_cuda_w4_feature_sources_compile(tmp_path, arch, k, config, kw):
     """The norm staging (with the residual add or alone), the rotary epilogue, the SiLU·mul epilogue (glu, with
     the norm too) and the persistent form compile for SM 8.0 / 8.7 / 9.0 without spills, within the static shared memory."""

@@ -209,7 +209,6 @@ def quantize_weighted(model, group_size: int, only: str | None) -> int:
     """search-weighted: down_scale as int4wo does it, then each target quantized with input_importances."""
     from edgelm.quantization import down_scale
     from edgelm.quantization.int4_linear import Int4Linear
-    from edgelm.quantization.int4_pack import quantize_int4
     from edgelm.quantization.torchao_config import _is_target
 
     if not only or only.endswith("down_proj"):
@@ -221,9 +220,8 @@ def quantize_weighted(model, group_size: int, only: str | None) -> int:
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
         w = linear.weight.data
-        meta = torch.bfloat16 if w.dtype == torch.bfloat16 else torch.float16
-        packed = quantize_int4(w, group_size, "search", meta_precision=meta, importance=imp[linear])
-        setattr(parent, child, Int4Linear(packed, linear.bias, w.dtype))
+        setattr(parent, child, Int4Linear(Int4Linear.quantize(w, group_size, importance=imp[linear]), linear.bias,
+                                          w.dtype))
     return len(names)
 
 

@@ -225,20 +225,18 @@ class ModelRunner:
             if self.device == "cpu":
                 weights += int4_cpu_extra(self.gguf_plan.int4_weights // 2, dense_bytes)
         alternatives = {}  # named in a refusal where they fit, in this order (preferred first)
-        plan = self.gguf_plan
-        if self._quantize_hint() and self.device == "cuda":
-            if plan is not None and plan.dense_weights:
+        hint = self._quantize_hint()
+        if hint and self.device == "cuda":
+            if hint == "int4wo-32":
                 # a GGUF whose other linears (e.g. a Q4_K_M's Q6_K v / down) load dense: int4wo-32 keeps its 4-bit
                 # layers as stored and quantizes only those, where int4wo-128 would requantize every layer
-                alternatives["int4wo-32"] = (weights - plan.dense_weights * self.dtype.itemsize
-                                             + gguf_int4.int4_bytes(plan.dense_weights))
+                alternatives["int4wo-32"] = weights - self.gguf_plan.requantize_saving(self.dtype.itemsize)
             alternatives["int4wo-128"] = estimate_weight_bytes(cfg.hf_config, dtype, "int4wo-128", self.device, head)
         preflight_check((available, total), weights, kv_per_token, min(cfg.context_len, 2048),
                         args.mem_fraction_static, device=self.device,
                         unified_memory=self.device == "cuda" and cuda_is_integrated(),
                         max_total_tokens=args.max_total_tokens, cuda_graph_bytes=graph_bytes,
-                        activation_bytes=activation_bytes, alternatives=alternatives,
-                        quantize=self._quantize_hint())
+                        activation_bytes=activation_bytes, alternatives=alternatives, quantize=hint)
 
     def _quantize_hint(self) -> str | None:
         """The --torchao-config a memory refusal suggests: none where the weights are quantized already

@@ -70,6 +70,10 @@ class GGUFInt4Plan:
         offset a group of 32 (padding to 128 inputs aside)."""
         return int4_bytes(self.int4_weights), self.int4_weights * dense_bytes_per_weight
 
+    def requantize_saving(self, dense_bytes_per_weight: int) -> int:
+        """Bytes --torchao-config int4wo-32 saves by quantizing the dense layers too (group 32, as the others)."""
+        return self.dense_weights * dense_bytes_per_weight - int4_bytes(self.dense_weights)
+
 
 def int4_bytes(weights: int) -> int:
     """Bytes of that many weights in int4 at group 32: the codes and an fp16 scale and offset a group."""
@@ -158,6 +162,6 @@ def log_plan(p: GGUFInt4Plan, dtype: torch.dtype, requantize_hint: bool = True) 
                     len(p.dense_modules), str(dtype).replace("torch.", ""), ", ".join(p.dense_types),
                     sorted(p.dense_modules)[0])
         if requantize_hint:
-            saved = p.dense_weights * itemsize - int4_bytes(p.dense_weights)
+            saved = p.requantize_saving(itemsize)
             logger.info("GGUF: --torchao-config int4wo-32 would load those as int4 too (re-quantized from %s, "
                         "a small quality cost): %.0f MB less", ", ".join(p.dense_types), saved / 1e6)

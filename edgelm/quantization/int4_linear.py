@@ -92,11 +92,12 @@ class Int4Linear(nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def quantize(weight: torch.Tensor, group_size: int, method: str = "search") -> Int4Weight:
-        """`weight` (in the model's dtype) packed for this layer's kernels."""
+    def quantize(weight: torch.Tensor, group_size: int, method: str = "search",
+                 importance: torch.Tensor | None = None) -> Int4Weight:
+        """`weight` (in the model's dtype) packed for this layer's kernels (importance: quantize_int4's)."""
         # a bf16 model's kernels apply the scales in bf16: choose the codes against those values
         meta = torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float16
-        return quantize_int4(weight, group_size, method, meta_precision=meta)
+        return quantize_int4(weight, group_size, method, meta_precision=meta, importance=importance)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int, method: str = "search") -> Int4Linear:
